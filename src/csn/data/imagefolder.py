@@ -1,0 +1,46 @@
+"""ImageNet-style ImageFolder data through torchvision (optional dependency), with the study's transforms."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from csn.data.tensors import DataSplits
+from csn.errors import CsnError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _torchvision():
+    try:
+        import torchvision  # noqa: F401
+        from torchvision import datasets, transforms
+    except Exception as e:  # ImportError, or a torchvision built for another torch
+        raise CsnError(f"the ImageFolder/ImageNet path needs torchvision, which is not usable here ({type(e).__name__}); "
+                       "install it with `pip install 'csn[vision]'` (a torchvision matching your torch).") from None
+    return datasets, transforms
+
+
+def imagefolder(data_root: str | None, image_size: int = 224, resize: int = 256) -> DataSplits:
+    """Train/val ImageFolders under data_root (data_root/train/<class>/*.JPEG, data_root/val/<class>/*.JPEG).
+
+    Train transform: RandomResizedCrop(224) + horizontal flip; eval: Resize(256) + CenterCrop(224),
+    as in the study. Iterate with a torch DataLoader (see csn.training) using worker processes.
+    """
+    if not data_root:
+        raise CsnError("the imagefolder dataset needs --data-root DIR holding train/ and val/ class folders.")
+    root = Path(data_root)
+    for split in ("train", "val"):
+        d = root / split
+        if not d.is_dir() or not any(p.is_dir() for p in d.iterdir()):
+            raise CsnError(f"{d} is missing or has no class folders; expected {root}/train/<class>/<images> and {root}/val/<class>/<images>.")
+    datasets, transforms = _torchvision()
+    norm = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    train_tf = transforms.Compose([transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(),
+                                   transforms.ToTensor(), norm])
+    eval_tf = transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(image_size), transforms.ToTensor(), norm])
+    train = datasets.ImageFolder(str(root / "train"), transform=train_tf)
+    test = datasets.ImageFolder(str(root / "val"), transform=eval_tf)
+    if train.classes != test.classes:
+        raise CsnError(f"{root}/train and {root}/val have different class folders; make them match.")
+    return DataSplits("imagefolder", train, test, len(train.classes), 3, image_size, list(train.classes))

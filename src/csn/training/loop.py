@@ -1,0 +1,280 @@
+"""The one training loop: SGD, lr schedule, dense checkpoints, optional selectivity regularizer, resume."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+import csn
+from csn import distributed as dist_utils
+from csn.data import BatchLoader
+from csn.errors import CsnError
+from csn.runs import Checkpoint, Run, read_manifest, run_lock, save_tensors, write_json, write_manifest, write_table
+from csn.training.config import TrainConfig, build_model_for, data_info, load_data
+from csn.training.schedules import alpha_schedule, checkpoint_steps, lr_at
+
+AUGMENT = {"none": {}, "flip": {"flip": True}, "crop": {"crop_pad": 2}, "crop+flip": {"crop_pad": 2, "flip": True},
+           "cifar": {"crop_pad": 4, "flip": True}, "imagenet": {}}
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> the local CUDA device when available, else CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", dist_utils.local_rank())
+        return torch.device("cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise CsnError(f"unknown device {name!r}; use auto, cpu or cuda[:N].") from None
+
+
+def make_loader(split, cfg: TrainConfig, *, train: bool, device: torch.device, epoch_seed: int = 0):
+    """A loader over a split: in-memory BatchLoader for tensor datasets, torch DataLoader for ImageFolder."""
+    rank, world = dist_utils.rank(), dist_utils.world_size()
+    if hasattr(split, "images"):
+        if cfg.augment not in AUGMENT:
+            from csn.errors import unknown
+            raise unknown("augmentation", cfg.augment, AUGMENT)
+        return BatchLoader(split, cfg.batch_size if train else cfg.eval_batch_size, shuffle=train, seed=cfg.seed,
+                           augment=AUGMENT[cfg.augment] if train else None, drop_last=train, rank=rank if train else 0,
+                           world_size=world if train else 1, device=device,
+                           channels_last=cfg.channels_last and device.type != "mps")
+    return dist_utils.folder_loader(split, cfg, train=train, device=device)
+
+
+def evaluate(model: torch.nn.Module, loader, device: torch.device, *, amp: bool = False, max_samples: int | None = None) -> dict:
+    """Top-1 accuracy and mean cross-entropy of a model over a loader, in eval mode."""
+    was = model.training
+    model.eval()
+    correct, loss, n = 0, 0.0, 0
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+        for x, y in loader:
+            out = model(x).float()
+            loss += float(F.cross_entropy(out, y, reduction="sum"))
+            correct += int((out.argmax(1) == y).sum())
+            n += len(y)
+            if max_samples and n >= max_samples:
+                break
+    model.train(was)
+    return {"test_acc": correct / max(n, 1), "test_loss": loss / max(n, 1)}
+
+
+def _state_file(step: int) -> str:
+    return f"state-{step:08d}.safetensors"
+
+
+def _weights_file(step: int) -> str:
+    return f"step-{step:08d}.safetensors"
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    out = {}
+    for i, (p, st) in enumerate((p, opt.state.get(p, {})) for g in opt.param_groups for p in g["params"]):
+        if "momentum_buffer" in st and st["momentum_buffer"] is not None:
+            out[f"momentum.{i}"] = st["momentum_buffer"]
+    return out
+
+
+def _load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
+        buf = tensors.get(f"momentum.{i}")
+        if buf is not None:
+            opt.state[p]["momentum_buffer"] = buf.to(device=p.device, dtype=p.dtype).clone()
+
+
+def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, force: bool = False, progress: bool = True,
+          stop_after_step: int | None = None) -> Run:
+    """Train `cfg` into run directory `out`; with resume=True continue from its last checkpoint.
+
+    Writes checkpoints at the schedule's steps (weights + optimizer state, safetensors), the manifest,
+    tables/training.parquet, and run.json. `stop_after_step` ends early (tests of resume).
+    """
+    out = Path(out)
+    main = dist_utils.is_main()
+    _prepare_dir(cfg, out, resume=resume, force=force)
+    dist_utils.barrier()
+    with run_lock(out, "train") if main else contextlib.nullcontext():
+        return _train(cfg, out, resume=resume, progress=progress, stop_after_step=stop_after_step)
+
+
+def _train(cfg: TrainConfig, out: Path, *, resume: bool, progress: bool, stop_after_step: int | None) -> Run:
+    main = dist_utils.is_main()
+
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    device = resolve_device(cfg.device)
+    data = load_data(cfg)
+    info = data_info(data)
+    torch.manual_seed(cfg.seed)
+    model = build_model_for(cfg, info).to(device)
+    if cfg.channels_last and device.type != "mps":
+        model = model.to(memory_format=torch.channels_last)
+
+    train_loader = make_loader(data.train, cfg, train=True, device=device)
+    test_loader = make_loader(data.test, cfg, train=False, device=device)
+    steps_per_epoch = len(train_loader)
+    if steps_per_epoch == 0:
+        raise CsnError(f"the training split ({len(data.train)} examples) is smaller than one batch ({cfg.batch_size}); lower batch_size.")
+    total = int(round(cfg.epochs * steps_per_epoch))
+    ckpt_steps = checkpoint_steps(cfg.checkpoints, steps_per_epoch, cfg.epochs)
+    alphas = alpha_schedule(cfg.reg_schedule, cfg.reg_alpha, cfg.reg_window)
+    alphas.validate(cfg.epochs)
+    reg = None
+    if not alphas.is_zero:
+        from csn.training.regularizer import SelectivityRegularizer
+        reg = SelectivityRegularizer(model, cfg.reg_layers, num_classes=info["num_classes"])
+
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                          nesterov=cfg.nesterov)
+    ddp_model = dist_utils.wrap_ddp(model, device)
+
+    step, logs = 0, []
+    ckpt_dir = out / "checkpoints"
+    manifest = read_manifest(ckpt_dir) if resume else []
+    if manifest:
+        last = manifest[-1]
+        run = Run(out)
+        model.load_state_dict(run.load_state(last))
+        state_path = ckpt_dir / _state_file(last.step)
+        if last.step > 0:
+            if not state_path.is_file():
+                raise CsnError(f"optimizer state {state_path} is missing, so the run cannot resume exactly; restart it with --force.")
+            _load_optimizer_tensors(opt, load_file(str(state_path)))
+        step = last.step
+        old = run.read("training")
+        if old is not None:
+            logs = old[old["step"] <= step].to_dict("records")
+    if main:
+        write_json(out / "run.json", _run_json(cfg, info, device, steps_per_epoch, total, ckpt_steps))
+
+    def save_checkpoint(step: int, train_metrics: dict) -> None:
+        metrics = evaluate(model, test_loader, device, amp=cfg.amp, max_samples=cfg.eval_samples)
+        metrics.update(train_metrics)
+        if main:
+            digest = save_tensors(ckpt_dir / _weights_file(step), model.state_dict(),
+                                  metadata={"step": str(step)})
+            if step > 0:
+                save_tensors(ckpt_dir / _state_file(step), _optimizer_tensors(opt), metadata={"step": str(step)})
+            entries = [c for c in manifest if c.step != step] + [Checkpoint(step, step / steps_per_epoch, _weights_file(step), digest, metrics)]
+            manifest[:] = sorted(entries, key=lambda c: c.step)
+            write_table(out / "tables" / "training.parquet", pd.DataFrame(logs, columns=LOG_COLUMNS))
+            write_manifest(ckpt_dir, manifest)
+            for old_state in ckpt_dir.glob("state-*.safetensors"):  # keep only the newest optimizer state
+                if old_state.name != _state_file(step):
+                    old_state.unlink(missing_ok=True)
+        dist_utils.barrier()
+
+    ckpt_set = set(ckpt_steps)
+    if step == 0 and not manifest:
+        save_checkpoint(0, {})
+    bar = tqdm(total=total, initial=step, desc=f"train {out.name}", disable=not (progress and main), unit="step",
+               dynamic_ncols=True)
+    model.train()
+    window_loss, window_correct, window_n, window_reg = 0.0, 0, 0, []
+    t0 = time.perf_counter()
+    try:
+        while step < total:
+            epoch = step // steps_per_epoch
+            train_loader.set_epoch(epoch, start_batch=step - epoch * steps_per_epoch)
+            for x, y in train_loader:
+                lr = lr_at(step, total, steps_per_epoch, cfg.lr, cfg.lr_schedule, milestones=cfg.milestones,
+                           gamma=cfg.gamma, warmup_epochs=cfg.warmup_epochs)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                alpha = alphas.alpha_at(step / steps_per_epoch)
+                use_reg = reg is not None and alpha != 0.0
+                if use_reg:
+                    reg.attach()
+                elif reg is not None:
+                    reg.detach()
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
+                    logits = ddp_model(x)
+                    loss = F.cross_entropy(logits.float(), y)
+                    r = reg.value(y) if use_reg else None
+                total_loss = loss - alpha * r if r is not None else loss
+                opt.zero_grad(set_to_none=True)
+                total_loss.backward()
+                opt.step()
+                step += 1
+                loss_value = float(loss.detach())
+                with torch.no_grad():
+                    window_loss += loss_value * len(y)
+                    window_correct += int((logits.argmax(1) == y).sum())
+                    window_n += len(y)
+                    if r is not None:
+                        window_reg.append(float(r))
+                if not math.isfinite(loss_value):
+                    raise CsnError(f"training diverged at step {step} (loss {loss_value}); lower the learning rate or alpha.")
+                if step % cfg.log_every == 0 or step in ckpt_set or step == total:
+                    logs.append({"step": step, "epoch": step / steps_per_epoch, "lr": lr, "alpha": alpha,
+                                 "train_loss": window_loss / window_n, "train_acc": window_correct / window_n,
+                                 "reg_value": (sum(window_reg) / len(window_reg)) if window_reg else float("nan"),
+                                 "reg_skipped": reg.skipped if reg is not None else 0,
+                                 "time_s": time.perf_counter() - t0})
+                    bar.set_postfix(loss=f"{logs[-1]['train_loss']:.3f}", acc=f"{logs[-1]['train_acc']:.3f}", refresh=False)
+                    window_loss, window_correct, window_n, window_reg = 0.0, 0, 0, []
+                bar.update(1)
+                if step in ckpt_set:
+                    last_log = logs[-1]
+                    save_checkpoint(step, {"train_loss": last_log["train_loss"], "train_acc": last_log["train_acc"]})
+                if step >= total or (stop_after_step is not None and step >= stop_after_step):
+                    break
+            if stop_after_step is not None and step >= stop_after_step:
+                break
+    finally:
+        bar.close()
+        if reg is not None:
+            reg.detach()
+    return Run(out)
+
+
+LOG_COLUMNS = ["step", "epoch", "lr", "alpha", "train_loss", "train_acc", "reg_value", "reg_skipped", "time_s"]
+
+
+def _prepare_dir(cfg: TrainConfig, out: Path, *, resume: bool, force: bool) -> None:
+    """Refuse to overwrite a run unless --force; on --resume refuse a different config, showing the difference."""
+    if not dist_utils.is_main():
+        return
+    exists = out.exists() and any(out.iterdir())
+    if resume:
+        if not (out / "run.json").is_file():
+            if exists:
+                raise CsnError(f"{out} is not a csn run (no run.json); choose another --out or use --force to start over.")
+            return
+        old = TrainConfig.from_dict(json.loads((out / "run.json").read_text())["config"])
+        diff = old.diff(cfg)
+        if diff:
+            shown = "; ".join(f"{k}: {a!r} in the run, {b!r} now" for k, a, b in ((k, *v) for k, v in diff.items()))
+            raise CsnError(f"cannot resume {out} with a different configuration ({shown}); resume with the same settings or start a new run.")
+        old_world = json.loads((out / "run.json").read_text()).get("world_size", 1)
+        if old_world != dist_utils.world_size():
+            raise CsnError(f"{out} was trained with world size {old_world} and is resumed with {dist_utils.world_size()}; resume with the same number of processes.")
+        return
+    if exists:
+        if not force:
+            raise CsnError(f"{out} already exists; pass --resume to continue it or --force to overwrite it.")
+        if (out / "run.json").is_file() or not any(out.iterdir()):
+            shutil.rmtree(out)
+        else:
+            raise CsnError(f"{out} exists and is not a csn run; refusing to delete it even with --force, choose another --out.")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _run_json(cfg: TrainConfig, info: dict, device: torch.device, spe: int, total: int, ckpts: list[int]) -> dict:
+    return {"config": cfg.to_dict(), "data": info, "seed": cfg.seed, "csn_version": csn.__version__,
+            "torch_version": torch.__version__, "python": platform.python_version(), "device": str(device),
+            "world_size": dist_utils.world_size(), "steps_per_epoch": spe, "total_steps": total,
+            "checkpoint_steps": ckpts, "host": platform.node(), "pid": os.getpid()}

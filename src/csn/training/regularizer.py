@@ -1,0 +1,112 @@
+"""The selectivity regularizer: loss = cross_entropy - alpha * R (SPEC "Selectivity regularizer").
+
+R = mean over regularized stages of (mean over the stage's units of the batch CSI), with batch CSI
+from class means over the classes present in the batch, gradients flowing through. alpha < 0
+suppresses selectivity, alpha > 0 promotes it (the study's sign convention). Under data parallelism
+the class sums and counts are all-reduced with autograd-aware collectives, so R is the CSI of the
+global batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from csn.selectivity import EPS, csi_from_means
+from csn.units import hooks, resolve_layers, stage_of, stages, unit_activations
+
+
+def default_reg_layers(model: nn.Module) -> list[str]:
+    """Every stage's read points except the last stage's (the study left the last stage out)."""
+    st = stages(model)
+    names = list(st)
+    return [layer for s in names[:-1] for layer in st[s]] if len(names) > 1 else [layer for s in names for layer in st[s]]
+
+
+def _all_reduce_sum(t: Tensor) -> Tensor:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        from torch.distributed.nn.functional import all_reduce
+
+        return all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+class SelectivityRegularizer:
+    """Differentiable mean batch CSI of chosen layers, for use in any training loop.
+
+    Example::
+
+        reg = SelectivityRegularizer(model, num_classes=10)     # default: all stages but the last
+        with reg:                                               # hooks on while inside
+            logits = model(x)
+            R = reg.value(y)                                    # None when < 2 classes in the batch
+        loss = F.cross_entropy(logits, y) - alpha * (R if R is not None else 0)
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[str] | None = None, num_classes: int | None = None,
+                 *, eps: float = EPS, class_sums: bool = False) -> None:
+        self.model = model
+        self.layers = resolve_layers(model, layers) if layers is not None else default_reg_layers(model)
+        self.stage = {layer: stage_of(model, layer) for layer in self.layers}
+        self.num_classes = num_classes
+        self.eps, self.class_sums = eps, class_sums
+        self.skipped = 0  # batches with fewer than two classes present
+        self._cache: dict[str, Tensor] = {}
+        self._ctx = None
+
+    def _hook(self, name: str):
+        def fn(_m, _i, out):
+            self._cache[name] = unit_activations(out)
+        return fn
+
+    def attach(self) -> "SelectivityRegularizer":
+        """Register the hooks (idempotent)."""
+        if self._ctx is None:
+            self._ctx = hooks(self.model, {n: self._hook(n) for n in self.layers})
+            self._ctx.__enter__()
+        return self
+
+    def detach(self) -> None:
+        """Remove the hooks (idempotent); with them off the regularizer costs nothing."""
+        if self._ctx is not None:
+            ctx, self._ctx = self._ctx, None
+            ctx.__exit__(None, None, None)
+        self._cache.clear()
+
+    def __enter__(self) -> "SelectivityRegularizer":
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    def stage_values(self, labels: Tensor) -> dict[str, Tensor] | None:
+        """Mean batch CSI per regularized stage for the last forward pass; None if < 2 classes present."""
+        if not self._cache:
+            raise RuntimeError("SelectivityRegularizer has no activations: attach it and run the model first.")
+        k = self.num_classes or int(labels.max()) + 1
+        onehot = torch.nn.functional.one_hot(labels, k)
+        counts = _all_reduce_sum(onehot.sum(0).to(torch.float32))
+        present = counts > 0
+        if int(present.sum()) < 2:
+            self.skipped += 1
+            return None
+        per_stage: dict[str, list[Tensor]] = {}
+        for name in self.layers:
+            acts = self._cache[name]
+            sums = _all_reduce_sum(onehot.to(acts.dtype).T @ acts)  # [K, U], one matmul
+            stat = sums[present]
+            if not self.class_sums:
+                stat = stat / counts[present].to(acts.dtype)[:, None]
+            per_stage.setdefault(self.stage[name], []).append(csi_from_means(stat, eps=self.eps).csi)
+        return {s: torch.cat(v).mean() for s, v in per_stage.items()}
+
+    def value(self, labels: Tensor) -> Tensor | None:
+        """R for the last forward pass: mean over stages of the stage's mean unit CSI."""
+        vals = self.stage_values(labels)
+        if vals is None:
+            return None
+        return torch.stack(list(vals.values())).mean()

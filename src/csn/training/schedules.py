@@ -1,0 +1,622 @@
+"""Training schedules: checkpoint steps, learning rate, and selectivity-regularizer alpha windows.
+
+Pure Python (no torch). Everything a user types is parsed strictly: a malformed spec raises
+:class:`~csn.errors.CsnError` naming the problem and the fix, never a silently different schedule.
+
+Checkpoints
+    A spec is comma-separated segments (whitespace around segments and fields is ignored,
+    keywords are case-insensitive):
+
+    ``START:STOP:EVERY``
+        epochs START, START+EVERY, ... up to and including STOP (in epochs, floats allowed;
+        STOP may be ``end``). Each epoch point becomes step ``round(epoch * steps_per_epoch)``.
+    ``steps:logB:BOUND``
+        steps 0, 1, B, B**2, ... (powers of the integer base B >= 2 up to and including BOUND;
+        BOUND itself is only included when it is a power of B). BOUND may be ``end``.
+    ``steps:START:STOP:EVERY``
+        steps START, START+EVERY, ... up to and including STOP (whole numbers; STOP may be ``end``).
+    ``step=N``
+        the single step N (``step=end`` is the final step).
+
+    Example: ``steps:log2:256,1:end:1``. The result always contains step 0 (initialization) and
+    the final step. Segments reaching beyond training are errors, except in the default schedule
+    (:data:`DEFAULT_CHECKPOINTS`), which is clipped to the training length.
+
+Learning rate
+    :func:`lr_at` with schedules ``constant``, ``step`` (x gamma at each milestone epoch) and
+    ``cosine`` (to 0 at the last step), each optionally preceded by a linear warm-up.
+
+Alpha windows (selectivity regularizer, ``loss = CE - alpha * R``)
+    :class:`AlphaSchedule` maps a (fractional) epoch to alpha. It is built from the study's compact
+    string (``"0*5 -20*15"``, :func:`parse_study_string`), from ``--reg-alpha/--reg-window``
+    (:func:`parse_window`), or from the canonical string ``str(schedule)``
+    (``"-20@5:end"``, :func:`parse_alpha_windows`); :func:`alpha_schedule` dispatches.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Sequence
+from numbers import Integral, Real
+
+from csn.errors import CsnError, unknown
+
+__all__ = [
+    "DEFAULT_CHECKPOINTS",
+    "LR_SCHEDULES",
+    "MAX_CHECKPOINTS",
+    "AlphaSchedule",
+    "alpha_schedule",
+    "checkpoint_steps",
+    "lr_at",
+    "parse_alpha_windows",
+    "parse_milestones",
+    "parse_study_string",
+    "parse_window",
+    "total_steps",
+    "warmup_steps",
+]
+
+#: Initialization, every 1/8 epoch for epoch 0-1, every 1/4 for 1-3, then every epoch.
+DEFAULT_CHECKPOINTS = "0:1:0.125,1:3:0.25,3:end:1"
+
+#: Upper bound on the points one checkpoint segment may ask for (guards against typos like 1e-9).
+MAX_CHECKPOINTS = 1_000_000
+
+#: Valid learning-rate schedule names for :func:`lr_at`.
+LR_SCHEDULES = ("constant", "step", "cosine")
+
+_NUM = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?"
+_NUM_RE = re.compile(_NUM, re.ASCII)
+_INT_RE = re.compile(r"\+?\d{1,4000}", re.ASCII)
+_STUDY_TOKEN_RE = re.compile(rf"({_NUM})\*({_NUM})", re.ASCII)
+_WINDOW_TOKEN_RE = re.compile(rf"({_NUM})@({_NUM}):({_NUM}|end)", re.ASCII | re.IGNORECASE)
+
+_CKPT_FORMS = (
+    "segments are START:STOP:EVERY in epochs (e.g. 0:1:0.125 or 3:end:1), steps:log2:BOUND, "
+    "steps:START:STOP:EVERY in steps, or step=N, separated by commas"
+)
+_STUDY_FORM = "VALUE*EPOCHS tokens separated by spaces, e.g. '0*5 -20*15' (alpha 0 for 5 epochs, then -20 for 15)"
+_TOL = 1e-9
+
+
+# --------------------------------------------------------------------------------------------
+# small strict parsers
+# --------------------------------------------------------------------------------------------
+
+
+def _parse_float(text: str, where: str, fix: str) -> float:
+    """Parse a finite decimal number (no nan/inf/underscores/non-ASCII digits) or raise CsnError."""
+    t = text.strip()
+    if not _NUM_RE.fullmatch(t):
+        raise CsnError(f"{where}: {t!r} is not a number; {fix}.")
+    value = float(t)
+    if not math.isfinite(value):
+        raise CsnError(f"{where}: {t!r} is out of range; {fix}.")
+    return value
+
+
+def _parse_int(text: str, where: str, fix: str) -> int:
+    """Parse a non-negative whole number written in decimal digits or raise CsnError."""
+    t = text.strip()
+    if not _INT_RE.fullmatch(t):
+        raise CsnError(f"{where}: {t!r} is not a whole number of steps; {fix}.")
+    return int(t)
+
+
+def _real(value: object, what: str) -> float:
+    """Coerce a user-supplied number (int/float/numeric string) to a finite float or raise CsnError."""
+    if isinstance(value, bool) or value is None:
+        raise CsnError(f"{what} must be a number, got {value!r}; pass a finite number.")
+    if isinstance(value, str):
+        return _parse_float(value, what, "pass a finite number such as -20 or 0.5")
+    if not isinstance(value, Real):
+        raise CsnError(f"{what} must be a number, got {type(value).__name__}; pass a finite number.")
+    out = float(value)
+    if not math.isfinite(out):
+        raise CsnError(f"{what} must be finite, got {value!r}; pass a finite number.")
+    return out
+
+
+def _beyond(x: float, limit: float) -> bool:
+    """x > limit, forgiving float noise of a few ulps."""
+    return x > limit + _TOL * max(1.0, abs(limit))
+
+
+def _fmt(x: float) -> str:
+    """Shortest text that parses back to exactly x (integers without '.0')."""
+    if x == 0:
+        return "0"
+    if x.is_integer() and abs(x) < 1e16:
+        return str(int(x))
+    return repr(x)
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def total_steps(steps_per_epoch: int, epochs: float) -> int:
+    """Number of optimizer steps in training: ``round(epochs * steps_per_epoch)`` (at least 1).
+
+    Raises CsnError for a non-positive/non-integer ``steps_per_epoch``, a non-positive/non-finite
+    ``epochs``, or a training that rounds to 0 steps.
+    """
+    if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, Integral) or steps_per_epoch < 1:
+        raise CsnError(f"steps_per_epoch must be a whole number >= 1, got {steps_per_epoch!r}; check the dataset size and batch size.")
+    if isinstance(epochs, bool) or not isinstance(epochs, Real) or not math.isfinite(float(epochs)) or epochs <= 0:
+        raise CsnError(f"epochs must be a finite number > 0, got {epochs!r}; pass e.g. --epochs 5 or --epochs 0.5.")
+    product = float(epochs) * int(steps_per_epoch)
+    if not math.isfinite(product):
+        raise CsnError(f"{epochs!r} epochs x {steps_per_epoch} steps is too long; train for fewer epochs.")
+    total = round(product)
+    if total < 1:
+        raise CsnError(f"{epochs!r} epochs x {steps_per_epoch} steps per epoch rounds to 0 steps; train for at least one step.")
+    return total
+
+
+def _too_many(seg: str, n: float, fix: str) -> CsnError:
+    count = "infinitely many" if not math.isfinite(n) else f"{int(n):,}"
+    return CsnError(f"checkpoint segment {seg!r} asks for {count} checkpoints, more than the {MAX_CHECKPOINTS:,} allowed; {fix}.")
+
+
+def _epoch_segment(seg: str, fields: list[str], spe: int, epochs: float, total: int, clip: bool) -> list[int]:
+    where = f"checkpoint segment {seg!r}"
+    fix = "write epochs as numbers such as 1, 0.25 or 1e-1 (START:STOP:EVERY, STOP may be 'end')"
+    start = _parse_float(fields[0], where, fix)
+    stop_is_end = fields[1].strip().lower() == "end"
+    stop = epochs if stop_is_end else _parse_float(fields[1], where, fix)
+    every = _parse_float(fields[2], where, fix)
+    length = f"training is {epochs:g} epochs = {total} steps"
+    if start < 0:
+        raise CsnError(f"{where} starts at negative epoch {start:g}; start at 0 or later.")
+    if every <= 0:
+        raise CsnError(f"{where} has interval {every:g}; the interval EVERY must be > 0 epochs.")
+    if not stop_is_end and start > stop:
+        raise CsnError(f"{where} starts at epoch {start:g}, after its stop {stop:g}; write START:STOP:EVERY with START <= STOP.")
+    if _beyond(start, epochs):
+        if clip:
+            return []
+        raise CsnError(f"{where} starts at epoch {start:g}, after the end of training ({length}); start it earlier or train longer.")
+    if not stop_is_end and _beyond(stop, epochs):
+        if not clip:
+            raise CsnError(f"{where} stops at epoch {stop:g}, after the end of training ({length}); use 'end' or a stop <= {epochs:g}.")
+        stop = epochs
+    q = max(0.0, (stop - start) / every)
+    if not math.isfinite(q) or q + 1 > MAX_CHECKPOINTS:
+        raise _too_many(seg, q + 1, "use a larger interval (one step is 1/steps_per_epoch epochs)")
+    n = math.floor(q + _TOL) + 1
+    return [min(total, round((start + k * every) * spe)) for k in range(n)]
+
+
+def _steps_segment(seg: str, fields: list[str], total: int, clip: bool) -> list[int]:
+    where = f"checkpoint segment {seg!r}"
+    length = f"training is {total} steps"
+    kind = fields[1].strip().lower() if len(fields) > 1 else ""
+    if len(fields) == 3 and kind.startswith("log"):
+        base = _parse_int(kind[3:] or "?", where, "write the log base as a whole number, e.g. steps:log2:512")
+        if base < 2:
+            raise CsnError(f"{where} uses log base {base}; the base must be 2 or more, e.g. steps:log2:512.")
+        bound_is_end = fields[2].strip().lower() == "end"
+        bound = total if bound_is_end else _parse_int(fields[2], where, "write the bound in whole steps or 'end', e.g. steps:log2:512")
+        if bound > total:
+            if not clip:
+                raise CsnError(f"{where} goes up to step {bound}, after the end of training ({length}); use 'end' or a bound <= {total}.")
+            bound = total
+        out, p = [0], 1
+        while p <= bound:
+            out.append(p)
+            p *= base
+        return out
+    if len(fields) == 4:
+        fix = "write steps as whole numbers, e.g. steps:0:1000:50 (STOP may be 'end')"
+        start = _parse_int(fields[1], where, fix)
+        stop_is_end = fields[2].strip().lower() == "end"
+        stop = total if stop_is_end else _parse_int(fields[2], where, fix)
+        every = _parse_int(fields[3], where, fix)
+        if every < 1:
+            raise CsnError(f"{where} has interval 0; the interval EVERY must be at least 1 step.")
+        if not stop_is_end and start > stop:
+            raise CsnError(f"{where} starts at step {start}, after its stop {stop}; write steps:START:STOP:EVERY with START <= STOP.")
+        if start > total:
+            if clip:
+                return []
+            raise CsnError(f"{where} starts at step {start}, after the end of training ({length}); start it earlier or train longer.")
+        if stop > total:
+            if not clip:
+                raise CsnError(f"{where} stops at step {stop}, after the end of training ({length}); use 'end' or a stop <= {total}.")
+            stop = total
+        n = (stop - start) // every + 1
+        if n > MAX_CHECKPOINTS:
+            raise _too_many(seg, n, "use a larger interval")
+        return list(range(start, stop + 1, every))
+    raise CsnError(f"checkpoint segment {seg!r} is not a valid steps segment; write steps:log2:BOUND or steps:START:STOP:EVERY.")
+
+
+def checkpoint_steps(spec: str | None, steps_per_epoch: int, epochs: float, *, clip: bool | None = None) -> list[int]:
+    """Resolve a checkpoint spec to the sorted, unique optimizer steps at which to save.
+
+    Args:
+        spec: comma-separated segments (see the module docstring), e.g. ``"steps:log2:256,1:end:1"``;
+            ``None`` means :data:`DEFAULT_CHECKPOINTS`.
+        steps_per_epoch: optimizer steps per epoch (>= 1).
+        epochs: training length in epochs (float allowed); total steps = ``round(epochs * steps_per_epoch)``.
+        clip: if True, segments reaching past the end of training are truncated instead of being an
+            error. ``None`` (the default) clips only the default schedule, so that it fits any training
+            length; user specs that reach past training are errors.
+
+    Returns:
+        Sorted unique steps in ``[0, total_steps]``, always including 0 (initialization) and
+        ``total_steps`` (final). Step ``s`` is at epoch ``s / steps_per_epoch``.
+
+    Raises:
+        CsnError: malformed spec (bad numbers, EVERY <= 0, START > STOP, a segment past the end of
+            training, unknown segment type, empty segment) or bad training length.
+    """
+    total = total_steps(steps_per_epoch, epochs)
+    spe, epochs = int(steps_per_epoch), float(epochs)
+    if spec is None:
+        spec = DEFAULT_CHECKPOINTS
+    if not isinstance(spec, str):
+        raise CsnError(f"the checkpoint spec must be a string, got {type(spec).__name__}; pass e.g. {DEFAULT_CHECKPOINTS!r}.")
+    if clip is None:
+        clip = "".join(spec.split()).lower() == DEFAULT_CHECKPOINTS
+    if not spec.strip():
+        raise CsnError(f"the checkpoint spec is empty; pass segments such as {DEFAULT_CHECKPOINTS!r} ({_CKPT_FORMS}).")
+    points = {0, total}
+    for raw in spec.split(","):
+        seg = raw.strip()
+        if not seg:
+            raise CsnError(f"the checkpoint spec {spec!r} has an empty segment; remove the extra comma ({_CKPT_FORMS}).")
+        low = seg.lower()
+        if low.startswith("step="):
+            value = low[5:].strip()
+            n = total if value == "end" else _parse_int(value, f"checkpoint segment {seg!r}", "write step=N with a whole number N, or step=end")
+            if n > total:
+                if clip:
+                    continue
+                raise CsnError(f"checkpoint segment {seg!r} is after the end of training ({total} steps); use a step <= {total} or step=end.")
+            points.add(n)
+            continue
+        fields = low.split(":")
+        if fields[0].strip() == "steps":
+            points.update(_steps_segment(seg, fields, total, clip))
+        elif len(fields) == 3:
+            points.update(_epoch_segment(seg, fields, spe, epochs, total, clip))
+        else:
+            raise CsnError(f"checkpoint segment {seg!r} has an unknown form; {_CKPT_FORMS}.")
+    return sorted(points)
+
+
+# --------------------------------------------------------------------------------------------
+# learning rate
+# --------------------------------------------------------------------------------------------
+
+
+def parse_milestones(text: str | Sequence[float] | None) -> tuple[float, ...]:
+    """Milestone epochs from ``"30,60"`` (or a sequence of numbers); empty/None -> ``()``.
+
+    Milestones must be finite, > 0 and strictly increasing; otherwise CsnError.
+    """
+    if text is None:
+        return ()
+    if isinstance(text, str):
+        parts = [p for p in re.split(r"[,\s]+", text.strip()) if p]
+        values = [_parse_float(p, "milestones", "write milestone epochs like 30,60") for p in parts]
+    else:
+        try:
+            items = list(text)
+        except TypeError:
+            raise CsnError(f"milestones must be a list of epochs, got {text!r}; pass e.g. (30, 60).") from None
+        values = [_real(v, "a milestone") for v in items]
+    for v in values:
+        if v <= 0:
+            raise CsnError(f"milestone {v:g} is not after the start of training; milestones are epochs > 0, e.g. 30,60.")
+    for a, b in zip(values, values[1:]):
+        if b <= a:
+            raise CsnError(f"milestones {', '.join(f'{v:g}' for v in values)} are not strictly increasing; list each epoch once, in order.")
+    return tuple(values)
+
+
+def warmup_steps(warmup_epochs: float, steps_per_epoch: int) -> int:
+    """Warm-up length in steps: ``round(warmup_epochs * steps_per_epoch)`` (0 = no warm-up)."""
+    if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, Integral) or steps_per_epoch < 1:
+        raise CsnError(f"steps_per_epoch must be a whole number >= 1, got {steps_per_epoch!r}; check the dataset size and batch size.")
+    w = _real(warmup_epochs, "warmup_epochs")
+    if w < 0:
+        raise CsnError(f"warmup_epochs is {w:g}; pass 0 (no warm-up) or a positive number of epochs.")
+    return round(w * steps_per_epoch)
+
+
+def lr_at(
+    step: int,
+    total_steps: int,
+    steps_per_epoch: int,
+    base_lr: float,
+    schedule: str,
+    *,
+    milestones: Sequence[float] | str = (),
+    gamma: float = 0.1,
+    warmup_epochs: float = 0.0,
+) -> float:
+    """Learning rate for optimizer step ``step`` (0-based; ``0 <= step <= total_steps``).
+
+    Schedules:
+        ``constant``: ``base_lr``.
+        ``step``: ``base_lr * gamma**k`` where k counts milestones (epochs) already reached, i.e.
+            ``step >= round(milestone * steps_per_epoch)``. Milestones are required; milestones past
+            the end of training simply never trigger.
+        ``cosine``: ``base_lr * (1 + cos(pi * p)) / 2`` with ``p`` going from 0 at the end of warm-up
+            to 1 at ``total_steps`` (so the lr reaches 0 at the last step).
+
+    Warm-up (any schedule): for the first ``W = round(warmup_epochs * steps_per_epoch)`` steps the
+    schedule's value is multiplied by ``(step + 1) / W``, i.e. ``base_lr * (step + 1) / W`` for
+    constant and cosine.
+
+    Raises:
+        CsnError: unknown schedule (lists valid names), milestones given to a schedule other than
+            ``step`` or missing for ``step``, non-positive gamma, step out of range, warm-up longer
+            than training, or a negative/non-finite base_lr.
+    """
+    name = schedule.strip().lower() if isinstance(schedule, str) else schedule
+    if name not in LR_SCHEDULES:
+        raise unknown("learning-rate schedule", str(schedule), LR_SCHEDULES)
+    for label, v in (("total_steps", total_steps), ("steps_per_epoch", steps_per_epoch)):
+        if isinstance(v, bool) or not isinstance(v, Integral) or v < 1:
+            raise CsnError(f"{label} must be a whole number >= 1, got {v!r}; check the training length.")
+    if isinstance(step, bool) or not isinstance(step, Integral) or not 0 <= step <= total_steps:
+        raise CsnError(f"step {step!r} is outside training (0..{total_steps}); pass a step in that range.")
+    lr = _real(base_lr, "base_lr")
+    if lr < 0:
+        raise CsnError(f"base_lr is {lr:g}; pass a learning rate >= 0.")
+    w = warmup_steps(warmup_epochs, steps_per_epoch)
+    if w > total_steps:
+        raise CsnError(f"a warm-up of {warmup_epochs:g} epochs ({w} steps) is longer than training ({total_steps} steps); shorten the warm-up.")
+    ms = parse_milestones(milestones)
+    if name == "step":
+        if not ms:
+            raise CsnError("the 'step' lr schedule needs milestones (epochs where lr is multiplied by gamma); pass e.g. milestones=(30, 60).")
+        g = _real(gamma, "gamma")
+        if g <= 0:
+            raise CsnError(f"gamma is {g:g}; pass a decay factor > 0 such as 0.1.")
+        k = sum(1 for m in ms if step >= round(m * steps_per_epoch))
+        lr = lr * g**k
+    elif ms:
+        raise CsnError(f"milestones only apply to the 'step' lr schedule, not {name!r}; drop them or use schedule 'step'.")
+    elif name == "cosine":
+        span = total_steps - w
+        p = 0.0 if span <= 0 else max(0, step - w) / span
+        lr = lr * 0.5 * (1.0 + math.cos(math.pi * p))
+    if step < w:
+        lr = lr * (step + 1) / w
+    return float(lr)
+
+
+# --------------------------------------------------------------------------------------------
+# alpha windows
+# --------------------------------------------------------------------------------------------
+
+Window = tuple[float, float | None, float]
+
+
+class AlphaSchedule:
+    """Regularizer strength alpha as a function of training progress in (fractional) epochs.
+
+    ``windows`` are ``(start_epoch, end_epoch | None, alpha)`` with ``None`` meaning "until the end
+    of training"; a window covers ``start <= epoch < end``. Outside every window alpha is 0.
+    Windows are stored normalized: sorted, alpha-0 windows dropped, touching windows with the same
+    alpha merged; two schedules are equal iff they give the same alpha at every epoch.
+    Overlapping windows are an error (CsnError).
+
+    ``str(schedule)`` is canonical: ``"none"`` for the zero schedule, else comma-separated
+    ``ALPHA@START:END`` tokens (END may be ``end``), e.g. ``"-20@5:end"``; :func:`alpha_schedule`
+    parses it back to an equal schedule.
+    """
+
+    __slots__ = ("_windows",)
+
+    def __init__(self, windows: Iterable[Sequence[float | None]] = ()) -> None:
+        parsed: list[Window] = []
+        for w in windows:
+            try:
+                start, end, alpha = w
+            except (TypeError, ValueError):
+                raise CsnError(f"alpha window {w!r} is not (start_epoch, end_epoch or None, alpha); pass three values.") from None
+            s = _real(start, "an alpha window's start epoch")
+            e = None if end is None else _real(end, "an alpha window's end epoch")
+            a = _real(alpha, "alpha")
+            if s < 0:
+                raise CsnError(f"alpha window starts at negative epoch {s:g}; start at 0 or later.")
+            if e is not None and e <= s:
+                raise CsnError(f"alpha window {_fmt(s)}:{_fmt(e)} is empty or reversed; the end epoch must be after the start.")
+            parsed.append((s + 0.0, None if e is None else e + 0.0, a + 0.0))
+        parsed.sort(key=lambda t: t[0])
+        for (s0, e0, _), (s1, _, _) in zip(parsed, parsed[1:]):
+            if e0 is None or e0 > s1:
+                end_txt = "end" if e0 is None else _fmt(e0)
+                raise CsnError(f"alpha windows overlap (one spans {_fmt(s0)}:{end_txt}, the next starts at {_fmt(s1)}); make them disjoint.")
+        merged: list[Window] = []
+        for s, e, a in parsed:
+            if a == 0:
+                continue
+            if merged and merged[-1][1] == s and merged[-1][2] == a:
+                merged[-1] = (merged[-1][0], e, a)
+            else:
+                merged.append((s, e, a))
+        self._windows: tuple[Window, ...] = tuple(merged)
+
+    @property
+    def windows(self) -> list[Window]:
+        """Normalized ``(start_epoch, end_epoch | None, alpha)`` windows with alpha != 0, sorted."""
+        return list(self._windows)
+
+    @property
+    def is_zero(self) -> bool:
+        """True if alpha is 0 at every epoch (no regularization)."""
+        return not self._windows
+
+    @property
+    def active_from(self) -> float | None:
+        """First epoch with alpha != 0, or None for the zero schedule."""
+        return self._windows[0][0] if self._windows else None
+
+    def alpha_at(self, epoch: float) -> float:
+        """Alpha at training progress ``epoch`` (fractional epochs; step / steps_per_epoch)."""
+        for s, e, a in self._windows:
+            if epoch >= s and (e is None or epoch < e):
+                return a
+        return 0.0
+
+    def validate(self, total_epochs: float) -> None:
+        """Raise CsnError if a window starts at/after the end of training or ends after it.
+
+        Windows ending at ``end`` (None) are only checked for their start.
+        """
+        t = _real(total_epochs, "total_epochs")
+        if t <= 0:
+            raise CsnError(f"total_epochs is {t:g}; pass the training length in epochs (> 0).")
+        for s, e, a in self._windows:
+            span = f"{_fmt(s)}:{'end' if e is None else _fmt(e)}"
+            if s >= t:
+                raise CsnError(
+                    f"alpha {_fmt(a)} window {span} starts at or after the end of training ({t:g} epochs), so it would never apply; "
+                    f"start it before epoch {t:g} or train longer."
+                )
+            if e is not None and _beyond(e, t):
+                raise CsnError(
+                    f"alpha {_fmt(a)} window {span} ends after the end of training ({t:g} epochs); end it by epoch {t:g} or use 'end'."
+                )
+
+    def __str__(self) -> str:
+        if not self._windows:
+            return "none"
+        return ",".join(f"{_fmt(a)}@{_fmt(s)}:{'end' if e is None else _fmt(e)}" for s, e, a in self._windows)
+
+    def __repr__(self) -> str:
+        return f"AlphaSchedule({list(self._windows)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, AlphaSchedule):
+            return NotImplemented
+        return self._windows == other._windows
+
+    def __hash__(self) -> int:
+        return hash(self._windows)
+
+
+def parse_study_string(s: str) -> AlphaSchedule:
+    """Parse the study's compact form, e.g. ``"0*5 -20*15"``: alpha 0 for 5 epochs, then -20 for 15.
+
+    Tokens are ``VALUE*EPOCHS`` separated by whitespace and laid end to end from epoch 0. VALUE is
+    any finite decimal (negatives, decimals and exponents such as ``-1.5e1*2.5``); EPOCHS must be
+    > 0. **After the listed epochs alpha is 0** (the study listed the whole run). Malformed tokens
+    raise CsnError quoting the token and the expected form.
+    """
+    if not isinstance(s, str):
+        raise CsnError(f"the alpha schedule must be a string, got {type(s).__name__}; write {_STUDY_FORM}.")
+    tokens = s.split()
+    if not tokens:
+        raise CsnError(f"the alpha schedule is empty; write {_STUDY_FORM}.")
+    windows: list[Window] = []
+    start = 0.0
+    for tok in tokens:
+        m = _STUDY_TOKEN_RE.fullmatch(tok)
+        if not m:
+            raise CsnError(f"bad alpha-schedule token {tok!r}; write {_STUDY_FORM}.")
+        value, dur = float(m.group(1)), float(m.group(2))
+        if not math.isfinite(value) or not math.isfinite(dur):
+            raise CsnError(f"alpha-schedule token {tok!r} has a number out of range; write {_STUDY_FORM}.")
+        if dur <= 0:
+            raise CsnError(f"alpha-schedule token {tok!r} lasts {dur:g} epochs; each token's EPOCHS must be > 0, e.g. '0*5 -20*15'.")
+        end = start + dur
+        if not math.isfinite(end) or end <= start:
+            raise CsnError(f"alpha-schedule token {tok!r} is too short to register after epoch {start:g}; use a longer duration.")
+        windows.append((start, end, value))
+        start = end
+    return AlphaSchedule(windows)
+
+
+def parse_window(alpha: float | str | None, window: str | None) -> AlphaSchedule:
+    """Explicit form: ``--reg-alpha -20 --reg-window 5:end`` -> alpha -20 from epoch 5 to the end.
+
+    ``window`` is ``START:END`` in epochs (fractional allowed), END a number or ``end``; the window
+    covers ``START <= epoch < END``. Neither given -> the zero schedule; only one given, START >= END,
+    or bad numbers -> CsnError.
+    """
+    if alpha is None and window is None:
+        return AlphaSchedule()
+    if alpha is None or window is None:
+        missing = "--reg-alpha" if alpha is None else "--reg-window"
+        raise CsnError(
+            f"{missing} is missing: --reg-alpha and --reg-window are needed together; give both "
+            f"(e.g. --reg-alpha -20 --reg-window 5:end) or neither."
+        )
+    a = _real(alpha, "--reg-alpha")
+    if not isinstance(window, str):
+        raise CsnError(f"--reg-window must be a string START:END, got {window!r}; pass e.g. 5:end.")
+    fields = window.split(":")
+    if len(fields) != 2:
+        raise CsnError(f"--reg-window {window!r} is not START:END; pass epochs like 5:end or 0:2.5.")
+    fix = "pass epochs like 5:end or 0:2.5"
+    start = _parse_float(fields[0], f"--reg-window {window!r}", fix)
+    end_txt = fields[1].strip().lower()
+    end = None if end_txt == "end" else _parse_float(fields[1], f"--reg-window {window!r}", fix)
+    if start < 0:
+        raise CsnError(f"--reg-window {window!r} starts at a negative epoch; start at 0 or later.")
+    if end is not None and start >= end:
+        raise CsnError(f"--reg-window {window!r} starts at or after its end; write START:END with START < END, or START:end.")
+    return AlphaSchedule([(start, end, a)])
+
+
+def parse_alpha_windows(s: str) -> AlphaSchedule:
+    """Parse the canonical form written by ``str(AlphaSchedule)``: ``"none"`` or ``ALPHA@START:END,...``.
+
+    END may be ``end``; tokens may be separated by commas and/or whitespace.
+    """
+    if not isinstance(s, str):
+        raise CsnError(f"the alpha windows must be a string, got {type(s).__name__}; write e.g. '-20@5:end'.")
+    text = s.strip()
+    if text.lower() == "none":
+        return AlphaSchedule()
+    tokens = [t for t in re.split(r"[,\s]+", text) if t]
+    if not tokens:
+        raise CsnError("the alpha windows are empty; write ALPHA@START:END tokens, e.g. '-20@5:end', or 'none'.")
+    windows: list[Window] = []
+    for tok in tokens:
+        m = _WINDOW_TOKEN_RE.fullmatch(tok)
+        if not m:
+            raise CsnError(f"bad alpha-window token {tok!r}; write ALPHA@START:END tokens separated by commas, e.g. '-20@5:end'.")
+        a, st = float(m.group(1)), float(m.group(2))
+        end = None if m.group(3).lower() == "end" else float(m.group(3))
+        if not all(math.isfinite(v) for v in (a, st) + (() if end is None else (end,))):
+            raise CsnError(f"alpha-window token {tok!r} has a number out of range; use finite numbers.")
+        windows.append((st, end, a))
+    return AlphaSchedule(windows)
+
+
+def alpha_schedule(spec: str | None = None, alpha: float | str | None = None, window: str | None = None) -> AlphaSchedule:
+    """Build an :class:`AlphaSchedule` from whichever form the user gave.
+
+    - ``spec``: the study string (``"0*5 -20*15"``) or the canonical form (``"-20@5:end"``,
+      ``"none"``); an empty/blank spec counts as not given.
+    - ``alpha`` + ``window``: the explicit form (see :func:`parse_window`).
+    - nothing: the zero schedule (no regularization).
+
+    Giving ``spec`` together with ``alpha``/``window`` is a CsnError.
+    """
+    if spec is not None:
+        if not isinstance(spec, str):
+            raise CsnError(f"the alpha schedule must be a string, got {type(spec).__name__}; write {_STUDY_FORM}.")
+        text = spec.strip()
+        if text:
+            if alpha is not None or window is not None:
+                raise CsnError(
+                    "an alpha schedule string was given together with --reg-alpha/--reg-window; use one form, "
+                    "e.g. '0*5 -20*15' or --reg-alpha -20 --reg-window 5:end."
+                )
+            if text.lower() == "none" or "@" in text:
+                return parse_alpha_windows(text)
+            return parse_study_string(text)
+    return parse_window(alpha, window)

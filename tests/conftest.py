@@ -1,0 +1,45 @@
+"""Shared fixtures: a tiny trained run on synthetic data, reused by the analysis tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("CSN_NO_PROGRESS", "1")
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+TINY = dict(
+    name="tiny", dataset="synthetic", synthetic=dict(num_train=256, num_test=128, num_classes=4, channels=1, size=8),
+    model="resnet8", width=0.5, epochs=2.0, batch_size=32, lr=0.05, checkpoints="steps:log2:4,1:end:0.5",
+    eval_batch_size=64, log_every=2, channels_last=False, seed=0,
+)
+
+
+def tiny_config(**kw):
+    from csn.training.config import TrainConfig
+
+    d = dict(TINY)
+    d.update(kw)
+    return TrainConfig.from_dict(d)
+
+
+@pytest.fixture(scope="session")
+def tiny_run_master(tmp_path_factory) -> Path:
+    """A tiny run trained once per test session (do not modify; copy it with `tiny_run`)."""
+    from csn.training.loop import train
+
+    out = tmp_path_factory.mktemp("master") / "tiny"
+    train(tiny_config(), out, progress=False)
+    return out
+
+
+@pytest.fixture()
+def tiny_run(tiny_run_master, tmp_path) -> Path:
+    """A private copy of the tiny run that a test may write into."""
+    dst = tmp_path / "tiny"
+    shutil.copytree(tiny_run_master, dst)
+    return dst
