@@ -162,7 +162,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer batches and repeats")
     args = ap.parse_args()
-    reps = 1 if args.quick else 2
+    reps = 1 if args.quick else 3
     bench_cka(num_batches=5 if args.quick else 20, repeats=reps)
     bench_linearity(num_batches=2 if args.quick else 6, repeats=reps)
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from contextlib import ExitStack, contextmanager
 from typing import Iterator
 
@@ -154,7 +154,8 @@ def performance_correlation(f, y, l) -> dict[str, float]:
     mu_Y(F; L) = I(F; Y) - I(F; Y | L): how much of what F knows about the labels Y is shared with
     the linear model L. It is at most I(L; Y) (reached when F = L), equals I(F; Y) whenever F is a
     function of L (then I(F; Y | L) = 0), and is 0 when L is constant (conditioning on it changes
-    nothing). Returns mu_y_bits, i_fy_bits, i_fy_given_l_bits, i_ly_bits (the upper bound) and
+    nothing). It can be negative when F and L are synergistic about Y (mu_Y is the interaction
+    information I(F; Y; L) = I(L; Y) - I(L; Y | F)). Returns mu_y_bits, i_fy_bits, i_fy_given_l_bits, i_ly_bits (the upper bound) and
     agreement (fraction of examples with F == L).
     """
     f, y, l = _as_labels(f), _as_labels(y), _as_labels(l)
@@ -269,7 +270,7 @@ def _relu_compare(model: nn.Module, reference: dict[str, list[Tensor]], counts: 
             ref = reference.get(name, [])
             if k >= len(ref) or ref[k].shape != out.shape:
                 raise CsnError(f"ReLU {name!r} is called differently in the two models; compare checkpoints of one architecture.")
-            counts[0] += int(((out.detach() > 0) == ref[k]).sum())
+            counts[0] += ((out.detach() > 0) == ref[k]).sum()  # a tensor: no device sync per call
             counts[1] += ref[k].numel()
         return fn
 
@@ -298,7 +299,7 @@ def relu_agreement(model_a: nn.Module, model_b: nn.Module, batches: Iterable) ->
             ref.clear()
     if counts[1] == 0:
         raise CsnError("no ReLU outputs were seen; pass at least one batch.")
-    return counts[0] / counts[1]
+    return int(counts[0]) / counts[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,7 +366,7 @@ def linearity_measures(
             ft = model_t(x)
             ft = ft[0] if isinstance(ft, (tuple, list)) else ft
             pred = ft.argmax(dim=1)
-            correct += int((pred == y).sum())
+            correct += (pred == y).sum()
             total += int(y.shape[0])
             f_pred.append(pred.cpu())
             y_all.append(y.cpu())
@@ -376,10 +377,10 @@ def linearity_measures(
                 if k in deltas:
                     f_lin, f_ref = _linearize(ref, deltas[k], x)
                     s = lin_stats[k]
-                    s[0] += int((f_lin.argmax(1) == pred).sum())
+                    s[0] += (f_lin.argmax(1) == pred).sum()  # tensors: synced once at the end
                     s[1] += int(x.shape[0])
-                    s[2] += float((ft.double() - f_lin.double()).pow(2).sum())
-                    s[3] += float((ft.double() - f_ref.double()).pow(2).sum())
+                    s[2] += (ft.double() - f_lin.double()).pow(2).sum()
+                    s[3] += (ft.double() - f_ref.double()).pow(2).sum()
                 if relu:
                     with _relu_compare(ref, ref_masks, relu_counts[k]):
                         ref(x)
@@ -387,7 +388,7 @@ def linearity_measures(
                 ref_masks.clear()
     if total == 0:
         raise CsnError("linearity saw no batches; give a non-empty evaluation loader.")
-    out: dict[str, float] = {"test_acc": correct / total}
+    out: dict[str, float] = {"test_acc": int(correct) / total}
     f_all, y_cat = torch.cat(f_pred), torch.cat(y_all)
     if linear_model is not None:
         l_all = torch.cat(l_pred)
@@ -397,11 +398,12 @@ def linearity_measures(
         for key in ("mu_y_bits", "i_fy_bits", "i_fy_given_l_bits", "i_ly_bits"):
             out[key] = pc[key]
     for k, s in lin_stats.items():
-        out[f"linearized_agreement_{k}"] = s[0] / s[1]
-        out[f"linearized_rel_dist_{k}"] = math.sqrt(s[2] / s[3]) if s[3] > 0 else float("nan")
+        agree, n, num, den = int(s[0]), s[1], float(s[2]), float(s[3])
+        out[f"linearized_agreement_{k}"] = agree / n
+        out[f"linearized_rel_dist_{k}"] = math.sqrt(num / den) if den > 0 else float("nan")
     if relu:
         for k, (eq, tot) in relu_counts.items():
-            out[f"relu_same_as_{k}"] = eq / tot if tot else float("nan")
+            out[f"relu_same_as_{k}"] = int(eq) / tot if tot else float("nan")
     return out
 
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from csn.selectivity import EPS, csi_from_means
+from csn.selectivity import EPS, batch_csi
 from csn.units import hooks, resolve_layers, stage_of, stages, unit_activations
 
 
@@ -25,14 +25,15 @@ def default_reg_layers(model: nn.Module) -> list[str]:
     return [layer for s in names[:-1] for layer in st[s]] if len(names) > 1 else [layer for s in names for layer in st[s]]
 
 
-def _all_reduce_sum(t: Tensor) -> Tensor:
+def _global_sums(sums: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+    """Sum class sums and counts over data-parallel ranks with an autograd-aware all_reduce (identity alone)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         from torch.distributed.nn.functional import all_reduce
 
-        return all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
+        return all_reduce(sums, op=dist.ReduceOp.SUM), all_reduce(counts, op=dist.ReduceOp.SUM)
+    return sums, counts
 
 
 class SelectivityRegularizer:
@@ -88,20 +89,13 @@ class SelectivityRegularizer:
         if not self._cache:
             raise RuntimeError("SelectivityRegularizer has no activations: attach it and run the model first.")
         k = self.num_classes or int(labels.max()) + 1
-        onehot = torch.nn.functional.one_hot(labels, k)
-        counts = _all_reduce_sum(onehot.sum(0).to(torch.float32))
-        present = counts > 0
-        if int(present.sum()) < 2:
-            self.skipped += 1
-            return None
         per_stage: dict[str, list[Tensor]] = {}
         for name in self.layers:
-            acts = self._cache[name]
-            sums = _all_reduce_sum(onehot.to(acts.dtype).T @ acts)  # [K, U], one matmul
-            stat = sums[present]
-            if not self.class_sums:
-                stat = stat / counts[present].to(acts.dtype)[:, None]
-            per_stage.setdefault(self.stage[name], []).append(csi_from_means(stat, eps=self.eps).csi)
+            csi = batch_csi(self._cache[name], labels, k, self.eps, self.class_sums, reduce=_global_sums)
+            if csi is None:
+                self.skipped += 1
+                return None
+            per_stage.setdefault(self.stage[name], []).append(csi)
         return {s: torch.cat(v).mean() for s, v in per_stage.items()}
 
     def value(self, labels: Tensor) -> Tensor | None:
