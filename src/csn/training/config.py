@@ -168,7 +168,7 @@ PRESETS: dict[str, dict] = {
     "fmnist": dict(
         name="fmnist", dataset="fashion-mnist", model="resnet8", width=1.0, epochs=3.0, batch_size=128,
         lr=0.1, momentum=0.9, weight_decay=5e-4, lr_schedule="cosine", warmup_epochs=0.0,
-        augment="none", checkpoints="steps:log2:256,0.5:1:0.25,1:end:0.5", eval_batch_size=1000,
+        augment="none", checkpoints="steps:log2:256,0.5:1:0.25,1:end:0.5", eval_batch_size=1000, eval_samples=2000,
     ),
     # The study's recipe (SPEC "Training recipes"): ResNet-50 on an ImageNet folder, for GPUs under torchrun.
     "imagenet-resnet50": dict(

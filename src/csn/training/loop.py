@@ -125,6 +125,10 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool, progress: bool, stop_af
 
     train_loader = make_loader(data.train, cfg, train=True, device=device)
     test_loader = make_loader(data.test, cfg, train=False, device=device)
+    # Intermediate checkpoints may be scored on a fixed seeded subset (eval_samples); the final one on the whole split.
+    sub_loader = test_loader
+    if cfg.eval_samples and hasattr(data.test, "subset") and cfg.eval_samples < len(data.test):
+        sub_loader = make_loader(data.test.subset(cfg.eval_samples, seed=2024), cfg, train=False, device=device)
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
         raise CsnError(f"the training split ({len(data.train)} examples) is smaller than one batch ({cfg.batch_size}); lower batch_size.")
@@ -161,7 +165,9 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool, progress: bool, stop_af
         write_json(out / "run.json", _run_json(cfg, info, device, steps_per_epoch, total, ckpt_steps))
 
     def save_checkpoint(step: int, train_metrics: dict) -> None:
-        metrics = evaluate(model, test_loader, device, amp=cfg.amp, max_samples=cfg.eval_samples)
+        loader = test_loader if step == total else sub_loader
+        metrics = evaluate(model, loader, device, amp=cfg.amp, max_samples=None if loader is test_loader else cfg.eval_samples)
+        metrics["test_samples"] = min(cfg.eval_samples or len(data.test), len(data.test)) if loader is sub_loader else len(data.test)
         metrics.update(train_metrics)
         if main:
             digest = save_tensors(ckpt_dir / _weights_file(step), model.state_dict(),

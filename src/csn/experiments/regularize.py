@@ -1,0 +1,149 @@
+"""The causal experiment (claim C4): unregularized baseline vs the selectivity regularizer switched on
+at different onsets, every condition with the same seeds; final accuracy and selectivity reached."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from csn.errors import CsnError
+from csn.experiments.runner import Job, run_jobs
+from csn.runs import Run, write_table
+from csn.training.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class Condition:
+    """A training condition: alpha switched on from `onset` (epochs) to the end; onset None = baseline."""
+
+    onset: float | None
+    alpha: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return "baseline" if self.onset is None else f"reg-from-{self.onset:g}"
+
+    def apply(self, cfg: TrainConfig) -> TrainConfig:
+        d = cfg.to_dict()
+        if self.onset is None:
+            d.update(reg_alpha=None, reg_window=None, reg_schedule=None)
+        else:
+            d.update(reg_alpha=self.alpha, reg_window=f"{self.onset:g}:end", reg_schedule=None)
+        return TrainConfig.from_dict(d)
+
+
+def conditions(alpha: float, onsets: list[float]) -> list[Condition]:
+    """Baseline plus one regularized condition per onset."""
+    if alpha == 0:
+        raise CsnError("--alpha 0 regularizes nothing; give a negative alpha to suppress selectivity (e.g. -2).")
+    if len(set(onsets)) != len(onsets):
+        raise CsnError(f"onsets {onsets} repeat a value; give distinct onsets such as 0,1.")
+    return [Condition(None)] + [Condition(float(o), float(alpha)) for o in onsets]
+
+
+def parse_onsets(text: str, epochs: float) -> list[float]:
+    """'0,1.5' -> [0.0, 1.5], each inside the training length."""
+    try:
+        vals = [float(t) for t in str(text).split(",") if t.strip()]
+    except ValueError:
+        raise CsnError(f"onsets {text!r} are not numbers; write epochs separated by commas, e.g. 0,1.") from None
+    if not vals:
+        raise CsnError("give at least one onset (epochs), e.g. --onsets 0,1.")
+    for v in vals:
+        if not (0 <= v < epochs) or math.isnan(v):
+            raise CsnError(f"onset {v:g} is outside training (0 to {epochs:g} epochs); choose onsets before the end.")
+    return vals
+
+
+def run_dir(root: Path, cond: Condition, seed: int) -> Path:
+    return Path(root) / f"{cond.name}-s{seed}"
+
+
+def train_conditions(base: TrainConfig, conds: list[Condition], seeds: list[int], root: str | Path, *,
+                     parallel: int = 1, progress: bool = True) -> dict[tuple[str, int], Run]:
+    """Train every (condition, seed) run under root (finished runs are skipped, partial ones resumed)."""
+    jobs, keys = [], []
+    for cond in conds:
+        for seed in seeds:
+            cfg = cond.apply(base)
+            cfg.seed, cfg.name = seed, f"{cond.name}-s{seed}"
+            jobs.append(Job(cfg, run_dir(Path(root), cond, seed)))
+            keys.append((cond.name, seed))
+    runs = run_jobs(jobs, parallel=parallel, progress=progress, desc="regularization runs")
+    return dict(zip(keys, runs))
+
+
+def summarize_runs(runs: dict[tuple[str, int], Run], conds: list[Condition], reg_stages: list[str] | None = None) -> pd.DataFrame:
+    """One row per (condition, seed): final test accuracy, and mean CSI / eta^2 of regularized stages at the end."""
+    by_name = {c.name: c for c in conds}
+    rows = []
+    for (name, seed), run in runs.items():
+        last = run.checkpoints[-1]
+        row = {"condition": name, "onset": by_name[name].onset, "alpha": by_name[name].alpha, "seed": seed,
+               "run": str(run.path), "final_epoch": last.epoch, "final_test_acc": last.metrics.get("test_acc")}
+        sel = run.read("selectivity")
+        if sel is not None and not sel.empty:
+            final = sel[sel["step"] == sel["step"].max()]
+            stages = reg_stages or _regularized_stages(run, final)
+            part = final[final["stage"].isin(stages)]
+            row.update(final_csi=float(part["csi"].mean()), final_eta2=float(part["eta2"].mean()),
+                       final_csi_all=float(final["csi"].mean()), final_eta2_all=float(final["eta2"].mean()))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _regularized_stages(run: Run, sel: pd.DataFrame) -> list[str]:
+    from csn.training.regularizer import default_reg_layers
+    from csn.units import stage_of
+
+    layers = run.config.get("reg_layers")
+    model = run.build_model()
+    names = layers or default_reg_layers(model)
+    return sorted({stage_of(model, n) for n in names})
+
+
+def condition_table(per_seed: pd.DataFrame) -> pd.DataFrame:
+    """Per condition: mean and standard error over seeds of final accuracy and selectivity, and every seed's accuracy."""
+    out = []
+    for name, g in per_seed.groupby("condition", sort=False):
+        row = {"condition": name, "onset": g["onset"].iloc[0], "alpha": g["alpha"].iloc[0], "seeds": len(g)}
+        for col in ("final_test_acc", "final_csi", "final_eta2"):
+            if col in g:
+                v = g[col].to_numpy(dtype=float)
+                row[f"{col}_mean"] = float(np.mean(v))
+                row[f"{col}_se"] = float(np.std(v, ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
+        row["final_test_acc_per_seed"] = ", ".join(f"{a:.4f}" for a in g["final_test_acc"])
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def regularize_experiment(base: TrainConfig, alpha: float, onsets: list[float], seeds: list[int], root: str | Path, *,
+                          parallel: int = 1, progress: bool = True, selectivity: bool = True,
+                          selectivity_samples: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Train every condition and seed, measure selectivity at every checkpoint, write tables and figures.
+
+    Returns (per-seed table, per-condition table, {condition: [Run]}).
+    """
+    root = Path(root)
+    conds = conditions(alpha, onsets)
+    runs = train_conditions(base, conds, seeds, root, parallel=parallel, progress=progress)
+    if selectivity:
+        from csn.analysis.selectivity_run import selectivity_for_run
+
+        for run in runs.values():
+            selectivity_for_run(run, progress=progress, samples=selectivity_samples)
+    per_seed = summarize_runs(runs, conds)
+    table = condition_table(per_seed)
+    write_table(root / "regularize_runs.parquet", per_seed)
+    write_table(root / "regularize.parquet", table)
+    grouped: dict[str, list[Run]] = {}
+    for (name, _), run in runs.items():
+        grouped.setdefault(name, []).append(run)
+    from csn.report.fig_regularize import regularize_figures
+
+    regularize_figures(grouped, {c.name: c.onset for c in conds}, root / "report")
+    return per_seed, table, grouped

@@ -1,0 +1,74 @@
+"""Run many training jobs (conditions x seeds), skipping finished runs and resuming partial ones,
+optionally several at once in worker processes (small models use 2 cores better as 2 single-thread jobs)."""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from csn.errors import CsnError
+from csn.runs import Run, read_manifest
+from csn.training.config import TrainConfig
+
+
+@dataclass
+class Job:
+    """One training run to make: a config and its run directory."""
+
+    cfg: TrainConfig
+    out: Path
+
+
+def is_complete(out: str | Path) -> bool:
+    """True when the run directory holds its final checkpoint."""
+    out = Path(out)
+    try:
+        info = json.loads((out / "run.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    ckpts = read_manifest(out / "checkpoints")
+    return bool(ckpts) and ckpts[-1].step == info.get("total_steps")
+
+
+def _run_job(cfg_dict: dict, out: str, threads: int) -> str:
+    import torch
+
+    from csn.training.loop import train
+
+    torch.set_num_threads(threads)
+    cfg = TrainConfig.from_dict(cfg_dict)
+    resume = (Path(out) / "run.json").is_file()
+    train(cfg, out, resume=resume, progress=False)
+    return out
+
+
+def run_jobs(jobs: list[Job], *, parallel: int = 1, progress: bool = True, desc: str = "training") -> list[Run]:
+    """Train every job that is not complete (resuming partial runs); return the runs in job order."""
+    todo = [j for j in jobs if not is_complete(j.out)]
+    cores = os.cpu_count() or 1
+    parallel = max(1, min(parallel, len(todo) or 1))
+    threads = max(1, cores // parallel)
+    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=desc, unit="run", disable=not progress)
+    try:
+        if parallel == 1:
+            for j in todo:
+                _run_job(j.cfg.to_dict(), str(j.out), threads)
+                bar.update(1)
+        else:
+            with ProcessPoolExecutor(parallel, mp_context=get_context("spawn")) as pool:
+                futures = [pool.submit(_run_job, j.cfg.to_dict(), str(j.out), threads) for j in todo]
+                for f in as_completed(futures):
+                    f.result()
+                    bar.update(1)
+    finally:
+        bar.close()
+    for j in jobs:
+        if not is_complete(j.out):
+            raise CsnError(f"training {j.out} did not finish; run the same command again to resume it.")
+    return [Run(j.out) for j in jobs]
