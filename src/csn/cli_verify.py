@@ -1,0 +1,71 @@
+"""`csn verify RUN...`: check a run directory's integrity (manifest, sha256 of every checkpoint, tables)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from csn.cli import CONTEXT
+
+
+def verify_run(path: str | Path) -> list[str]:
+    """Problems found in a run directory (empty list = intact). Never loads weights as code."""
+    from csn.errors import CsnError
+    from csn.runs import read_manifest, read_table, sha256_file
+
+    path = Path(path)
+    problems: list[str] = []
+    try:
+        info = json.loads((path / "run.json").read_text())
+    except FileNotFoundError:
+        return [f"{path}: no run.json; this is not a csn run."]
+    except json.JSONDecodeError:
+        return [f"{path / 'run.json'}: corrupt JSON; restore it or re-create the run with `csn train --force`."]
+    try:
+        ckpts = read_manifest(path / "checkpoints")
+    except CsnError as e:
+        return [str(e)]
+    for c in ckpts:
+        f = path / "checkpoints" / c.file
+        if not f.is_file():
+            problems.append(f"checkpoint {f.name} (step {c.step}) is missing; re-run from the previous checkpoint with `csn train --resume {path}`.")
+        elif sha256_file(f) != c.sha256:
+            problems.append(f"checkpoint {f.name} (step {c.step}) is corrupt (sha256 mismatch); delete it and its manifest line, then `csn train --resume {path}`.")
+    if ckpts and ckpts[-1].step != info.get("total_steps") and ckpts[-1].step > 0:
+        state = path / "checkpoints" / f"state-{ckpts[-1].step:08d}.safetensors"
+        if not state.is_file():
+            problems.append(f"optimizer state {state.name} of the last checkpoint is missing; the run cannot resume exactly.")
+    for t in sorted((path / "tables").glob("*.parquet")):
+        try:
+            read_table(t)
+        except CsnError as e:
+            problems.append(str(e))
+    for leftover in list(path.rglob(".*.tmp")):
+        problems.append(f"{leftover} is an unfinished temporary file from an interrupted write; it is ignored and can be deleted.")
+    return problems
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False))
+def verify(runs) -> None:
+    """Check run directories: manifest, every checkpoint's sha256, readable tables, no half-written files.
+
+    Exits with status 1 if anything is wrong and says, per problem, what to do.
+    """
+    bad = 0
+    for r in runs:
+        problems = verify_run(r)
+        if problems:
+            bad += 1
+            click.echo(f"{r}: {len(problems)} problem(s)")
+            for p in problems:
+                click.echo(f"  - {p}")
+        else:
+            click.echo(f"{r}: ok")
+    if bad:
+        raise SystemExit(1)
+
+
+COMMANDS = [verify]
