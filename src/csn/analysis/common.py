@@ -42,20 +42,33 @@ def split_of(data, split: str):
 
 
 def eval_loader(run: Run, data, split: str = "test", *, batch_size: int | None = None,
-                device: str | torch.device = "cpu", samples: int | None = None):
-    """Deterministic, unaugmented batches of a split (in the run's order), optionally a seeded subset."""
+                device: str | torch.device = "cpu", samples: int | None = None, shard: bool = False):
+    """Deterministic, unaugmented batches of a split (in the run's order), optionally a seeded subset.
+
+    shard=True (under torchrun): this rank's contiguous run of the same whole batches
+    (csn.distributed.shard_split), so statistics summed over ranks (class sums/counts, correct counts,
+    minibatch HSIC terms) equal the single-process ones; a single process gets the whole split.
+    """
+    from csn.distributed import folder_loader, shard_split
+
     s = split_of(data, split)
     bs = batch_size or int(run.config.get("eval_batch_size", 500))
     if hasattr(s, "images"):
         if samples:
             s = s.subset(samples, seed=777)
+        if shard:
+            s = shard_split(s, bs)
         return BatchLoader(s, bs, shuffle=False, device=device)
-    from csn.distributed import folder_loader
+    from torch.utils.data import Subset
+
     from csn.training.config import TrainConfig
 
+    if samples and samples < len(s):  # the same seeded choice of indices as TensorSplit.subset
+        idx = torch.randperm(len(s), generator=torch.Generator().manual_seed(777))[:samples].sort().values
+        s = Subset(s, idx.tolist())
     cfg = TrainConfig.from_dict(run.config)
     cfg.eval_batch_size = bs
-    return folder_loader(s, cfg, train=False, device=torch.device(device))
+    return folder_loader(s, cfg, train=False, device=torch.device(device), shard=shard)
 
 
 def bn_loader(run: Run, data, device: str | torch.device = "cpu"):

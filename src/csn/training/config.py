@@ -54,6 +54,7 @@ class TrainConfig:
     device: str = "auto"
     channels_last: bool = True
     amp: bool = False
+    sync_bn: bool = True  # under torchrun on GPUs: SyncBatchNorm, so BN sees the global batch as in one process
     threads: int | None = None
     workers: int = 8
 

@@ -8,6 +8,7 @@ import math
 import os
 import platform
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -41,9 +42,17 @@ def resolve_device(name: str) -> torch.device:
         raise CsnError(f"unknown device {name!r}; use auto, cpu or cuda[:N].") from None
 
 
-def make_loader(split, cfg: TrainConfig, *, train: bool, device: torch.device, epoch_seed: int = 0):
-    """A loader over a split: in-memory BatchLoader for tensor datasets, torch DataLoader for ImageFolder."""
+def make_loader(split, cfg: TrainConfig, *, train: bool, device: torch.device, epoch_seed: int = 0,
+                shard: bool = False):
+    """A loader over a split: in-memory BatchLoader for tensor datasets, torch DataLoader for ImageFolder.
+
+    Training: every rank gets its slice of the same global batch. Evaluation: the whole split, or with
+    shard=True (under torchrun) this rank's contiguous part of it, for statistics summed over ranks.
+    """
     rank, world = dist_utils.rank(), dist_utils.world_size()
+    if shard and not train and world > 1:
+        # Sums (correct, loss) do not depend on batch boundaries: one contiguous chunk per rank.
+        split = dist_utils.shard_split(split, -(-len(split) // world))
     if hasattr(split, "images"):
         if cfg.augment not in AUGMENT:
             from csn.errors import unknown
@@ -55,8 +64,20 @@ def make_loader(split, cfg: TrainConfig, *, train: bool, device: torch.device, e
     return dist_utils.folder_loader(split, cfg, train=train, device=device)
 
 
-def evaluate(model: torch.nn.Module, loader, device: torch.device, *, amp: bool = False, max_samples: int | None = None) -> dict:
-    """Top-1 accuracy and mean cross-entropy of a model over a loader, in eval mode."""
+def evaluate(model: torch.nn.Module, loader, device: torch.device, *, amp: bool = False, max_samples: int | None = None,
+             reduce: bool = False) -> dict:
+    """Top-1 accuracy and mean cross-entropy of a model over a loader, in eval mode.
+
+    reduce=True (under torchrun, with each rank holding a shard of the split) sums the counts over
+    ranks, so every rank gets the metrics of the whole split.
+    """
+    correct, loss, n = _eval_sums(model, loader, device, amp=amp, max_samples=max_samples, reduce=reduce)
+    return {"test_acc": correct / max(n, 1), "test_loss": loss / max(n, 1)}
+
+
+def _eval_sums(model: torch.nn.Module, loader, device: torch.device, *, amp: bool, max_samples: int | None,
+               reduce: bool) -> tuple[int, float, int]:
+    """(correct, summed cross-entropy, examples) over a loader in eval mode, optionally summed over ranks."""
     was = model.training
     model.eval()
     correct, loss, n = 0, 0.0, 0
@@ -69,7 +90,22 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, *, amp: bool 
             if max_samples and n >= max_samples:
                 break
     model.train(was)
-    return {"test_acc": correct / max(n, 1), "test_loss": loss / max(n, 1)}
+    if reduce and dist_utils.is_dist():
+        t = dist_utils.all_reduce_(torch.tensor([correct, loss, n], dtype=torch.float64, device=device)).tolist()
+        correct, loss, n = int(t[0]), t[1], int(t[2])
+    return correct, loss, n
+
+
+def _eval_subset(split, n: int | None, seed: int):
+    """A fixed seeded subset of n examples of an evaluation split (the whole split if n is None or >= its size)."""
+    if not n or n >= len(split):
+        return split
+    if hasattr(split, "subset"):
+        return split.subset(n, seed=seed)
+    from torch.utils.data import Subset
+
+    idx = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    return Subset(split, idx.tolist())
 
 
 def _state_file(step: int) -> str:
@@ -104,84 +140,104 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, force: boo
     """
     out = Path(out)
     main = dist_utils.is_main()
-    _prepare_dir(cfg, out, resume=resume, force=force)
-    dist_utils.barrier()
-    with run_lock(out, "train") if main else contextlib.nullcontext():
+    with contextlib.ExitStack() as stack:
+        with dist_utils.same_outcome():  # under torchrun: rank 0 checks and locks; every rank fails together
+            _prepare_dir(cfg, out, resume=resume, force=force)
+            if main:
+                stack.enter_context(run_lock(out, "train"))
         return _train(cfg, out, resume=resume, progress=progress, stop_after_step=stop_after_step)
 
 
 def _train(cfg: TrainConfig, out: Path, *, resume: bool, progress: bool, stop_after_step: int | None) -> Run:
     main = dist_utils.is_main()
+    distributed = dist_utils.is_dist()
 
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
-    device = resolve_device(cfg.device)
-    data = load_data(cfg)
-    info = data_info(data)
-    torch.manual_seed(cfg.seed)
-    model = build_model_for(cfg, info).to(device)
-    if cfg.channels_last and device.type != "mps":
-        model = model.to(memory_format=torch.channels_last)
+    # Set-up: a CsnError on any rank (bad data root, missing torchvision, missing optimizer state ...)
+    # is raised on every rank before the first collective of training, so no rank is left waiting.
+    with dist_utils.same_outcome():
+        if cfg.threads:
+            torch.set_num_threads(int(cfg.threads))
+        device = resolve_device(cfg.device)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        data = load_data(cfg)
+        info = data_info(data)
+        torch.manual_seed(cfg.seed)
+        model = build_model_for(cfg, info).to(device)
+        model, bn_mode = dist_utils.sync_batchnorm(model, device, cfg.sync_bn)
+        if cfg.channels_last and device.type != "mps":
+            model = model.to(memory_format=torch.channels_last)
 
-    train_loader = make_loader(data.train, cfg, train=True, device=device)
-    test_loader = make_loader(data.test, cfg, train=False, device=device)
-    # Intermediate checkpoints may be scored on a fixed seeded subset (eval_samples); the final one on the whole split.
-    sub_loader = test_loader
-    if cfg.eval_samples and hasattr(data.test, "subset") and cfg.eval_samples < len(data.test):
-        sub_loader = make_loader(data.test.subset(cfg.eval_samples, seed=2024), cfg, train=False, device=device)
-    steps_per_epoch = len(train_loader)
-    if steps_per_epoch == 0:
-        raise CsnError(f"the training split ({len(data.train)} examples) is smaller than one batch ({cfg.batch_size}); lower batch_size.")
-    total = int(round(cfg.epochs * steps_per_epoch))
-    ckpt_steps = checkpoint_steps(cfg.checkpoints, steps_per_epoch, cfg.epochs)
-    alphas = alpha_schedule(cfg.reg_schedule, cfg.reg_alpha, cfg.reg_window)
-    alphas.validate(cfg.epochs)
-    reg = None
-    if not alphas.is_zero:
-        from csn.training.regularizer import SelectivityRegularizer
-        reg = SelectivityRegularizer(model, cfg.reg_layers, num_classes=info["num_classes"])
+        train_loader = make_loader(data.train, cfg, train=True, device=device)
+        test_loader = make_loader(data.test, cfg, train=False, device=device, shard=distributed)
+        # Intermediate checkpoints may be scored on a fixed seeded subset (eval_samples); the final one on the whole split.
+        sub_loader = test_loader
+        sub_split = _eval_subset(data.test, cfg.eval_samples, seed=2024)
+        if sub_split is not data.test:
+            sub_loader = make_loader(sub_split, cfg, train=False, device=device, shard=distributed)
+        steps_per_epoch = len(train_loader)
+        if steps_per_epoch == 0:
+            raise CsnError(f"the training split ({len(data.train)} examples) is smaller than one batch ({cfg.batch_size}); lower batch_size.")
+        total = int(round(cfg.epochs * steps_per_epoch))
+        ckpt_steps = checkpoint_steps(cfg.checkpoints, steps_per_epoch, cfg.epochs)
+        alphas = alpha_schedule(cfg.reg_schedule, cfg.reg_alpha, cfg.reg_window)
+        alphas.validate(cfg.epochs)
+        reg = None
+        if not alphas.is_zero:
+            from csn.training.regularizer import SelectivityRegularizer
+            reg = SelectivityRegularizer(model, cfg.reg_layers, num_classes=info["num_classes"])
 
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                          nesterov=cfg.nesterov)
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                              nesterov=cfg.nesterov)
+
+        step, logs = 0, []
+        ckpt_dir = out / "checkpoints"
+        manifest = read_manifest(ckpt_dir) if resume else []
+        if manifest:
+            last = manifest[-1]
+            run = Run(out)
+            model.load_state_dict(run.load_state(last))
+            state_path = ckpt_dir / _state_file(last.step)
+            if last.step > 0:
+                if not state_path.is_file():
+                    raise CsnError(f"optimizer state {state_path} is missing, so the run cannot resume exactly; restart it with --force.")
+                _load_optimizer_tensors(opt, load_file(str(state_path)))
+            step = last.step
+            old = run.read("training")
+            if old is not None:
+                logs = old[old["step"] <= step].to_dict("records")
+    # DDP broadcasts rank 0's parameters and buffers (identical anyway: same seed or same checkpoint).
     ddp_model = dist_utils.wrap_ddp(model, device)
-
-    step, logs = 0, []
-    ckpt_dir = out / "checkpoints"
-    manifest = read_manifest(ckpt_dir) if resume else []
-    if manifest:
-        last = manifest[-1]
-        run = Run(out)
-        model.load_state_dict(run.load_state(last))
-        state_path = ckpt_dir / _state_file(last.step)
-        if last.step > 0:
-            if not state_path.is_file():
-                raise CsnError(f"optimizer state {state_path} is missing, so the run cannot resume exactly; restart it with --force.")
-            _load_optimizer_tensors(opt, load_file(str(state_path)))
-        step = last.step
-        old = run.read("training")
-        if old is not None:
-            logs = old[old["step"] <= step].to_dict("records")
     if main:
-        write_json(out / "run.json", _run_json(cfg, info, device, steps_per_epoch, total, ckpt_steps))
+        if bn_mode == "per-rank" and cfg.sync_bn:
+            print(f"note: SyncBatchNorm needs GPUs; on {device.type} each of the {dist_utils.world_size()} processes "
+                  f"normalizes with the BatchNorm statistics of its own {cfg.batch_size // dist_utils.world_size()} "
+                  f"examples, so training differs slightly from one process with batch {cfg.batch_size}.",
+                  file=sys.stderr)
+        write_json(out / "run.json", _run_json(cfg, info, device, steps_per_epoch, total, ckpt_steps, bn_mode))
 
     def save_checkpoint(step: int, train_metrics: dict) -> None:
         loader = test_loader if step == total else sub_loader
-        metrics = evaluate(model, loader, device, amp=cfg.amp, max_samples=None if loader is test_loader else cfg.eval_samples)
-        metrics["test_samples"] = min(cfg.eval_samples or len(data.test), len(data.test)) if loader is sub_loader else len(data.test)
+        # Under torchrun every rank scores its shard of the split; the sums are reduced over ranks.
+        correct, loss_sum, n = _eval_sums(model, loader, device, amp=cfg.amp, max_samples=None, reduce=True)
+        metrics = {"test_acc": correct / max(n, 1), "test_loss": loss_sum / max(n, 1), "test_samples": n}
         metrics.update(train_metrics)
-        if main:
-            digest = save_tensors(ckpt_dir / _weights_file(step), model.state_dict(),
-                                  metadata={"step": str(step)})
-            if step > 0:
-                save_tensors(ckpt_dir / _state_file(step), _optimizer_tensors(opt), metadata={"step": str(step)})
-            entries = [c for c in manifest if c.step != step] + [Checkpoint(step, step / steps_per_epoch, _weights_file(step), digest, metrics)]
-            manifest[:] = sorted(entries, key=lambda c: c.step)
-            write_table(out / "tables" / "training.parquet", pd.DataFrame(logs, columns=LOG_COLUMNS))
-            write_manifest(ckpt_dir, manifest)
-            for old_state in ckpt_dir.glob("state-*.safetensors"):  # keep only the newest optimizer state
-                if old_state.name != _state_file(step):
-                    old_state.unlink(missing_ok=True)
-        dist_utils.barrier()
+        with dist_utils.same_outcome():  # rank 0 writes; a failed write stops every rank
+            if main:
+                _write_checkpoint(step, metrics)
+
+    def _write_checkpoint(step: int, metrics: dict) -> None:
+        digest = save_tensors(ckpt_dir / _weights_file(step), model.state_dict(),
+                              metadata={"step": str(step)})
+        if step > 0:
+            save_tensors(ckpt_dir / _state_file(step), _optimizer_tensors(opt), metadata={"step": str(step)})
+        entries = [c for c in manifest if c.step != step] + [Checkpoint(step, step / steps_per_epoch, _weights_file(step), digest, metrics)]
+        manifest[:] = sorted(entries, key=lambda c: c.step)
+        write_table(out / "tables" / "training.parquet", pd.DataFrame(logs, columns=LOG_COLUMNS))
+        write_manifest(ckpt_dir, manifest)
+        for old_state in ckpt_dir.glob("state-*.safetensors"):  # keep only the newest optimizer state
+            if old_state.name != _state_file(step):
+                old_state.unlink(missing_ok=True)
 
     ckpt_set = set(ckpt_steps)
     if step == 0 and not manifest:
@@ -189,7 +245,9 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool, progress: bool, stop_af
     bar = tqdm(total=total, initial=step, desc=f"train {out.name}", disable=not (progress and main), unit="step",
                dynamic_ncols=True)
     model.train()
-    window_loss, window_correct, window_n, window_reg = 0.0, 0, 0, []
+    # Window statistics stay on the device (no host sync per step): [sum of loss * n, correct], sum of R.
+    window = torch.zeros(2, dtype=torch.float64, device=device)
+    window_reg, window_n, n_reg = torch.zeros((), dtype=torch.float64, device=device), 0, 0
     t0 = time.perf_counter()
     try:
         while step < total:
@@ -215,23 +273,30 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool, progress: bool, stop_af
                 total_loss.backward()
                 opt.step()
                 step += 1
-                loss_value = float(loss.detach())
                 with torch.no_grad():
-                    window_loss += loss_value * len(y)
-                    window_correct += int((logits.argmax(1) == y).sum())
+                    window[0] += loss.detach().double() * len(y)
+                    window[1] += (logits.argmax(1) == y).sum()
                     window_n += len(y)
                     if r is not None:
-                        window_reg.append(float(r))
-                if not math.isfinite(loss_value):
-                    raise CsnError(f"training diverged at step {step} (loss {loss_value}); lower the learning rate or alpha.")
+                        window_reg += r.detach().double()
+                        n_reg += 1
                 if step % cfg.log_every == 0 or step in ckpt_set or step == total:
+                    # Under torchrun the window is summed over ranks: loss and accuracy of the global batches.
+                    sums = torch.cat([window, window.new_tensor([window_n])]) if distributed else window
+                    w_loss, w_correct, w_n = (dist_utils.all_reduce_(sums).tolist() + [window_n])[:3]
+                    train_loss = w_loss / w_n
+                    if not math.isfinite(train_loss):
+                        raise CsnError(f"training diverged by step {step} (mean loss {train_loss} over the last "
+                                       f"{cfg.log_every} steps or fewer); lower the learning rate or alpha.")
                     logs.append({"step": step, "epoch": step / steps_per_epoch, "lr": lr, "alpha": alpha,
-                                 "train_loss": window_loss / window_n, "train_acc": window_correct / window_n,
-                                 "reg_value": (sum(window_reg) / len(window_reg)) if window_reg else float("nan"),
+                                 "train_loss": train_loss, "train_acc": w_correct / w_n,
+                                 "reg_value": (float(window_reg) / n_reg) if n_reg else float("nan"),
                                  "reg_skipped": reg.skipped if reg is not None else 0,
                                  "time_s": time.perf_counter() - t0})
                     bar.set_postfix(loss=f"{logs[-1]['train_loss']:.3f}", acc=f"{logs[-1]['train_acc']:.3f}", refresh=False)
-                    window_loss, window_correct, window_n, window_reg = 0.0, 0, 0, []
+                    window.zero_()
+                    window_reg.zero_()
+                    window_n, n_reg = 0, 0
                 bar.update(1)
                 if step in ckpt_set:
                     last_log = logs[-1]
@@ -279,8 +344,15 @@ def _prepare_dir(cfg: TrainConfig, out: Path, *, resume: bool, force: bool) -> N
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _run_json(cfg: TrainConfig, info: dict, device: torch.device, spe: int, total: int, ckpts: list[int]) -> dict:
-    return {"config": cfg.to_dict(), "data": info, "seed": cfg.seed, "csn_version": csn.__version__,
-            "torch_version": torch.__version__, "python": platform.python_version(), "device": str(device),
-            "world_size": dist_utils.world_size(), "steps_per_epoch": spe, "total_steps": total,
-            "checkpoint_steps": ckpts, "host": platform.node(), "pid": os.getpid()}
+def _run_json(cfg: TrainConfig, info: dict, device: torch.device, spe: int, total: int, ckpts: list[int],
+              bn_mode: str = "none") -> dict:
+    out = {"config": cfg.to_dict(), "data": info, "seed": cfg.seed, "csn_version": csn.__version__,
+           "torch_version": torch.__version__, "python": platform.python_version(), "device": str(device),
+           "world_size": dist_utils.world_size(), "steps_per_epoch": spe, "total_steps": total,
+           "checkpoint_steps": ckpts, "host": platform.node(), "pid": os.getpid()}
+    if dist_utils.is_dist():
+        import torch.distributed as dist
+
+        out["ddp"] = {"backend": str(dist.get_backend()), "per_rank_batch": cfg.batch_size // dist_utils.world_size(),
+                      "batchnorm": bn_mode, "evaluation": "sharded over ranks, counts all-reduced"}
+    return out
