@@ -21,6 +21,12 @@ Measures (groups selected with `measures=`):
                 linear_acc             accuracy of L on the evaluation split
                 mu_y_bits              mu_Y(F_t; L) = I(F_t; Y) - I(F_t; Y | L)   (bits)
                 i_fy_bits, i_fy_given_l_bits, i_ly_bits   its parts; I(L; Y) is mu_Y's upper bound
+                mu_y_share             mu_Y / I(F_t; Y): the share of what F_t knows about Y that the
+                                       linear model explains (Kalimeris et al.: near 1 early, falling
+                                       once the network learns non-linear functions). Unlike
+                                       linear_agreement, which RISES as both classifiers become
+                                       accurate, this is a linearity measure expected to fall.
+                                       Noisy while I(F_t; Y) is near its plug-in bias (at initialization).
                 linear_model_test_acc  accuracy of L on the test split (the same at every step)
   linearized  (Lee et al. 2019; Fort et al. 2020) f_lin = f(theta_ref) + J(theta_ref)(theta_t - theta_ref)
               by one forward-mode JVP per batch, with theta_ref = theta_0 (the step-0 checkpoint,
@@ -71,8 +77,6 @@ LINEARITY_TABLE_COLUMNS = ["step", "epoch", "measure", "value", "split", "sample
 
 DEFAULT_SAMPLES = 2000
 """Examples (a seeded subset of the split) for the linearized and ReLU measures; the whole split if smaller."""
-SUBSET_SEED = 777
-"""Seed of the evaluation subset (the one csn.analysis.common.eval_loader uses)."""
 LINEAR_MODEL_FILE = "linear_model.safetensors"
 """The cached linear classifier, under the run's tables/ folder."""
 LINEAR_FIT_DEFAULTS = {"epochs": 10, "lr": 1e-3, "seed": 0, "batch_size": 256, "weight_decay": 0.0}
@@ -80,7 +84,7 @@ LINEAR_FIT_DEFAULTS = {"epochs": 10, "lr": 1e-3, "seed": 0, "batch_size": 256, "
 
 MEASURE_GROUPS: dict[str, tuple[str, ...]] = {
     "linear": ("acc", "linear_agreement", "linear_acc", "mu_y_bits", "i_fy_bits", "i_fy_given_l_bits", "i_ly_bits",
-               "linear_model_test_acc"),
+               "mu_y_share", "linear_model_test_acc"),
     "linearized": ("linearized_agreement_init", "linearized_rel_dist_init", "linearized_agreement_prev",
                    "linearized_rel_dist_prev"),
     "relu": ("relu_same_as_init", "relu_same_as_prev"),
@@ -89,7 +93,7 @@ MEASURE_GROUPS: dict[str, tuple[str, ...]] = {
 ALL_GROUPS = tuple(MEASURE_GROUPS)
 
 
-def _check_groups(measures: Sequence[str] | str) -> tuple[str, ...]:
+def check_groups(measures: Sequence[str] | str) -> tuple[str, ...]:
     if isinstance(measures, str):
         measures = [m.strip() for m in measures.split(",") if m.strip()]
     out = []
@@ -106,7 +110,7 @@ def _check_groups(measures: Sequence[str] | str) -> tuple[str, ...]:
 def expected_measures(groups: Sequence[str]) -> list[str]:
     """Measure names a checkpoint gets for these groups (always including `acc`)."""
     names = ["acc"]
-    for g in _check_groups(groups):
+    for g in check_groups(groups):
         names += [m for m in MEASURE_GROUPS[g] if m not in names]
     return names
 
@@ -131,27 +135,13 @@ def check_samples(samples: int | None, what: str = "--samples") -> int | None:
 
 def subset_loader(run: Run, data, split: str, samples: int | None, *, batch_size: int | None = None,
                   device: str | torch.device = "cpu"):
-    """(loader, number of examples): unaugmented batches of a split or of its seeded subset of `samples`.
-
-    In-memory datasets use csn.analysis.common.eval_loader (subset seed SUBSET_SEED); folder datasets
-    get the same seeded choice of indices through a torch Subset.
-    """
-    s = split_of(data, split)
-    n_total = len(s)
+    """(loader, number of examples): unaugmented batches of a split or of its seeded subset of `samples`
+    (csn.analysis.common.eval_loader: the same seeded choice for in-memory and folder datasets)."""
+    n_total = len(split_of(data, split))
     samples = check_samples(samples)
     n = n_total if samples is None else min(samples, n_total)
-    if hasattr(s, "images") or n == n_total:
-        return eval_loader(run, data, split, batch_size=batch_size, device=device,
-                           samples=None if n == n_total else n), n
-    from torch.utils.data import Subset
-
-    from csn.distributed import folder_loader
-    from csn.training.config import TrainConfig
-
-    idx = torch.randperm(n_total, generator=torch.Generator().manual_seed(SUBSET_SEED))[:n].sort().values
-    cfg = TrainConfig.from_dict(run.config)
-    cfg.eval_batch_size = batch_size or int(run.config.get("eval_batch_size", 500))
-    return folder_loader(Subset(s, idx.tolist()), cfg, train=False, device=torch.device(device)), n
+    return eval_loader(run, data, split, batch_size=batch_size, device=device,
+                       samples=None if n == n_total else n), n
 
 
 def bn_plan(run: Run, data, ckpts: Sequence[Checkpoint], bn_recalibrate: int | None, device="cpu") -> dict[int, int]:
@@ -330,7 +320,7 @@ def linearity_for_run(
     measures: groups among "linear", "linearized", "relu". log receives one-line notes (stderr).
     """
     run = run if isinstance(run, Run) else Run(run)
-    groups = _check_groups(measures)
+    groups = check_groups(measures)
     names = expected_measures(groups)
     if split not in ("train", "test"):
         raise CsnError(f"unknown split {split!r}; use 'train' or 'test'.")
@@ -393,6 +383,9 @@ def linearity_for_run(
                             values[k] = (float(meta["test_acc"]), int(meta["test_examples"]))
                         elif k == "acc":
                             values[k] = (out["test_acc"], n_split)
+                        elif k == "mu_y_share":
+                            share = out["mu_y_bits"] / out["i_fy_bits"] if out["i_fy_bits"] > 0 else math.nan
+                            values[k] = (share, n_split)
                         else:
                             values[k] = (out[k], n_split)
                 if "linearized" in groups or "relu" in groups:
@@ -496,6 +489,6 @@ def describe_linearity(tables, measures: Sequence[str] | None = None) -> list[st
 
 __all__ = [
     "LINEARITY_TABLE_COLUMNS", "DEFAULT_SAMPLES", "LINEAR_FIT_DEFAULTS", "LINEAR_MODEL_FILE", "MEASURE_GROUPS",
-    "expected_measures", "load_linearity", "linear_model_for_run", "linearity_for_run", "summarize_linearity",
-    "describe_linearity", "subset_loader", "bn_plan",
+    "check_groups", "expected_measures", "load_linearity", "linear_model_for_run", "linearity_for_run",
+    "summarize_linearity", "describe_linearity", "subset_loader", "bn_plan",
 ]

@@ -191,18 +191,12 @@ class Reproduction:
         sel = self._stacked(base_runs, "selectivity")
         c1 = C.claim_c1(sel, self.base.epochs)
         abl = self._stacked(base_runs, "ablation")
+        gaps = None
         if abl is not None:
             from csn.analysis.ablation import summarize_ablation
 
-            gaps = []
-            for run_path, g in abl.groupby("run"):
-                s = summarize_ablation(g.drop(columns="run"))["gaps"] if isinstance(summarize_ablation(g.drop(columns="run")), dict) else None
-                if s is None:
-                    s = _gap_table(summarize_ablation(g.drop(columns="run")))
-                gaps.append(s.assign(run=run_path))
-            c2 = C.claim_c2(pd.concat(gaps, ignore_index=True), early, last)
-        else:
-            c2 = C.claim_c2(None, early, last)
+            gaps = summarize_ablation(abl).gaps  # per (run, step, stage): selective - random area
+        c2 = C.claim_c2(gaps, early, last)
         lin = self._stacked(base_runs, "linearity")
         c3 = C.claim_c3(lin, early)
         all_runs = {}
@@ -224,25 +218,6 @@ class Reproduction:
             "claims": [v.to_dict() for v in verdicts],
         })
         return verdicts
-
-
-def _gap_table(summary) -> pd.DataFrame:
-    """Normalize summarize_ablation's output to columns step, stage, gap, gap_se."""
-    df = summary
-    if isinstance(summary, dict):
-        df = summary.get("gaps", next(iter(summary.values())))
-    cols = {c: c for c in df.columns}
-    for cand in ("gap_mean", "gap"):
-        if cand in cols:
-            df = df.rename(columns={cand: "gap"})
-            break
-    for cand in ("gap_se", "gap_std"):
-        if cand in df.columns:
-            df = df.rename(columns={cand: "gap_se"})
-            break
-    if "gap_se" not in df.columns:
-        df = df.assign(gap_se=float("nan"))
-    return df[["step", "stage", "gap", "gap_se"]]
 
 
 def reproduce(preset: str = "fmnist", out: str | Path | None = None, *, seeds: int | None = None, resume: bool = False,
