@@ -9,7 +9,7 @@ import click
 from csn.cli import CONTEXT
 
 # Defaults for the fmnist preset, chosen from measurement (README, "Choosing alpha and the onset").
-FMNIST_ALPHA = -2.0
+FMNIST_ALPHA = -1.0
 FMNIST_LATE_ONSET = 1.0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import tomllib
 import types
 import typing
@@ -87,7 +88,7 @@ class TrainConfig:
             k = k.strip().replace("-", "_")
             if k not in d:
                 raise unknown("config key", k, d)
-            d[k] = _parse_value(v)
+            d[k] = _parse_text(v) if _is_text_field(k) else _parse_value(v)
         return TrainConfig.from_dict(d)
 
     def diff(self, other: "TrainConfig", ignore: tuple[str, ...] = ("device", "threads", "workers")) -> dict:
@@ -102,8 +103,32 @@ def _parse_value(v: str):
         return None
     try:
         return json.loads(v)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return v
+
+
+def _is_text_field(key: str) -> bool:
+    typ = typing.get_type_hints(TrainConfig)[key]
+    return typ is str or typ == (str | None)
+
+
+def _parse_text(v: str):
+    """A `key=value` override of a text field: the text as typed (name=1e5 stays '1e5', not '100000.0');
+    a JSON-quoted string is unquoted (how CLI flags pass values), none/null is None."""
+    v = v.strip()
+    if v.lower() in ("none", "null"):
+        return None
+    if v.startswith('"'):
+        try:
+            out = json.loads(v)
+        except json.JSONDecodeError:
+            return v
+        return out if isinstance(out, str) else v
+    return v
+
+
+_INT_TEXT = re.compile(r"[+-]?[0-9]+", re.ASCII)
+_FLOAT_TEXT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.ASCII)
 
 
 def _coerce(key: str, value, f: dataclasses.Field):
@@ -127,10 +152,14 @@ def _coerce(key: str, value, f: dataclasses.Field):
         if origin is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise TypeError
+            if isinstance(value, str) and not _INT_TEXT.fullmatch(value.strip()):
+                raise ValueError  # no '1_000', non-ASCII digits or '12.0' read as a different number
             return int(value)
         if origin is float:
             if isinstance(value, bool):
                 raise TypeError
+            if isinstance(value, str) and not _FLOAT_TEXT.fullmatch(value.strip()):
+                raise ValueError
             out = float(value)
             if out != out or out in (float("inf"), float("-inf")):
                 raise TypeError
@@ -168,8 +197,9 @@ PRESETS: dict[str, dict] = {
     # Dense step-based early checkpoints resolve the selectivity peak within the first ~100 steps.
     "fmnist": dict(
         name="fmnist", dataset="fashion-mnist", model="resnet8", width=1.0, epochs=3.0, batch_size=128,
-        lr=0.1, momentum=0.9, weight_decay=5e-4, lr_schedule="cosine", warmup_epochs=0.0,
-        augment="none", checkpoints="steps:log2:256,0.5:1:0.25,1:end:0.5", eval_batch_size=1000, eval_samples=2000,
+        lr=0.1, momentum=0.9, weight_decay=5e-4, lr_schedule="cosine", warmup_epochs=0.0, augment="none",
+        checkpoints="step=8,step=16,step=32,step=64,step=128,step=256,0.75:1:0.25,1:end:0.5",
+        eval_batch_size=1000, eval_samples=2000,
     ),
     # The study's recipe (SPEC "Training recipes"): ResNet-50 on an ImageNet folder, for GPUs under torchrun.
     "imagenet-resnet50": dict(
@@ -193,20 +223,33 @@ def load_config_file(path: str | Path) -> TrainConfig:
     path = Path(path)
     if not path.is_file():
         raise CsnError(f"config file {path} does not exist; pass an existing .toml or .yaml file.")
-    text = path.read_text()
+    if path.suffix not in (".toml", ".yaml", ".yml"):
+        raise CsnError(f"config file {path} must end in .toml, .yaml or .yml.")
     try:
-        if path.suffix in (".toml",):
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise CsnError(f"config file {path} is not UTF-8 text; save it as UTF-8.") from None
+    except OSError as e:
+        raise CsnError(f"config file {path} cannot be read ({e.strerror}); check its permissions.") from None
+    try:
+        if path.suffix == ".toml":
             data = tomllib.loads(text)
-        elif path.suffix in (".yaml", ".yml"):
-            import yaml
-            data = yaml.safe_load(text)
         else:
-            raise CsnError(f"config file {path} must end in .toml, .yaml or .yml.")
+            import yaml
+            data = yaml.safe_load(text)  # plain data only: tags like !!python/object are refused
+    except RecursionError:
+        raise CsnError(f"config file {path} is nested too deeply; a config is a flat table of key = value pairs.") from None
     except (tomllib.TOMLDecodeError, ValueError) as e:
-        raise CsnError(f"config file {path} is not valid: {str(e).splitlines()[0]}; fix the syntax.") from None
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CsnError(f"config file {path} is not valid: {first}; fix the syntax.") from None
     except Exception as e:
         if type(e).__module__.startswith("yaml"):
-            raise CsnError(f"config file {path} is not valid YAML ({type(e).__name__}); fix the syntax.") from None
+            if "python/" in str(e) or "!!python" in str(e) or "tag:yaml.org,2002:python" in str(e):
+                raise CsnError(f"config file {path} uses a Python-specific YAML tag (!!python/...), which csn refuses "
+                               "to load because it could run code; write plain values (numbers, strings, lists).") from None
+            where = getattr(e, "problem_mark", None)
+            at = f" at line {where.line + 1}" if where is not None else ""
+            raise CsnError(f"config file {path} is not valid YAML ({type(e).__name__}{at}); fix the syntax.") from None
         raise
     if data is None:
         data = {}
