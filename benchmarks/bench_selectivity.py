@@ -16,8 +16,11 @@
 
 Method: same process, torch.set_num_threads(--threads), untrained models (cost does not depend on the
 weights), one warm-up of every variant, then --reps repetitions in which the variants run interleaved
-(their order rotating), time.perf_counter. Reported: the median over repetitions of the per-repetition
-ratio (paired, so slow phases of a loaded machine cancel), and the median seconds of each variant.
+(their order rotating). Reported: the median over repetitions of the per-repetition wall-clock
+ratio (time.perf_counter; paired, so slow phases of a loaded machine largely cancel), the median
+seconds of each variant, and the same ratio in process CPU time (time.process_time), which with
+--threads 1 does not depend on what else runs on the machine (with more threads it includes
+OpenMP spin-waiting).
 """
 
 from __future__ import annotations
@@ -37,26 +40,33 @@ from csn.selectivity import collect_class_stats
 from csn.training.config import preset
 
 
-def interleaved(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, list[float]]:
-    """Warm every variant up once, then run them `reps` times interleaved (rotating order); seconds per run."""
+def interleaved(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, list[tuple[float, float]]]:
+    """Warm every variant up once, then run them `reps` times interleaved (rotating order).
+
+    Returns per variant a list of (wall seconds, process CPU seconds) per run.
+    """
     for fn in fns.values():
         fn()
     names = list(fns)
-    times: dict[str, list[float]] = {n: [] for n in names}
+    times: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
     for r in range(reps):
         for n in names[r % len(names):] + names[:r % len(names)]:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fns[n]()
-            times[n].append(time.perf_counter() - t0)
+            times[n].append((time.perf_counter() - t0, time.process_time() - c0))
     return times
 
 
-def report(label: str, times: dict[str, list[float]], num: str, den: str) -> float:
-    ratios = [a / b for a, b in zip(times[num], times[den])]
-    ratio = statistics.median(ratios)
-    print(f"{label} = {ratio:.2f}   (median of {len(ratios)} paired repetitions; "
-          f"{num} {statistics.median(times[num]):.3f} s, {den} {statistics.median(times[den]):.3f} s; "
-          f"ratios {min(ratios):.2f}..{max(ratios):.2f})", flush=True)
+def report(label: str, times: dict[str, list[tuple[float, float]]], num: str, den: str) -> float:
+    """Print the median paired wall-clock ratio (and the CPU-time ratio, robust to other processes); return it."""
+    wall = [a[0] / b[0] for a, b in zip(times[num], times[den])]
+    cpu = [a[1] / b[1] for a, b in zip(times[num], times[den])]
+    ratio = statistics.median(wall)
+    med = {k: statistics.median(t[0] for t in v) for k, v in times.items()}
+    print(f"{label} = {ratio:.2f}\n    wall: median of {len(wall)} paired repetitions, range {min(wall):.2f}..{max(wall):.2f}; "
+          f"{num} {med[num]:.3f} s, {den} {med[den]:.3f} s\n"
+          f"    CPU time (process_time; with 1 thread unaffected by other processes): "
+          f"{statistics.median(cpu):.2f}, range {min(cpu):.2f}..{max(cpu):.2f}", flush=True)
     return ratio
 
 

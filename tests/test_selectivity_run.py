@@ -63,10 +63,10 @@ def test_tables_schema_row_counts_and_ranges(computed):
     assert steps_of(sel) == STEPS == steps_of(cm)
     assert not sel.duplicated(["step", "layer", "unit"]).any()
     assert not cm.duplicated(["step", "layer", "unit", "class"]).any()
-    for col in ("step", "unit", "pref_class", "bn_recalibrated"):
+    for col in ("step", "unit", "pref_class", "bn_recalibrated", "n_images"):
         assert sel[col].dtype == np.int64, col
     assert sel["dead"].dtype == bool
-    assert set(sel["split"]) == {"test"} and set(sel["variant"]) == {"mean"}
+    assert set(sel["split"]) == {"test"} and set(sel["variant"]) == {"mean"} and set(sel["n_images"]) == {128}
     model = Run(computed).build_model()
     assert all(sel["stage"] == sel["layer"].map(lambda n: stage_of(model, n)))
     assert set(sel["stage"]) == {"layer1", "layer2", "layer3"}
@@ -107,6 +107,20 @@ def test_study_variant_in_its_own_table(computed, tmp_path):
                             num_classes=K, variant="study", progress=False)
     np.testing.assert_allclose(sel["csi"], ref["csi"], rtol=1e-12)
     assert set(sel["variant"]) == {"study"} and (run_dir / "tables" / "class_means-study.parquet").is_file()
+
+
+def test_samples_subset_recorded_and_not_mixed(tiny_run):
+    sel, cm = selectivity_for_run(tiny_run, samples=100, checkpoints="last", progress=False)
+    assert (sel["n_images"] == 100).all() and len(sel) == UNITS
+    run = Run(tiny_run)
+    data = run.dataset()
+    ref = class_selectivity(analysis_model(run, run.checkpoint(16), data).model,
+                            eval_loader(run, data, "test", samples=100), num_classes=K, progress=False)
+    np.testing.assert_allclose(sel["csi"], ref["csi"], rtol=1e-12)
+    with pytest.raises(CsnError, match="computed over 100 images of the split but this request uses 128"):
+        selectivity_for_run(tiny_run, checkpoints="0", progress=False)
+    with pytest.raises(CsnError, match="--samples must be a positive"):
+        selectivity_for_run(tiny_run, samples=0, progress=False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -311,7 +325,7 @@ def fake_table(seed: int = 0, steps=(0, 8, 16, 64, 256), dead_units=(0,)) -> pd.
                                  csi=0.0 if dead else float(rng.uniform(0, 0.3 + step / 512)),
                                  pref_class=-1 if dead else int(rng.integers(0, 4)), mu_max=1.0, mu_rest=0.5,
                                  dead=dead, eta2=0.0 if dead else float(rng.uniform(0, 1)), split="test",
-                                 bn_recalibrated=16 if step < 128 else 0, variant="mean"))
+                                 bn_recalibrated=16 if step < 128 else 0, variant="mean", n_images=128))
     return pd.DataFrame(rows)[SELECTIVITY_TABLE_COLUMNS]
 
 

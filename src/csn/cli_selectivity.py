@@ -69,6 +69,8 @@ def _rel(p: Path) -> str:
 @click.option("--variant", type=click.Choice(["mean", "study"]), default="mean", show_default=True,
               help="'mean': csn's CSI (class means, eps 1e-7). 'study': the original study's code (class sums, "
                    "eps 1e-6), for comparison.")
+@click.option("--samples", type=int, metavar="N",
+              help="Measure on a fixed random subset of N images of the split (faster, noisier) [default: all].")
 @click.option("--tag", metavar="NAME",
               help="Write tables/selectivity-NAME.parquet (and class_means-NAME) instead, e.g. to keep a "
                    "--bn-recalibrate 0 table beside the default one.")
@@ -80,7 +82,7 @@ def _rel(p: Path) -> str:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1.")
 @click.option("--threads", type=int, help="CPU threads for torch.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def selectivity(runs, split, layers, checkpoints, bn_recalibrate, variant, tag, plot, log_epochs, out, device,
+def selectivity(runs, split, layers, checkpoints, bn_recalibrate, variant, samples, tag, plot, log_epochs, out, device,
                 threads, quiet) -> None:
     """Class selectivity of every unit at every checkpoint -> tables/selectivity.parquet.
 
@@ -141,13 +143,14 @@ def selectivity(runs, split, layers, checkpoints, bn_recalibrate, variant, tag, 
         already = len(selected & set(before["step"].unique().tolist())) if before is not None else 0
         sel, _cm = selectivity_for_run(run, split=split, layers=patterns, checkpoints=checkpoints,
                                        bn_recalibrate=bn_recalibrate, device=dev, progress=progress,
-                                       variant=variant, tag=tag, log=lambda s: click.echo(s, err=True))
+                                       variant=variant, tag=tag, samples=samples, log=lambda s: click.echo(s, err=True))
         full = run.read(sel_name)
         n_cm = len(run.read(cm_name))
         n_steps = full["step"].nunique()
         units = int((full["step"] == full["step"].iloc[0]).sum())
         click.echo(f"{run.name}: {len(selected)} checkpoints ({len(selected) - already} computed, {already} already "
-                   f"in the table), {units} units in {full['stage'].nunique()} stages, {split} split")
+                   f"in the table), {units} units in {full['stage'].nunique()} stages, {split} split "
+                   f"({int(full['n_images'].iloc[0])} images)")
         click.echo(f"  wrote {_rel(run.table_path(sel_name))} ({len(full)} rows) and "
                    f"{_rel(run.table_path(cm_name))} ({n_cm} rows)")
         click.echo(f"  over all {n_steps} checkpoints in the table:")

@@ -89,6 +89,7 @@ def analysis_model(run: Run, ckpt: Checkpoint, data, *, bn_recalibrate: int | No
     n = bn_batches_for(ckpt, bn_recalibrate)
     if n > 0 and has_batchnorm(model):
         model = recalibrate_bn(model, bn_loader(run, data, device), n, device=device)
+        n = int(getattr(model, "csn_bn_recalibrated", n))  # batches actually used (a small split has fewer)
     else:
         n = 0
     return AnalysisModel(model.eval(), n)

@@ -6,7 +6,7 @@ eval-mode pass over the split (`collect_class_stats`: per-class sums, sums of sq
 never per-image activations), from which CSI, eta^2 and the per-class means follow. Rows go to
 
     tables/selectivity.parquet  step, epoch, layer, stage, unit, csi, pref_class, mu_max, mu_rest,
-                                dead, eta2, split, bn_recalibrated, variant
+                                dead, eta2, split, bn_recalibrated, variant, n_images
     tables/class_means.parquet  step, layer, unit, class, mean
 
 Resume: a checkpoint is done when its rows are in BOTH tables; after each checkpoint class_means is
@@ -46,7 +46,7 @@ from csn.selectivity import VARIANTS, class_means_frame, collect_class_stats, se
 
 SELECTIVITY_TABLE_COLUMNS = [
     "step", "epoch", "layer", "stage", "unit", "csi", "pref_class", "mu_max", "mu_rest", "dead", "eta2",
-    "split", "bn_recalibrated", "variant",
+    "split", "bn_recalibrated", "variant", "n_images",
 ]
 """Columns of tables/selectivity.parquet (one row per checkpoint and unit)."""
 
@@ -88,9 +88,11 @@ def checkpoint_selectivity(
     bn_recalibrate: int | None = None,
     device: str | torch.device = "cpu",
     variant: str = "mean",
+    samples: int | None = None,
     progress: bool = False,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(selectivity rows, class-means rows) of one checkpoint from one streaming pass over the split.
+    """(selectivity rows, class-means rows) of one checkpoint from one streaming pass over the split
+    (or over a fixed seeded subset of `samples` images of it).
 
     Errors (NaN/inf activations, labels out of range, a corrupt checkpoint) are re-raised as one
     CsnError that names the run and the checkpoint step; nothing is written here.
@@ -104,7 +106,7 @@ def checkpoint_selectivity(
         # the number of batches actually used (fewer than asked when the training split is small)
         n_bn = int(getattr(model, "csn_bn_recalibrated", am.bn_recalibrated)) if am.bn_recalibrated else 0
         stage_map = {n: _units.stage_of(model, n) for n in layers}
-        loader = eval_loader(run, data, split, device=device)
+        loader = eval_loader(run, data, split, device=device, samples=samples)
         stats = collect_class_stats(model, loader, list(layers), num_classes, device=device,
                                     desc=f"step {ckpt.step}", progress=progress)
         sel = selectivity_frame(stats, stage_map, variant, class_names=class_names)
@@ -116,8 +118,10 @@ def checkpoint_selectivity(
     sel["split"] = split
     sel["bn_recalibrated"] = np.int64(n_bn)
     sel["variant"] = variant
+    sel["n_images"] = np.int64(int(next(iter(stats.values())).counts.sum()) if stats else 0)
     cm.insert(0, "step", np.int64(ckpt.step))
-    sel = sel.astype({"step": "int64", "bn_recalibrated": "int64", "unit": "int64", "pref_class": "int64"})
+    sel = sel.astype({"step": "int64", "bn_recalibrated": "int64", "unit": "int64", "pref_class": "int64",
+                      "n_images": "int64"})
     cm = cm.astype({"step": "int64", "unit": "int64", "class": "int64"})
     return sel[SELECTIVITY_TABLE_COLUMNS], cm[CLASS_MEANS_TABLE_COLUMNS]
 
@@ -153,7 +157,7 @@ def _load_consistent(run: Run, sel_name: str, cm_name: str) -> tuple[pd.DataFram
 
 
 def _check_compatible(run: Run, sel_name: str, sel: pd.DataFrame | None, *, split: str, variant: str,
-                      layers: Sequence[str], expected_bn: Mapping[int, int], done: set) -> None:
+                      layers: Sequence[str], expected_bn: Mapping[int, int], done: set, n_images: int | None) -> None:
     """Refuse to mix configurations in one table (the message says how to keep a second one)."""
     if sel is None or sel.empty:
         return
@@ -163,6 +167,10 @@ def _check_compatible(run: Run, sel_name: str, sel: pd.DataFrame | None, *, spli
         have = sorted(set(sel[col].astype(str).unique().tolist()))
         if have != [want]:
             raise CsnError(f"{path} holds {col}={','.join(have)} but this request asks for {col}={want}; {hint}.")
+    have_n = sorted(set(sel["n_images"].astype(int).tolist()))
+    if n_images is not None and have_n != [n_images]:
+        raise CsnError(f"{path} was computed over {','.join(map(str, have_n))} images of the split but this request "
+                       f"uses {n_images} (--samples); {hint}.")
     have_layers = list(dict.fromkeys(sel["layer"].tolist()))
     if set(have_layers) != set(layers):
         raise CsnError(f"{path} holds layers {', '.join(have_layers)} but this request reads {', '.join(layers)}; {hint}.")
@@ -223,6 +231,7 @@ def selectivity_for_run(
     progress: bool = True,
     variant: str = "mean",
     tag: str | None = None,
+    samples: int | None = None,
     data=None,
     log: Callable[[str], None] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -232,7 +241,8 @@ def selectivity_for_run(
     (DEFAULT_BN_BATCHES training batches before epoch 1, off after), 0 = off, N = N batches at every
     checkpoint; the batches used are recorded per row (bn_recalibrated). variant: "mean" (csn's
     CSI) or "study" (the original code's class sums, eps 1e-6). tag writes selectivity-TAG /
-    class_means-TAG instead. log receives the one-line BN note (default: stderr). Returns the rows
+    class_means-TAG instead. samples: measure on a fixed seeded random subset of that many images
+    of the split (faster, noisier; the n_images column records it; default: the whole split). log receives the one-line BN note (default: stderr). Returns the rows
     of the selected checkpoints of both tables (the full tables stay on disk).
     """
     run = run if isinstance(run, Run) else Run(run)
@@ -253,14 +263,23 @@ def selectivity_for_run(
     del model
     if data is None:
         data = run.dataset()
-    split_of(data, split)
+    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples <= 0):
+        raise CsnError(f"--samples must be a positive number of images, got {samples!r}.")
+    split_obj = split_of(data, split)
+    try:
+        n_split = len(split_obj)
+    except TypeError:
+        n_split = None
+    n_images = n_split  # what the n_images column will hold (eval_loader subsets in-memory splits only)
+    if samples and n_split is not None and hasattr(split_obj, "images"):
+        n_images = min(samples, n_split)
     progress = progress and not os.environ.get("CSN_NO_PROGRESS")
     plan = _bn_plan(run, data, ckpts, bn_recalibrate, has_bn, device)
 
     with run_lock(run.path, sel_name):
         sel_all, cm_all, done = _load_consistent(run, sel_name, cm_name)
         _check_compatible(run, sel_name, sel_all, split=split, variant=variant, layers=names,
-                          expected_bn=plan, done=done)
+                          expected_bn=plan, done=done, n_images=n_images)
         todo = [c for c in ckpts if c.step not in done]
         msg = _bn_message(plan, todo, bn_recalibrate)
         if msg:
@@ -269,7 +288,7 @@ def selectivity_for_run(
 
         for c in tqdm(todo, desc=f"selectivity {run.name}", disable=not progress, unit="ckpt"):
             sel, cm = checkpoint_selectivity(run, c, data, names, split=split, bn_recalibrate=bn_recalibrate,
-                                             device=device, variant=variant, progress=progress)
+                                             device=device, variant=variant, samples=samples, progress=progress)
             cm_all = _merge(cm_all, cm)
             run.write(cm_name, cm_all)  # class means first: a step counts as done only once selectivity has it
             sel_all = _merge(sel_all, sel)
