@@ -44,6 +44,7 @@ class ReproducePreset:
     ablation_orders: tuple[str, ...] = ("selective", "random", "least")
     selectivity_samples: int | None = None
     linearity_samples: int | None = 2000
+    linearity_measures: tuple[str, ...] = ("linear", "linearized", "relu")
     cka_samples: int | None = 2000
     parallel: int = 2                 # training runs at once
     judge: bool = True                # False: too small to test the claims; verdicts are reported as inconclusive
@@ -63,6 +64,7 @@ REPRODUCE_PRESETS: dict[str, ReproducePreset] = {
     "imagenet": ReproducePreset(
         name="imagenet", train_preset="imagenet-resnet50", seeds=5, reg_seeds=5, alpha=-20.0, late_onset=5.0,
         early_epoch=2.0, ablation_checkpoints="0:10,last", ablation_draws=3, linearity_samples=10000,
+        linearity_measures=("linearized", "relu"),  # the softmax-regression fit needs in-memory data
         cka_samples=10000, parallel=1,
     ),
 }
@@ -137,7 +139,8 @@ class Reproduction:
 
         def linearity():
             for run in self.runs(self.baseline_jobs()):
-                linearity_for_run(run, samples=rp.linearity_samples, progress=self.progress)
+                linearity_for_run(run, samples=rp.linearity_samples, measures=rp.linearity_measures,
+                                  progress=self.progress)
 
         def cka():
             for job in self.reg_jobs():
