@@ -300,6 +300,8 @@ def test_sweep_bad_input():
         ablation_sweep(model, data, {"hidden2": ["relu2"]}, csi, num_classes=10)
     with pytest.raises(CsnError, match="has 3 values"):
         ablation_sweep(model, data, {"hidden1": ["relu1"]}, {"relu1": torch.zeros(3)}, num_classes=10)
+    with pytest.raises(CsnError, match="re-iterable"):
+        ablation_sweep(model, iter(data), {"hidden1": ["relu1"]}, csi, num_classes=10)
     # random order needs no CSI
     df = ablation_sweep(model, data, {"hidden2": ["relu2"]}, {}, orders="random", grid="0,8", draws=2, num_classes=10)
     assert len(df) == 4
@@ -385,6 +387,29 @@ def test_resume_per_checkpoint(tiny_run, monkeypatch):
     ablate_run(tiny_run, **{**kw, "grid": "0,2,4,8"})
     assert seen == [0, 4, 8]  # another grid: recomputed, old rows replaced
     assert len(pd.read_parquet(run.table_path("ablation"))) == 3 * 2 * 4 * 4
+
+
+def test_ranking_taken_from_selectivity_table_when_it_matches(tiny_run, monkeypatch):
+    from csn.analysis.common import eval_loader
+    from csn.runs import Run
+
+    run = Run(tiny_run)
+    csi = torch.tensor([0.3, 0.1, 0.7, 0.0, 0.5, 0.2, 0.6, 0.4])
+    table = pd.DataFrame({"step": 16, "epoch": 2.0, "layer": "layer1.0", "stage": "layer1", "unit": np.arange(8),
+                          "csi": csi.numpy(), "split": "test", "bn_recalibrated": 0, "variant": "mean"})
+    run.write("selectivity", table)
+    calls = []
+    real = A._means_and_csi
+    monkeypatch.setattr(A, "_means_and_csi", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    kw = dict(stages="layer1", checkpoints="last", orders="selective,least", grid="0,1,2,5", progress=False)
+    got = ablate_run(tiny_run, **kw)
+    assert calls == []
+    model = run.load_model()
+    want = ablation_sweep(model, eval_loader(run, run.dataset(), "test"), {"layer1": ["layer1.0"]},
+                          {"layer1.0": csi}, orders="selective,least", grid="0,1,2,5", num_classes=4, step=16)
+    assert got["correct"].tolist() == want.sort_values(["order", "draw", "n"])["correct"].tolist()
+    ablate_run(tiny_run, **kw, rank_split="train")  # the table has no train-split CSI: computed here
+    assert calls == [1]
 
 
 # ------------------------------------------------------------------------------------------------

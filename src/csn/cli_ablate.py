@@ -58,6 +58,8 @@ def _fmt_gap(row) -> str:
 @click.option("--mode", type=click.Choice(["zero", "mean"]), default="zero", show_default=True,
               help="zero: set ablated units to 0 (the study). mean: set them to their mean over the rank split.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random draws (recorded in the table).")
+@click.option("--samples", type=int, metavar="N",
+              help="Score on a fixed seeded subset of N images of the score split (default: all of it).")
 @click.option("--naive", is_flag=True,
               help="Reference protocol: a full forward pass per point (slow; gives the same numbers as the default).")
 @click.option("--max-batch-masks", type=int, metavar="M",
@@ -66,8 +68,8 @@ def _fmt_gap(row) -> str:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1.")
 @click.option("--threads", type=int, help="CPU threads for torch.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def command(runs, stages, orders, draws, grid, checkpoints, rank_split, score_split, bn_recalibrate, mode, seed, naive,
-            max_batch_masks, plot, device, threads, quiet) -> None:
+def command(runs, stages, orders, draws, grid, checkpoints, rank_split, score_split, bn_recalibrate, mode, seed, samples,
+            naive, max_batch_masks, plot, device, threads, quiet) -> None:
     """Ablate the most selective, random and least selective units, stage by stage, at every checkpoint.
 
     Per checkpoint and stage, each block's units are ranked by that checkpoint's class selectivity
@@ -100,7 +102,8 @@ def command(runs, stages, orders, draws, grid, checkpoints, rank_split, score_sp
     # validate every run before computing anything, so bad input never leaves rows behind
     plans = [plan_ablation(r, stages=stages, orders=orders_t, draws=draws, grid=g, checkpoints=checkpoints,
                            rank_split=rank_split, score_split=score_split, bn_recalibrate=bn_recalibrate, naive=naive,
-                           device=dev, progress=progress, seed=seed, mode=mode, max_batch_masks=max_batch_masks)
+                           device=dev, progress=progress, seed=seed, mode=mode, max_batch_masks=max_batch_masks,
+                           score_samples=samples)
              for r in runs]
     for plan in plans:
         run = plan.run

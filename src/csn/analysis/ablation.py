@@ -21,6 +21,10 @@ budget (`max_elements` for the largest per-sample activation times M*B) and `max
 halved automatically when a forward runs out of memory. Models without `forward_until` run the whole
 model per chunk of masks (no prefix reuse) but still batch masks.
 
+Exactness was verified on CPU (bitwise-equal logits in the tests and the benchmark). On GPUs, cuDNN may
+pick batch-size-dependent kernels, so losses then agree to float rounding and a prediction sitting
+on a near-tie can in principle flip.
+
 In both paths, points whose masks are identical (n = 0, and n = all units, where every order picks the
 same set) are evaluated once and reported under every order and draw.
 """
@@ -53,8 +57,17 @@ MODES = ("zero", "mean")
 """Ablation modes: set the unit to 0 (the study's), or to its dataset mean (a variant)."""
 DEFAULT_FRACTIONS = (0.0, 1 / 64, 1 / 32, 1 / 16, 1 / 8, 3 / 16, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 1.0)
 """Default grid: fractions of the block width, dense at the start, rounded to unique unit counts."""
-DEFAULT_MAX_ELEMENTS = 1 << 25
-"""Default cap on M*B*(largest per-sample activation of the suffix) for one batched forward (float32: 128 MiB)."""
+DEFAULT_MAX_ELEMENTS = {"cpu": 1 << 20, "other": 1 << 27}
+"""Default cap on M*B*(largest per-sample activation of the suffix) in one batched forward, per device type.
+
+On CPU a larger batch buys nothing once it outgrows the caches (measured on a ResNet-20: 4-16x the
+elements made a sweep 20-80% slower), so masks are batched only while the largest activation stays
+around 4 MiB (small loader batches); on accelerators up to 2^27 elements (512 MiB in float32)."""
+
+
+def default_max_elements(device: torch.device | str) -> int:
+    """DEFAULT_MAX_ELEMENTS for a device."""
+    return DEFAULT_MAX_ELEMENTS["cpu" if torch.device(device).type == "cpu" else "other"]
 
 SWEEP_COLUMNS = ["step", "stage", "order", "n", "fraction", "draw", "top1", "top5", "loss", "correct", "total"]
 ABLATION_COLUMNS = ["step", "epoch", "stage", "order", "n", "fraction", "draw", "top1", "top5", "loss", "correct",
@@ -347,6 +360,7 @@ class _StagePlan:
     segment: str | None                          # fast path: run from this segment (None: whole model)
     per_sample: int                              # largest per-sample activation numel of the suffix
     cap: int = 1 << 30                           # current masks-per-forward cap (halved on OOM)
+    used: int = 0                                # most masks that shared one forward pass
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -467,7 +481,7 @@ def ablation_sweep(
     naive: bool = False,
     num_classes: int,
     max_batch_masks: int | None = None,
-    max_elements: int = DEFAULT_MAX_ELEMENTS,
+    max_elements: int | None = None,
     mode: str = "zero",
     means: Mapping[str, Any] | None = None,
     step: int = 0,
@@ -482,8 +496,10 @@ def ablation_sweep(
     (counts or fractions of the narrowest block's width; n = 0 always included; `fraction` = n / width).
     Random draws are seeded per (seed, step, stage, block, n, draw) (`random_seed`). top5 is NaN when
     num_classes <= 5; loss is the mean cross-entropy. naive=True runs the full model once per distinct
-    mask (the reference); otherwise the fast path described in the module docstring. `bar`: an
-    external tqdm to advance by one per point (ablate_run's bar over the whole sweep).
+    mask (the reference); otherwise the fast path described in the module docstring, with at most
+    max_batch_masks masks per forward and M*B*(largest per-sample activation) <= max_elements (None:
+    default_max_elements(device)). `bar`: an external tqdm to advance by one per point (ablate_run's
+    bar over the whole sweep). df.attrs records masks_per_pass and distinct_masks per stage.
     """
     orders = check_orders(orders, draws)
     g = parse_grid(grid)
@@ -496,11 +512,16 @@ def ablation_sweep(
     all_layers = [layer for layers in stage_layers.values() for layer in layers]
     _check_mode(mode, means, all_layers)
     dev = torch.device(device) if device is not None else model_device(model)
+    if max_elements is None:
+        max_elements = default_max_elements(dev)
     top5 = num_classes > 5
     modes = {m: m.training for m in model.modules()}
     own_bar = None
     try:
         model.eval()
+        if iter(loader) is loader:  # type: ignore[call-overload]
+            raise CsnError("the sweep reads the data several times; pass a re-iterable loader (a list of batches or a "
+                           "DataLoader), not a one-shot iterator or generator.")
         first = None
         for batch in loader:
             first = batch
@@ -529,6 +550,8 @@ def ablation_sweep(
             else:
                 total = _fast(model, loader, plans, stats, mode, mean_t, num_classes, dev, top5, bar, n_batches,
                               max_batch_masks, max_elements)
+        if total == 0:
+            raise CsnError("the evaluation data yielded no examples; pass a non-empty loader of (inputs, labels) batches.")
         rows = []
         for p in plans:
             c1, c5, ls = stats[p.stage]
@@ -538,8 +561,11 @@ def ablation_sweep(
                              "top5": c5[d] / total if top5 else float("nan"), "loss": ls[d] / total,
                              "correct": int(c1[d]), "total": int(total)})
         df = pd.DataFrame(rows, columns=SWEEP_COLUMNS)
-        return df.astype({"step": "int64", "n": "int64", "draw": "int64", "correct": "int64", "total": "int64",
+        df = df.astype({"step": "int64", "n": "int64", "draw": "int64", "correct": "int64", "total": "int64",
                           "fraction": "float64", "top1": "float64", "top5": "float64", "loss": "float64"})
+        df.attrs["masks_per_pass"] = {p.stage: (1 if naive else p.used) for p in plans}
+        df.attrs["distinct_masks"] = {p.stage: len(p.masks) for p in plans}
+        return df
     finally:
         for m, flag in modes.items():
             m.training = flag
@@ -625,6 +651,7 @@ def _fast(model, loader, plans, stats, mode, mean_t, num_classes, dev, top5, bar
                         cap = p.cap = max(1, m // 2)
                         continue
                     state.clear()
+                    p.used = max(p.used, m)
                     a, bb, c = _score(logits, y, m, top5)
                     del logits
                     c1[i:i + m] += a.cpu().numpy()
@@ -747,13 +774,21 @@ def _means_and_csi(model: nn.Module, loader, layers: list[str], num_classes: int
     return csi, means
 
 
-def _csi_from_table(run, step: int, layers: list[str], widths: dict[str, int], split: str, bn: int) -> dict | None:
-    """CSI per layer from tables/selectivity.parquet when it holds this checkpoint, split and BN policy; else None."""
+def _selectivity_table(run) -> pd.DataFrame | None:
+    """tables/selectivity.parquet when it exists, is readable and has the columns the ranking needs."""
     try:
         table = run.read("selectivity")
     except CsnError:
         return None
     if table is None or table.empty or not {"step", "layer", "unit", "csi", "split", "bn_recalibrated"} <= set(table.columns):
+        return None
+    return table
+
+
+def _csi_from_table(table: pd.DataFrame | None, step: int, layers: list[str], widths: dict[str, int], split: str,
+                    bn: int) -> dict | None:
+    """CSI per layer from the selectivity table when it holds this checkpoint, split and BN statistics; else None."""
+    if table is None:
         return None
     t = table[(table["step"] == step) & (table["split"] == split) & (table["bn_recalibrated"] == bn)]
     if "variant" in t.columns:
@@ -791,7 +826,8 @@ class AblationPlan:
     seed: int
     mode: str
     max_batch_masks: int | None
-    max_elements: int
+    max_elements: int | None
+    score_samples: int | None = None  # score on a fixed seeded subset of the score split (None = all of it)
 
     @property
     def expected(self) -> set[tuple[str, str, int, int]]:
@@ -817,7 +853,8 @@ def plan_ablation(
     seed: int = 0,
     mode: str = "zero",
     max_batch_masks: int | None = None,
-    max_elements: int = DEFAULT_MAX_ELEMENTS,
+    max_elements: int | None = None,
+    score_samples: int | None = None,
 ) -> AblationPlan:
     """Validate an ablate_run request against the run (stages, grid vs block widths, orders, draws, splits,
     checkpoints) without computing or writing anything; raises one CsnError naming the problem."""
@@ -838,6 +875,8 @@ def plan_ablation(
         raise CsnError(f"--bn-recalibrate must be an integer >= 0 (0 = off), got {bn_recalibrate!r}.")
     if max_batch_masks is not None and max_batch_masks < 1:
         raise CsnError(f"max_batch_masks must be >= 1, got {max_batch_masks}.")
+    if score_samples is not None and score_samples < 1:
+        raise CsnError(f"--samples must be a positive number of images, got {score_samples}.")
     ckpts = run.select(checkpoints)
     data = run.dataset()
     split_of(data, score_split)
@@ -857,11 +896,13 @@ def plan_ablation(
             bn_plan = {s: min(n, avail) for s, n in bn_plan.items()}
     return AblationPlan(run, data, ckpts, stage_layers, probe.units, counts, bn_plan, num_classes, g, orders, int(draws),
                         rank_split, score_split, bn_recalibrate, bool(naive), device, bool(progress), int(seed), mode,
-                        max_batch_masks, int(max_elements))
+                        max_batch_masks, max_elements, score_samples)
 
 
 def _checkpoint_done(plan: AblationPlan, existing: pd.DataFrame | None, c) -> bool:
     """True when the table holds every row of checkpoint c for the plan's stages, with the plan's settings."""
+    from csn.analysis.common import split_of
+
     if existing is None or existing.empty or not set(ABLATION_COLUMNS) <= set(existing.columns):
         return False
     e = existing[(existing["step"] == c.step) & existing["stage"].isin(list(plan.stage_layers))]
@@ -869,6 +910,9 @@ def _checkpoint_done(plan: AblationPlan, existing: pd.DataFrame | None, c) -> bo
         return False
     settings = {"rank_split": plan.rank_split, "score_split": plan.score_split, "mode": plan.mode, "seed": plan.seed}
     if any((e[k] != v).any() for k, v in settings.items()):
+        return False
+    n_score = len(split_of(plan.data, plan.score_split))
+    if (e["total"] != min(plan.score_samples or n_score, n_score)).any():  # scored on another subset size
         return False
     expected = plan.expected
     have = set(zip(e["stage"], e["order"], e["n"].astype(int), e["draw"].astype(int)))
@@ -887,6 +931,7 @@ def execute_plan(plan: AblationPlan) -> pd.DataFrame:
     with run_lock(run.path, "ablation"):
         existing = run.read("ablation")
         todo = [c for c in plan.ckpts if not _checkpoint_done(plan, existing, c)]
+        sel_table = _selectivity_table(run) if todo and ranked and plan.mode == "zero" else None
         bar = _new_bar(len(todo) * per_ckpt, f"ablation {run.name}", plan.progress)
         try:
             for c in todo:
@@ -896,12 +941,13 @@ def execute_plan(plan: AblationPlan) -> pd.DataFrame:
                     n_bn = int(getattr(am.model, "csn_bn_recalibrated", am.bn_recalibrated)) if am.bn_recalibrated else 0
                     csi, means = None, None
                     if plan.mode == "zero" and ranked:
-                        csi = _csi_from_table(run, c.step, all_layers, plan.units, plan.rank_split, n_bn)
+                        csi = _csi_from_table(sel_table, c.step, all_layers, plan.units, plan.rank_split, n_bn)
                     if (csi is None and ranked) or plan.mode == "mean":
                         loader = eval_loader(run, data, plan.rank_split, device=device)
                         csi, means = _means_and_csi(am.model, loader, all_layers, plan.num_classes, device)
                     rows = ablation_sweep(
-                        am.model, eval_loader(run, data, plan.score_split, device=device), plan.stage_layers,
+                        am.model, eval_loader(run, data, plan.score_split, device=device, samples=plan.score_samples),
+                        plan.stage_layers,
                         csi or {}, grid=plan.grid, orders=plan.orders, draws=plan.draws, seed=plan.seed,
                         naive=plan.naive, num_classes=plan.num_classes, max_batch_masks=plan.max_batch_masks,
                         max_elements=plan.max_elements, mode=plan.mode, means=means, step=c.step, device=device,
@@ -941,7 +987,8 @@ def ablate_run(
     seed: int = 0,
     mode: str = "zero",
     max_batch_masks: int | None = None,
-    max_elements: int = DEFAULT_MAX_ELEMENTS,
+    max_elements: int | None = None,
+    score_samples: int | None = None,
 ) -> pd.DataFrame:
     """Ablation sweeps over a run's checkpoints into tables/ablation.parquet; returns this call's rows.
 
@@ -957,7 +1004,8 @@ def ablate_run(
     return execute_plan(plan_ablation(
         run, stages=stages, orders=orders, draws=draws, grid=grid, checkpoints=checkpoints, rank_split=rank_split,
         score_split=score_split, bn_recalibrate=bn_recalibrate, naive=naive, device=device, progress=progress,
-        seed=seed, mode=mode, max_batch_masks=max_batch_masks, max_elements=max_elements))
+        seed=seed, mode=mode, max_batch_masks=max_batch_masks, max_elements=max_elements,
+        score_samples=score_samples))
 
 
 __all__ = [

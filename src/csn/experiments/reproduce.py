@@ -42,6 +42,7 @@ class ReproducePreset:
     ablation_grid: str | None = None
     ablation_stages: list[str] | None = None
     ablation_orders: tuple[str, ...] = ("selective", "random", "least")
+    ablation_samples: int | None = None   # score ablations on a fixed seeded test subset (None = whole split)
     selectivity_samples: int | None = None
     linearity_samples: int | None = 2000
     linearity_measures: tuple[str, ...] = ("linear", "linearized", "relu")
@@ -58,8 +59,8 @@ REPRODUCE_PRESETS: dict[str, ReproducePreset] = {
     ),
     "fmnist": ReproducePreset(
         name="fmnist", train_preset="fmnist", seeds=3, reg_seeds=2, alpha=-1.0, late_onset=1.0, early_epoch=0.125,
-        ablation_checkpoints="e0.03,e0.125,last", ablation_draws=3, linearity_samples=2000, cka_samples=2000,
-        parallel=2,
+        ablation_checkpoints="e0.03,e0.125,last", ablation_draws=3, ablation_orders=("selective", "random"),
+        ablation_samples=2000, linearity_samples=1000, cka_samples=2000, parallel=2,
     ),
     "imagenet": ReproducePreset(
         name="imagenet", train_preset="imagenet-resnet50", seeds=5, reg_seeds=5, alpha=-20.0, late_onset=5.0,
@@ -135,7 +136,8 @@ class Reproduction:
         def ablation():
             for run in self.runs(self.baseline_jobs()):
                 ablate_run(run, checkpoints=rp.ablation_checkpoints, draws=rp.ablation_draws, grid=rp.ablation_grid,
-                           stages=rp.ablation_stages, orders=rp.ablation_orders, progress=self.progress)
+                           stages=rp.ablation_stages, orders=rp.ablation_orders, score_samples=rp.ablation_samples,
+                           progress=self.progress)
 
         def linearity():
             for run in self.runs(self.baseline_jobs()):
