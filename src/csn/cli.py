@@ -6,6 +6,7 @@ naming the fix and exits with status 2; Ctrl-C stops cleanly and says how to res
 
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 
@@ -29,6 +30,26 @@ class CsnGroup(click.Group):
             click.echo("\ninterrupted: finished checkpoints and table rows are saved; run the same command again "
                        "(with --resume for `csn train`) to continue where it stopped.", err=True)
             sys.exit(130)
+        except Exception as e:
+            msg = _os_error_message(e)
+            if msg is None:
+                raise  # a bug: keep the traceback
+            click.echo(f"error: {msg}", err=True)
+            sys.exit(2)
+
+
+def _os_error_message(e: BaseException) -> str | None:
+    """One sentence for a full disk or a permission problem (any library's error); None for anything else."""
+    code = getattr(e, "errno", None)
+    text = str(e)
+    where = f" while writing {e.filename}" if getattr(e, "filename", None) else ""
+    if code in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in text or "Disk quota exceeded" in text:
+        return (f"the disk is full{where}; nothing half-written was kept (writes are atomic), so free some space and run "
+                "the same command again (with --resume for `csn train`) to continue where it stopped.")
+    if isinstance(e, OSError) and code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return (f"{e.strerror or 'permission denied'}: {e.filename or text}; choose a location you can write to "
+                "(e.g. --out DIR) or fix its permissions.")
+    return None
 
 
 @click.group(cls=CsnGroup, context_settings=CONTEXT)
@@ -115,12 +136,24 @@ def train(preset, config_file, out, resume, force, dataset, data_root, model, ep
     if seed is not None and not out and cfg.seed != 0:
         cfg.name = f"{cfg.name}-s{cfg.seed}"
     _threads(cfg.threads)
-    out_dir = Path(out) if out else Path("runs") / cfg.name
+    out_dir = Path(out) if out else Path("runs") / _run_folder_name(cfg.name)
     run = run_train(cfg, out_dir, resume=resume, force=force, progress=not quiet)
     if distributed.is_main():
         last = run.checkpoints[-1]
         click.echo(f"run written to {run.path} ({len(run.checkpoints)} checkpoints; final test acc "
                    f"{last.metrics.get('test_acc', float('nan')):.4f} at epoch {last.epoch:g})")
+
+
+def _run_folder_name(name: str) -> str:
+    """A run name used as the folder runs/<name>: it must stay inside runs/ (one plain folder name)."""
+    from pathlib import PurePosixPath, PureWindowsPath
+
+    bad = (not name.strip() or name in (".", "..") or "\x00" in name
+           or any(len(P(name).parts) != 1 or P(name).anchor for P in (PurePosixPath, PureWindowsPath)))
+    if bad:
+        raise CsnError(f"run name {name!r} cannot be a folder under runs/ (it must be one plain folder name, without "
+                       "'/', '\\', '..' or a drive); choose a plain name (e.g. name=my-run) or pass --out DIR.")
+    return name
 
 
 def _json(v) -> str:

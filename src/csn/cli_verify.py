@@ -13,15 +13,17 @@ from csn.cli import CONTEXT
 def verify_run(path: str | Path) -> list[str]:
     """Problems found in a run directory (empty list = intact). Never loads weights as code."""
     from csn.errors import CsnError
-    from csn.runs import read_manifest, read_table, sha256_file
+    from csn.runs import damaged_checkpoint_fix, read_manifest, read_table, sha256_file
 
     path = Path(path)
     problems: list[str] = []
     try:
-        info = json.loads((path / "run.json").read_text())
-    except FileNotFoundError:
+        info = json.loads((path / "run.json").read_bytes().decode("utf-8"))
+    except (FileNotFoundError, NotADirectoryError):
         return [f"{path}: no run.json; this is not a csn run."]
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        info = None
+    if not isinstance(info, dict):
         return [f"{path / 'run.json'}: corrupt JSON; restore it or re-create the run with `csn train --force`."]
     try:
         ckpts = read_manifest(path / "checkpoints")
@@ -30,9 +32,10 @@ def verify_run(path: str | Path) -> list[str]:
     for c in ckpts:
         f = path / "checkpoints" / c.file
         if not f.is_file():
-            problems.append(f"checkpoint {f.name} (step {c.step}) is missing; re-run from the previous checkpoint with `csn train --resume {path}`.")
+            problems.append(f"checkpoint {f.name} (step {c.step}) is missing; {damaged_checkpoint_fix(path)}")
         elif sha256_file(f) != c.sha256:
-            problems.append(f"checkpoint {f.name} (step {c.step}) is corrupt (sha256 mismatch); delete it and its manifest line, then `csn train --resume {path}`.")
+            problems.append(f"checkpoint {f.name} (step {c.step}) is corrupt (sha256 mismatch: truncated or modified since "
+                            f"it was written); {damaged_checkpoint_fix(path)}")
     if ckpts and ckpts[-1].step != info.get("total_steps") and ckpts[-1].step > 0:
         state = path / "checkpoints" / f"state-{ckpts[-1].step:08d}.safetensors"
         if not state.is_file():

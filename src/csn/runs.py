@@ -9,8 +9,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
+import re
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,11 +99,95 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
 
 
 # ----------------------------------------------------------------------------- lock
+try:  # POSIX: an OS lock the kernel releases when its process dies, however it dies
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: fall back to a pid file
+    fcntl = None
+
+_HELD: dict[tuple[str, int], int] = {}  # (lock path, thread) -> depth: run_lock is re-entrant per thread
+
+
 @contextlib.contextmanager
 def run_lock(run_dir: str | Path, what: str = "csn") -> Iterator[None]:
-    """Exclusive writer lock on a run directory; a stale lock (dead pid) is recovered."""
+    """Exclusive writer lock on a run directory (RUN/.lock, holding "pid what").
+
+    An OS file lock (flock): a process killed in any way (SIGKILL, OOM killer, power loss) releases it,
+    so a stale lock of a dead process is recovered automatically; a live holder gets the error
+    "another csn process is writing in RUN (pid N)". Re-entrant within a thread. Every writer of a run's
+    files holds this lock, so on taking it leftover temporary files of interrupted atomic writes
+    (.NAME.XXXX.tmp in the run folder, checkpoints/ and tables/) are deleted.
+    """
     lock = Path(run_dir) / ".lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
+    key = (str(lock.resolve()), threading.get_ident())
+    if key in _HELD:
+        _HELD[key] += 1
+        try:
+            yield
+        finally:
+            _HELD[key] -= 1
+        return
+    fd = _acquire(lock, run_dir, what)
+    _HELD[key] = 1
+    try:
+        if (Path(run_dir) / "run.json").is_file():
+            _remove_leftover_tmp(Path(run_dir))
+        yield
+    finally:
+        del _HELD[key]
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()  # while still holding it: a waiting process then re-checks the inode and retries
+        if fd is not None:
+            os.close(fd)
+
+
+def _busy(run_dir: str | Path, pid: int | None) -> CsnError:
+    if pid and not _alive(pid):  # forked workers of a killed csn process hold it until they notice and exit
+        return CsnError(f"another csn process is writing in {run_dir} (pid {pid}, which has exited: its worker "
+                        "processes still hold the lock); wait a few seconds, then run this command again.")
+    who = f"pid {pid}" if pid else "pid unknown"
+    return CsnError(f"another csn process is writing in {run_dir} ({who}); wait for it to finish or stop it, then run "
+                    "this command again.")
+
+
+def _acquire(lock: Path, run_dir: str | Path, what: str) -> int | None:
+    """Take the lock; return the open descriptor that holds it (None for the pid-file fallback)."""
+    if fcntl is None:
+        return _acquire_pidfile(lock, run_dir, what)
+    for _ in range(100):
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise _busy(run_dir, _holder_pid(lock)) from None
+        except OSError:  # a file system without flock (some network/FUSE mounts): pid file instead
+            os.close(fd)
+            return _acquire_pidfile(lock, run_dir, what)
+        try:  # the holder may have released (and unlinked) the file between our open and flock: retry
+            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()} {what}\n".encode())
+            return fd
+        os.close(fd)
+    raise CsnError(f"cannot take the lock {lock}; remove it if no csn process is running.")
+
+
+def _holder_pid(lock: Path) -> int | None:
+    """The pid written in a lock file (the holder may not have written it yet: wait a moment)."""
+    for _ in range(20):
+        try:
+            return int(lock.read_text().split()[0])
+        except (ValueError, IndexError, OSError, UnicodeDecodeError):
+            time.sleep(0.05)
+    return None
+
+
+def _acquire_pidfile(lock: Path, run_dir: str | Path, what: str) -> None:
+    """Fallback without flock: O_EXCL pid file; a lock whose pid is dead is stale and taken over."""
     for _ in range(2):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -107,27 +195,62 @@ def run_lock(run_dir: str | Path, what: str = "csn") -> Iterator[None]:
         except FileExistsError:
             try:
                 pid = int(lock.read_text().split()[0])
-            except (ValueError, IndexError, OSError):
+            except (ValueError, IndexError, OSError, UnicodeDecodeError):
                 pid = -1
             if pid > 0 and _alive(pid) and pid != os.getpid():
-                raise CsnError(f"another csn process is writing in {run_dir} (pid {pid}); wait for it to finish or stop it.") from None
+                raise _busy(run_dir, pid) from None
             with contextlib.suppress(FileNotFoundError):
                 lock.unlink()  # stale lock of a dead process
     else:
         raise CsnError(f"cannot take the lock {lock}; remove it if no csn process is running.")
+    os.write(fd, f"{os.getpid()} {what}\n".encode())
+    os.close(fd)
+    return None
+
+
+def lock_holder(run_dir: str | Path) -> int | None:
+    """Pid of a live process holding the run's lock (-1 if it cannot be told), or None when it is free."""
+    lock = Path(run_dir) / ".lock"
+    if not lock.is_file():
+        return None
+    if fcntl is not None:
+        try:
+            fd = os.open(lock, os.O_RDWR)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _holder_pid(lock) or -1
+        except OSError:
+            pass  # no flock here: judge by the pid below
+        else:
+            return None
+        finally:
+            os.close(fd)  # closing releases a lock we took
     try:
-        os.write(fd, f"{os.getpid()} {what}\n".encode())
-        os.close(fd)
-        yield
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            lock.unlink()
+        pid = int(lock.read_text().split()[0])
+    except (ValueError, IndexError, OSError, UnicodeDecodeError):
+        return None
+    return pid if pid > 0 and pid != os.getpid() and _alive(pid) else None
+
+
+_TMP_RE = re.compile(r"^\..+\.[A-Za-z0-9_]+\.tmp$")
+
+
+def _remove_leftover_tmp(run_dir: Path) -> None:
+    """Delete temporary files of atomic writes that a killed process left behind (caller holds the lock)."""
+    for d in (run_dir, run_dir / "checkpoints", run_dir / "tables"):
+        if d.is_dir():
+            for p in d.iterdir():
+                if _TMP_RE.match(p.name) and p.is_file():
+                    p.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:
         return True
@@ -157,9 +280,11 @@ class Run:
         if not (self.path / "run.json").is_file():
             raise CsnError(f"{self.path} is not a csn run (no run.json); pass a directory written by `csn train`.")
         try:
-            self.info = json.loads((self.path / "run.json").read_text())
-        except json.JSONDecodeError:
-            raise CsnError(f"{self.path / 'run.json'} is corrupt; restore it or re-create the run with `csn train --force`.") from None
+            self.info = json.loads((self.path / "run.json").read_bytes().decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            self.info = None
+        if not isinstance(self.info, dict) or not isinstance(self.info.get("config"), dict):
+            raise CsnError(f"{self.path / 'run.json'} is corrupt; restore it or re-create the run with `csn train --force`.")
 
     # paths
     @property
@@ -204,13 +329,15 @@ class Run:
         """Load a checkpoint's weights after verifying its sha256."""
         path = self.ckpt_dir / ckpt.file
         if not path.is_file():
-            raise CsnError(f"checkpoint {path} is missing; re-run training from the previous checkpoint with `csn train --resume {self.path}`.")
+            raise CsnError(f"checkpoint {path} (step {ckpt.step}) is missing, so it was not loaded; {damaged_checkpoint_fix(self.path)}")
         if sha256_file(path) != ckpt.sha256:
-            raise CsnError(f"checkpoint {path} is corrupt (sha256 mismatch); delete it and re-run training from the previous checkpoint with `csn train --resume {self.path}`.")
+            raise CsnError(f"checkpoint {path} (step {ckpt.step}) is corrupt (its sha256 differs from the manifest: the file "
+                           f"was truncated or modified after it was written), so it was not loaded; {damaged_checkpoint_fix(self.path)}")
         try:
             return load_file(str(path))
         except Exception as e:
-            raise CsnError(f"checkpoint {path} cannot be read ({type(e).__name__}); re-run training from the previous checkpoint.") from None
+            raise CsnError(f"checkpoint {path} (step {ckpt.step}) cannot be read ({type(e).__name__}); "
+                           f"{damaged_checkpoint_fix(self.path)}") from None
 
     def build_model(self) -> torch.nn.Module:
         """The run's architecture, freshly initialized (weights not loaded)."""
@@ -244,28 +371,82 @@ class Run:
         return p
 
 
+def damaged_checkpoint_fix(run_path: str | Path) -> str:
+    """What to do about a missing or corrupt checkpoint (the optimizer state of older steps is not kept,
+    so training cannot restart from an earlier checkpoint)."""
+    return (f"restore the file from a backup, leave this checkpoint out of analyses (--checkpoints), or re-create the "
+            f"run with `csn train --force --out {run_path}` and the same configuration (bitwise the same on CPU).")
+
+
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _manifest_entry(d: object) -> Checkpoint:
+    """One manifest line, checked strictly (a value of the wrong type is an error, never reinterpreted)."""
+    if not isinstance(d, dict):
+        raise ValueError("not an object")
+    step, epoch, file, sha, metrics = d["step"], d["epoch"], d["file"], d["sha256"], d.get("metrics", {})
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError("step")
+    if isinstance(epoch, bool) or not isinstance(epoch, (int, float)) or not math.isfinite(epoch) or epoch < 0:
+        raise ValueError("epoch")
+    if not isinstance(file, str) or not file or not isinstance(sha, str) or not _SHA256_RE.match(sha):
+        raise ValueError("file/sha256")
+    if not isinstance(metrics, dict):
+        raise ValueError("metrics")
+    return Checkpoint(step, float(epoch), file, sha, dict(metrics))
+
+
+def _plain_file_name(name: str) -> bool:
+    """True for a name that stays inside its folder: no separators, not hidden/'..', no NUL, no drive."""
+    return not ("/" in name or "\\" in name or "\x00" in name or name.startswith(".") or ":" in name)
+
+
 def read_manifest(ckpt_dir: str | Path) -> list[Checkpoint]:
-    """Parse checkpoints/manifest.jsonl; a malformed line is reported by number."""
+    """Parse checkpoints/manifest.jsonl; a malformed line is reported by number, and a file name that would
+    leave the checkpoints folder is rejected."""
     path = Path(ckpt_dir) / MANIFEST
     if not path.is_file():
         return []
-    out = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    fix = "restore the manifest from a backup or re-create the run with `csn train --force` and the same configuration."
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise CsnError(f"{path} is not text (corrupt); {fix}") from None
+    out: list[Checkpoint] = []
+    seen: set[int] = set()
+    for i, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
-            d = json.loads(line)
-            out.append(Checkpoint(int(d["step"]), float(d["epoch"]), str(d["file"]), str(d["sha256"]), dict(d.get("metrics", {}))))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            raise CsnError(f"{path} line {i} is malformed; restore the manifest or re-run training with `csn train --resume`.") from None
-        if "/" in out[-1].file or "\\" in out[-1].file or out[-1].file.startswith("."):
-            raise CsnError(f"{path} line {i} names a file outside the checkpoints folder ({out[-1].file!r}); the manifest is corrupt.")
+            c = _manifest_entry(json.loads(line))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, RecursionError):
+            raise CsnError(f"{path} line {i} is malformed; {fix}") from None
+        if not _plain_file_name(c.file):
+            raise CsnError(f"{path} line {i} names a file outside the checkpoints folder ({c.file!r}); the manifest is "
+                           f"corrupt or was tampered with: {fix}")
+        if c.step in seen:
+            raise CsnError(f"{path} line {i} repeats step {c.step}; {fix}")
+        seen.add(c.step)
+        out.append(c)
     return sorted(out, key=lambda c: c.step)
 
 
 def write_manifest(ckpt_dir: str | Path, ckpts: list[Checkpoint]) -> None:
     """Atomically rewrite the manifest (it is small; rewriting keeps every line complete)."""
     write_text(Path(ckpt_dir) / MANIFEST, "".join(json.dumps(c.to_json(), sort_keys=True) + "\n" for c in ckpts))
+
+
+_STEP_RE = re.compile(r"\+?[0-9]{1,18}", re.ASCII)
+_NUMBER_RE = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]{1,3})?", re.ASCII)
+
+
+def _selector_number(text: str) -> float:
+    """A finite decimal number of a checkpoint selector (no nan/inf, '1_0' or non-ASCII digits)."""
+    t = text.strip()
+    if not _NUMBER_RE.fullmatch(t) or not math.isfinite(float(t)):
+        raise ValueError(t)
+    return float(t)
 
 
 def select_checkpoints(ckpts: list[Checkpoint], spec: str | None) -> list[Checkpoint]:
@@ -282,13 +463,15 @@ def select_checkpoints(ckpts: list[Checkpoint], spec: str | None) -> list[Checkp
                 hits = [ckpts[0]]
             elif ":" in tok:
                 a, b = tok.split(":", 1)
-                lo = float(a) if a.strip() else -1.0
-                hi = float("inf") if b.strip() in ("", "end") else float(b)
+                lo = _selector_number(a) if a.strip() else -1.0
+                hi = float("inf") if b.strip() in ("", "end") else _selector_number(b)
                 hits = [c for c in ckpts if lo - 1e-9 <= c.epoch <= hi + 1e-9]
             elif tok.startswith("e"):
-                e = float(tok[1:])
+                e = _selector_number(tok[1:])
                 hits = [min(ckpts, key=lambda c: abs(c.epoch - e))]
             else:
+                if not _STEP_RE.fullmatch(tok):
+                    raise ValueError(tok)
                 s = int(tok)
                 hits = [c for c in ckpts if c.step == s]
                 if not hits:

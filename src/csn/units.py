@@ -72,6 +72,8 @@ def resolve_layers(model: nn.Module, patterns: Sequence[str] | str | None = None
         return default_layers(model)
     if isinstance(patterns, str):
         patterns = [patterns]
+    if len(patterns) == 0:
+        raise CsnError("no layer pattern given; pass at least one (e.g. 'layer2.*') or None for the model's read points.")
     names = [n for n, _ in model.named_modules() if n]
     declared = set()
     try:

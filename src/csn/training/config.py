@@ -148,6 +148,8 @@ def _coerce(key: str, value, f: dataclasses.Field):
                 return value.lower() in ("true", "1", "yes")
             if isinstance(value, bool):
                 return value
+            if isinstance(value, int) and value in (0, 1):  # amp=1 means what amp="1" means
+                return bool(value)
             raise TypeError
         if origin is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):

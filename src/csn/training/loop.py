@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import platform
@@ -22,7 +21,8 @@ import csn
 from csn import distributed as dist_utils
 from csn.data import BatchLoader
 from csn.errors import CsnError
-from csn.runs import Checkpoint, Run, read_manifest, run_lock, save_tensors, write_json, write_manifest, write_table
+from csn.runs import (Checkpoint, Run, lock_holder, read_manifest, run_lock, save_tensors, write_json, write_manifest,
+                      write_table)
 from csn.training.config import TrainConfig, build_model_for, data_info, load_data
 from csn.training.schedules import alpha_schedule, checkpoint_steps, lr_at
 
@@ -145,6 +145,8 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, force: boo
             _prepare_dir(cfg, out, resume=resume, force=force)
             if main:
                 stack.enter_context(run_lock(out, "train"))
+                for debris in out.glob(".run.json.*.tmp"):  # a run killed while writing its first file
+                    debris.unlink(missing_ok=True)
         return _train(cfg, out, resume=resume, progress=progress, stop_after_step=stop_after_step)
 
 
@@ -201,11 +203,25 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool, progress: bool, stop_af
             if last.step > 0:
                 if not state_path.is_file():
                     raise CsnError(f"optimizer state {state_path} is missing, so the run cannot resume exactly; restart it with --force.")
-                _load_optimizer_tensors(opt, load_file(str(state_path)))
+                try:
+                    state = load_file(str(state_path))
+                except Exception as e:  # written atomically, so only damage after the fact gets here
+                    raise CsnError(f"optimizer state {state_path} cannot be read ({type(e).__name__}), so the run cannot "
+                                   "resume exactly; restart it with --force.") from None
+                _load_optimizer_tensors(opt, state)
             step = last.step
             old = run.read("training")
             if old is not None:
                 logs = old[old["step"] <= step].to_dict("records")
+        if main:  # refuse before the first write when the checkpoints still to come cannot fit the disk
+            from csn.resources import check_disk_space, state_dict_bytes
+
+            todo = [s for s in ckpt_steps if s > step or (s == 0 and not manifest)]
+            weights, momentum = state_dict_bytes(model.state_dict()), state_dict_bytes(list(model.parameters()))
+            # every checkpoint's weights, plus the newest optimizer state twice (the old one is deleted after the new)
+            check_disk_space(out, len(todo) * weights + (2 * momentum if cfg.momentum else 0),
+                             what=f"{len(todo)} checkpoints of {weights / 1e6:.3g} MB each and the optimizer state",
+                             fix="free some space, pass --out on a larger disk, or use a sparser --checkpoints schedule")
     # DDP broadcasts rank 0's parameters and buffers (identical anyway: same seed or same checkpoint).
     ddp_model = dist_utils.wrap_ddp(model, device)
     if main:
@@ -319,29 +335,56 @@ def _prepare_dir(cfg: TrainConfig, out: Path, *, resume: bool, force: bool) -> N
     """Refuse to overwrite a run unless --force; on --resume refuse a different config, showing the difference."""
     if not dist_utils.is_main():
         return
-    exists = out.exists() and any(out.iterdir())
+    # A run killed before it wrote run.json leaves only its lock file (and maybe run.json's temporary file):
+    # that is not "an existing directory", so the same command, --resume or --force all start it afresh.
+    exists = out.exists() and any(not _is_debris(p) for p in out.iterdir())
     if resume:
         if not (out / "run.json").is_file():
             if exists:
                 raise CsnError(f"{out} is not a csn run (no run.json); choose another --out or use --force to start over.")
             return
-        old = TrainConfig.from_dict(json.loads((out / "run.json").read_text())["config"])
+        info = Run(out).info  # a corrupt run.json is reported by name
+        old = TrainConfig.from_dict(info["config"])
         diff = old.diff(cfg)
         if diff:
             shown = "; ".join(f"{k}: {a!r} in the run, {b!r} now" for k, a, b in ((k, *v) for k, v in diff.items()))
             raise CsnError(f"cannot resume {out} with a different configuration ({shown}); resume with the same settings or start a new run.")
-        old_world = json.loads((out / "run.json").read_text()).get("world_size", 1)
+        old_world = info.get("world_size", 1)
         if old_world != dist_utils.world_size():
             raise CsnError(f"{out} was trained with world size {old_world} and is resumed with {dist_utils.world_size()}; resume with the same number of processes.")
         return
     if exists:
         if not force:
             raise CsnError(f"{out} already exists; pass --resume to continue it or --force to overwrite it.")
-        if (out / "run.json").is_file() or not any(out.iterdir()):
-            shutil.rmtree(out)
-        else:
+        if not (out / "run.json").is_file():
             raise CsnError(f"{out} exists and is not a csn run; refusing to delete it even with --force, choose another --out.")
+    if out.exists():
+        holder = lock_holder(out)
+        if holder:
+            raise CsnError(f"another csn process is writing in {out} (pid {holder}); wait for it to finish or stop it "
+                           "before starting this run afresh.")
+        if exists:
+            _delete_run(out)
+        else:
+            for p in out.iterdir():
+                p.unlink(missing_ok=True)  # only debris of a run killed before its first file
     out.mkdir(parents=True, exist_ok=True)
+
+
+def _delete_run(out: Path) -> None:
+    """Delete a run for --force so that a kill part-way leaves a state that is still recoverable: its results
+    first (tables, then the manifest), run.json last (so `--force` still recognises the run and finishes)."""
+    shutil.rmtree(out / "tables", ignore_errors=True)
+    (out / "checkpoints" / "manifest.jsonl").unlink(missing_ok=True)
+    for child in out.iterdir():
+        if child.name != "run.json":
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    shutil.rmtree(out)
+
+
+def _is_debris(p: Path) -> bool:
+    """A file csn itself leaves in a run directory killed before its first complete write."""
+    return p.name == ".lock" or (p.name.startswith(".run.json.") and p.name.endswith(".tmp"))
 
 
 def _run_json(cfg: TrainConfig, info: dict, device: torch.device, spe: int, total: int, ckpts: list[int],

@@ -1,0 +1,122 @@
+"""Resource limits: refuse a write that cannot fit the disk before it starts, and retry out-of-memory
+work with smaller batches instead of dying.
+
+    check_disk_space(path, need_bytes, what=...)     CsnError naming the sizes when `need_bytes` won't fit
+    state_dict_bytes(tensors)                        bytes a checkpoint of these tensors takes
+    retry_smaller_batches(fn, batch)                 fn(batch), halving `batch` on out-of-memory errors
+    is_oom(exc)                                      True for CUDA/MPS/CPU allocation failures
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+
+from csn.errors import CsnError
+
+T = TypeVar("T")
+
+#: Set to 1 to skip the free-space check (e.g. a file system that reports its free space wrongly).
+NO_DISK_CHECK_ENV = "CSN_NO_DISK_CHECK"
+
+_HEADROOM = 1.05  # safetensors headers, the training table and file-system rounding
+_MIN_HEADROOM_BYTES = 1 << 20
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"  # pragma: no cover
+
+
+def state_dict_bytes(tensors: Mapping[str, torch.Tensor] | Iterable[torch.Tensor]) -> int:
+    """Bytes of tensor data a safetensors file of these tensors holds (a state_dict or a list of tensors)."""
+    values = tensors.values() if isinstance(tensors, Mapping) else tensors
+    return sum(t.numel() * t.element_size() for t in values if isinstance(t, torch.Tensor))
+
+
+def check_disk_space(path: str | Path, need_bytes: int, *, what: str = "the files to write",
+                     fix: str = "free some space or write elsewhere") -> None:
+    """Raise CsnError when the file system holding `path` has less than `need_bytes` (plus headroom) free.
+
+    `path` may not exist yet: its nearest existing parent is measured. The check is skipped when
+    CSN_NO_DISK_CHECK=1 or when the free space cannot be read.
+    """
+    if need_bytes <= 0 or os.environ.get(NO_DISK_CHECK_ENV, "") not in ("", "0"):
+        return
+    probe = Path(path).absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        return
+    need = int(need_bytes * _HEADROOM) + _MIN_HEADROOM_BYTES
+    if free < need:
+        raise CsnError(f"not enough free disk space in {probe}: {what} need about {_human(need)} but only {_human(free)} "
+                       f"are free; {fix} (or set {NO_DISK_CHECK_ENV}=1 to skip this check).")
+
+
+def is_oom(e: BaseException) -> bool:
+    """True when `e` is an allocation failure (torch.OutOfMemoryError, or a RuntimeError saying so on CPU/MPS)."""
+    if isinstance(e, torch.OutOfMemoryError):
+        return True
+    if isinstance(e, MemoryError):
+        return True
+    msg = str(e).lower()
+    return isinstance(e, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg
+                                            or "cannot allocate memory" in msg)
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    mps = getattr(torch, "mps", None)
+    if mps is not None and getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        mps.empty_cache()
+
+
+def retry_smaller_batches(fn: Callable[[int], T], batch: int, *, min_batch: int = 1,
+                          on_retry: Callable[[int, int], None] | None = None, what: str = "this step") -> T:
+    """Return fn(batch); when it runs out of memory, free what it held, halve `batch` and call it again.
+
+    Use it around work whose result does not depend on the batch size (sums over examples, per-example
+    outputs), and make `fn` start over for each call (it must not keep partial state between tries).
+    Below `min_batch` the error becomes a CsnError saying what to do. `on_retry(old, new)` is told of
+    each halving (default: one line on stderr), so the caller can record the batch size it used.
+    """
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise CsnError(f"batch size must be a whole number >= 1, got {batch!r}.")
+    min_batch = max(1, int(min_batch))
+    while True:
+        failed = False
+        try:
+            return fn(batch)
+        except Exception as e:  # noqa: BLE001 - only memory errors are handled, the rest re-raised
+            if not is_oom(e):
+                raise
+            failed = True
+            detail = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        # Outside the except block: the traceback (and the tensors its frames hold) is released first.
+        if failed:
+            _free_memory()
+            if batch <= min_batch:
+                raise CsnError(f"{what} ran out of memory even with batch size {batch} ({detail}); free memory (close "
+                               "other jobs), use a smaller model or input, or run on a device with more memory.")
+            new = max(min_batch, batch // 2)
+            if on_retry is not None:
+                on_retry(batch, new)
+            else:
+                print(f"note: {what} ran out of memory with batch size {batch}; retrying with {new}.", file=sys.stderr,
+                      flush=True)
+            batch = new
