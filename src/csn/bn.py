@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from csn.errors import CsnError
+from csn.units import to_device as _to
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm
 
@@ -37,15 +38,6 @@ def _inputs(batch: Any) -> Any:
     return batch
 
 
-def _to(x: Any, device: torch.device) -> Any:
-    """Move a tensor (or tuple/list/dict of tensors) to device."""
-    if isinstance(x, torch.Tensor):
-        return x.to(device, non_blocking=True)
-    if isinstance(x, (tuple, list)):
-        return type(x)(_to(v, device) for v in x)
-    if isinstance(x, dict):
-        return {k: _to(v, device) for k, v in x.items()}
-    return x
 
 
 def recalibrate_bn(

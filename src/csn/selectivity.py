@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from csn import units as _units
 from csn.errors import CsnError, unknown
+from csn.units import to_device as _to
 
 EPS = 1e-7
 """eps of the CSI denominator (csn's definition)."""
@@ -237,15 +238,6 @@ def _split_batch(batch: Any) -> tuple[Any, Any]:
     raise CsnError(f"each batch must be an (inputs, labels) pair, got {type(batch).__name__}; use a labelled DataLoader.")
 
 
-def _to(x: Any, device: torch.device) -> Any:
-    """Move a tensor (or tuple/list/dict of tensors) to device."""
-    if isinstance(x, Tensor):
-        return x.to(device, non_blocking=True)
-    if isinstance(x, (tuple, list)):
-        return type(x)(_to(v, device) for v in x)
-    if isinstance(x, dict):
-        return {k: _to(v, device) for k, v in x.items()}
-    return x
 
 
 def model_device(model: nn.Module) -> torch.device:

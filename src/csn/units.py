@@ -156,6 +156,17 @@ def run_with_cache(model: nn.Module, x: Tensor, layers: Sequence[str] | None = N
     return out, dict(cache)
 
 
+def to_device(x, device: torch.device):
+    """Move a tensor (or a tuple/list/dict of tensors) to device; anything else is returned as is."""
+    if isinstance(x, Tensor):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, (tuple, list)):
+        return type(x)(to_device(v, device) for v in x)
+    if isinstance(x, dict):
+        return {k: to_device(v, device) for k, v in x.items()}
+    return x
+
+
 def relu_modules(model: nn.Module) -> list[str]:
     """Names of nn.ReLU modules (used by linearity's ReLU-pattern measure)."""
     return [n for n, m in model.named_modules() if isinstance(m, nn.ReLU)]
@@ -163,5 +174,5 @@ def relu_modules(model: nn.Module) -> list[str]:
 
 __all__ = [
     "unit_activations", "stages", "default_layers", "resolve_layers", "stage_of", "hooks",
-    "trace_units", "run_with_cache", "relu_modules",
+    "trace_units", "run_with_cache", "relu_modules", "to_device",
 ]
