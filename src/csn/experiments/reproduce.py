@@ -60,7 +60,8 @@ REPRODUCE_PRESETS: dict[str, ReproducePreset] = {
     "fmnist": ReproducePreset(
         name="fmnist", train_preset="fmnist", seeds=3, reg_seeds=2, alpha=-1.0, late_onset=1.0, early_epoch=0.125,
         ablation_checkpoints="e0.03,e0.125,last", ablation_draws=3, ablation_orders=("selective", "random"),
-        ablation_samples=2000, linearity_samples=1000, cka_samples=2000, parallel=2,
+        ablation_grid="f:0,0.0625,0.125,0.25,0.5,1", ablation_samples=1000, linearity_samples=1000,
+        cka_samples=1000, parallel=2,
     ),
     "imagenet": ReproducePreset(
         name="imagenet", train_preset="imagenet-resnet50", seeds=5, reg_seeds=5, alpha=-20.0, late_onset=5.0,
