@@ -1,0 +1,72 @@
+"""`csn reproduce --preset smoke` end to end: claims.json, the report and every figure it shows."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from csn.cli import main as cli
+from csn.experiments.claims import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, THRESHOLDS
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("repro") / "smoke"
+    res = CliRunner().invoke(cli, ["reproduce", "--preset", "smoke", "--out", str(out), "--quiet"])
+    assert res.exit_code == 0, res.output
+    return out, res.output
+
+
+def test_smoke_reproduction_prints_claims_and_report(smoke):
+    out, output = smoke
+    for claim in ("C1", "C2", "C3", "C4"):
+        assert re.search(rf"^{claim}\s+inconclusive", output, re.M), output
+    assert f"report: {out / 'report' / 'index.html'}" in output
+
+
+def test_claims_json_structure(smoke):
+    out, _ = smoke
+    data = json.loads((out / "claims.json").read_text())
+    assert data["thresholds"] == THRESHOLDS
+    assert [c["claim"] for c in data["claims"]] == ["C1", "C2", "C3", "C4"]
+    for c in data["claims"]:
+        assert c["verdict"] in (REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE)
+        assert c["statistic"] and c["rule"] and c["observed"]
+        # smoke is declared too small to judge: inconclusive, saying what the rule alone gave
+        assert c["verdict"] == INCONCLUSIVE and "too small" in c["observed"]
+    for name in ("baseline-s0", "baseline-s1", "reg-from-0-s0", "reg-from-1-s1"):
+        tables = out / name / "tables"
+        assert (tables / "selectivity.parquet").is_file() and (tables / "training.parquet").is_file()
+    assert (out / "baseline-s0" / "tables" / "ablation.parquet").is_file()
+    assert (out / "baseline-s0" / "tables" / "linearity.parquet").is_file()
+    assert (out / "reg-from-0-s0" / "tables" / "cka.parquet").is_file()
+
+
+def test_report_figures_exist_and_are_not_empty(smoke):
+    out, _ = smoke
+    page = out / "report" / "index.html"
+    html = page.read_text()
+    for heading in ("Claims and verdicts", "Class selectivity", "Ablation", "Linearity", "CKA"):
+        assert heading in html
+    images = re.findall(r'<img[^>]+src="([^"]+)"', html)
+    assert len(images) >= 8
+    for src in images:
+        f = page.parent / src
+        assert f.is_file() and f.stat().st_size > 1000, src
+    assert "http://" not in html and "https://" not in html
+
+
+def test_existing_reproduction_needs_resume_and_resume_skips_done_work(smoke):
+    out, _ = smoke
+    res = CliRunner().invoke(cli, ["reproduce", "--preset", "smoke", "--out", str(out), "--quiet"])
+    assert res.exit_code == 2 and "--resume" in res.output
+    before = (out / "baseline-s0" / "checkpoints" / "manifest.jsonl").read_text()
+    res = CliRunner().invoke(cli, ["reproduce", "--preset", "smoke", "--out", str(out), "--quiet", "--resume"])
+    assert res.exit_code == 0, res.output
+    assert (out / "baseline-s0" / "checkpoints" / "manifest.jsonl").read_text() == before
+    res = CliRunner().invoke(cli, ["reproduce", "--preset", "smok", "--out", str(out)])
+    assert res.exit_code == 2 and "closest: 'smoke'" in res.output
