@@ -69,6 +69,13 @@ def _fmt(x: float, nd: int = 3) -> str:
     return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
 
 
+def _majority(flags) -> str:
+    """Reproduced if most parts (stages or measures) show the effect, not reproduced if none does."""
+    flags = list(flags)
+    n = sum(flags)
+    return REPRODUCED if n > len(flags) / 2 else NOT_REPRODUCED if n == 0 else INCONCLUSIVE
+
+
 def _stage_curves(sel: pd.DataFrame) -> pd.DataFrame:
     """Mean CSI per (run, step, epoch, stage)."""
     return sel.groupby(["run", "step", "epoch", "stage"], as_index=False)["csi"].mean()
@@ -108,8 +115,7 @@ def claim_c1(sel: pd.DataFrame, total_epochs: float) -> Verdict:
         parts.append(f"{stage}: {_fmt(per_stage[stage]['init'])} -> peak {_fmt(per_stage[stage]['peak'])} "
                      f"(±{_fmt(per_stage[stage]['peak_se'])}) at epoch {per_stage[stage]['peak_epoch']:.3g} -> final "
                      f"{_fmt(per_stage[stage]['final'])} ({sum(oks)}/{len(oks)} seeds show it)")
-    n_show = sum(v["shows"] for v in per_stage.values())
-    verdict = REPRODUCED if n_show > len(per_stage) / 2 else NOT_REPRODUCED if n_show == 0 else INCONCLUSIVE
+    verdict = _majority(v["shows"] for v in per_stage.values())
     return Verdict("C1", verdict, stat, rule, "; ".join(parts) + ".", {"stages": per_stage})
 
 
@@ -131,8 +137,7 @@ def claim_c2(summary: pd.DataFrame, early_step_by_run: dict, late_step_by_run: d
         shows = e < -t["c2_min_gap"] and e < l_ - t["c2_min_shrink"] and abs(e) > 2 * se
         per_stage[stage] = dict(shows=bool(shows), gap_early=e, gap_late=l_, gap_early_se=se, seeds=len(early))
         parts.append(f"{stage}: gap {_fmt(e)} (±{_fmt(se)}) early vs {_fmt(l_)} last")
-    n_show = sum(v["shows"] for v in per_stage.values())
-    verdict = REPRODUCED if n_show > len(per_stage) / 2 else NOT_REPRODUCED if n_show == 0 else INCONCLUSIVE
+    verdict = _majority(v["shows"] for v in per_stage.values())
     return Verdict("C2", verdict, stat, rule, "; ".join(parts) + " (negative: selective ablation hurts more).",
                    {"stages": per_stage})
 
@@ -166,8 +171,7 @@ def claim_c3(lin: pd.DataFrame, early_step_by_run: dict) -> Verdict:
         parts.append(f"{m}: {_fmt(e)} early -> {_fmt(l_)} last")
     if not vals:
         return Verdict("C3", INCONCLUSIVE, stat, rule, "the linearity table holds none of the measures.")
-    n_fall = sum(v["falls"] for v in vals.values())
-    verdict = REPRODUCED if n_fall > len(vals) / 2 else NOT_REPRODUCED if n_fall == 0 else INCONCLUSIVE
+    verdict = _majority(v["falls"] for v in vals.values())
     return Verdict("C3", verdict, stat, rule, "; ".join(parts) + ".", {"measures": vals})
 
 

@@ -88,7 +88,7 @@ def summarize_runs(runs: dict[tuple[str, int], Run], conds: list[Condition], reg
         sel = run.read("selectivity")
         if sel is not None and not sel.empty:
             final = sel[sel["step"] == sel["step"].max()]
-            stages = reg_stages or _regularized_stages(run, final)
+            stages = reg_stages or regularized_stages(run)
             part = final[final["stage"].isin(stages)]
             row.update(final_csi=float(part["csi"].mean()), final_eta2=float(part["eta2"].mean()),
                        final_csi_all=float(final["csi"].mean()), final_eta2_all=float(final["eta2"].mean()))
@@ -96,7 +96,8 @@ def summarize_runs(runs: dict[tuple[str, int], Run], conds: list[Condition], reg
     return pd.DataFrame(rows)
 
 
-def _regularized_stages(run: Run, sel: pd.DataFrame) -> list[str]:
+def regularized_stages(run: Run) -> list[str]:
+    """Stages the run's regularizer acts on (its reg_layers, else every stage but the last)."""
     from csn.training.regularizer import default_reg_layers
     from csn.units import stage_of
 

@@ -60,10 +60,10 @@ def regularize_figures(runs_by_cond: dict, onsets: dict, out_dir: str | Path, *,
                        log: bool = True) -> list[style.Figure]:
     """Accuracy vs epoch, and mean CSI | mean eta^2 of the regularized stages vs epoch, per condition."""
     if stages is None:
-        from csn.experiments.regularize import _regularized_stages
+        from csn.experiments.regularize import regularized_stages
 
         any_run = next(r for rs in runs_by_cond.values() for r in rs)
-        stages = _regularized_stages(any_run, None)
+        stages = regularized_stages(any_run)
     figs = []
     fig, axes = style.new()
     _plot(axes[0, 0], _curves(runs_by_cond, _acc), onsets, "test accuracy", log)

@@ -732,9 +732,9 @@ def regularization_section(rep: _Report) -> Section | None:
     reg = next((c for c in rep.conds if _is_regularized(c)), None)
     if reg is not None:
         try:
-            from csn.experiments.regularize import _regularized_stages
+            from csn.experiments.regularize import regularized_stages
 
-            stages = _regularized_stages(reg.runs[0], None)
+            stages = regularized_stages(reg.runs[0])
         except Exception:
             stages = None
     figs = rep.draw("the regularization figures",
