@@ -499,7 +499,7 @@ def batch_csi(
 
     Uses class means (class_sums=True: the study's class sums). `reduce(sums, counts)` may return
     the global sums/counts under DDP (use a differentiable all_reduce, e.g.
-    torch.distributed.nn.functional.all_reduce) so the result is the CSI of the global batch.
+    csn.distributed.all_reduce_with_grad) so the result is the CSI of the global batch.
     """
     sums, counts = batch_class_sums(acts, labels, num_classes)
     if reduce is not None:

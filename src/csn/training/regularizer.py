@@ -27,13 +27,9 @@ def default_reg_layers(model: nn.Module) -> list[str]:
 
 def _global_sums(sums: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
     """Sum class sums and counts over data-parallel ranks with an autograd-aware all_reduce (identity alone)."""
-    import torch.distributed as dist
+    from csn.distributed import all_reduce_with_grad
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        from torch.distributed.nn.functional import all_reduce
-
-        return all_reduce(sums, op=dist.ReduceOp.SUM), all_reduce(counts, op=dist.ReduceOp.SUM)
-    return sums, counts
+    return all_reduce_with_grad(sums), all_reduce_with_grad(counts)
 
 
 class SelectivityRegularizer:
