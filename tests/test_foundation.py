@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import gzip
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,11 +13,11 @@ import torch
 from click.testing import CliRunner
 
 from csn.cli import main as cli
-from csn.data import BatchLoader, TensorSplit, load_dataset, random_crop_flip, read_idx, synthetic, write_idx
+from csn.data import BatchLoader, load_dataset, random_crop_flip, read_idx, synthetic, write_idx
 from csn.errors import CsnError
 from csn.models import create_model, list_models
-from csn.runs import Run, atomic_path, read_manifest, sha256_file, write_json
-from csn.training.config import TrainConfig, load_config_file, preset
+from csn.runs import Run, atomic_path, sha256_file, write_json
+from csn.training.config import load_config_file, preset
 from csn.training.loop import train
 from csn.units import default_layers, resolve_layers, run_with_cache, stages
 from tests.conftest import tiny_config

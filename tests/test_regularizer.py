@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from csn.data import BatchLoader, synthetic
 from csn.errors import CsnError
