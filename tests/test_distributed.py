@@ -71,15 +71,21 @@ def test_shard_range_partitions_whole_batches():
     from csn.distributed import shard_range
     from csn.errors import CsnError
 
-    for n, bs, w in [(128, 24, 2), (128, 24, 3), (100, 10, 4), (7, 2, 4), (50, 50, 1)]:
+    for n, bs, w in [(128, 24, 2), (128, 24, 3), (100, 10, 4), (7, 2, 4), (50, 50, 1), (10, 32, 2), (70, 16, 8)]:
         parts = [shard_range(n, bs, r, w) for r in range(w)]
         assert [i for p in parts for i in p] == list(range(n))  # contiguous, in order, no padding
-        for p in parts[:-1]:
-            assert len(p) % bs == 0  # whole batches: the single-process batch boundaries
+        for p in parts:
+            assert not p or p.start % bs == 0  # whole batches: the single-process batch boundaries
         sizes = [-(-len(p) // bs) for p in parts]
-        assert max(sizes) - min(sizes) <= 1
-    with pytest.raises(CsnError, match="1 batch.*for 2 processes"):
-        shard_range(10, 32, 0, 2)
+        assert max(sizes) - min(sizes) <= 1  # fewer batches than ranks: the last ranks get none
+    assert [len(shard_range(10, 32, r, 2)) for r in range(2)] == [10, 0]
+    for n, w in [(128, 2), (10, 3), (7, 8), (50, 1)]:  # equal chunks of examples (sums over examples)
+        parts = [shard_range(n, None, r, w) for r in range(w)]
+        assert [i for p in parts for i in p] == list(range(n))
+        chunk = -(-n // w)
+        assert [len(p) for p in parts] == [max(0, min(chunk, n - r * chunk)) for r in range(w)]
+    with pytest.raises(CsnError, match="batch size must be positive"):
+        shard_range(10, 0, 0, 2)
 
 
 def test_shard_split_and_sharded_eval_loader_single_process(tiny_run):
@@ -90,7 +96,7 @@ def test_shard_split_and_sharded_eval_loader_single_process(tiny_run):
     run = Run(tiny_run)
     data = run.dataset()
     full = [y for _, y in eval_loader(run, data, "test", batch_size=24)]
-    one = [y for _, y in eval_loader(run, data, "test", batch_size=24, shard=True)]  # world 1: the whole split
+    one = [y for _, y in eval_loader(run, data, "test", batch_size=24, shard=True, whole_batches=True)]  # world 1
     assert all(torch.equal(a, b) for a, b in zip(full, one)) and len(full) == len(one)
     parts = [shard_split(data.test, 24, r, 3) for r in range(3)]
     assert torch.equal(torch.cat([p.labels for p in parts]), data.test.labels)
@@ -299,6 +305,168 @@ def test_missing_torchvision_fails_on_every_rank(tmp_path):
     assert out.count("error: the ImageFolder/ImageNet path needs torchvision") == 2, out[-3000:]
 
 
+# ------------------------------------------------------------------------------------------------
+# the analysis commands under torchrun
+# ------------------------------------------------------------------------------------------------
+
+ANALYSES = [  # (command line after the run directory, tables it writes)
+    (["selectivity"], ["selectivity", "class_means"]),
+    (["ablate", "--checkpoints", "0,4,last", "--grid", "0,1,2,4", "--orders", "selective,random,least",
+      "--draws", "2"], ["ablation"]),
+    (["cka", "--mode", "across", "--checkpoints", "0,2,8,last"], ["cka"]),
+    (["linearity", "--checkpoints", "0,1,4,last"], ["linearity"]),
+]
+
+
+def _cli(args: list[str]) -> None:
+    from click.testing import CliRunner
+
+    from csn.cli import main as cli
+
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+
+
+def _assert_tables_equal(a, b, name: str) -> None:
+    """Same rows in the same order; counts and labels exact, floats within 1e-9 (sums taken in another order)."""
+    assert a is not None and b is not None, name
+    assert list(a.columns) == list(b.columns) and len(a) == len(b), name
+    for col in a.columns:
+        x, y = a[col].to_numpy(), b[col].to_numpy()
+        if a[col].dtype.kind == "f":
+            assert x == pytest.approx(y, abs=1e-9, rel=1e-9, nan_ok=True), f"{name}.{col}"
+        else:
+            assert (x == y).all(), f"{name}.{col}"
+
+
+def test_analysis_commands_under_torchrun_equal_single_process(tiny_run_master, tmp_path):
+    """csn selectivity / ablate (both ways to distribute) / cka / linearity with 2 gloo processes: the tables
+    equal one process's; the selectivity table was started by one process and resumed under torchrun."""
+    import shutil
+
+    from csn.runs import Run
+
+    runs = {k: tmp_path / k / "tiny" for k in ("single", "ddp", "ddp-ck")}
+    for d in runs.values():
+        shutil.copytree(tiny_run_master, d)
+    for args, _ in ANALYSES:
+        _cli([args[0], str(runs["single"]), *args[1:], "--quiet"])
+    _cli(["selectivity", str(runs["ddp"]), "--checkpoints", "first,last", "--quiet"])  # resumed under torchrun
+    jobs = [[args[0], str(runs["ddp"]), *args[1:], "--quiet"] for args, _ in ANALYSES]
+    jobs.append(["ablate", str(runs["ddp-ck"]), *ANALYSES[1][0][1:], "--distribute", "checkpoints", "--quiet"])
+    (tmp_path / "jobs.json").write_text(__import__("json").dumps(jobs))
+    t0 = time.perf_counter()
+    p = _torchrun(tmp_path, "cli", str(tmp_path / "jobs.json"))
+    _ok(p)
+    wall = time.perf_counter() - t0
+    single, ddp = Run(runs["single"]), Run(runs["ddp"])
+    for _, tables in ANALYSES:
+        for name in tables:
+            _assert_tables_equal(single.read(name), ddp.read(name), name)
+    assert single.read("selectivity")["bn_recalibrated"].max() > 0  # BN re-estimated (then broadcast) under torchrun
+    _assert_tables_equal(single.read("ablation"), Run(runs["ddp-ck"]).read("ablation"), "ablation (checkpoints)")
+    out = p.stdout
+    assert out.count("tiny: 7 checkpoints (5 computed, 2 already in the table)") == 1  # rank 0 alone reports
+    assert out.count("ablation of tiny:") == 2
+    assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.rglob(".lock"))
+    print(f"torchrun analyses: {wall:.1f} s")
+
+
+def test_reproduce_smoke_under_torchrun(tmp_path):
+    """`torchrun -m csn reproduce`: DDP training, sharded analyses, rank 0 writes the claims and the report and
+    prints the table once; the smoke split (one evaluation batch for two processes) is cut into example chunks."""
+    import json
+
+    from csn.runs import Run
+
+    p = _torchrun(tmp_path, "-m", "csn", "reproduce", "--preset", "smoke", "--out", "r", "--quiet", module=True,
+                  timeout=300)
+    _ok(p)
+    assert p.stdout.count("claim  verdict") == 1 and p.stdout.count("report: r/report/index.html") == 1
+    claims = json.loads((tmp_path / "r" / "claims.json").read_text())
+    assert [c["claim"] for c in claims["claims"]] == ["C1", "C2", "C3", "C4"]
+    assert (tmp_path / "r" / "report" / "index.html").is_file()
+    base = Run(tmp_path / "r" / "baseline-s0")
+    assert base.info["world_size"] == 2
+    for table in ("selectivity", "ablation", "linearity"):
+        assert base.read(table) is not None, table
+    assert (base.read("selectivity")["n_images"] == base.info["data"]["num_test"]).all()
+    assert Run(tmp_path / "r" / "reg-from-0-s0").read("cka") is not None
+    assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.rglob(".lock"))
+
+
+def test_analysis_bad_input_under_torchrun_fails_on_every_rank(tiny_run, tmp_path):
+    t0 = time.perf_counter()
+    p = _torchrun(tmp_path, "-m", "csn", "selectivity", str(tiny_run), "--layers", "layer9.*", "--quiet",
+                  module=True, timeout=90)
+    out = p.stdout + p.stderr
+    assert p.returncode != 0
+    assert out.count("error: layer pattern 'layer9.*' matches no module") == 2, out[-3000:]
+    assert not (Path(tiny_run) / "tables" / "selectivity.parquet").exists()
+    assert time.perf_counter() - t0 < 60
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("torchvision") is None, reason="needs torchvision")
+def test_imagefolder_run_trains_and_is_analysed_under_torchrun(tmp_path):
+    """The ImageNet path end to end on a tiny ImageFolder (DataLoader workers, the study's transforms): DDP
+    training, then selectivity / ablation / CKA under torchrun equal to one process (BN re-estimated)."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from csn.runs import Run
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("val", 5)):
+        for k in range(4):
+            d = tmp_path / "img" / split / f"class{k}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 256, (40, 48, 3)) // (k + 1)
+                Image.fromarray(pixels.astype(np.uint8)).save(d / f"{i}.png")
+    train = ["train", "--preset", "imagenet-resnet50", "--data-root", str(tmp_path / "img"), "--model", "resnet18",
+             "--out", str(tmp_path / "ddp" / "r50"), "--quiet", "width=0.25", "epochs=1", "batch_size=8", "eval_batch_size=6",
+             "workers=1", "checkpoints=0:end:0.5", "amp=false", "lr=0.05"]
+    analyses = [["selectivity"], ["ablate", "--grid", "0,1,2", "--draws", "2", "--checkpoints", "first,last"],
+                ["cka", "--mode", "across"]]
+    (tmp_path / "jobs.json").write_text(__import__("json").dumps(
+        [train] + [[a[0], str(tmp_path / "ddp" / "r50"), *a[1:], "--quiet"] for a in analyses]))
+    _ok(_torchrun(tmp_path, "cli", str(tmp_path / "jobs.json"), timeout=300))
+    ddp = Run(tmp_path / "ddp" / "r50")
+    assert ddp.info["world_size"] == 2 and len(ddp.checkpoints) == 3 and ddp.info["data"]["num_test"] == 20
+    single = tmp_path / "single" / "r50"
+    shutil.copytree(tmp_path / "ddp" / "r50", single, ignore=shutil.ignore_patterns("tables"))
+    for a in analyses:  # one thread, as each torchrun worker (OMP_NUM_THREADS=1): the same float32 kernels
+        _cli([a[0], str(single), *a[1:], "--quiet", "--threads", "1"])
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    for name in ("selectivity", "class_means", "ablation", "cka"):
+        _assert_tables_equal(Run(single).read(name), ddp.read(name), name)
+    assert ddp.read("selectivity")["bn_recalibrated"].max() > 0
+
+
+def test_imagefolder_analyses_read_the_training_split_without_augmentation(tmp_path):
+    """A folder dataset's train split augments; analyses (and BN re-estimation) read `train_eval`, shuffled."""
+    from torch.utils.data import TensorDataset
+
+    from csn.analysis.common import bn_loader, eval_loader, split_of
+    from csn.data.tensors import DataSplits
+
+    class Run:  # the two things the loaders read of a run
+        config = _cfg(batch_size=8, eval_batch_size=10, workers=0).to_dict()
+
+    ys = torch.arange(40) // 10  # class by class, as an ImageFolder lists its files
+    train = TensorDataset(torch.full((40, 1, 2, 2), -1.0), ys)  # stands for the augmented view
+    train_eval = TensorDataset(torch.arange(40).float().view(40, 1, 1, 1).expand(40, 1, 2, 2), ys)
+    data = DataSplits("folder", train, train_eval, 4, 1, 2, ["a", "b", "c", "d"], train_eval=train_eval)
+    assert split_of(data, "train") is train_eval
+    xs = torch.cat([x for x, _ in eval_loader(Run, data, "train")])
+    assert torch.equal(xs[:, 0, 0, 0], torch.arange(40).float())  # unaugmented, in order
+    first = [y for _, y in bn_loader(Run, data)][:2]  # BN re-estimation: a seeded shuffle, not class 0 first
+    assert len(first[0]) == 8 and len(set(torch.cat(first).tolist())) > 1
+    assert [y.tolist() for _, y in bn_loader(Run, data)][:2] == [y.tolist() for y in first]
+
+
 # ================================================================================================
 # workers (run under torchrun)
 # ================================================================================================
@@ -383,7 +551,7 @@ def _worker_analyses(run_dir: str, out: str) -> None:
     model0 = analysis_model(run, run.checkpoints[0], data, bn_recalibrate=0).model
     layers = resolve_layers(model, None)
     bs = 24
-    loader = eval_loader(run, data, "test", batch_size=bs, shard=True)  # this rank's whole batches
+    loader = eval_loader(run, data, "test", batch_size=bs, shard=True, whole_batches=True)  # this rank's whole batches
     # class statistics: reduce inside collect_class_stats, or afterwards with reduce_class_stats
     stats = collect_class_stats(model, loader, layers, 4, reduce=distributed.all_reduce_, progress=False)
     stats2 = distributed.reduce_class_stats(collect_class_stats(model, loader, layers, 4, progress=False))
@@ -408,6 +576,16 @@ def _worker_analyses(run_dir: str, out: str) -> None:
                     "stats_via_reduce_class_stats": {k: [t.clone() for t in v.tensors()] for k, v in stats2.items()},
                     "cka": acc.result(), "cka_batches": int(acc.count), "csi": csi, "stage_layers": stage_layers,
                     "ablation": sweep, "per_rank_totals": totals}, Path(out) / "analyses.pt")
+
+
+def _worker_cli(jobs_file: str) -> None:
+    """Run csn command lines (a JSON list of argument lists) in this process, one after the other."""
+    import json
+
+    from csn.cli import main
+
+    for args in json.loads(Path(jobs_file).read_text()):
+        main.main(args=args, standalone_mode=False)
 
 
 def _worker_fail_one(out: str) -> None:
@@ -456,5 +634,5 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     os.environ.setdefault("CSN_NO_PROGRESS", "1")
     scenario, *rest = sys.argv[1:]
-    {"train": _worker_train, "reggrad": _worker_reggrad, "analyses": _worker_analyses,
+    {"train": _worker_train, "reggrad": _worker_reggrad, "analyses": _worker_analyses, "cli": _worker_cli,
      "fail_one": _worker_fail_one, "fail_midway": _worker_fail_midway}[scenario](*rest)

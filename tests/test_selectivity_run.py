@@ -11,6 +11,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from csn import selectivity as selmod
+from csn.analysis import common
 from csn.analysis import selectivity_run as sr
 from csn.analysis.common import analysis_model, eval_loader
 from csn.analysis.selectivity_run import (
@@ -150,7 +152,7 @@ def test_resume_computes_only_missing_checkpoints_and_keeps_rows(tiny_run, compu
 
 
 def test_crash_leaves_only_complete_checkpoints_then_resumes(tiny_run, computed, monkeypatch):
-    real = sr.collect_class_stats
+    real = selmod.collect_class_stats
     n = {"calls": 0}
 
     def crashing(*a, **k):
@@ -159,7 +161,7 @@ def test_crash_leaves_only_complete_checkpoints_then_resumes(tiny_run, computed,
             raise RuntimeError("simulated crash")
         return real(*a, **k)
 
-    monkeypatch.setattr(sr, "collect_class_stats", crashing)
+    monkeypatch.setattr(selmod, "collect_class_stats", crashing)
     with pytest.raises(RuntimeError, match="simulated crash"):
         selectivity_for_run(tiny_run, progress=False)
     sel, cm = tables(tiny_run)
@@ -170,7 +172,7 @@ def test_crash_leaves_only_complete_checkpoints_then_resumes(tiny_run, computed,
     run = Run(tiny_run)
     orphan = cm[cm["step"] == 1].assign(step=2, mean=-1.0)
     run.write("class_means", pd.concat([cm, orphan], ignore_index=True))
-    monkeypatch.setattr(sr, "collect_class_stats", real)
+    monkeypatch.setattr(selmod, "collect_class_stats", real)
     selectivity_for_run(tiny_run, progress=False)
     sel, cm = tables(tiny_run)
     full_sel, full_cm = tables(computed)
@@ -242,7 +244,7 @@ def test_labels_out_of_range_leave_no_table(tiny_run, monkeypatch):
         x = torch.randn(8, 1, 8, 8)
         return [(x, torch.tensor([0, 1, 2, 3, 0, 1, 2, 9]))]
 
-    monkeypatch.setattr(sr, "eval_loader", bad_loader)
+    monkeypatch.setattr(common, "eval_loader", bad_loader)
     with pytest.raises(CsnError, match=r"step 0 .*label 9 is out of range for num_classes=4"):
         selectivity_for_run(tiny_run, progress=False)
     assert tables(tiny_run) == (None, None)

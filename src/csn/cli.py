@@ -76,6 +76,25 @@ def _threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
+def echo(message: str = "", err: bool = False) -> None:
+    """click.echo on rank 0 only: under torchrun every rank runs the command, one of them reports."""
+    from csn.distributed import is_main
+
+    if is_main():
+        click.echo(message, err=err)
+
+
+def analysis_setup(device: str, threads: int | None):
+    """What every analysis command does first: join torchrun's process group when launched by it,
+    set CPU threads, and resolve the device ('auto' under torchrun: this rank's GPU)."""
+    from csn import distributed
+    from csn.training.loop import resolve_device
+
+    distributed.init_from_env()
+    _threads(threads)
+    return resolve_device(device)
+
+
 @main.command(context_settings=CONTEXT)
 @click.option("--preset", help="Start from a preset: smoke, fmnist, imagenet-resnet50.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML or YAML config file (may name a preset).")

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import click
 
-from csn.cli import CONTEXT
-from csn.errors import CsnError
+from csn.cli import CONTEXT, analysis_setup, echo
 
 
 def _rel(p: Path) -> str:
@@ -17,14 +16,6 @@ def _rel(p: Path) -> str:
         return str(Path(p).resolve().relative_to(Path.cwd()))
     except ValueError:
         return str(p)
-
-
-def _device(name: str) -> str:
-    if name == "auto":
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
 
 
 def _fmt_gap(row) -> str:
@@ -64,12 +55,15 @@ def _fmt_gap(row) -> str:
               help="Reference protocol: a full forward pass per point (slow; gives the same numbers as the default).")
 @click.option("--max-batch-masks", type=int, metavar="M",
               help="At most M masks share one forward pass (default: as many as a memory budget allows).")
+@click.option("--distribute", type=click.Choice(["split", "checkpoints"]), default="split", show_default=True,
+              help="Under torchrun: every process scores its shard of each checkpoint's split (counts summed), or "
+                   "each process takes whole checkpoints (best with many checkpoints). Same rows either way.")
 @click.option("--plot", is_flag=True, help="Also draw the figures (PNG + SVG) into each run's report/ folder.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1.")
 @click.option("--threads", type=int, help="CPU threads for torch.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def command(runs, stages, orders, draws, grid, checkpoints, rank_split, score_split, bn_recalibrate, mode, seed, samples,
-            naive, max_batch_masks, plot, device, threads, quiet) -> None:
+            naive, max_batch_masks, distribute, plot, device, threads, quiet) -> None:
     """Ablate the most selective, random and least selective units, stage by stage, at every checkpoint.
 
     Per checkpoint and stage, each block's units are ranked by that checkpoint's class selectivity
@@ -88,45 +82,45 @@ def command(runs, stages, orders, draws, grid, checkpoints, rank_split, score_sp
       csn ablate runs/fmnist
       csn ablate runs/fmnist --checkpoints e0.125,last --stages layer1,layer2 --draws 5 --plot
       csn ablate runs/fmnist --grid f:0,0.05,0.1,0.25,0.5,1 --rank-split train --score-split test
+      torchrun --nproc_per_node=8 -m csn ablate runs/r50-s0 --checkpoints 0:10,last --distribute checkpoints
     """
+    from csn import distributed
     from csn.analysis.ablation import check_orders, execute_plan, parse_grid, plan_ablation, summarize_ablation
 
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-    orders_t = check_orders(orders, draws)
-    g = parse_grid(grid)
-    dev = _device(device)
+    dev = analysis_setup(device, threads)  # under torchrun: see --distribute; rank 0 writes
+    plot = plot and distributed.is_main()
     progress = not quiet and not os.environ.get("CSN_NO_PROGRESS")
-    # validate every run before computing anything, so bad input never leaves rows behind
-    plans = [plan_ablation(r, stages=stages, orders=orders_t, draws=draws, grid=g, checkpoints=checkpoints,
-                           rank_split=rank_split, score_split=score_split, bn_recalibrate=bn_recalibrate, naive=naive,
-                           device=dev, progress=progress, seed=seed, mode=mode, max_batch_masks=max_batch_masks,
-                           score_samples=samples)
-             for r in runs]
+    # validate every run before computing anything, so bad input never leaves rows behind (on every rank)
+    with distributed.same_outcome():
+        orders_t = check_orders(orders, draws)
+        g = parse_grid(grid)
+        plans = [plan_ablation(r, stages=stages, orders=orders_t, draws=draws, grid=g, checkpoints=checkpoints,
+                               rank_split=rank_split, score_split=score_split, bn_recalibrate=bn_recalibrate,
+                               naive=naive, device=dev, progress=progress, seed=seed, mode=mode,
+                               max_batch_masks=max_batch_masks, score_samples=samples, distribute=distribute)
+                 for r in runs]
     for plan in plans:
         run = plan.run
         df = execute_plan(plan)
         path = run.table_path("ablation")
-        click.echo(f"ablation of {run.name}: {len(df)} rows for {df['step'].nunique()} checkpoints written to {_rel(path)}")
+        echo(f"ablation of {run.name}: {len(df)} rows for {df['step'].nunique()} checkpoints written to {_rel(path)}")
         gaps = summarize_ablation(df).gaps
         if {"selective", "random"} <= set(orders_t) and not gaps.empty:
-            click.echo("  area gap, selective minus random (negative: selective units matter more):")
+            echo("  area gap, selective minus random (negative: selective units matter more):")
             for stage, gs in gaps.groupby("stage", sort=False):
                 gs = gs.sort_values("step")
                 first, last = gs.iloc[0], gs.iloc[-1]
                 line = f"    {stage}: first {_fmt_gap(first)}"
                 if len(gs) > 1:
                     line += f"; last {_fmt_gap(last)}"
-                click.echo(line)
+                echo(line)
         if plot:
             from csn.report.fig_ablation import ablation_figures
             from csn.runs import read_table
 
             figs = ablation_figures(read_table(path), run.report_dir, title=run.name)
             for f in figs:
-                click.echo(f"  figure: {_rel(f.png)} (+ .svg)")
+                echo(f"  figure: {_rel(f.png)} (+ .svg)")
 
 
 COMMANDS = [command]

@@ -6,7 +6,7 @@ import os
 
 import click
 
-from csn.cli import CONTEXT
+from csn.cli import CONTEXT, analysis_setup, echo
 from csn.cli_linearity import parse_samples, rel
 
 
@@ -69,15 +69,13 @@ def cka(run, run_b, mode, layers, checkpoints, reference, previous, samples, spl
       csn cka runs/fmnist --mode across --reference last --plot
       csn cka runs/reg-s0 runs/unreg-s0 --checkpoints 0:20 --plot  # two runs, same layers
     """
-    import torch
 
     from csn.analysis.cka_run import cka_for_runs, describe_cka
+    from csn import distributed
     from csn.runs import Run
-    from csn.training.loop import resolve_device
 
-    if threads:
-        torch.set_num_threads(threads)
-    dev = resolve_device(device)
+    dev = analysis_setup(device, threads)  # under torchrun: every rank streams its shard, rank 0 writes
+    plot = plot and distributed.is_main()
     n = parse_samples(samples, None)
     progress = not quiet and not os.environ.get("CSN_NO_PROGRESS")
     run_a = Run(run)
@@ -85,21 +83,21 @@ def cka(run, run_b, mode, layers, checkpoints, reference, previous, samples, spl
     before = run_a.read("cka")
     df = cka_for_runs(run_a, rb, layers=_patterns(layers), checkpoints=checkpoints, mode=mode, reference=reference,
                       previous=previous, samples=n, split=split, batch_size=batch_size, bn_recalibrate=bn_recalibrate,
-                      device=dev, progress=progress, log=lambda s: click.echo(s, err=True))
+                      device=dev, progress=progress, log=lambda s: echo(s, err=True))
     full = run_a.read("cka")
     added = len(full) - (0 if before is None else len(before))
     what = sorted(set(df["comparison"])) if len(df) else []
-    click.echo(f"{run_a.name}: CKA {', '.join(what) or 'nothing'} over {df['step_a'].nunique()} checkpoints, "
+    echo(f"{run_a.name}: CKA {', '.join(what) or 'nothing'} over {df['step_a'].nunique()} checkpoints, "
                f"{df['layer_a'].nunique()} layers, {int(df['samples'].iloc[0]) if len(df) else 0} {split} examples "
                f"({added} rows added)")
-    click.echo(f"  wrote {rel(run_a.table_path('cka'))} ({len(full)} rows)")
+    echo(f"  wrote {rel(run_a.table_path('cka'))} ({len(full)} rows)")
     for line in describe_cka(df):
-        click.echo(f"    {line}")
+        echo(f"    {line}")
     if plot and len(df):
         from csn.report.fig_cka import cka_figures
 
         for f in cka_figures(df, run_a.report_dir, log_epochs=log_epochs, title=run_a.name):
-            click.echo(f"  figure {rel(f.png)} (+ .svg)")
+            echo(f"  figure {rel(f.png)} (+ .svg)")
 
 
 COMMANDS = [cka]

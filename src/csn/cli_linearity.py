@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from csn.cli import CONTEXT
+from csn.cli import CONTEXT, analysis_setup, echo
 from csn.errors import CsnError
 
 
@@ -88,7 +88,6 @@ def linearity(runs, checkpoints, measures, samples, split, fit_epochs, bn_recali
       csn linearity runs/fmnist --checkpoints 0:1 --samples all
       csn linearity runs/fmnist-s0 runs/fmnist-s1 runs/fmnist-s2 --plot --out runs/figs
     """
-    import torch
 
     from csn.analysis.linearity_run import (
         DEFAULT_SAMPLES,
@@ -96,44 +95,44 @@ def linearity(runs, checkpoints, measures, samples, split, fit_epochs, bn_recali
         describe_linearity,
         linearity_for_run,
     )
+    from csn import distributed
     from csn.runs import Run
-    from csn.training.loop import resolve_device
 
-    if threads:
-        torch.set_num_threads(threads)
-    dev = resolve_device(device)
+    dev = analysis_setup(device, threads)  # under torchrun: every rank streams its shard, rank 0 writes
+    plot = plot and distributed.is_main()
     n = parse_samples(samples, DEFAULT_SAMPLES)
     groups = check_groups(measures)
     progress = not quiet and not os.environ.get("CSN_NO_PROGRESS")
     run_objs = []
-    for r in runs:  # validate everything before any work
-        run = Run(r)
-        run.select(checkpoints)
-        run_objs.append(run)
+    with distributed.same_outcome():  # validate everything before any work (under torchrun: on every rank)
+        for r in runs:
+            run = Run(r)
+            run.select(checkpoints)
+            run_objs.append(run)
 
     tables = {}
     for run in run_objs:
         before = run.read("linearity")
         df = linearity_for_run(run, checkpoints=checkpoints, split=split, samples=n, bn_recalibrate=bn_recalibrate,
                                device=dev, progress=progress, linear_epochs=fit_epochs, measures=groups,
-                               log=lambda s: click.echo(s, err=True))
+                               log=lambda s: echo(s, err=True))
         full = run.read("linearity")
         n_before = 0 if before is None else len(before)
-        click.echo(f"{run.name}: {df['step'].nunique()} checkpoints, {df['measure'].nunique()} measures "
+        echo(f"{run.name}: {df['step'].nunique()} checkpoints, {df['measure'].nunique()} measures "
                    f"({len(full) - n_before} rows added), {split} split")
-        click.echo(f"  wrote {rel(run.table_path('linearity'))} ({len(full)} rows)")
+        echo(f"  wrote {rel(run.table_path('linearity'))} ({len(full)} rows)")
         lm = run.path / "tables" / "linear_model.safetensors"
         if "linear" in groups and lm.is_file():
-            click.echo(f"  linear classifier: {rel(lm)}")
+            echo(f"  linear classifier: {rel(lm)}")
         for line in describe_linearity(df):
-            click.echo(f"    {line}")
+            echo(f"    {line}")
         key = run.name if run.name not in tables else str(run.path)
         tables[key] = df
         if plot:
             from csn.report.fig_linearity import linearity_figure
 
             f = linearity_figure(df, run.report_dir, log_epochs=log_epochs, title=run.name)
-            click.echo(f"  figure {rel(f.png)} (+ .svg)")
+            echo(f"  figure {rel(f.png)} (+ .svg)")
 
     if len(tables) > 1:
         from csn.analysis.linearity_run import summarize_linearity
@@ -141,21 +140,21 @@ def linearity(runs, checkpoints, measures, samples, split, fit_epochs, bn_recali
         try:
             across = summarize_linearity(tables)
         except CsnError as e:
-            click.echo(f"across runs: skipped ({e})", err=True)
+            echo(f"across runs: skipped ({e})", err=True)
             return
         if across.empty:
-            click.echo("across runs: skipped (the runs share no checkpoint step)", err=True)
+            echo("across runs: skipped (the runs share no checkpoint step)", err=True)
             return
-        click.echo(f"across {len(tables)} runs (mean over runs at the {across['step'].nunique()} shared checkpoints):")
+        echo(f"across {len(tables)} runs (mean over runs at the {across['step'].nunique()} shared checkpoints):")
         for line in describe_linearity(tables):
-            click.echo(f"    {line}")
+            echo(f"    {line}")
         if plot:
             from csn.report.fig_linearity import linearity_figure
 
             dest = Path(out) if out else run_objs[0].report_dir
             f = linearity_figure(tables, dest, log_epochs=log_epochs, name="linearity_seeds",
                                  title=f"{len(tables)} runs")
-            click.echo(f"  figure {rel(f.png)} (+ .svg)")
+            echo(f"  figure {rel(f.png)} (+ .svg)")
 
 
 COMMANDS = [linearity]

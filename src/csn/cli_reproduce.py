@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from csn.cli import CONTEXT
+from csn.cli import CONTEXT, echo
 
 
 @click.command(context_settings=CONTEXT)
@@ -29,12 +29,14 @@ def reproduce(preset, out, seeds, resume, force, data_root, quiet) -> None:
     Ends by printing the claims table and the report's path (OUT/report/index.html); the verdicts
     and the thresholds behind them are also in OUT/claims.json.
     """
+    from csn import distributed
     from csn.experiments.claims import verdict_table
     from csn.experiments.reproduce import reproduce as run
 
+    distributed.init_from_env()  # under torchrun: DDP training, sharded analyses, rank 0 writes and reports
     report, verdicts = run(preset, out, seeds=seeds, resume=resume, force=force, data_root=data_root, progress=not quiet)
-    click.echo(verdict_table(verdicts))
-    click.echo(f"report: {report}")
+    echo(verdict_table(verdicts))
+    echo(f"report: {report}")
 
 
 COMMANDS = [reproduce]

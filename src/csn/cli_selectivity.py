@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from csn.cli import CONTEXT
+from csn.cli import CONTEXT, analysis_setup, echo
 from csn.errors import CsnError
 
 
@@ -108,7 +108,6 @@ def selectivity(runs, split, layers, checkpoints, bn_recalibrate, variant, sampl
       csn selectivity runs/fmnist --bn-recalibrate 0 --tag nobn --plot    # adds a BN on/off figure
       csn selectivity runs/fmnist-s0 runs/fmnist-s1 runs/fmnist-s2 --plot --out runs/figs
     """
-    import torch
 
     from csn.analysis.selectivity_run import (
         describe_peaks,
@@ -117,24 +116,24 @@ def selectivity(runs, split, layers, checkpoints, bn_recalibrate, variant, sampl
         summarize_runs,
         table_names,
     )
+    from csn import distributed
     from csn.runs import Run
-    from csn.training.loop import resolve_device
     from csn.units import resolve_layers
 
-    if threads:
-        torch.set_num_threads(threads)
-    dev = resolve_device(device)
+    dev = analysis_setup(device, threads)  # under torchrun: every rank streams its shard, rank 0 writes
+    plot = plot and distributed.is_main()
     patterns = _split_patterns(layers)
     sel_name, cm_name = table_names(tag)
     progress = not quiet and not os.environ.get("CSN_NO_PROGRESS")
 
     # validate everything first: a bad run, selector or layer pattern stops before any work
     run_objs = []
-    for r in runs:
-        run = Run(r)
-        run.select(checkpoints)
-        resolve_layers(run.build_model(), patterns)
-        run_objs.append(run)
+    with distributed.same_outcome():  # under torchrun: a bad request fails on every rank together
+        for r in runs:
+            run = Run(r)
+            run.select(checkpoints)
+            resolve_layers(run.build_model(), patterns)
+            run_objs.append(run)
 
     tables = {}
     for run in run_objs:
@@ -143,19 +142,19 @@ def selectivity(runs, split, layers, checkpoints, bn_recalibrate, variant, sampl
         already = len(selected & set(before["step"].unique().tolist())) if before is not None else 0
         sel, _cm = selectivity_for_run(run, split=split, layers=patterns, checkpoints=checkpoints,
                                        bn_recalibrate=bn_recalibrate, device=dev, progress=progress,
-                                       variant=variant, tag=tag, samples=samples, log=lambda s: click.echo(s, err=True))
+                                       variant=variant, tag=tag, samples=samples, log=lambda s: echo(s, err=True))
         full = run.read(sel_name)
         n_cm = len(run.read(cm_name))
         n_steps = full["step"].nunique()
         units = int((full["step"] == full["step"].iloc[0]).sum())
-        click.echo(f"{run.name}: {len(selected)} checkpoints ({len(selected) - already} computed, {already} already "
+        echo(f"{run.name}: {len(selected)} checkpoints ({len(selected) - already} computed, {already} already "
                    f"in the table), {units} units in {full['stage'].nunique()} stages, {split} split "
                    f"({int(full['n_images'].iloc[0])} images)")
-        click.echo(f"  wrote {_rel(run.table_path(sel_name))} ({len(full)} rows) and "
+        echo(f"  wrote {_rel(run.table_path(sel_name))} ({len(full)} rows) and "
                    f"{_rel(run.table_path(cm_name))} ({n_cm} rows)")
-        click.echo(f"  over all {n_steps} checkpoints in the table:")
+        echo(f"  over all {n_steps} checkpoints in the table:")
         for line in describe_peaks(summarize(full)):
-            click.echo(f"    {line}")
+            echo(f"    {line}")
         key = run.name if run.name not in tables else str(run.path)
         tables[key] = full
         if plot:
@@ -168,24 +167,24 @@ def selectivity(runs, split, layers, checkpoints, bn_recalibrate, variant, sampl
                 figs.append(bn_comparison(summarize(pair[0]), summarize(pair[1]), run.report_dir,
                                           log_epochs=log_epochs, name=f"{prefix}_bn_comparison", title=run.name))
             for f in figs:
-                click.echo(f"  figure {_rel(f.png)} (+ .svg)")
+                echo(f"  figure {_rel(f.png)} (+ .svg)")
 
     if len(tables) > 1:
         try:
             across = summarize_runs(tables)
         except CsnError as e:
-            click.echo(f"across runs: skipped ({e})", err=True)
+            echo(f"across runs: skipped ({e})", err=True)
             return
-        click.echo(f"across {len(tables)} runs (mean over runs at the {across['step'].nunique()} shared checkpoints):")
+        echo(f"across {len(tables)} runs (mean over runs at the {across['step'].nunique()} shared checkpoints):")
         for line in describe_peaks(across):
-            click.echo(f"    {line}")
+            echo(f"    {line}")
         if plot:
             from csn.report.fig_selectivity import seeds_figures
 
             dest = Path(out) if out else run_objs[0].report_dir
             for f in seeds_figures(tables, dest, log_epochs=log_epochs,
                                    prefix=sel_name.replace("selectivity", "selectivity_seeds", 1)):
-                click.echo(f"  figure {_rel(f.png)} (+ .svg)")
+                echo(f"  figure {_rel(f.png)} (+ .svg)")
 
 
 COMMANDS = [selectivity]

@@ -8,10 +8,16 @@ What lives here (PyTorch's own engine underneath: torch.distributed + DDP, nothi
   `all_reduce_with_grad` (the regularizer's global-batch class sums, differentiable);
 - failing together: `same_outcome()` runs a block on every rank and, if it raises on any rank,
   raises the same one-line CsnError on every rank (no rank is left waiting in a collective);
-- analyses: `shard_range`/`shard_split` give each rank a contiguous run of whole evaluation batches
-  (the single-process batches, so per-batch statistics such as minibatch CKA are unchanged), and
-  `all_reduce_`/`all_reduce_tensors`/`reduce_class_stats`/`reduce_cka` sum the streamed statistics
-  (class sums/counts, correct counts, HSIC terms) so the result equals the single-process one.
+- analyses: `shard_range`/`shard_split` give each rank a contiguous part of the evaluation split
+  (equal chunks of examples for sums; whole single-process batches for per-batch statistics such as
+  minibatch CKA), and
+  `all_reduce_`/`all_reduce_tensors`/`reduce_class_stats`/`reduce_cka`/`reduce_ablation`/
+  `reduce_linearity` sum the streamed statistics (class sums/counts, correct counts, HSIC terms) so
+  the result equals the single-process one; `broadcast_buffers_` gives every rank rank 0's BatchNorm
+  statistics (re-estimated on every rank); `share` spreads independent jobs (checkpoints);
+- writing: rank 0 alone writes. `main_lock` takes a run's writer lock on rank 0 only, `on_main`
+  runs a step (read a table, decide what is left to do, write rows) on rank 0 and hands its result
+  to every rank; both fail on every rank together (`same_outcome`).
 """
 
 from __future__ import annotations
@@ -157,8 +163,11 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 
 @contextlib.contextmanager
-def same_outcome() -> Iterator[None]:
+def same_outcome(enabled: bool = True) -> Iterator[None]:
     """Run a block on every rank; if it raised on any rank, raise on every rank, so no rank hangs.
+
+    enabled=False runs the block as is (for code shared by both cases: ranks working on different
+    jobs, whose outcomes an enclosing same_outcome collects).
 
     A CsnError keeps its one-line message on every rank (the lowest failing rank's message); any other
     exception is re-raised unchanged on the rank that hit it, while the others get a CsnError naming
@@ -168,7 +177,7 @@ def same_outcome() -> Iterator[None]:
     A failure inside collectives (mid-training) ends the job through torchrun, which stops the other
     workers when one exits non-zero (or through the process-group timeout, CSN_DIST_TIMEOUT).
     """
-    if not is_dist():
+    if not enabled or not is_dist():
         yield
         return
     err: BaseException | None = None
@@ -197,27 +206,29 @@ def same_outcome() -> Iterator[None]:
 # analyses: shard the evaluation split, reduce the statistics
 # ------------------------------------------------------------------------------------------------
 
-def shard_range(num_examples: int, batch_size: int, rank_: int | None = None, world: int | None = None) -> range:
-    """The examples of this rank's shard: a contiguous run of whole batches of `batch_size`.
+def shard_range(num_examples: int, batch_size: int | None = None, rank_: int | None = None,
+                world: int | None = None) -> range:
+    """The examples of this rank's shard of a split, a contiguous range; the ranks' ranges cover it in order.
 
-    Batches are the single-process ones (batch b = examples [b*bs, (b+1)*bs)), split into `world`
-    contiguous runs whose lengths differ by at most one batch (the last, partial batch goes to the
-    last rank that has batches). Summed statistics over shards then equal the single-process ones,
-    including per-batch ones such as minibatch HSIC. Fewer batches than ranks is a CsnError.
+    batch_size None: equal chunks of ceil(n / world) examples, for statistics that are sums over
+    examples (class sums and counts, correct counts, linearity counts and norms), which do not depend
+    on batch boundaries. batch_size B: a contiguous run of the single-process batches (batch b =
+    examples [b*B, (b+1)*B)), the runs differing by at most one batch, for per-batch statistics such
+    as minibatch HSIC; with fewer batches than ranks the last ranks get an empty range.
     """
     r = rank() if rank_ is None else int(rank_)
     w = world_size() if world is None else int(world)
-    if batch_size <= 0:
+    if batch_size is None:
+        batch_size, nb = max(1, -(-num_examples // w)), w
+    elif batch_size <= 0:
         raise CsnError(f"batch size must be positive, got {batch_size}.")
-    nb = -(-num_examples // batch_size)
-    if w > 1 and nb < w:
-        raise CsnError(f"the evaluation split has {nb} batch(es) of {batch_size} for {w} processes; "
-                       "lower the evaluation batch size or use fewer processes.")
-    lo, hi = (nb * r) // w, (nb * (r + 1)) // w
+    else:
+        nb = -(-num_examples // batch_size)
+    lo, hi = -(-nb * r // w), -(-nb * (r + 1) // w)  # with fewer batches than ranks, the first ranks work
     return range(min(lo * batch_size, num_examples), min(hi * batch_size, num_examples))
 
 
-def shard_split(split: Any, batch_size: int, rank_: int | None = None, world: int | None = None) -> Any:
+def shard_split(split: Any, batch_size: int | None = None, rank_: int | None = None, world: int | None = None) -> Any:
     """This rank's shard (see shard_range) of a split: a TensorSplit slice, or a torch Subset of a Dataset.
 
     Returns the split itself in a single process.
@@ -236,19 +247,43 @@ def shard_split(split: Any, batch_size: int, rank_: int | None = None, world: in
     return Subset(split, list(idx))
 
 
-def all_reduce_(t: Tensor) -> Tensor:
-    """In-place sum across ranks (no-op in a single process); usable as collect_class_stats(reduce=...).
+def _in_place(t: Tensor, collective) -> Tensor:
+    """Apply a tensor collective in place; with the nccl backend a CPU tensor goes through a GPU copy."""
+    if t.device.type == "cpu" and dist.get_backend() == "nccl":
+        tmp = t.to(torch.device("cuda", torch.cuda.current_device()))
+        collective(tmp)
+        t.copy_(tmp)
+    else:
+        collective(t)
+    return t
 
-    With the nccl backend a CPU tensor is summed through a GPU copy.
+
+def all_reduce_(t: Tensor) -> Tensor:
+    """In-place sum across ranks (no-op in a single process); usable as collect_class_stats(reduce=...)."""
+    if is_dist():
+        _in_place(t, lambda x: dist.all_reduce(x, op=dist.ReduceOp.SUM))
+    return t
+
+
+def broadcast_(t: Tensor, src: int = 0) -> Tensor:
+    """In place, rank `src`'s values on every rank (no-op in a single process)."""
+    if is_dist():
+        _in_place(t, lambda x: dist.broadcast(x, src=src))
+    return t
+
+
+def broadcast_buffers_(model: torch.nn.Module, src: int = 0) -> torch.nn.Module:
+    """Every rank's buffers (BatchNorm statistics) become rank `src`'s, in place (no-op in a single process).
+
+    Used after BatchNorm re-estimation, which every rank runs on the same training batches:
+    non-deterministic kernels could make the ranks' statistics differ in the last bits; after this,
+    every rank scores its shard with one and the same model.
     """
     if is_dist():
-        if t.device.type == "cpu" and dist.get_backend() == "nccl":
-            tmp = t.to(torch.device("cuda", torch.cuda.current_device()))
-            dist.all_reduce(tmp, op=dist.ReduceOp.SUM)
-            t.copy_(tmp)
-        else:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
+        with torch.no_grad():
+            for t in model.buffers():
+                broadcast_(t.data, src)
+    return model
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -325,10 +360,59 @@ def reduce_ablation(df: Any) -> Any:
     return out
 
 
+def reduce_linearity(acc: Any) -> Any:
+    """Sum a LinearityAccumulator's counts and squared norms across ranks and gather its per-example
+    predictions (rank order = the order of the single-process pass over the sharded split); returns it."""
+    if not is_dist():
+        return acc
+    all_reduce_(acc.sums)
+    every = all_gather_objects({k: None if v is None else v.cpu() for k, v in acc.preds.items()})
+    for k in acc.preds:
+        parts = [p[k] for p in every if p[k] is not None]
+        acc.preds[k] = torch.cat(parts) if parts else None
+    return acc
+
+
 def share(items: Iterable[Any]) -> list[Any]:
     """This rank's share of independent jobs (items[rank::world]), e.g. checkpoints to analyse in parallel;
     combine the results with all_gather_objects and let rank 0 write."""
     return list(items)[rank()::world_size()]
+
+
+# ------------------------------------------------------------------------------------------------
+# rank 0 writes
+# ------------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def main_lock(run_dir: Any, what: str) -> Iterator[None]:
+    """The run's writer lock (csn.runs.run_lock) held by rank 0 alone, the only rank that writes.
+
+    A busy lock (another csn process writing there) is raised on every rank. In a single process this
+    is run_lock itself.
+    """
+    from csn.runs import run_lock
+
+    with contextlib.ExitStack() as stack:
+        with same_outcome():
+            if is_main():
+                stack.enter_context(run_lock(run_dir, what))
+        yield
+
+
+def on_main(fn, *args: Any, **kwargs: Any) -> Any:
+    """fn(*args, **kwargs) run on rank 0 alone, its (picklable) result handed to every rank.
+
+    For the steps of an analysis that read or write the run's tables (what is left to do, appending
+    rows): every rank then works on the same list, and an error on rank 0 is raised on every rank.
+    In a single process: fn(*args, **kwargs).
+    """
+    if not is_dist():
+        return fn(*args, **kwargs)
+    out = None
+    with same_outcome():
+        if is_main():
+            out = fn(*args, **kwargs)
+    return broadcast_object(out)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -357,13 +441,12 @@ class EpochSampler(DistributedSampler):
         return max(self.num_samples - self.start, 0)
 
 
-def folder_loader(split, cfg, *, train: bool, device: torch.device, shard: bool = False):
+def folder_loader(split, cfg, *, train: bool, device: torch.device):
     """A torch DataLoader with worker processes over a torchvision-style dataset.
 
     train=True: each rank loads its share of every global batch (batch_size / world size), in an
     order shuffled per epoch (DistributedSampler semantics, drop_last), resumable mid-epoch.
-    train=False: the whole split in order on every rank, or with shard=True this rank's contiguous
-    run of whole evaluation batches (shard_split), so reduced statistics equal the single-process ones.
+    train=False: the split as given, in order (pass a shard_split for this rank's part of it).
     """
     from torch.utils.data import DataLoader
 
@@ -379,8 +462,6 @@ def folder_loader(split, cfg, *, train: bool, device: torch.device, shard: bool 
                             pin_memory=pin, drop_last=True, persistent_workers=cfg.workers > 0,
                             generator=torch.Generator().manual_seed(_mix(cfg.seed, r, 3)))
     else:
-        if shard:
-            split = shard_split(split, cfg.eval_batch_size)
         loader = DataLoader(split, batch_size=cfg.eval_batch_size, shuffle=False, num_workers=cfg.workers,
                             pin_memory=pin, drop_last=False)
     return _DeviceLoader(loader, device, cfg.channels_last and device.type != "mps")
@@ -424,7 +505,7 @@ class _DeviceLoader:
 __all__ = [
     "is_dist", "rank", "world_size", "local_rank", "is_main", "barrier", "init_from_env", "wrap_ddp",
     "has_batchnorm", "sync_batchnorm", "all_gather_objects", "broadcast_object", "same_outcome", "shard_range",
-    "shard_split", "all_reduce_", "all_reduce_with_grad", "all_reduce_tensors", "reduce_class_stats", "reduce_cka", "reduce_ablation",
-    "share", "EpochSampler",
+    "shard_split", "all_reduce_", "all_reduce_with_grad", "all_reduce_tensors", "broadcast_", "broadcast_buffers_", "reduce_class_stats",
+    "reduce_cka", "reduce_ablation", "reduce_linearity", "share", "main_lock", "on_main", "EpochSampler",
     "folder_loader",
 ]

@@ -55,6 +55,9 @@ ORDERS = ("selective", "random", "least")
 """Unit orders: most selective first, a seeded random set, least selective first."""
 MODES = ("zero", "mean")
 """Ablation modes: set the unit to 0 (the study's), or to its dataset mean (a variant)."""
+DISTRIBUTE = ("split", "checkpoints")
+"""Under torchrun: every rank scores its shard of each checkpoint's split (counts summed), or each
+rank takes whole checkpoints (rank r gets the r-th of every `world size` checkpoints still to do)."""
 DEFAULT_FRACTIONS = (0.0, 1 / 64, 1 / 32, 1 / 16, 1 / 8, 3 / 16, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 1.0)
 """Default grid: fractions of the block width, dense at the start, rounded to unique unit counts."""
 DEFAULT_MAX_ELEMENTS = {"cpu": 1 << 20, "other": 1 << 27}
@@ -763,11 +766,10 @@ def resolve_stages(model: nn.Module, stages: Sequence[str] | str | None = None) 
     return out
 
 
-def _means_and_csi(model: nn.Module, loader, layers: list[str], num_classes: int, device) -> tuple[dict, dict]:
-    """CSI (csn's definition, via selectivity_frame) and each unit's dataset mean, from one pass over loader."""
-    from csn.selectivity import collect_class_stats, selectivity_frame
+def _means_and_csi(stats: Mapping[str, Any]) -> tuple[dict, dict]:
+    """CSI (csn's definition, via selectivity_frame) and each unit's dataset mean, from class statistics."""
+    from csn.selectivity import selectivity_frame
 
-    stats = collect_class_stats(model, loader, layers, num_classes, device=device, progress=False)
     frame = selectivity_frame(stats)
     csi = {layer: torch.tensor(g.sort_values("unit")["csi"].to_numpy(np.float64)) for layer, g in frame.groupby("layer")}
     means = {layer: (st.sums.sum(0) / st.counts.sum().clamp_min(1)).float().cpu() for layer, st in stats.items()}
@@ -828,6 +830,7 @@ class AblationPlan:
     max_batch_masks: int | None
     max_elements: int | None
     score_samples: int | None = None  # score on a fixed seeded subset of the score split (None = all of it)
+    distribute: str = "split"  # under torchrun: shard each checkpoint's evaluation, or spread the checkpoints
 
     @property
     def expected(self) -> set[tuple[str, str, int, int]]:
@@ -855,6 +858,7 @@ def plan_ablation(
     max_batch_masks: int | None = None,
     max_elements: int | None = None,
     score_samples: int | None = None,
+    distribute: str = "split",
 ) -> AblationPlan:
     """Validate an ablate_run request against the run (stages, grid vs block widths, orders, draws, splits,
     checkpoints) without computing or writing anything; raises one CsnError naming the problem."""
@@ -867,6 +871,8 @@ def plan_ablation(
     g = parse_grid(grid)
     if mode not in MODES:
         raise unknown("ablation mode", mode, MODES)
+    if distribute not in DISTRIBUTE:
+        raise unknown("way to distribute the ablation", distribute, DISTRIBUTE)
     for s in (rank_split, score_split):
         if s not in ("train", "test"):
             raise CsnError(f"unknown split {s!r}; use 'train' or 'test'.")
@@ -896,7 +902,7 @@ def plan_ablation(
             bn_plan = {s: min(n, avail) for s, n in bn_plan.items()}
     return AblationPlan(run, data, ckpts, stage_layers, probe.units, counts, bn_plan, num_classes, g, orders, int(draws),
                         rank_split, score_split, bn_recalibrate, bool(naive), device, bool(progress), int(seed), mode,
-                        max_batch_masks, max_elements, score_samples)
+                        max_batch_masks, max_elements, score_samples, distribute)
 
 
 def _checkpoint_done(plan: AblationPlan, existing: pd.DataFrame | None, c) -> bool:
@@ -919,50 +925,95 @@ def _checkpoint_done(plan: AblationPlan, existing: pd.DataFrame | None, c) -> bo
     return have == expected and len(e) == len(expected)
 
 
-def execute_plan(plan: AblationPlan) -> pd.DataFrame:
-    """Carry out a plan: skip finished checkpoints, compute the rest, one atomic table rewrite per checkpoint."""
-    from csn.analysis.common import analysis_model, eval_loader
-    from csn.runs import append_rows, run_lock
+def _checkpoint_rows(plan: AblationPlan, c, sel_table: pd.DataFrame | None, bar, shared: bool) -> pd.DataFrame:
+    """The ablation rows of one checkpoint (table columns). shared=True under torchrun: every rank works on
+    this checkpoint, scores its shard of the split, and the counts are summed (every rank gets all rows);
+    shared=False: this rank alone does the whole checkpoint (no collective)."""
+    from csn.analysis.common import analysis_model, class_stats_of_split, eval_loader
+    from csn.distributed import reduce_ablation, same_outcome
 
     run, data, device = plan.run, plan.data, plan.device
     all_layers = [layer for layers in plan.stage_layers.values() for layer in layers]
     ranked = any(o != "random" for o in plan.orders)
+    try:
+        am = analysis_model(run, c, data, bn_recalibrate=plan.bn_recalibrate, device=device, shared=shared)
+        n_bn = am.bn_recalibrated  # batches actually used, as selectivity records it
+        csi, means = None, None
+        if plan.mode == "zero" and ranked:
+            csi = _csi_from_table(sel_table, c.step, all_layers, plan.units, plan.rank_split, n_bn)
+        if (csi is None and ranked) or plan.mode == "mean":
+            csi, means = _means_and_csi(class_stats_of_split(run, data, am.model, plan.rank_split, all_layers,
+                                                             plan.num_classes, device=device, shard=shared))
+        loader = eval_loader(run, data, plan.score_split, device=device, samples=plan.score_samples, shard=shared)
+        with same_outcome(enabled=shared):
+            rows = ablation_sweep(
+                am.model, loader, plan.stage_layers, csi or {}, grid=plan.grid, orders=plan.orders, draws=plan.draws,
+                seed=plan.seed, naive=plan.naive, num_classes=plan.num_classes, max_batch_masks=plan.max_batch_masks,
+                max_elements=plan.max_elements, mode=plan.mode, means=means, step=c.step, device=device, bar=bar)
+        if shared:
+            rows = reduce_ablation(rows)
+    except CsnError as e:
+        raise CsnError(f"run {run.name}, checkpoint step {c.step} (epoch {c.epoch:g}): {e}") from None
+    rows.insert(1, "epoch", float(c.epoch))
+    rows["rank_split"] = plan.rank_split
+    rows["score_split"] = plan.score_split
+    rows["bn_recalibrated"] = np.int64(n_bn)
+    rows["mode"] = plan.mode
+    rows["seed"] = np.int64(plan.seed)
+    return rows[ABLATION_COLUMNS]
+
+
+def execute_plan(plan: AblationPlan) -> pd.DataFrame:
+    """Carry out a plan: skip finished checkpoints, compute the rest, one atomic table rewrite per checkpoint.
+
+    Under torchrun rank 0 alone reads and writes the table; with plan.distribute "split" every rank
+    scores its shard of each checkpoint, with "checkpoints" the checkpoints still to do are dealt out
+    in rounds of one per rank and rank 0 writes each round's rows. Both give the single-process rows.
+    """
+    from csn import distributed
+    from csn.runs import append_rows
+
+    run = plan.run
+    ranked = any(o != "random" for o in plan.orders)
     per_ckpt = len(plan.expected)
-    with run_lock(run.path, "ablation"):
-        existing = run.read("ablation")
-        todo = [c for c in plan.ckpts if not _checkpoint_done(plan, existing, c)]
-        sel_table = _selectivity_table(run) if todo and ranked and plan.mode == "zero" else None
-        bar = _new_bar(len(todo) * per_ckpt, f"ablation {run.name}", plan.progress)
+    table: dict[str, pd.DataFrame | None] = {}  # rank 0's copy of the ablation table
+
+    def prepare() -> tuple[list[int], pd.DataFrame | None]:
+        """(steps still to do, the selectivity rows that can rank their units), read on rank 0."""
+        table["df"] = existing = run.read("ablation")
+        todo = [c.step for c in plan.ckpts if not _checkpoint_done(plan, existing, c)]
+        sel = _selectivity_table(run) if todo and ranked and plan.mode == "zero" else None
+        if sel is not None:
+            sel = sel[sel["step"].isin(todo)][[c for c in ("step", "layer", "unit", "csi", "split", "bn_recalibrated",
+                                                            "variant") if c in sel.columns]].reset_index(drop=True)
+        return todo, sel
+
+    def write(*frames: pd.DataFrame | None) -> None:
+        for rows in frames:
+            if rows is not None:
+                table["df"] = append_rows(run, "ablation", table["df"], rows, key_cols=["step", "stage"])
+
+    with distributed.main_lock(run.path, "ablation"):
+        todo_steps, sel_table = distributed.on_main(prepare)
+        todo = [c for c in plan.ckpts if c.step in set(todo_steps)]
+        by_checkpoint = plan.distribute == "checkpoints" and distributed.is_dist()
+        world, rank = distributed.world_size(), distributed.rank()
+        mine = len(todo[rank::world]) if by_checkpoint else len(todo)
+        bar = _new_bar(mine * per_ckpt, f"ablation {run.name}", plan.progress and distributed.is_main())
         try:
-            for c in todo:
-                try:
-                    am = analysis_model(run, c, data, bn_recalibrate=plan.bn_recalibrate, device=device)
-                    # batches actually used (fewer than asked when the training split is small), as selectivity records it
-                    n_bn = int(getattr(am.model, "csn_bn_recalibrated", am.bn_recalibrated)) if am.bn_recalibrated else 0
-                    csi, means = None, None
-                    if plan.mode == "zero" and ranked:
-                        csi = _csi_from_table(sel_table, c.step, all_layers, plan.units, plan.rank_split, n_bn)
-                    if (csi is None and ranked) or plan.mode == "mean":
-                        loader = eval_loader(run, data, plan.rank_split, device=device)
-                        csi, means = _means_and_csi(am.model, loader, all_layers, plan.num_classes, device)
-                    rows = ablation_sweep(
-                        am.model, eval_loader(run, data, plan.score_split, device=device, samples=plan.score_samples),
-                        plan.stage_layers,
-                        csi or {}, grid=plan.grid, orders=plan.orders, draws=plan.draws, seed=plan.seed,
-                        naive=plan.naive, num_classes=plan.num_classes, max_batch_masks=plan.max_batch_masks,
-                        max_elements=plan.max_elements, mode=plan.mode, means=means, step=c.step, device=device,
-                        bar=bar)
-                except CsnError as e:
-                    raise CsnError(f"run {run.name}, checkpoint step {c.step} (epoch {c.epoch:g}): {e}") from None
-                rows.insert(1, "epoch", float(c.epoch))
-                rows["rank_split"] = plan.rank_split
-                rows["score_split"] = plan.score_split
-                rows["bn_recalibrated"] = np.int64(n_bn)
-                rows["mode"] = plan.mode
-                rows["seed"] = np.int64(plan.seed)
-                existing = append_rows(run, "ablation", existing, rows[ABLATION_COLUMNS], key_cols=["step", "stage"])
+            if by_checkpoint:
+                for i in range(0, len(todo), world):
+                    rows = None
+                    with distributed.same_outcome():
+                        if i + rank < len(todo):
+                            rows = _checkpoint_rows(plan, todo[i + rank], sel_table, bar, shared=False)
+                    distributed.on_main(write, *distributed.all_gather_objects(rows))
+            else:
+                for c in todo:
+                    distributed.on_main(write, _checkpoint_rows(plan, c, sel_table, bar, shared=True))
         finally:
             bar.close()
+    existing = table["df"] if table else run.read("ablation")
     if existing is None or existing.empty:
         return pd.DataFrame(columns=ABLATION_COLUMNS)
     steps = {c.step for c in plan.ckpts}
@@ -989,6 +1040,7 @@ def ablate_run(
     max_batch_masks: int | None = None,
     max_elements: int | None = None,
     score_samples: int | None = None,
+    distribute: str = "split",
 ) -> pd.DataFrame:
     """Ablation sweeps over a run's checkpoints into tables/ablation.parquet; returns this call's rows.
 
@@ -1000,16 +1052,18 @@ def ablate_run(
     rank_split. Resumable: a checkpoint counts as done only when the table holds all its rows for these
     stages and settings; a checkpoint's rows are written in one atomic rewrite (under run_lock), replacing
     older rows of the same (step, stage). All input is validated before anything is computed or written.
+    Under torchrun, distribute="split" shards each checkpoint's evaluation over the ranks and
+    "checkpoints" gives each rank whole checkpoints (DISTRIBUTE); the rows equal one process's.
     """
     return execute_plan(plan_ablation(
         run, stages=stages, orders=orders, draws=draws, grid=grid, checkpoints=checkpoints, rank_split=rank_split,
         score_split=score_split, bn_recalibrate=bn_recalibrate, naive=naive, device=device, progress=progress,
         seed=seed, mode=mode, max_batch_masks=max_batch_masks, max_elements=max_elements,
-        score_samples=score_samples))
+        score_samples=score_samples, distribute=distribute))
 
 
 __all__ = [
     "ORDERS", "MODES", "DEFAULT_FRACTIONS", "ABLATION_COLUMNS", "ablate_units", "units_mask", "unit_dim", "Grid",
-    "parse_grid", "check_orders", "rank_units", "random_seed", "random_units", "ablation_sweep", "AblationSummary",
+    "parse_grid", "check_orders", "DISTRIBUTE", "rank_units", "random_seed", "random_units", "ablation_sweep", "AblationSummary",
     "summarize_ablation", "resolve_stages", "AblationPlan", "plan_ablation", "execute_plan", "ablate_run",
 ]

@@ -36,11 +36,12 @@ import numpy as np
 import pandas as pd
 import torch
 
+from csn import distributed
 from csn.analysis.cka import LOGITS, CKAAccumulator
 from csn.analysis.common import split_of
 from csn.analysis.linearity_run import bn_note, bn_plan, check_samples, load_analysis_model, subset_loader
 from csn.errors import CsnError, unknown
-from csn.runs import Checkpoint, Run, append_rows, run_lock, select_checkpoints
+from csn.runs import Checkpoint, Run, append_rows, select_checkpoints
 from csn.units import resolve_layers, trace_units
 
 TABLE = "cka"
@@ -153,17 +154,30 @@ def collect_features(model: torch.nn.Module, loader, layers: Sequence[str], devi
     return out
 
 
-def cka_blocks(*feature_sets: list[list[torch.Tensor]]) -> torch.Tensor:
-    """The full CKA matrix over the concatenated layers of several feature sets computed on the same batches."""
-    if not feature_sets or not feature_sets[0]:
-        raise CsnError(f"{_SMALL}; none of the evaluation batches has more than 3 examples (use a larger --batch-size "
-                       "or --samples).")
-    nb = len(feature_sets[0])
+def cka_blocks(*feature_sets: list[list[torch.Tensor]], num_layers: int | None = None,
+               reduce: bool = False) -> torch.Tensor:
+    """The full CKA matrix over the concatenated layers of several feature sets computed on the same batches.
+
+    num_layers: layers per feature set (default: read from the first batch). reduce=True (under
+    torchrun, each rank holding the features of its shard of whole batches): the HSIC sums and batch
+    counts are all-reduced first, so every rank gets the CKA of the whole split; a rank whose shard
+    has no batch of more than 3 examples then contributes nothing.
+    """
+    from csn.distributed import reduce_cka
+
+    nb = len(feature_sets[0]) if feature_sets else 0
     if any(len(s) != nb for s in feature_sets):
         raise CsnError("CKA feature sets cover different numbers of batches; compare them on the same loader.")
-    acc = CKAAccumulator(sum(len(s[0]) for s in feature_sets))
+    if num_layers is None and nb:
+        num_layers = len(feature_sets[0][0])
+    acc = CKAAccumulator(len(feature_sets) * num_layers) if num_layers else None
     for b in range(nb):
         acc.update([f for s in feature_sets for f in s[b]])
+    if reduce and acc is not None:
+        reduce_cka(acc)
+    if acc is None or acc.count.item() == 0:
+        raise CsnError(f"{_SMALL}; none of the evaluation batches has more than 3 examples (use a larger --batch-size "
+                       "or --samples).")
     return acc.result_full()
 
 
@@ -235,87 +249,103 @@ def cka_for_runs(
     (default: run A's eval_batch_size); it must exceed 3. bn_recalibrate: None = default policy,
     0 = off, N = N training batches, for every model.
     """
-    run_a = run_a if isinstance(run_a, Run) else Run(run_a)
-    if run_b is not None and not isinstance(run_b, Run):
-        run_b = Run(run_b)
-    mode = mode or ("runs" if run_b is not None else "within")
-    if mode not in MODES:
-        raise unknown("CKA mode", mode, MODES)
-    if mode == "runs" and run_b is None:
-        raise CsnError("--mode runs compares two runs; pass RUN_B after RUN.")
-    if mode != "runs" and run_b is not None:
-        raise CsnError(f"RUN_B is only used with --mode runs (got --mode {mode}); drop RUN_B or pass --mode runs.")
-    if split not in ("train", "test"):
-        raise CsnError(f"unknown split {split!r}; use 'train' or 'test'.")
-    samples = check_samples(samples)
-    bs = int(batch_size) if batch_size is not None else int(run_a.config.get("eval_batch_size", 500))
-    if bs <= 3:
-        raise CsnError(f"{_SMALL} (the unbiased HSIC estimator divides by n-3); got a batch size of {bs}, pass "
-                       "--batch-size 4 or more (hundreds give stable estimates).")
-    ckpts = run_a.select(checkpoints)
-    all_a = run_a.checkpoints
-    model_a = run_a.build_model()
-    names = resolve_cka_layers(model_a, layers)
-    if run_b is not None:
-        check_same_data(run_a, run_b)
-        model_b = run_b.build_model()
-        missing = [n for n in names if n != LOGITS and n not in dict(model_b.named_modules())]
-        if missing:
-            raise CsnError(f"run {run_b.name} has no layer {missing[0]!r}; compare layers both models have "
-                           f"(pass --layers).")
-        del model_b
-    ref = resolve_reference(run_a, reference) if mode == "across" else None
-    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
-    if data is None:
-        data = run_a.dataset()
-    n_split = len(split_of(data, split))
-    n = n_split if samples is None else min(samples, n_split)
-    if n <= 3:
-        raise CsnError(f"{_SMALL}; the evaluation data has only {n} examples, pass --samples 4 or more.")
-    label_b = run_label(run_a, run_b) if run_b is not None else run_a.name
-    plan_a = bn_plan(run_a, data, all_a, bn_recalibrate, device)
-    plan_b = bn_plan(run_b, data, run_b.checkpoints, bn_recalibrate, device) if run_b is not None else plan_a
-    progress = progress and not os.environ.get("CSN_NO_PROGRESS")
-    index = {c.step: i for i, c in enumerate(all_a)}
+    with distributed.same_outcome():  # validation: a bad request fails on every rank together
+        run_a = run_a if isinstance(run_a, Run) else Run(run_a)
+        if run_b is not None and not isinstance(run_b, Run):
+            run_b = Run(run_b)
+        mode = mode or ("runs" if run_b is not None else "within")
+        if mode not in MODES:
+            raise unknown("CKA mode", mode, MODES)
+        if mode == "runs" and run_b is None:
+            raise CsnError("--mode runs compares two runs; pass RUN_B after RUN.")
+        if mode != "runs" and run_b is not None:
+            raise CsnError(f"RUN_B is only used with --mode runs (got --mode {mode}); drop RUN_B or pass --mode runs.")
+        if split not in ("train", "test"):
+            raise CsnError(f"unknown split {split!r}; use 'train' or 'test'.")
+        samples = check_samples(samples)
+        bs = int(batch_size) if batch_size is not None else int(run_a.config.get("eval_batch_size", 500))
+        if bs <= 3:
+            raise CsnError(f"{_SMALL} (the unbiased HSIC estimator divides by n-3); got a batch size of {bs}, pass "
+                           "--batch-size 4 or more (hundreds give stable estimates).")
+        ckpts = run_a.select(checkpoints)
+        all_a = run_a.checkpoints
+        model_a = run_a.build_model()
+        names = resolve_cka_layers(model_a, layers)
+        if run_b is not None:
+            check_same_data(run_a, run_b)
+            model_b = run_b.build_model()
+            missing = [n for n in names if n != LOGITS and n not in dict(model_b.named_modules())]
+            if missing:
+                raise CsnError(f"run {run_b.name} has no layer {missing[0]!r}; compare layers both models have "
+                               f"(pass --layers).")
+            del model_b
+        ref = resolve_reference(run_a, reference) if mode == "across" else None
+        log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+        if data is None:
+            data = run_a.dataset()
+        n_split = len(split_of(data, split))
+        n = n_split if samples is None else min(samples, n_split)
+        if n <= 3:
+            raise CsnError(f"{_SMALL}; the evaluation data has only {n} examples, pass --samples 4 or more.")
+        label_b = run_label(run_a, run_b) if run_b is not None else run_a.name
+        plan_a = bn_plan(run_a, data, all_a, bn_recalibrate, device)
+        plan_b = bn_plan(run_b, data, run_b.checkpoints, bn_recalibrate, device) if run_b is not None else plan_a
+        progress = progress and not os.environ.get("CSN_NO_PROGRESS")
+        index = {c.step: i for i, c in enumerate(all_a)}
 
-    # what each selected checkpoint needs: [(comparison, checkpoint of B or of A, pairs)]
-    def jobs_for(c: Checkpoint, matched: Checkpoint | None) -> list[tuple[str, Checkpoint, list[tuple[str, str]]]]:
-        same = [(l, l) for l in names]
-        if mode == "within":
-            return [("within", c, [(la, lb) for la in names for lb in names])]
-        if mode == "runs":
-            return [("runs", matched, same)]
-        out = [("reference", ref, same)]
-        i = index[c.step]
-        if previous and i > 0:
-            out.append(("previous", all_a[i - 1], same))
-        return out
+        # what each selected checkpoint needs: [(comparison, checkpoint of B or of A, pairs)]
+        def jobs_for(c: Checkpoint, matched: Checkpoint | None) -> list[tuple[str, Checkpoint, list[tuple[str, str]]]]:
+            same = [(l, l) for l in names]
+            if mode == "within":
+                return [("within", c, [(la, lb) for la in names for lb in names])]
+            if mode == "runs":
+                return [("runs", matched, same)]
+            out = [("reference", ref, same)]
+            i = index[c.step]
+            if previous and i > 0:
+                out.append(("previous", all_a[i - 1], same))
+            return out
 
-    matches = match_checkpoints(ckpts, run_b.checkpoints) if mode == "runs" else [(c, None, True) for c in ckpts]
-    by_epoch = [(a, b) for a, b, exact in matches if not exact]
-    if by_epoch:
-        log(f"{len(by_epoch)} checkpoint{'s' if len(by_epoch) != 1 else ''} of {run_a.name} have no checkpoint at the "
-            f"same step in {run_b.name}; matched to the nearest epoch instead (e.g. step {by_epoch[0][0].step} "
-            f"epoch {by_epoch[0][0].epoch:g} -> step {by_epoch[0][1].step} epoch {by_epoch[0][1].epoch:g})")
+        matches = match_checkpoints(ckpts, run_b.checkpoints) if mode == "runs" else [(c, None, True) for c in ckpts]
+        by_epoch = [(a, b) for a, b, exact in matches if not exact]
+        if by_epoch:
+            log(f"{len(by_epoch)} checkpoint{'s' if len(by_epoch) != 1 else ''} of {run_a.name} have no checkpoint at the "
+                f"same step in {run_b.name}; matched to the nearest epoch instead (e.g. step {by_epoch[0][0].step} "
+                f"epoch {by_epoch[0][0].epoch:g} -> step {by_epoch[0][1].step} epoch {by_epoch[0][1].epoch:g})")
 
-    with run_lock(run_a.path, TABLE):
-        df = run_a.read(TABLE)
+    table: dict[str, pd.DataFrame | None] = {}  # rank 0's copy of the table (the only rank that writes)
+
+    def prepare() -> list[tuple[int, list[tuple[str, int, list[tuple[str, str]]]]]]:
+        """[(step of A, [(comparison, step of B or A, layer pairs)])] still to compute, read on rank 0."""
+        table["df"] = df = run_a.read(TABLE)
         _check_compatible(run_a, df, split=split, n=n)
         _check_bn(run_a, df, plan_a, plan_b, label_b)
         have = _existing_pairs(df)
         todo = []
         for c, matched, _ in matches:
-            jobs = [(cmp, cb, pairs) for cmp, cb, pairs in jobs_for(c, matched)
+            jobs = [(cmp, cb.step, pairs) for cmp, cb, pairs in jobs_for(c, matched)
                     if not set(pairs) <= have.get((cmp, label_b, c.step, cb.step), set())]
             if jobs:
-                todo.append((c, jobs))
+                todo.append((c.step, jobs))
         if todo:
-            steps = sorted({c.step for c, _ in todo} | {cb.step for _, jobs in todo for _, cb, _ in jobs
-                                                        if mode != "runs"})
+            steps = sorted({s for s, _ in todo} | {sb for _, jobs in todo for _, sb, _ in jobs if mode != "runs"})
             note = bn_note(plan_a, steps, bn_recalibrate)
             if note:
                 log(note)
-        loader, _ = subset_loader(run_a, data, split, n, batch_size=bs, device=device) if todo else (None, n)
+        return todo
+
+    def write(new: pd.DataFrame) -> None:
+        table["df"] = append_rows(run_a, TABLE, table["df"], new, key_cols=_KEY + ["layer_a", "layer_b"])
+
+    # Under torchrun: rank 0 locks, reads and writes the table; every rank computes the features of its
+    # shard of whole batches (the single-process batches) and the HSIC sums are all-reduced.
+    with distributed.main_lock(run_a.path, TABLE):
+        todo = distributed.on_main(prepare)
+        by_step_a = {c.step: c for c in all_a}
+        by_step_b = {c.step: c for c in run_b.checkpoints} if run_b is not None else by_step_a
+        loader, _ = (subset_loader(run_a, data, split, n, batch_size=bs, device=device, shard=True, whole_batches=True)
+                     if todo else (None, n))
+        reduce = distributed.is_dist()
 
         feats_a: dict[int, list] = {}
         bn_used: dict[tuple[str, int], int] = {}
@@ -326,7 +356,8 @@ def cka_for_runs(
             model, used = load_analysis_model(run, c, data, bn_recalibrate, device)
             bn_used[(which, c.step)] = used
             try:
-                f = collect_features(model, loader, names, device)
+                with distributed.same_outcome():
+                    f = collect_features(model, loader, names, device)
             except CsnError as e:
                 raise CsnError(f"run {run.name}, checkpoint step {c.step}: {e}") from None
             if keep is not None:
@@ -336,12 +367,15 @@ def cka_for_runs(
         from tqdm.auto import tqdm
 
         m = len(names)
-        for c, jobs in tqdm(todo, desc=f"cka {run_a.name}", disable=not progress, unit="ckpt"):
+        for step_a, jobs in tqdm(todo, desc=f"cka {run_a.name}", disable=not (progress and distributed.is_main()),
+                                 unit="ckpt"):
+            c = by_step_a[step_a]
             fa = features(run_a, "a", c, feats_a)
             rows = []
-            for cmp, cb, pairs in jobs:
+            for cmp, step_b, pairs in jobs:
+                cb = by_step_b[step_b] if cmp == "runs" else by_step_a[step_b]
                 if cmp == "within":
-                    mat = cka_blocks(fa)
+                    mat = cka_blocks(fa, num_layers=m, reduce=reduce)
                     vals = {(la, lb): float(mat[i, j]) for i, la in enumerate(names) for j, lb in enumerate(names)}
                     bn_b = bn_used[("a", c.step)]
                 else:
@@ -351,7 +385,7 @@ def cka_for_runs(
                     else:
                         fb = features(run_a, "a", cb, feats_a)
                         bn_b = bn_used[("a", cb.step)]
-                    mat = cka_blocks(fa, fb)
+                    mat = cka_blocks(fa, fb, num_layers=m, reduce=reduce)
                     vals = {(l, l): float(mat[i, m + i]) for i, l in enumerate(names)}
                 for la, lb in pairs:
                     rows.append({"run_a": run_a.name, "step_a": c.step, "layer_a": la, "run_b": label_b,
@@ -361,12 +395,13 @@ def cka_for_runs(
             new = pd.DataFrame(rows, columns=CKA_TABLE_COLUMNS).astype(
                 {"step_a": "int64", "step_b": "int64", "samples": "int64", "bn_recalibrated": "int64",
                  "bn_recalibrated_b": "int64", "cka": "float64", "epoch_a": "float64", "epoch_b": "float64"})
-            df = append_rows(run_a, TABLE, df, new, key_cols=_KEY + ["layer_a", "layer_b"])
+            distributed.on_main(write, new)
             # keep the features the next checkpoints reuse: the reference and this one (their "previous")
             for s in list(feats_a):
                 if s != c.step and (ref is None or s != ref.step):
                     del feats_a[s]
 
+    df = table["df"] if table else run_a.read(TABLE)
     if df is None or df.empty:
         return pd.DataFrame(columns=CKA_TABLE_COLUMNS)
     want = {(cmp, label_b, c.step, cb.step) for c, matched, _ in matches for cmp, cb, _ in jobs_for(c, matched)}

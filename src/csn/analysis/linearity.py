@@ -25,7 +25,7 @@ import math
 import warnings
 from collections.abc import Iterable
 from contextlib import ExitStack, contextmanager
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -306,6 +306,62 @@ def relu_agreement(model_a: nn.Module, model_b: nn.Module, batches: Iterable) ->
 # All measures for one checkpoint
 
 
+class LinearityAccumulator:
+    """What linearity_measures streams over its loader: counts and squared norms in one float64 vector
+    (`sums`, summed across processes under torchrun) and per-example predictions (`preds`, gathered).
+
+    Layout of `sums`: correct, total; per reference k with the linearization: agree_k, n_k, num_k
+    (||f_t - f_lin||^2), den_k (||f_t - f_ref||^2); per reference k with ReLU patterns: equal_k, seen_k.
+    """
+
+    def __init__(self, refs: Sequence[str], *, linearized: bool, relu: bool, device: torch.device) -> None:
+        names = ["correct", "total"]
+        names += [f"{q}_{k}" for k in refs if linearized for q in ("agree", "n", "num", "den")]
+        names += [f"{q}_{k}" for k in refs if relu for q in ("relu_equal", "relu_seen")]
+        self.index = {n: i for i, n in enumerate(names)}
+        self.refs, self.linearized, self.relu = list(refs), linearized, relu
+        self.sums = torch.zeros(len(names), dtype=torch.float64, device=device)
+        self.preds: dict[str, Tensor | list[Tensor]] = {"f": [], "y": [], "l": []}
+
+    def add(self, name: str, value: Tensor | int) -> None:
+        """sums[name] += value (a tensor stays on the device: no host sync per batch)."""
+        self.sums[self.index[name]] += value
+
+    def relu_counts(self, ref: str) -> Tensor:
+        """The [equal, seen] view of `sums` for reference `ref` (what _relu_compare adds into)."""
+        i = self.index[f"relu_equal_{ref}"]
+        return self.sums[i:i + 2]
+
+    def close(self) -> "LinearityAccumulator":
+        """Concatenate the per-batch predictions (CPU tensors)."""
+        self.preds = {k: torch.cat(v) if isinstance(v, list) and v else (v if isinstance(v, Tensor) else None)
+                      for k, v in self.preds.items()}
+        return self
+
+    def result(self) -> dict[str, float]:
+        """The measures (see linearity_measures)."""
+        v = dict(zip(self.index, self.sums.tolist()))
+        if v["total"] == 0:
+            raise CsnError("linearity saw no batches; give a non-empty evaluation loader.")
+        out: dict[str, float] = {"test_acc": v["correct"] / v["total"]}
+        f_all, y_all, l_all = self.preds["f"], self.preds["y"], self.preds["l"]
+        if l_all is not None:
+            pc = performance_correlation(f_all, y_all, l_all)
+            out["linear_agreement"] = pc["agreement"]
+            out["linear_acc"] = float((l_all == y_all).double().mean())
+            for key in ("mu_y_bits", "i_fy_bits", "i_fy_given_l_bits", "i_ly_bits"):
+                out[key] = pc[key]
+        for k in self.refs:
+            if self.linearized:
+                out[f"linearized_agreement_{k}"] = v[f"agree_{k}"] / v[f"n_{k}"]
+                den = v[f"den_{k}"]
+                out[f"linearized_rel_dist_{k}"] = math.sqrt(v[f"num_{k}"] / den) if den > 0 else float("nan")
+            if self.relu:
+                seen = v[f"relu_seen_{k}"]
+                out[f"relu_same_as_{k}"] = v[f"relu_equal_{k}"] / seen if seen else float("nan")
+        return out
+
+
 def linearity_measures(
     model_t: nn.Module,
     model_0: nn.Module,
@@ -317,6 +373,7 @@ def linearity_measures(
     linearized: bool = True,
     relu: bool = True,
     max_batches: int | None = None,
+    reduce: bool = False,
 ) -> dict[str, float]:
     """All linearity measures of checkpoint `model_t` over an evaluation loader of (x, y), one pass.
 
@@ -331,8 +388,24 @@ def linearity_measures(
 
     Models run in eval mode (restored afterwards) under no_grad. With `device` the models are moved
     there; otherwise batches go to model_t's device. Per-example predictions (ints) are kept for the
-    information measures; ReLU masks are kept for one batch only.
+    information measures; ReLU masks are kept for one batch only. reduce=True (under torchrun, each
+    rank passing its shard of the evaluation data): counts and norms are summed and predictions
+    gathered across ranks (csn.distributed.reduce_linearity), so every rank returns the measures of
+    the whole split.
     """
+    from csn.distributed import reduce_linearity, same_outcome
+
+    with same_outcome(enabled=reduce):  # an error on one rank stops every rank before the reduction
+        acc = _accumulate(model_t, model_0, loader, model_prev=model_prev, linear_model=linear_model, device=device,
+                          linearized=linearized, relu=relu, max_batches=max_batches)
+    if reduce:
+        reduce_linearity(acc)
+    return acc.result()
+
+
+def _accumulate(model_t, model_0, loader, *, model_prev, linear_model, device, linearized, relu,
+                max_batches) -> LinearityAccumulator:
+    """One pass of linearity_measures over this process's loader."""
     if device is not None:
         device = torch.device(device)
         for m in (model_t, model_0, model_prev, linear_model):
@@ -346,10 +419,7 @@ def linearity_measures(
     deltas = {k: parameter_delta(model_t, m) for k, m in refs.items()} if linearized else {}
     if relu and not relu_modules(model_t):
         relu = False  # no nn.ReLU modules: the measure does not apply
-    lin_stats = {k: [0, 0, 0.0, 0.0] for k in deltas}  # agree, n, ||f_t - f_lin||^2, ||f_t - f_ref||^2
-    relu_counts = {k: [0, 0] for k in refs}
-    f_pred, l_pred, y_all = [], [], []
-    correct = total = 0
+    acc = LinearityAccumulator(list(refs), linearized=linearized, relu=relu, device=device)
     models = [m for m in (model_t, *refs.values(), linear_model) if m is not None]
     with ExitStack() as stack:
         stack.enter_context(_eval(*models))
@@ -366,49 +436,30 @@ def linearity_measures(
             ft = model_t(x)
             ft = ft[0] if isinstance(ft, (tuple, list)) else ft
             pred = ft.argmax(dim=1)
-            correct += (pred == y).sum()
-            total += int(y.shape[0])
-            f_pred.append(pred.cpu())
-            y_all.append(y.cpu())
+            acc.add("correct", (pred == y).sum())
+            acc.add("total", int(y.shape[0]))
+            acc.preds["f"].append(pred.cpu())
+            acc.preds["y"].append(y.cpu())
             if linear_model is not None:
                 xl = x.reshape(x.shape[0], -1).float().to(_model_device(linear_model))
-                l_pred.append(linear_model(xl).argmax(1).cpu())
+                acc.preds["l"].append(linear_model(xl).argmax(1).cpu())
             for k, ref in refs.items():
                 if k in deltas:
                     f_lin, f_ref = _linearize(ref, deltas[k], x)
-                    s = lin_stats[k]
-                    s[0] += (f_lin.argmax(1) == pred).sum()  # tensors: synced once at the end
-                    s[1] += int(x.shape[0])
-                    s[2] += (ft.double() - f_lin.double()).pow(2).sum()
-                    s[3] += (ft.double() - f_ref.double()).pow(2).sum()
+                    acc.add(f"agree_{k}", (f_lin.argmax(1) == pred).sum())
+                    acc.add(f"n_{k}", int(x.shape[0]))
+                    acc.add(f"num_{k}", (ft.double() - f_lin.double()).pow(2).sum())
+                    acc.add(f"den_{k}", (ft.double() - f_ref.double()).pow(2).sum())
                 if relu:
-                    with _relu_compare(ref, ref_masks, relu_counts[k]):
+                    with _relu_compare(ref, ref_masks, acc.relu_counts(k)):
                         ref(x)
             if relu:
                 ref_masks.clear()
-    if total == 0:
-        raise CsnError("linearity saw no batches; give a non-empty evaluation loader.")
-    out: dict[str, float] = {"test_acc": int(correct) / total}
-    f_all, y_cat = torch.cat(f_pred), torch.cat(y_all)
-    if linear_model is not None:
-        l_all = torch.cat(l_pred)
-        pc = performance_correlation(f_all, y_cat, l_all)
-        out["linear_agreement"] = pc["agreement"]
-        out["linear_acc"] = float((l_all == y_cat).double().mean())
-        for key in ("mu_y_bits", "i_fy_bits", "i_fy_given_l_bits", "i_ly_bits"):
-            out[key] = pc[key]
-    for k, s in lin_stats.items():
-        agree, n, num, den = int(s[0]), s[1], float(s[2]), float(s[3])
-        out[f"linearized_agreement_{k}"] = agree / n
-        out[f"linearized_rel_dist_{k}"] = math.sqrt(num / den) if den > 0 else float("nan")
-    if relu:
-        for k, (eq, tot) in relu_counts.items():
-            out[f"relu_same_as_{k}"] = int(eq) / tot if tot else float("nan")
-    return out
+    return acc.close()
 
 
 __all__ = [
     "fit_linear_classifier", "linear_predict", "accuracy", "mutual_information",
     "conditional_mutual_information", "performance_correlation", "parameter_delta",
-    "linearized_outputs", "relu_patterns", "relu_agreement", "linearity_measures",
+    "linearized_outputs", "relu_patterns", "relu_agreement", "LinearityAccumulator", "linearity_measures",
 ]

@@ -69,7 +69,8 @@ import torch
 from csn.analysis.common import analysis_model, bn_batches_for, bn_loader, eval_loader, split_of
 from csn.analysis.linearity import accuracy, fit_linear_classifier, linearity_measures
 from csn.errors import CsnError, unknown
-from csn.runs import Checkpoint, Run, append_rows, run_lock, save_tensors
+from csn import distributed
+from csn.runs import Checkpoint, Run, append_rows, save_tensors
 
 TABLE = "linearity"
 LINEARITY_TABLE_COLUMNS = ["step", "epoch", "measure", "value", "split", "samples", "bn_recalibrated"]
@@ -134,14 +135,15 @@ def check_samples(samples: int | None, what: str = "--samples") -> int | None:
 
 
 def subset_loader(run: Run, data, split: str, samples: int | None, *, batch_size: int | None = None,
-                  device: str | torch.device = "cpu"):
+                  device: str | torch.device = "cpu", shard: bool = False, whole_batches: bool = False):
     """(loader, number of examples): unaugmented batches of a split or of its seeded subset of `samples`
-    (csn.analysis.common.eval_loader: the same seeded choice for in-memory and folder datasets)."""
+    (csn.analysis.common.eval_loader: the same seeded choice for in-memory and folder datasets; shard
+    and whole_batches as there)."""
     n_total = len(split_of(data, split))
     samples = check_samples(samples)
     n = n_total if samples is None else min(samples, n_total)
     return eval_loader(run, data, split, batch_size=batch_size, device=device,
-                       samples=None if n == n_total else n), n
+                       samples=None if n == n_total else n, shard=shard, whole_batches=whole_batches), n
 
 
 def bn_plan(run: Run, data, ckpts: Sequence[Checkpoint], bn_recalibrate: int | None, device="cpu") -> dict[int, int]:
@@ -319,44 +321,57 @@ def linearity_for_run(
     fit (default LINEAR_FIT_DEFAULTS["epochs"]); the fitted classifier is cached per run.
     measures: groups among "linear", "linearized", "relu". log receives one-line notes (stderr).
     """
-    run = run if isinstance(run, Run) else Run(run)
-    groups = check_groups(measures)
-    names = expected_measures(groups)
-    if split not in ("train", "test"):
-        raise CsnError(f"unknown split {split!r}; use 'train' or 'test'.")
-    samples = check_samples(samples)
-    ckpts = run.select(checkpoints)
-    all_ckpts = run.checkpoints
-    if ("linearized" in groups or "relu" in groups) and all_ckpts[0].step != 0:
-        raise CsnError(f"run {run.name} has no step-0 checkpoint (the initialization theta_0); the linearized and "
-                       "ReLU measures compare with it; pass --measures linear.")
-    log = log or _stderr
-    if data is None:
-        data = run.dataset()
-    n_split = len(split_of(data, split))
-    n_subset = n_split if samples is None else min(samples, n_split)
-    plan = bn_plan(run, data, all_ckpts, bn_recalibrate, device)
-    progress = progress and not os.environ.get("CSN_NO_PROGRESS")
-    index = {c.step: i for i, c in enumerate(all_ckpts)}
+    with distributed.same_outcome():  # validation: a bad request fails on every rank together
+        run = run if isinstance(run, Run) else Run(run)
+        groups = check_groups(measures)
+        names = expected_measures(groups)
+        if split not in ("train", "test"):
+            raise CsnError(f"unknown split {split!r}; use 'train' or 'test'.")
+        samples = check_samples(samples)
+        ckpts = run.select(checkpoints)
+        all_ckpts = run.checkpoints
+        if ("linearized" in groups or "relu" in groups) and all_ckpts[0].step != 0:
+            raise CsnError(f"run {run.name} has no step-0 checkpoint (the initialization theta_0); the linearized and "
+                           "ReLU measures compare with it; pass --measures linear.")
+        log = log or _stderr
+        if data is None:
+            data = run.dataset()
+        n_split = len(split_of(data, split))
+        n_subset = n_split if samples is None else min(samples, n_split)
+        plan = bn_plan(run, data, all_ckpts, bn_recalibrate, device)
+        progress = progress and not os.environ.get("CSN_NO_PROGRESS")
+        index = {c.step: i for i, c in enumerate(all_ckpts)}
 
-    with run_lock(run.path, TABLE):
-        df = run.read(TABLE)
+    table: dict[str, pd.DataFrame | None] = {}  # rank 0's copy of the table (the only rank that writes)
+
+    def prepare() -> list[int]:
+        table["df"] = df = run.read(TABLE)
         _check_compatible(run, df, {c.step for c in ckpts}, split=split, n_subset=n_subset, plan=plan)
         done = _done_steps(df, names)
-        todo = [c for c in ckpts if c.step not in done]
-        if todo:
-            note = bn_note(plan, [c.step for c in todo], bn_recalibrate)
-            if note:
-                log(note)
+        todo = [c.step for c in ckpts if c.step not in done]
+        note = bn_note(plan, todo, bn_recalibrate) if todo else None
+        if note:
+            log(note)
+        return todo
+
+    def write(rows: pd.DataFrame) -> None:
+        table["df"] = append_rows(run, TABLE, table["df"], rows, key_cols=["step", "measure"])
+
+    # Under torchrun: rank 0 locks, reads and writes the table (and fits the linear classifier); every
+    # rank measures its shard of the evaluation batches, and counts, norms and predictions are combined.
+    with distributed.main_lock(run.path, TABLE):
+        todo_steps = set(distributed.on_main(prepare))
+        todo = [c for c in ckpts if c.step in todo_steps]
+        reduce = distributed.is_dist()
         linear = meta = None
         if todo and "linear" in groups:
-            linear, meta = linear_model_for_run(run, data, epochs=linear_epochs, log=log)
+            linear, meta = distributed.on_main(linear_model_for_run, run, data, epochs=linear_epochs, log=log)
             linear = linear.to(device)
         full_loader = sub_loader = None
         if todo and "linear" in groups:
-            full_loader, _ = subset_loader(run, data, split, None, device=device)
+            full_loader, _ = subset_loader(run, data, split, None, device=device, shard=True)
         if todo and ("linearized" in groups or "relu" in groups):
-            sub_loader, _ = subset_loader(run, data, split, n_subset, device=device)
+            sub_loader, _ = subset_loader(run, data, split, n_subset, device=device, shard=True)
 
         cache: dict[int, tuple[torch.nn.Module, int]] = {}
 
@@ -367,7 +382,8 @@ def linearity_for_run(
 
         from tqdm.auto import tqdm
 
-        for c in tqdm(todo, desc=f"linearity {run.name}", disable=not progress, unit="ckpt"):
+        for c in tqdm(todo, desc=f"linearity {run.name}", disable=not (progress and distributed.is_main()),
+                      unit="ckpt"):
             model_t, n_bn = get(c)
             i = index[c.step]
             prev_c = all_ckpts[i - 1] if i > 0 else None
@@ -377,7 +393,7 @@ def linearity_for_run(
             try:
                 if "linear" in groups:
                     out = linearity_measures(model_t, model_0, full_loader, linear_model=linear,
-                                             linearized=False, relu=False)
+                                             linearized=False, relu=False, reduce=reduce)
                     for k in MEASURE_GROUPS["linear"]:
                         if k == "linear_model_test_acc":
                             values[k] = (float(meta["test_acc"]), int(meta["test_examples"]))
@@ -390,7 +406,7 @@ def linearity_for_run(
                             values[k] = (out[k], n_split)
                 if "linearized" in groups or "relu" in groups:
                     out = linearity_measures(model_t, model_0, sub_loader, model_prev=model_prev,
-                                             linearized="linearized" in groups, relu="relu" in groups)
+                                             linearized="linearized" in groups, relu="relu" in groups, reduce=reduce)
                     if "acc" not in values:
                         values["acc"] = (out["test_acc"], n_subset)
                     for g in ("linearized", "relu"):
@@ -409,12 +425,13 @@ def linearity_for_run(
                 "samples": np.array([v[1] for v in values.values()], dtype=np.int64),
                 "bn_recalibrated": np.int64(n_bn),
             }, columns=LINEARITY_TABLE_COLUMNS)
-            df = append_rows(run, TABLE, df, rows, key_cols=["step", "measure"])
+            distributed.on_main(write, rows)
             # keep only what the next checkpoint can reuse: theta_0 and this one (its "previous")
             for s in list(cache):
                 if s not in (all_ckpts[0].step, c.step):
                     del cache[s]
 
+    df = table["df"] if table else run.read(TABLE)
     if df is None:
         return pd.DataFrame(columns=LINEARITY_TABLE_COLUMNS)
     steps = {c.step for c in ckpts}

@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from csn import distributed
 from csn import units as _units
 from csn.analysis.common import (
     BN_DEFAULT_BEFORE_EPOCH,
@@ -37,12 +38,12 @@ from csn.analysis.common import (
     analysis_model,
     bn_batches_for,
     bn_loader,
-    eval_loader,
+    class_stats_of_split,
     split_of,
 )
 from csn.errors import CsnError, unknown
-from csn.runs import Checkpoint, Run, run_lock
-from csn.selectivity import VARIANTS, class_means_frame, collect_class_stats, selectivity_frame
+from csn.runs import Checkpoint, Run
+from csn.selectivity import VARIANTS, class_means_frame, selectivity_frame
 
 SELECTIVITY_TABLE_COLUMNS = [
     "step", "epoch", "layer", "stage", "unit", "csi", "pref_class", "mu_max", "mu_rest", "dead", "eta2",
@@ -92,7 +93,8 @@ def checkpoint_selectivity(
     progress: bool = False,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(selectivity rows, class-means rows) of one checkpoint from one streaming pass over the split
-    (or over a fixed seeded subset of `samples` images of it).
+    (or over a fixed seeded subset of `samples` images of it). Under torchrun every rank calls this
+    for the same checkpoint, streams its shard of the split, and gets the rows of the whole split.
 
     Errors (NaN/inf activations, labels out of range, a corrupt checkpoint) are re-raised as one
     CsnError that names the run and the checkpoint step; nothing is written here.
@@ -104,11 +106,10 @@ def checkpoint_selectivity(
         am = analysis_model(run, ckpt, data, bn_recalibrate=bn_recalibrate, device=device)
         model = am.model
         # the number of batches actually used (fewer than asked when the training split is small)
-        n_bn = int(getattr(model, "csn_bn_recalibrated", am.bn_recalibrated)) if am.bn_recalibrated else 0
+        n_bn = am.bn_recalibrated
         stage_map = {n: _units.stage_of(model, n) for n in layers}
-        loader = eval_loader(run, data, split, device=device, samples=samples)
-        stats = collect_class_stats(model, loader, list(layers), num_classes, device=device,
-                                    desc=f"step {ckpt.step}", progress=progress)
+        stats = class_stats_of_split(run, data, model, split, list(layers), num_classes, device=device,
+                                    samples=samples, desc=f"step {ckpt.step}", progress=progress)
         sel = selectivity_frame(stats, stage_map, variant, class_names=class_names)
         cm = class_means_frame(stats, class_names=class_names)
     except CsnError as e:
@@ -245,55 +246,70 @@ def selectivity_for_run(
     of the split (faster, noisier; the n_images column records it; default: the whole split). log receives the one-line BN note (default: stderr). Returns the rows
     of the selected checkpoints of both tables (the full tables stay on disk).
     """
-    run = run if isinstance(run, Run) else Run(run)
-    if variant not in VARIANTS:
-        raise unknown("variant", variant, VARIANTS)
-    if split not in ("train", "test"):
-        raise CsnError(f"unknown split {split!r}; use 'train' or 'test'.")
-    if bn_recalibrate is not None and (isinstance(bn_recalibrate, bool) or not isinstance(bn_recalibrate, int)
-                                       or bn_recalibrate < 0):
-        raise CsnError(f"--bn-recalibrate must be an integer >= 0 (0 = off), got {bn_recalibrate!r}.")
-    sel_name, cm_name = table_names(tag)
-    ckpts = run.select(checkpoints)  # no checkpoints / bad selector: CsnError
-    model = run.build_model()
-    names = _units.resolve_layers(model, layers)  # unknown pattern: CsnError listing names
-    from csn.bn import has_batchnorm
+    with distributed.same_outcome():  # validation: a bad request fails on every rank together
+        run = run if isinstance(run, Run) else Run(run)
+        if variant not in VARIANTS:
+            raise unknown("variant", variant, VARIANTS)
+        if split not in ("train", "test"):
+            raise CsnError(f"unknown split {split!r}; use 'train' or 'test'.")
+        if bn_recalibrate is not None and (isinstance(bn_recalibrate, bool) or not isinstance(bn_recalibrate, int)
+                                           or bn_recalibrate < 0):
+            raise CsnError(f"--bn-recalibrate must be an integer >= 0 (0 = off), got {bn_recalibrate!r}.")
+        sel_name, cm_name = table_names(tag)
+        ckpts = run.select(checkpoints)  # no checkpoints / bad selector: CsnError
+        model = run.build_model()
+        names = _units.resolve_layers(model, layers)  # unknown pattern: CsnError listing names
+        from csn.bn import has_batchnorm
 
-    has_bn = has_batchnorm(model)
-    del model
-    if data is None:
-        data = run.dataset()
-    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples <= 0):
-        raise CsnError(f"--samples must be a positive number of images, got {samples!r}.")
-    split_obj = split_of(data, split)
-    try:
-        n_split = len(split_obj)
-    except TypeError:
-        n_split = None
-    n_images = n_split  # what the n_images column will hold (eval_loader subsets in-memory splits only)
-    if samples and n_split is not None and hasattr(split_obj, "images"):
-        n_images = min(samples, n_split)
-    progress = progress and not os.environ.get("CSN_NO_PROGRESS")
-    plan = _bn_plan(run, data, ckpts, bn_recalibrate, has_bn, device)
+        has_bn = has_batchnorm(model)
+        del model
+        if data is None:
+            data = run.dataset()
+        if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples <= 0):
+            raise CsnError(f"--samples must be a positive number of images, got {samples!r}.")
+        split_obj = split_of(data, split)
+        try:
+            n_split = len(split_obj)
+        except TypeError:
+            n_split = None
+        n_images = n_split  # what the n_images column will hold (eval_loader subsets in-memory splits only)
+        if samples and n_split is not None and hasattr(split_obj, "images"):
+            n_images = min(samples, n_split)
+        progress = progress and not os.environ.get("CSN_NO_PROGRESS")
+        plan = _bn_plan(run, data, ckpts, bn_recalibrate, has_bn, device)
 
-    with run_lock(run.path, sel_name):
+    tables: dict[str, pd.DataFrame | None] = {}  # rank 0's copy of both tables (the only rank that writes)
+
+    def prepare() -> list[int]:
         sel_all, cm_all, done = _load_consistent(run, sel_name, cm_name)
         _check_compatible(run, sel_name, sel_all, split=split, variant=variant, layers=names,
                           expected_bn=plan, done=done, n_images=n_images)
+        tables.update(sel=sel_all, cm=cm_all)
         todo = [c for c in ckpts if c.step not in done]
         msg = _bn_message(plan, todo, bn_recalibrate)
         if msg:
             (log or (lambda s: print(s, file=sys.stderr, flush=True)))(msg)
+        return [c.step for c in todo]
+
+    def write(sel: pd.DataFrame, cm: pd.DataFrame) -> None:
+        tables["cm"] = _merge(tables["cm"], cm)
+        run.write(cm_name, tables["cm"])  # class means first: a step counts as done only once selectivity has it
+        tables["sel"] = _merge(tables["sel"], sel)
+        run.write(sel_name, tables["sel"])
+
+    # Under torchrun: rank 0 locks, reads and writes the tables; every rank streams its shard of each checkpoint.
+    with distributed.main_lock(run.path, sel_name):
+        todo_steps = set(distributed.on_main(prepare))
         from tqdm.auto import tqdm
 
-        for c in tqdm(todo, desc=f"selectivity {run.name}", disable=not progress, unit="ckpt"):
+        main = distributed.is_main()
+        for c in tqdm([c for c in ckpts if c.step in todo_steps], desc=f"selectivity {run.name}",
+                      disable=not (progress and main), unit="ckpt"):
             sel, cm = checkpoint_selectivity(run, c, data, names, split=split, bn_recalibrate=bn_recalibrate,
                                              device=device, variant=variant, samples=samples, progress=progress)
-            cm_all = _merge(cm_all, cm)
-            run.write(cm_name, cm_all)  # class means first: a step counts as done only once selectivity has it
-            sel_all = _merge(sel_all, sel)
-            run.write(sel_name, sel_all)
+            distributed.on_main(write, sel, cm)
 
+    sel_all, cm_all = (tables["sel"], tables["cm"]) if tables else (run.read(sel_name), run.read(cm_name))
     steps = {c.step for c in ckpts}
     sel_out = sel_all[sel_all["step"].isin(steps)].reset_index(drop=True) if sel_all is not None else \
         pd.DataFrame(columns=SELECTIVITY_TABLE_COLUMNS)

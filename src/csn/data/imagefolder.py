@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 from csn.data.tensors import DataSplits
@@ -25,7 +26,9 @@ def imagefolder(data_root: str | None, image_size: int = 224, resize: int = 256)
     """Train/val ImageFolders under data_root (data_root/train/<class>/*.JPEG, data_root/val/<class>/*.JPEG).
 
     Train transform: RandomResizedCrop(224) + horizontal flip; eval: Resize(256) + CenterCrop(224),
-    as in the study. Iterate with a torch DataLoader (see csn.training) using worker processes.
+    as in the study. `train_eval` is the training split under the eval transform (analyses read
+    activations without augmentation, also on the training split and for BatchNorm re-estimation).
+    Iterate with a torch DataLoader (see csn.training) using worker processes.
     """
     if not data_root:
         raise CsnError("the imagefolder dataset needs --data-root DIR holding train/ and val/ class folders.")
@@ -43,4 +46,7 @@ def imagefolder(data_root: str | None, image_size: int = 224, resize: int = 256)
     test = datasets.ImageFolder(str(root / "val"), transform=eval_tf)
     if train.classes != test.classes:
         raise CsnError(f"{root}/train and {root}/val have different class folders; make them match.")
-    return DataSplits("imagefolder", train, test, len(train.classes), 3, image_size, list(train.classes))
+    train_eval = copy.copy(train)  # the same file list (no second scan), read without augmentation for analyses
+    train_eval.transform = eval_tf
+    return DataSplits("imagefolder", train, test, len(train.classes), 3, image_size, list(train.classes),
+                      train_eval=train_eval)

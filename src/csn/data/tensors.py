@@ -54,6 +54,8 @@ class DataSplits:
     in_channels: int
     image_size: int
     class_names: list[str] = field(default_factory=list)
+    train_eval: object = None  # the training split under the evaluation transform, where `train` augments
+                               # (ImageFolder); None: `train` itself is unaugmented (in-memory splits)
 
 
 def random_crop_flip(x: Tensor, gen: torch.Generator, *, pad: int = 0, flip: bool = False) -> Tensor:

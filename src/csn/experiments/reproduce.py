@@ -8,6 +8,7 @@ checkpoints -> claims C1-C4 -> report. Each step skips work whose outputs exist.
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 import time
@@ -17,12 +18,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from csn import distributed
 from csn.errors import CsnError, unknown
 from csn.experiments import claims as C
 from csn.experiments.regularize import Condition, condition_table, summarize_runs
 from csn.experiments.runner import Job, is_complete, run_jobs
 from csn.runs import Run, write_json, write_table
-from csn.training.config import TrainConfig, preset as train_preset
+from csn.training.config import preset as train_preset
 
 
 @dataclass
@@ -73,9 +75,10 @@ REPRODUCE_PRESETS: dict[str, ReproducePreset] = {
 
 
 def get_preset(name: str) -> ReproducePreset:
+    """A copy of a reproduce preset (callers may change it, e.g. --seeds)."""
     if name not in REPRODUCE_PRESETS:
         raise unknown("reproduce preset", name, REPRODUCE_PRESETS)
-    return REPRODUCE_PRESETS[name]
+    return copy.deepcopy(REPRODUCE_PRESETS[name])
 
 
 @dataclass
@@ -150,13 +153,13 @@ class Reproduction:
                 base = Run(self.out / f"baseline-s{job.cfg.seed}")
                 cka_for_runs(Run(job.out), base, mode="runs", samples=rp.cka_samples, progress=self.progress)
 
-        def verdicts():
-            self.write_claims()
+        def verdicts():  # reads tables, writes files: rank 0 alone under torchrun
+            distributed.on_main(self.write_claims)
 
         def report():
             from csn.report.html import build_report
 
-            build_report([self.out], out=self.out / "report", progress=self.progress)
+            distributed.on_main(build_report, [self.out], out=self.out / "report", progress=self.progress)
 
         return [
             Step("train baseline and regularized runs", train_all, 0.50),
@@ -228,9 +231,36 @@ class Reproduction:
 
 def reproduce(preset: str = "fmnist", out: str | Path | None = None, *, seeds: int | None = None, resume: bool = False,
               force: bool = False, data_root: str | None = None, progress: bool = True) -> tuple[Path, list[C.Verdict]]:
-    """Run (or resume) the whole study; return the report path and the verdicts."""
-    rp = get_preset(preset)
-    out = Path(out) if out else Path("runs") / f"reproduce-{preset}"
+    """Run (or resume) the whole study; return the report path and the verdicts.
+
+    Under torchrun every step runs on every process (training with DDP, analyses sharded over the
+    evaluation split) and rank 0 alone writes; the step lines and the result are rank 0's.
+    """
+    with distributed.same_outcome():  # a bad request fails on every rank together
+        rp = get_preset(preset)
+        out = Path(out) if out else Path("runs") / f"reproduce-{preset}"
+        rep = Reproduction(rp, out, seeds=seeds, data_root=data_root, progress=progress)
+    distributed.on_main(_prepare, rep, preset, resume=resume, force=force, data_root=data_root)
+    main = distributed.is_main()
+    steps = rep.steps()
+    total_w = sum(s.weight for s in steps)
+    t0, done_w = time.perf_counter(), 0.0
+    for i, step in enumerate(steps, 1):
+        elapsed = time.perf_counter() - t0
+        eta = f", about {_hms(elapsed / done_w * (total_w - done_w))} left" if done_w > 0.05 * total_w and elapsed > 5 else ""
+        if main:
+            print(f"[{i}/{len(steps)}] {step.name} (elapsed {_hms(elapsed)}{eta})", file=sys.stderr, flush=True)
+        step.fn()
+        done_w += step.weight
+    verdicts = [C.Verdict(**d) for d in json.loads((out / "claims.json").read_text())["claims"]]
+    if main:
+        print(f"done in {_hms(time.perf_counter() - t0)}", file=sys.stderr)
+    return out / "report" / "index.html", verdicts
+
+
+def _prepare(rep: Reproduction, preset: str, *, resume: bool, force: bool, data_root: str | None) -> None:
+    """Check (and with force empty) the output folder; record the settings in reproduce.json."""
+    rp, out = rep.rp, rep.out
     if out.exists() and any(out.iterdir()):
         if force:
             import shutil
@@ -243,7 +273,6 @@ def reproduce(preset: str = "fmnist", out: str | Path | None = None, *, seeds: i
         elif not (out / "reproduce.json").is_file():
             raise CsnError(f"{out} is not a csn reproduction (no reproduce.json); choose another --out.")
     out.mkdir(parents=True, exist_ok=True)
-    rep = Reproduction(rp, out, seeds=seeds, data_root=data_root, progress=progress)
     settings = {"preset": preset, "seeds": rp.seeds, "reg_seeds": rp.reg_seeds, "data_root": data_root}
     old = out / "reproduce.json"
     if old.is_file():
@@ -251,18 +280,6 @@ def reproduce(preset: str = "fmnist", out: str | Path | None = None, *, seeds: i
         if prev.get("settings") != settings:
             raise CsnError(f"{out} was started with {prev.get('settings')}, now {settings}; resume with the same settings or use another --out.")
     write_json(old, {"settings": settings, "reproduce_preset": asdict(rp), "train_config": rep.base.to_dict()})
-    steps = rep.steps()
-    total_w = sum(s.weight for s in steps)
-    t0, done_w = time.perf_counter(), 0.0
-    for i, step in enumerate(steps, 1):
-        elapsed = time.perf_counter() - t0
-        eta = f", about {_hms(elapsed / done_w * (total_w - done_w))} left" if done_w > 0.05 * total_w and elapsed > 5 else ""
-        print(f"[{i}/{len(steps)}] {step.name} (elapsed {_hms(elapsed)}{eta})", file=sys.stderr, flush=True)
-        step.fn()
-        done_w += step.weight
-    verdicts = [C.Verdict(**d) for d in json.loads((out / "claims.json").read_text())["claims"]]
-    print(f"done in {_hms(time.perf_counter() - t0)}", file=sys.stderr)
-    return out / "report" / "index.html", verdicts
 
 
 def _hms(s: float) -> str:

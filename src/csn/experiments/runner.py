@@ -36,12 +36,13 @@ def is_complete(out: str | Path) -> bool:
     return bool(ckpts) and ckpts[-1].step == info.get("total_steps")
 
 
-def _run_job(cfg_dict: dict, out: str, threads: int) -> str:
+def _run_job(cfg_dict: dict, out: str, threads: int | None) -> str:
     import torch
 
     from csn.training.loop import train
 
-    torch.set_num_threads(threads)
+    if threads:
+        torch.set_num_threads(threads)
     cfg = TrainConfig.from_dict(cfg_dict)
     resume = (Path(out) / "run.json").is_file()
     train(cfg, out, resume=resume, progress=False)
@@ -49,12 +50,19 @@ def _run_job(cfg_dict: dict, out: str, threads: int) -> str:
 
 
 def run_jobs(jobs: list[Job], *, parallel: int = 1, progress: bool = True, desc: str = "training") -> list[Run]:
-    """Train every job that is not complete (resuming partial runs); return the runs in job order."""
-    todo = [j for j in jobs if not is_complete(j.out)]
+    """Train every job that is not complete (resuming partial runs); return the runs in job order.
+
+    Under torchrun the jobs run one after the other, each on every process (DDP), whatever `parallel`.
+    """
+    from csn import distributed
+
+    todo = distributed.on_main(lambda: [i for i, j in enumerate(jobs) if not is_complete(j.out)])
+    todo = [jobs[i] for i in todo]
     cores = os.cpu_count() or 1
-    parallel = max(1, min(parallel, len(todo) or 1))
-    threads = max(1, cores // parallel)
-    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=desc, unit="run", disable=not progress)
+    parallel = 1 if distributed.is_dist() else max(1, min(parallel, len(todo) or 1))
+    threads = None if distributed.is_dist() else max(1, cores // parallel)  # torchrun sets OMP_NUM_THREADS
+    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=desc, unit="run",
+               disable=not (progress and distributed.is_main()))
     try:
         if parallel == 1:
             for j in todo:

@@ -51,8 +51,7 @@ def make_loader(split, cfg: TrainConfig, *, train: bool, device: torch.device, e
     """
     rank, world = dist_utils.rank(), dist_utils.world_size()
     if shard and not train and world > 1:
-        # Sums (correct, loss) do not depend on batch boundaries: one contiguous chunk per rank.
-        split = dist_utils.shard_split(split, -(-len(split) // world))
+        split = dist_utils.shard_split(split)  # sums (correct, loss): one contiguous chunk of examples per rank
     if hasattr(split, "images"):
         if cfg.augment not in AUGMENT:
             from csn.errors import unknown
