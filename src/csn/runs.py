@@ -115,7 +115,7 @@ def run_lock(run_dir: str | Path, what: str = "csn") -> Iterator[None]:
     so a stale lock of a dead process is recovered automatically; a live holder gets the error
     "another csn process is writing in RUN (pid N)". Re-entrant within a thread. Every writer of a run's
     files holds this lock, so on taking it leftover temporary files of interrupted atomic writes
-    (.NAME.XXXX.tmp in the run folder, checkpoints/ and tables/) are deleted.
+    (.NAME.XXXX.tmp in the run folder, checkpoints/ and tables/) are deleted, and again on releasing it.
     """
     lock = Path(run_dir) / ".lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
@@ -134,6 +134,11 @@ def run_lock(run_dir: str | Path, what: str = "csn") -> Iterator[None]:
             _remove_leftover_tmp(Path(run_dir))
         yield
     finally:
+        # an interrupt (Ctrl-C) landing between a temporary file's creation and the `try` that removes it
+        # could leave one behind: sweep on release too, while the lock still says no other writer is here
+        with contextlib.suppress(OSError):
+            if (Path(run_dir) / "run.json").is_file():
+                _remove_leftover_tmp(Path(run_dir))
         del _HELD[key]
         with contextlib.suppress(FileNotFoundError):
             lock.unlink()  # while still holding it: a waiting process then re-checks the inode and retries
