@@ -85,7 +85,13 @@ def command(runs, stages, orders, draws, grid, checkpoints, rank_split, score_sp
       torchrun --nproc_per_node=8 -m csn ablate runs/r50-s0 --checkpoints 0:10,last --distribute checkpoints
     """
     from csn import distributed
-    from csn.analysis.ablation import check_orders, execute_plan, parse_grid, plan_ablation, summarize_ablation
+    from csn.analysis.ablation import (
+        check_orders,
+        execute_plan,
+        parse_grid,
+        plan_ablation,
+        summarize_ablation,
+    )
 
     dev = analysis_setup(device, threads)  # under torchrun: see --distribute; rank 0 writes
     plot = plot and distributed.is_main()

@@ -69,9 +69,8 @@ def cka(run, run_b, mode, layers, checkpoints, reference, previous, samples, spl
       csn cka runs/fmnist --mode across --reference last --plot
       csn cka runs/reg-s0 runs/unreg-s0 --checkpoints 0:20 --plot  # two runs, same layers
     """
-
-    from csn.analysis.cka_run import cka_for_runs, describe_cka
     from csn import distributed
+    from csn.analysis.cka_run import cka_for_runs, describe_cka
     from csn.runs import Run
 
     dev = analysis_setup(device, threads)  # under torchrun: every rank streams its shard, rank 0 writes
@@ -88,8 +87,8 @@ def cka(run, run_b, mode, layers, checkpoints, reference, previous, samples, spl
     added = len(full) - (0 if before is None else len(before))
     what = sorted(set(df["comparison"])) if len(df) else []
     echo(f"{run_a.name}: CKA {', '.join(what) or 'nothing'} over {df['step_a'].nunique()} checkpoints, "
-               f"{df['layer_a'].nunique()} layers, {int(df['samples'].iloc[0]) if len(df) else 0} {split} examples "
-               f"({added} rows added)")
+         f"{df['layer_a'].nunique()} layers, {int(df['samples'].iloc[0]) if len(df) else 0} {split} examples "
+         f"({added} rows added)")
     echo(f"  wrote {rel(run_a.table_path('cka'))} ({len(full)} rows)")
     for line in describe_cka(df):
         echo(f"    {line}")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from csn.cli import CONTEXT
+from csn.cli import CONTEXT, echo
 
 # Defaults for the fmnist preset, chosen from measurement (README, "Choosing alpha and the onset").
 FMNIST_ALPHA = -1.0
@@ -42,19 +42,22 @@ def regularize(preset, alpha, onsets, seeds, out, parallel, no_selectivity, quie
     Example (the study's C4 on Fashion-MNIST):
       csn experiment regularize --preset fmnist --alpha -2 --onsets 0,1 --seeds 3
     """
+    from csn import distributed
     from csn.experiments.regularize import parse_onsets, regularize_experiment
     from csn.training.config import preset as get_preset
 
-    base = get_preset(preset).override(list(overrides))
-    seed_list = _parse_seeds(seeds)
-    onset_list = parse_onsets(onsets, base.epochs)
+    distributed.init_from_env()  # under torchrun: DDP training, sharded selectivity, rank 0 writes and reports
+    with distributed.same_outcome():
+        base = get_preset(preset).override(list(overrides))
+        seed_list = _parse_seeds(seeds)
+        onset_list = parse_onsets(onsets, base.epochs)
     root = Path(out) if out else Path("runs") / f"regularize-{preset}"
     per_seed, table, _ = regularize_experiment(base, alpha, onset_list, seed_list, root, parallel=parallel,
                                                progress=not quiet, selectivity=not no_selectivity)
     cols = [c for c in ("condition", "seeds", "final_test_acc_mean", "final_test_acc_se", "final_csi_mean",
                         "final_eta2_mean", "final_test_acc_per_seed") if c in table]
-    click.echo(table[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    click.echo(f"tables: {root / 'regularize.parquet'}, {root / 'regularize_runs.parquet'}; figures: {root / 'report'}")
+    echo(table[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    echo(f"tables: {root / 'regularize.parquet'}, {root / 'regularize_runs.parquet'}; figures: {root / 'report'}")
 
 
 def _parse_seeds(text: str) -> list[int]:

@@ -88,14 +88,13 @@ def linearity(runs, checkpoints, measures, samples, split, fit_epochs, bn_recali
       csn linearity runs/fmnist --checkpoints 0:1 --samples all
       csn linearity runs/fmnist-s0 runs/fmnist-s1 runs/fmnist-s2 --plot --out runs/figs
     """
-
+    from csn import distributed
     from csn.analysis.linearity_run import (
         DEFAULT_SAMPLES,
         check_groups,
         describe_linearity,
         linearity_for_run,
     )
-    from csn import distributed
     from csn.runs import Run
 
     dev = analysis_setup(device, threads)  # under torchrun: every rank streams its shard, rank 0 writes
@@ -119,7 +118,7 @@ def linearity(runs, checkpoints, measures, samples, split, fit_epochs, bn_recali
         full = run.read("linearity")
         n_before = 0 if before is None else len(before)
         echo(f"{run.name}: {df['step'].nunique()} checkpoints, {df['measure'].nunique()} measures "
-                   f"({len(full) - n_before} rows added), {split} split")
+             f"({len(full) - n_before} rows added), {split} split")
         echo(f"  wrote {rel(run.table_path('linearity'))} ({len(full)} rows)")
         lm = run.path / "tables" / "linear_model.safetensors"
         if "linear" in groups and lm.is_file():

@@ -108,7 +108,7 @@ def selectivity(runs, split, layers, checkpoints, bn_recalibrate, variant, sampl
       csn selectivity runs/fmnist --bn-recalibrate 0 --tag nobn --plot    # adds a BN on/off figure
       csn selectivity runs/fmnist-s0 runs/fmnist-s1 runs/fmnist-s2 --plot --out runs/figs
     """
-
+    from csn import distributed
     from csn.analysis.selectivity_run import (
         describe_peaks,
         selectivity_for_run,
@@ -116,7 +116,6 @@ def selectivity(runs, split, layers, checkpoints, bn_recalibrate, variant, sampl
         summarize_runs,
         table_names,
     )
-    from csn import distributed
     from csn.runs import Run
     from csn.units import resolve_layers
 
@@ -148,10 +147,10 @@ def selectivity(runs, split, layers, checkpoints, bn_recalibrate, variant, sampl
         n_steps = full["step"].nunique()
         units = int((full["step"] == full["step"].iloc[0]).sum())
         echo(f"{run.name}: {len(selected)} checkpoints ({len(selected) - already} computed, {already} already "
-                   f"in the table), {units} units in {full['stage'].nunique()} stages, {split} split "
-                   f"({int(full['n_images'].iloc[0])} images)")
+             f"in the table), {units} units in {full['stage'].nunique()} stages, {split} split "
+             f"({int(full['n_images'].iloc[0])} images)")
         echo(f"  wrote {_rel(run.table_path(sel_name))} ({len(full)} rows) and "
-                   f"{_rel(run.table_path(cm_name))} ({n_cm} rows)")
+             f"{_rel(run.table_path(cm_name))} ({n_cm} rows)")
         echo(f"  over all {n_steps} checkpoints in the table:")
         for line in describe_peaks(summarize(full)):
             echo(f"    {line}")

@@ -29,7 +29,6 @@ layer pairs; missing ones are computed and the table rewritten atomically after 
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -38,8 +37,14 @@ import torch
 
 from csn import distributed
 from csn.analysis.cka import LOGITS, CKAAccumulator
-from csn.analysis.common import split_of
-from csn.analysis.linearity_run import bn_note, bn_plan, check_samples, load_analysis_model, subset_loader
+from csn.analysis.common import note, split_of
+from csn.analysis.linearity_run import (
+    bn_note,
+    bn_plan,
+    check_samples,
+    load_analysis_model,
+    subset_loader,
+)
 from csn.errors import CsnError, unknown
 from csn.runs import Checkpoint, Run, append_rows, select_checkpoints
 from csn.units import resolve_layers, trace_units
@@ -280,7 +285,7 @@ def cka_for_runs(
                                f"(pass --layers).")
             del model_b
         ref = resolve_reference(run_a, reference) if mode == "across" else None
-        log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+        log = log or note
         if data is None:
             data = run_a.dataset()
         n_split = len(split_of(data, split))

@@ -25,6 +25,16 @@ class AnalysisModel:
     bn_recalibrated: int  # number of training batches used; 0 = checkpoint's running statistics
 
 
+def note(message: str) -> None:
+    """The analyses' default `log`: a one-line note on stderr (rank 0's alone under torchrun)."""
+    import sys
+
+    from csn.distributed import is_main
+
+    if is_main():
+        print(message, file=sys.stderr, flush=True)
+
+
 def bn_batches_for(ckpt: Checkpoint, bn_recalibrate: int | None) -> int:
     """Resolve the --bn-recalibrate flag: None = default policy (on before epoch 1), 0 = off, N = N batches."""
     if bn_recalibrate is None:

@@ -58,7 +58,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -66,10 +65,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from csn.analysis.common import analysis_model, bn_batches_for, bn_loader, eval_loader, split_of
+from csn import distributed
+from csn.analysis.common import (
+    analysis_model,
+    bn_batches_for,
+    bn_loader,
+    eval_loader,
+    note,
+    split_of,
+)
 from csn.analysis.linearity import accuracy, fit_linear_classifier, linearity_measures
 from csn.errors import CsnError, unknown
-from csn import distributed
 from csn.runs import Checkpoint, Run, append_rows, save_tensors
 
 TABLE = "linearity"
@@ -189,10 +195,6 @@ def bn_note(plan: dict[int, int], steps: Sequence[int], bn_recalibrate: int | No
     return f"BN statistics re-estimated from {n} training batches for {what} (--bn-recalibrate 0 to turn off)"
 
 
-def _stderr(s: str) -> None:
-    print(s, file=sys.stderr, flush=True)
-
-
 # ------------------------------------------------------------------------------------------------
 # the linear classifier, fit once per run
 # ------------------------------------------------------------------------------------------------
@@ -244,7 +246,7 @@ def linear_model_for_run(run: Run, data, *, epochs: int | None = None, lr: float
             layer.bias.copy_(bias)
         return layer.requires_grad_(False), meta
     x, y = _flat_inputs(data.train)
-    (log or _stderr)(f"fitting the linear classifier of {run.name} on {x.shape[0]} training inputs "
+    (log or note)(f"fitting the linear classifier of {run.name} on {x.shape[0]} training inputs "
                      f"({fit['epochs']} epochs of Adam, lr {fit['lr']:g}); cached in {path}")
     layer = fit_linear_classifier(x, y, data.num_classes, epochs=fit["epochs"], lr=fit["lr"], seed=fit["seed"],
                                   weight_decay=fit["weight_decay"], batch_size=fit["batch_size"])
@@ -333,7 +335,7 @@ def linearity_for_run(
         if ("linearized" in groups or "relu" in groups) and all_ckpts[0].step != 0:
             raise CsnError(f"run {run.name} has no step-0 checkpoint (the initialization theta_0); the linearized and "
                            "ReLU measures compare with it; pass --measures linear.")
-        log = log or _stderr
+        log = log or note
         if data is None:
             data = run.dataset()
         n_split = len(split_of(data, split))

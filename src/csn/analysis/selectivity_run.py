@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import sys
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -39,6 +38,7 @@ from csn.analysis.common import (
     bn_batches_for,
     bn_loader,
     class_stats_of_split,
+    note,
     split_of,
 )
 from csn.errors import CsnError, unknown
@@ -272,8 +272,8 @@ def selectivity_for_run(
             n_split = len(split_obj)
         except TypeError:
             n_split = None
-        n_images = n_split  # what the n_images column will hold (eval_loader subsets in-memory splits only)
-        if samples and n_split is not None and hasattr(split_obj, "images"):
+        n_images = n_split  # what the n_images column will hold
+        if samples and n_split is not None:
             n_images = min(samples, n_split)
         progress = progress and not os.environ.get("CSN_NO_PROGRESS")
         plan = _bn_plan(run, data, ckpts, bn_recalibrate, has_bn, device)
@@ -288,7 +288,7 @@ def selectivity_for_run(
         todo = [c for c in ckpts if c.step not in done]
         msg = _bn_message(plan, todo, bn_recalibrate)
         if msg:
-            (log or (lambda s: print(s, file=sys.stderr, flush=True)))(msg)
+            (log or note)(msg)
         return [c.step for c in todo]
 
     def write(sel: pd.DataFrame, cm: pd.DataFrame) -> None:

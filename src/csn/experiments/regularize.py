@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from csn import distributed
 from csn.errors import CsnError
 from csn.experiments.runner import Job, run_jobs
 from csn.runs import Run, write_table
@@ -127,7 +128,8 @@ def regularize_experiment(base: TrainConfig, alpha: float, onsets: list[float], 
                           selectivity_samples: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Train every condition and seed, measure selectivity at every checkpoint, write tables and figures.
 
-    Returns (per-seed table, per-condition table, {condition: [Run]}).
+    Returns (per-seed table, per-condition table, {condition: [Run]}). Under torchrun the runs train with
+    DDP one after the other, selectivity is sharded, and rank 0 writes the tables and figures.
     """
     root = Path(root)
     conds = conditions(alpha, onsets)
@@ -139,12 +141,16 @@ def regularize_experiment(base: TrainConfig, alpha: float, onsets: list[float], 
             selectivity_for_run(run, progress=progress, samples=selectivity_samples)
     per_seed = summarize_runs(runs, conds)
     table = condition_table(per_seed)
-    write_table(root / "regularize_runs.parquet", per_seed)
-    write_table(root / "regularize.parquet", table)
     grouped: dict[str, list[Run]] = {}
     for (name, _), run in runs.items():
         grouped.setdefault(name, []).append(run)
-    from csn.report.fig_regularize import regularize_figures
 
-    regularize_figures(grouped, {c.name: c.onset for c in conds}, root / "report")
+    def write() -> None:  # rank 0 alone under torchrun
+        from csn.report.fig_regularize import regularize_figures
+
+        write_table(root / "regularize_runs.parquet", per_seed)
+        write_table(root / "regularize.parquet", table)
+        regularize_figures(grouped, {c.name: c.onset for c in conds}, root / "report")
+
+    distributed.on_main(write)
     return per_seed, table, grouped
