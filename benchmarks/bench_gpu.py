@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 TARGETS = {"train_ratio": 0.95, "reg_overhead": 1.10, "csi_overhead": 1.10}
+IMAGENET_TRAIN = 1_281_167  # images in the ImageNet-1k training split (one epoch)
 _CPU = [False]  # --cpu: smoke test on the CPU
 
 
@@ -271,6 +272,7 @@ def main(argv=None) -> int:
         "reps": args.reps, "hand_img_s": h, "csn_img_s": o, "csn_reg_img_s": r, "train_ratio": o / h,
         "reg_overhead": o / r, "eval_images": eval_images, "plain_eval_img_s": eval_images / plain_s,
         "csi_img_s": eval_images / csi_s, "csi_overhead": csi_s / plain_s,
+        "imagenet_epoch_min": IMAGENET_TRAIN / o / 60,
         "all": {"hand": hand, "csn": ours, "csn_reg": ours_reg},
     }
     if main_rank:
@@ -288,6 +290,8 @@ def main(argv=None) -> int:
               f"{'ok' if ok['train_ratio'] else 'MISSED'}")
         print(f"csn train + regularizer: {r:8.0f} img/s   overhead {o / r:.3f} (target <= {TARGETS['reg_overhead']}) "
               f"{'ok' if ok['reg_overhead'] else 'MISSED'}")
+        print(f"one ImageNet epoch ({IMAGENET_TRAIN:,} images) at csn's rate: {res['imagenet_epoch_min']:.1f} min "
+              f"(90 epochs: {90 * res['imagenet_epoch_min'] / 60:.1f} h; data loading from disk not included)")
         print(f"plain eval pass       : {res['plain_eval_img_s']:9.0f} img/s   CSI pass {res['csi_img_s']:.0f} img/s   "
               f"overhead {res['csi_overhead']:.3f} (target <= {TARGETS['csi_overhead']}) {'ok' if ok['csi_overhead'] else 'MISSED'}")
         print("\nFor benchmarks/RESULTS.md:\n")
