@@ -104,7 +104,7 @@ def test_shard_split_and_sharded_eval_loader_single_process(tiny_run):
 
 
 def test_same_outcome_is_transparent_in_one_process():
-    from csn.distributed import all_gather_objects, broadcast_object, reduce_ablation, same_outcome, share
+    from csn.distributed import all_gather_objects, broadcast_object, reduce_ablation, same_outcome
     from csn.errors import CsnError
 
     with pytest.raises(CsnError, match="boom"):
@@ -115,7 +115,7 @@ def test_same_outcome_is_transparent_in_one_process():
             raise KeyError("x")
     with same_outcome():
         pass
-    assert all_gather_objects(3) == [3] and broadcast_object("a") == "a" and share([1, 2, 3]) == [1, 2, 3]
+    assert all_gather_objects(3) == [3] and broadcast_object("a") == "a"
     import pandas as pd
 
     df = pd.DataFrame({"correct": [1], "total": [2], "top1": [0.5], "top5": [float("nan")], "loss": [0.1]})

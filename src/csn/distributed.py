@@ -9,12 +9,11 @@ What lives here (PyTorch's own engine underneath: torch.distributed + DDP, nothi
 - failing together: `same_outcome()` runs a block on every rank and, if it raises on any rank,
   raises the same one-line CsnError on every rank (no rank is left waiting in a collective);
 - analyses: `shard_range`/`shard_split` give each rank a contiguous part of the evaluation split
-  (equal chunks of examples for sums; whole single-process batches for per-batch statistics such as
-  minibatch CKA), and
-  `all_reduce_`/`all_reduce_tensors`/`reduce_class_stats`/`reduce_cka`/`reduce_ablation`/
-  `reduce_linearity` sum the streamed statistics (class sums/counts, correct counts, HSIC terms) so
-  the result equals the single-process one; `broadcast_buffers_` gives every rank rank 0's BatchNorm
-  statistics (re-estimated on every rank); `share` spreads independent jobs (checkpoints);
+  (a run of whole single-process batches, or equal chunks of examples), and `all_reduce_`/
+  `all_reduce_tensors`/`reduce_class_stats`/`reduce_cka`/`reduce_ablation`/`reduce_linearity` sum
+  the streamed statistics (class sums/counts, correct counts, HSIC terms, ...) so the result equals
+  the single-process one; `broadcast_buffers_` gives every rank rank 0's BatchNorm statistics
+  (re-estimated on every rank);
 - writing: rank 0 alone writes. `main_lock` takes a run's writer lock on rank 0 only, `on_main`
   runs a step (read a table, decide what is left to do, write rows) on rank 0 and hands its result
   to every rank; both fail on every rank together (`same_outcome`).
@@ -373,12 +372,6 @@ def reduce_linearity(acc: Any) -> Any:
     return acc
 
 
-def share(items: Iterable[Any]) -> list[Any]:
-    """This rank's share of independent jobs (items[rank::world]), e.g. checkpoints to analyse in parallel;
-    combine the results with all_gather_objects and let rank 0 write."""
-    return list(items)[rank()::world_size()]
-
-
 # ------------------------------------------------------------------------------------------------
 # rank 0 writes
 # ------------------------------------------------------------------------------------------------
@@ -506,6 +499,6 @@ __all__ = [
     "is_dist", "rank", "world_size", "local_rank", "is_main", "barrier", "init_from_env", "wrap_ddp",
     "has_batchnorm", "sync_batchnorm", "all_gather_objects", "broadcast_object", "same_outcome", "shard_range",
     "shard_split", "all_reduce_", "all_reduce_with_grad", "all_reduce_tensors", "broadcast_", "broadcast_buffers_", "reduce_class_stats",
-    "reduce_cka", "reduce_ablation", "reduce_linearity", "share", "main_lock", "on_main", "EpochSampler",
+    "reduce_cka", "reduce_ablation", "reduce_linearity", "main_lock", "on_main", "EpochSampler",
     "folder_loader",
 ]
