@@ -25,7 +25,7 @@ import math
 import warnings
 from collections.abc import Iterable
 from contextlib import ExitStack, contextmanager
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -321,7 +321,7 @@ class LinearityAccumulator:
         self.index = {n: i for i, n in enumerate(names)}
         self.refs, self.linearized, self.relu = list(refs), linearized, relu
         self.sums = torch.zeros(len(names), dtype=torch.float64, device=device)
-        self.preds: dict[str, Tensor | list[Tensor]] = {"f": [], "y": [], "l": []}
+        self.preds: dict[str, Any] = {"f": [], "y": [], "l": []}  # per-batch lists; close(): tensors or None
 
     def add(self, name: str, value: Tensor | int) -> None:
         """sums[name] += value (a tensor stays on the device: no host sync per batch)."""
@@ -334,8 +334,7 @@ class LinearityAccumulator:
 
     def close(self) -> "LinearityAccumulator":
         """Concatenate the per-batch predictions (CPU tensors)."""
-        self.preds = {k: torch.cat(v) if isinstance(v, list) and v else (v if isinstance(v, Tensor) else None)
-                      for k, v in self.preds.items()}
+        self.preds = {k: torch.cat(v) if v else None for k, v in self.preds.items()}
         return self
 
     def result(self) -> dict[str, float]:
