@@ -20,7 +20,7 @@ TINY = dict(
 
 
 def tiny_config(**kw):
-    from csn.training.config import TrainConfig
+    from csn.runs.config import TrainConfig
 
     d = dict(TINY)
     d.update(kw)
@@ -30,7 +30,7 @@ def tiny_config(**kw):
 @pytest.fixture(scope="session")
 def tiny_run_master(tmp_path_factory) -> Path:
     """A tiny run trained once per test session (do not modify; copy it with `tiny_run`)."""
-    from csn.training.loop import train
+    from csn.train.loop import train
 
     out = tmp_path_factory.mktemp("master") / "tiny"
     train(tiny_config(), out, progress=False)
@@ -43,3 +43,12 @@ def tiny_run(tiny_run_master, tmp_path) -> Path:
     dst = tmp_path / "tiny"
     shutil.copytree(tiny_run_master, dst)
     return dst
+
+
+def analyze(analysis_cls, run, **kw):
+    """run_analysis with keyword options split between the analysis's own options and RunOptions."""
+    from csn.analysis.base import run_analysis
+
+    own = {k: kw.pop(k) for k in list(kw) if k in analysis_cls.Options.model_fields}
+    extra = {k: kw.pop(k) for k in ("log", "data") if k in kw}
+    return run_analysis(run, analysis_cls(**own), **extra, **kw)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from csn.bn import has_batchnorm, recalibrate_bn
+from csn.core.bn import has_batchnorm, recalibrate_bn
 from csn.errors import CsnError
 
 torch.set_num_threads(1)

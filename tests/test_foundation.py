@@ -17,9 +17,10 @@ from csn.data import BatchLoader, load_dataset, random_crop_flip, read_idx, synt
 from csn.errors import CsnError
 from csn.models import create_model, list_models
 from csn.runs import Run, atomic_path, sha256_file, write_json
-from csn.training.config import load_config_file, preset
-from csn.training.loop import train
-from csn.units import default_layers, resolve_layers, run_with_cache, stages
+from csn.runs.config import load_config_file, preset
+from csn.train.loop import train
+from csn.core.trace import run_with_cache
+from csn.core.units import default_layers, resolve_layers, stages
 from tests.conftest import tiny_config
 
 

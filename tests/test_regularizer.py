@@ -8,10 +8,10 @@ import torch
 from csn.data import BatchLoader, synthetic
 from csn.errors import CsnError
 from csn.models import create_model
-from csn.runs import Run
-from csn.selectivity import class_selectivity
-from csn.training.loop import train
-from csn.training.regularizer import SelectivityRegularizer, default_reg_layers
+from csn.runs.run import Run
+from csn.analysis.selectivity import class_selectivity
+from csn.train.loop import train
+from csn.train.regularizer import SelectivityRegularizer, default_reg_layers
 from tests.conftest import tiny_config
 
 
@@ -45,7 +45,7 @@ def test_value_matches_naive_reference_on_unbalanced_batch_sums_and_means():
         with reg:
             model(x)
             stage_vals = reg.stage_values(y)
-            acts = {k: v.detach() for k, v in reg._cache.items()}
+            acts = {k: v.detach() for k, v in reg.activations.items()}
         expected = {f"hidden{i}": _naive_csi(acts[f"relu{i}"], y, use_sums).mean() for i in (1, 2)}
         assert set(stage_vals) == set(expected)
         for s in expected:

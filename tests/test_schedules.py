@@ -1,4 +1,4 @@
-"""Tests for csn.training.schedules: checkpoints, learning rate, alpha windows."""
+"""Tests for csn.core.schedules: checkpoints, learning rate, alpha windows."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from csn.errors import CsnError
-from csn.training.schedules import (
+from csn.core.schedules import (
     DEFAULT_CHECKPOINTS,
     LR_SCHEDULES,
     AlphaSchedule,

@@ -11,18 +11,14 @@ import torch
 from torch import nn
 
 from csn.errors import CsnError
-from csn.selectivity import (
-    EPS,
-    STUDY_EPS,
-    ClassStats,
-    batch_csi,
+from csn.analysis.selectivity import (
     class_means_frame,
     class_selectivity,
     collect_class_stats,
     csi_for_classes,
-    csi_from_means,
     selectivity_frame,
 )
+from csn.core.stats import EPS, STUDY_EPS, ClassStats, batch_csi, csi_from_means
 
 torch.set_num_threads(1)
 
@@ -525,7 +521,7 @@ def test_batch_csi_reduce_gives_global_batch():
     g = torch.Generator().manual_seed(6)
     y = labels_unbalanced(6)
     acts = torch.rand(len(y), 4, generator=g, dtype=torch.float64)
-    from csn.selectivity import batch_class_sums
+    from csn.core.stats import batch_class_sums
 
     other = batch_class_sums(acts[20:], y[20:], K)
     local = batch_csi(acts[:20], y[:20], K, reduce=lambda s, c: (s + other[0], c + other[1]))

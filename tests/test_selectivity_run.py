@@ -11,22 +11,30 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from csn import selectivity as selmod
-from csn.analysis import common
-from csn.analysis import selectivity_run as sr
-from csn.analysis.common import analysis_model, eval_loader
-from csn.analysis.selectivity_run import (
-    CLASS_MEANS_TABLE_COLUMNS,
-    SELECTIVITY_TABLE_COLUMNS,
-    selectivity_for_run,
+from csn.analysis import base
+from csn.analysis import selectivity as selmod
+from csn.analysis.base import analysis_model, eval_loader
+from csn.analysis.selectivity import (
+    CLASS_MEANS,
+    SELECTIVITY,
+    Selectivity,
+    class_selectivity,
     summarize,
-    summarize_runs,
 )
+from csn.analysis.selectivity import summarize_across_runs as summarize_runs
 from csn.cli import main as cli
+from csn.core.units import stage_of
 from csn.errors import CsnError
 from csn.runs import Run, read_manifest, save_tensors, sha256_file, write_manifest
-from csn.selectivity import class_selectivity
-from csn.units import stage_of
+from tests.conftest import analyze
+
+SELECTIVITY_TABLE_COLUMNS = list(SELECTIVITY.columns)
+CLASS_MEANS_TABLE_COLUMNS = list(CLASS_MEANS.columns)
+
+
+def selectivity_for_run(run, **kw):
+    """(selectivity rows, class-means rows) of the request (the tests' shorthand for run_analysis)."""
+    return tuple(analyze(Selectivity, run, **kw).tables.values())
 
 torch.set_num_threads(1)  # 2 shared cores: OpenMP threads under contention are far slower than one
 
@@ -119,9 +127,9 @@ def test_samples_subset_recorded_and_not_mixed(tiny_run):
     ref = class_selectivity(analysis_model(run, run.checkpoint(16), data).model,
                             eval_loader(run, data, "test", samples=100), num_classes=K, progress=False)
     np.testing.assert_allclose(sel["csi"], ref["csi"], rtol=1e-12)
-    with pytest.raises(CsnError, match="computed over 100 images of the split but this request uses 128"):
+    with pytest.raises(CsnError, match="holds n_images=100 but this request asks for n_images=128; pass --samples 100"):
         selectivity_for_run(tiny_run, checkpoints="0", progress=False)
-    with pytest.raises(CsnError, match="--samples must be a positive"):
+    with pytest.raises(CsnError, match="samples' must be >= 1, got 0"):
         selectivity_for_run(tiny_run, samples=0, progress=False)
 
 
@@ -134,8 +142,8 @@ def test_resume_computes_only_missing_checkpoints_and_keeps_rows(tiny_run, compu
     assert steps_of(first) == [0, 4]
     before_sel, before_cm = tables(tiny_run)
     calls = []
-    real = sr.checkpoint_selectivity
-    monkeypatch.setattr(sr, "checkpoint_selectivity", lambda run, c, *a, **k: calls.append(c.step) or real(run, c, *a, **k))
+    real = Selectivity.compute
+    monkeypatch.setattr(Selectivity, "compute", lambda self, ctx, c, *a: calls.append(c.step) or real(self, ctx, c, *a))
     selectivity_for_run(tiny_run, progress=False)
     assert calls == [1, 2, 8, 12, 16]
     sel, cm = tables(tiny_run)
@@ -244,7 +252,7 @@ def test_labels_out_of_range_leave_no_table(tiny_run, monkeypatch):
         x = torch.randn(8, 1, 8, 8)
         return [(x, torch.tensor([0, 1, 2, 3, 0, 1, 2, 9]))]
 
-    monkeypatch.setattr(common, "eval_loader", bad_loader)
+    monkeypatch.setattr(base, "eval_loader", bad_loader)
     with pytest.raises(CsnError, match=r"step 0 .*label 9 is out of range for num_classes=4"):
         selectivity_for_run(tiny_run, progress=False)
     assert tables(tiny_run) == (None, None)

@@ -9,6 +9,6 @@ __version__ = "0.1.0"
 
 from csn.errors import CsnError  # noqa: E402
 from csn.models import create_model, list_models  # noqa: E402
-from csn.runs import Run  # noqa: E402
+from csn.runs.run import Run  # noqa: E402
 
 __all__ = ["CsnError", "Run", "create_model", "list_models", "__version__"]

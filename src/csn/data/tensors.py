@@ -75,7 +75,7 @@ def random_crop_flip(x: Tensor, gen: torch.Generator, *, pad: int = 0, flip: boo
     return x.contiguous()
 
 
-def _mix(*values: int) -> int:
+def mix_seed(*values: int) -> int:
     """Deterministic 62-bit seed from integers (Python's hash() of tuples is salted per process)."""
     h = 1469598103934665603
     for v in values:
@@ -116,7 +116,7 @@ class BatchLoader:
         n = len(self.split)
         if not self.shuffle:
             return torch.arange(n)
-        g = torch.Generator().manual_seed(_mix(self.seed, self.epoch, 1))
+        g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, 1))
         return torch.randperm(n, generator=g)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
@@ -127,7 +127,7 @@ class BatchLoader:
             x = self.split.images[idx]
             y = self.split.labels[idx]
             if self.augment:
-                g = torch.Generator().manual_seed(_mix(self.seed, self.epoch, b, 2))
+                g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, b, 2))
                 x = random_crop_flip(x, g, pad=int(self.augment.get("crop_pad", 0)), flip=bool(self.augment.get("flip", False)))
             if self.world_size > 1:
                 sl = slice(self.rank * per_rank, (self.rank + 1) * per_rank) if len(idx) == self.batch_size else \

@@ -16,7 +16,7 @@ import pandas as pd
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from csn.analysis.selectivity_run import summarize, summarize_runs
+from csn.analysis.selectivity import summarize, summarize_across_runs as summarize_runs
 from csn.errors import CsnError
 from csn.report import style
 

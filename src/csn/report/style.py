@@ -32,7 +32,7 @@ def new(ncols: int = 1, nrows: int = 1, *, width: float = 5.0, height: float = 3
 
 def save(fig, out_dir: str | Path, name: str, caption: str) -> Figure:
     """Save as out_dir/name.png and .svg (atomically), close it, and return the Figure record."""
-    from csn.runs import atomic_path
+    from csn.runs.io import atomic_path
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

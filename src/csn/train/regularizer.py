@@ -14,8 +14,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from csn.selectivity import EPS, batch_csi
-from csn.units import hooks, resolve_layers, stage_of, stages, unit_activations
+from csn.core.stats import EPS, batch_csi
+from csn.core.trace import TraceDict
+from csn.core.units import resolve_layers, stage_of, stages
+from csn.dist import all_reduce_with_grad
 
 
 def default_reg_layers(model: nn.Module) -> list[str]:
@@ -27,8 +29,6 @@ def default_reg_layers(model: nn.Module) -> list[str]:
 
 def _global_sums(sums: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
     """Sum class sums and counts over data-parallel ranks with an autograd-aware all_reduce (identity alone)."""
-    from csn.distributed import all_reduce_with_grad
-
     return all_reduce_with_grad(sums), all_reduce_with_grad(counts)
 
 
@@ -52,27 +52,21 @@ class SelectivityRegularizer:
         self.num_classes = num_classes
         self.eps, self.class_sums = eps, class_sums
         self.skipped = 0  # batches with fewer than two classes present
-        self._cache: dict[str, Tensor] = {}
-        self._ctx = None
-
-    def _hook(self, name: str):
-        def fn(_m, _i, out):
-            self._cache[name] = unit_activations(out)
-        return fn
+        self._trace = TraceDict(model, self.layers, detach=False)  # training-mode units, gradients flow through
 
     def attach(self) -> "SelectivityRegularizer":
         """Register the hooks (idempotent)."""
-        if self._ctx is None:
-            self._ctx = hooks(self.model, {n: self._hook(n) for n in self.layers})
-            self._ctx.__enter__()
+        self._trace.open()
         return self
 
     def detach(self) -> None:
         """Remove the hooks (idempotent); with them off the regularizer costs nothing."""
-        if self._ctx is not None:
-            ctx, self._ctx = self._ctx, None
-            ctx.__exit__(None, None, None)
-        self._cache.clear()
+        self._trace.close()
+
+    @property
+    def activations(self) -> dict[str, Tensor]:
+        """The [N, U] training-mode unit activations of each regularized layer in the last forward pass."""
+        return dict(self._trace)
 
     def __enter__(self) -> "SelectivityRegularizer":
         return self.attach()
@@ -82,12 +76,12 @@ class SelectivityRegularizer:
 
     def stage_values(self, labels: Tensor) -> dict[str, Tensor] | None:
         """Mean batch CSI per regularized stage for the last forward pass; None if < 2 classes present."""
-        if not self._cache:
+        if not self._trace:
             raise RuntimeError("SelectivityRegularizer has no activations: attach it and run the model first.")
         k = self.num_classes or int(labels.max()) + 1
         per_stage: dict[str, list[Tensor]] = {}
         for name in self.layers:
-            csi = batch_csi(self._cache[name], labels, k, self.eps, self.class_sums, reduce=_global_sums)
+            csi = batch_csi(self._trace[name], labels, k, self.eps, self.class_sums, reduce=_global_sums)
             if csi is None:
                 self.skipped += 1
                 return None

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
 import click
 
-from csn.cli import CONTEXT
+from csn.cli.options import CONTEXT
+from csn.core.progress import progress_enabled
+from csn.report.html import build_report
 
 
 @click.command("report", context_settings=CONTEXT)
@@ -43,10 +43,7 @@ def report(paths, out, title, quiet) -> None:
       csn report runs/reproduce-fmnist                  # an experiment: claims, conditions, seeds
       csn report runs/a runs/b --out figs/ab --title "a vs b"
     """
-    from csn.report.html import build_report
-
-    index = build_report(list(paths), out=out, title=title,
-                         progress=not quiet and not os.environ.get("CSN_NO_PROGRESS"))
+    index = build_report(list(paths), out=out, title=title, progress=progress_enabled(not quiet))
     click.echo(str(index))
 
 

@@ -1,0 +1,421 @@
+"""The analysis framework: one driver for every per-checkpoint analysis of a run.
+
+An analysis is small by construction. It declares its options (a `Schema`), its tables
+(`TableSpec`: columns, key, settings), what each checkpoint must hold (`expected`), and a
+`compute(ctx, checkpoint, missing)` that returns the rows of one checkpoint. Everything around it
+is written once here, in `run_analysis`:
+
+- validation of every run before any work (under torchrun on every rank together);
+- checkpoint selection (`--checkpoints`) and the BatchNorm policy (csn.core.bn: re-estimate BN
+  statistics before epoch 1 by default, on a copy, recorded in `bn_recalibrated`; one note on stderr);
+- the compatibility rule: rows computed with other settings are never mixed into a table
+  (`--tag NAME` writes a side table instead);
+- resume: checkpoints whose rows are all in the tables are skipped, each finished checkpoint is
+  written atomically under the run's writer lock;
+- torchrun: rank 0 reads and writes; every rank streams its shard of each checkpoint's evaluation
+  split (`distribute="split"`) or takes whole checkpoints (`distribute="checkpoints"`);
+- progress, and errors that name the run and the checkpoint.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
+
+import pandas as pd
+import sys
+import torch
+from pydantic import Field
+
+from csn import dist
+from csn.core.bn import bn_note, bn_plan, has_batchnorm, recalibrate_bn
+from csn.core.progress import bar
+from csn.core.schema import AllIsNone, Int, Schema
+from csn.data import BatchLoader, DataSplits
+from csn.data.loaders import folder_loader, shard_split, subset
+from csn.errors import CsnError
+from csn.runs.lock import main_lock
+from csn.runs.run import Checkpoint, Run
+from csn.runs.table import ResumableTable, TableSpec
+
+SUBSET_SEED = 777
+"""Seed of the fixed subset of an evaluation split that `--samples N` measures on (the same in every analysis)."""
+BN_SEED_OFFSET = 99991
+"""BN re-estimation reads the training split in an order seeded by the run's seed plus this."""
+SPLITS = ("test", "train")
+
+Split = Literal["test", "train"]
+Samples = Annotated[Int | None, AllIsNone, Field(ge=1)]
+"""A number of examples of the split (a fixed seeded subset), or None / 'all' for the whole split."""
+
+
+class RunOptions(Schema):
+    """What every analysis of a run's checkpoints shares: which checkpoints, BatchNorm, table tag, devices."""
+
+    checkpoints: str | None = Field(None, description="Which checkpoints: all (default), first, last, steps '0,64', "
+                                    "nearest epochs 'e0.5,e2', epoch ranges '0:1' (comma-separate to combine).",
+                                    json_schema_extra={"metavar": "SPEC"})
+    bn_recalibrate: Int | None = Field(None, ge=0, description="Re-estimate BatchNorm statistics from N training "
+                                       "batches before measuring (0 = off). Default: 16 batches for checkpoints before "
+                                       "epoch 1, where stored statistics lag the weights.",
+                                       json_schema_extra={"metavar": "N"})
+    tag: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Write tables/TABLE-NAME.parquet "
+                            "instead, e.g. to keep a --bn-recalibrate 0 table beside the default one.",
+                            json_schema_extra={"metavar": "NAME"})
+    distribute: Literal["split", "checkpoints"] = Field("split", description="Under torchrun: every process scores its "
+                                                        "shard of each checkpoint's split (statistics summed), or each "
+                                                        "process takes whole checkpoints. Same rows either way.")
+    device: str = Field("auto", description="auto (this process's GPU if any, else the CPU), cpu, cuda, cuda:1.")
+    progress: bool = Field(True, description="Show progress bars.")
+
+
+# ------------------------------------------------------------------------------------------------
+# evaluation data and the analysis model of a checkpoint
+# ------------------------------------------------------------------------------------------------
+
+def split_of(data: DataSplits, split: str) -> Any:
+    """The 'train' or 'test' split of a dataset, as analyses read it: without augmentation."""
+    if split not in SPLITS:
+        raise CsnError(f"unknown split {split!r}; use 'train' or 'test'.")
+    if split == "test":
+        return data.test
+    return data.train if getattr(data, "train_eval", None) is None else data.train_eval
+
+
+def eval_loader(run: Run, data: DataSplits, split: str = "test", *, batch_size: int | None = None,
+                device: str | torch.device = "cpu", samples: int | None = None, shard: bool = False,
+                whole_batches: bool = False) -> Any:
+    """Deterministic, unaugmented batches of a split (in the run's order), optionally a seeded subset.
+
+    shard=True (under torchrun): this rank's contiguous part of the split (csn.data.loaders.shard_split),
+    a run of the single-process batches, so every rank computes exactly the activations one process
+    would and statistics summed over ranks (class sums/counts, correct counts, minibatch HSIC) equal
+    the single-process ones up to the order of summation. With fewer batches than ranks the split is
+    cut into equal chunks of examples instead (sums over examples do not depend on batch boundaries;
+    float32 activations may then differ in the last bits), unless whole_batches=True (per-batch
+    statistics such as minibatch HSIC), which leaves the extra ranks without data. A single process
+    gets the whole split.
+    """
+    s = subset(split_of(data, split), samples, SUBSET_SEED)
+    bs = batch_size or run.config.eval_batch_size
+    if shard:
+        s = shard_split(s, bs if whole_batches or -(-len(s) // bs) >= dist.world_size() else None)
+    if hasattr(s, "images"):
+        return BatchLoader(s, bs, shuffle=False, device=device)
+    cfg = run.config
+    return folder_loader(s, batch_size=bs, train=False, device=torch.device(device), seed=cfg.seed,
+                         workers=cfg.workers, channels_last=cfg.channels_last)
+
+
+def bn_loader(run: Run, data: DataSplits, device: str | torch.device = "cpu") -> Any:
+    """Training batches without augmentation, in a fixed seeded order, for BN re-estimation.
+
+    The order is a seeded shuffle for folder datasets too (an ImageFolder lists its images class by
+    class, so its first batches in file order would hold one or two classes).
+    """
+    s = split_of(data, "train")
+    cfg = run.config
+    seed = cfg.seed + BN_SEED_OFFSET
+    if hasattr(s, "images"):
+        return BatchLoader(s, cfg.batch_size, shuffle=True, seed=seed, device=device)
+    order = torch.randperm(len(s), generator=torch.Generator().manual_seed(seed))
+    return folder_loader(torch.utils.data.Subset(s, order.tolist()), batch_size=cfg.batch_size, train=False,
+                         device=torch.device(device), seed=cfg.seed, workers=cfg.workers,
+                         channels_last=cfg.channels_last)
+
+
+@dataclass
+class AnalysisModel:
+    """A model ready for eval-mode analysis and how its BN statistics were obtained (recorded in tables)."""
+
+    model: torch.nn.Module
+    bn_recalibrated: int  # number of training batches used; 0 = checkpoint's running statistics
+
+
+def analysis_model(run: Run, ckpt: Checkpoint, data: DataSplits, *, bn_recalibrate: int | None = None,
+                   device: str | torch.device = "cpu", shared: bool = True) -> AnalysisModel:
+    """The model at `ckpt` in eval mode; BN statistics re-estimated on a copy when the policy says so.
+
+    Under torchrun with shared=True every rank calls this for the same checkpoint (a collective):
+    each re-estimates BN statistics on the same batches and rank 0's are broadcast, so every rank
+    scores its shard with one model. shared=False: ranks load different checkpoints, no collective.
+    """
+    with dist.same_outcome(enabled=shared):
+        model = run.load_model(ckpt, device=device)
+        n = bn_plan({ckpt.step: ckpt.epoch}, bn_recalibrate, has_bn=has_batchnorm(model), available=None)[ckpt.step]
+        if n > 0:
+            model = recalibrate_bn(model, bn_loader(run, data, device), n, device=device)
+            n = int(getattr(model, "csn_bn_recalibrated", n))  # batches actually used (a small split has fewer)
+    if shared and n > 0:
+        dist.broadcast_buffers_(model)
+    return AnalysisModel(model.eval(), n)
+
+
+def run_bn_plan(run: Run, data: DataSplits, requested: int | None, device: str | torch.device = "cpu") -> dict[int, int]:
+    """Training batches BN re-estimation will use at each of the run's checkpoints (0 = off, or no BatchNorm)."""
+    epochs = {c.step: c.epoch for c in run.checkpoints}
+    has_bn = has_batchnorm(run.build_model())
+    plan = bn_plan(epochs, requested, has_bn=has_bn, available=None)
+    if any(plan.values()):
+        try:
+            available = len(bn_loader(run, data, device))
+        except TypeError:
+            available = None
+        plan = bn_plan(epochs, requested, has_bn=has_bn, available=available)
+    return plan
+
+
+# ------------------------------------------------------------------------------------------------
+# the context of one run, and the Analysis protocol
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class Context:
+    """What an analysis sees of one run while it runs: the run, its data, the device, the checkpoints asked
+    for, the BatchNorm plan, and helpers to get the analysis model and the evaluation data."""
+
+    run: Run
+    data: DataSplits
+    device: torch.device
+    options: RunOptions
+    checkpoints: list[Checkpoint]
+    bn: dict[int, int]
+    log: Callable[[str], None]
+    shared: bool = True           # every rank works on the same checkpoint (shard the evaluation split)
+    state: Any = None             # what Analysis.prepare returned (on every rank)
+    progress: Any = None          # the progress bar; compute may advance it in finer units than checkpoints
+    other_plans: dict[str, dict[int, int]] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int | None:
+        info = self.run.info.get("data", {})
+        return int(info["num_classes"]) if "num_classes" in info else None
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return self.run.info.get("data", {}).get("class_names") or None
+
+    def plan(self, run: Run | None = None) -> dict[int, int]:
+        """The BN plan of this run, or of another run compared with it (same data)."""
+        if run is None or run.path.resolve() == self.run.path.resolve():
+            return self.bn
+        key = str(run.path.resolve())
+        if key not in self.other_plans:
+            self.other_plans[key] = run_bn_plan(run, self.data, self.options.bn_recalibrate, self.device)
+        return self.other_plans[key]
+
+    def model(self, ckpt: Checkpoint, run: Run | None = None) -> AnalysisModel:
+        """The analysis model at `ckpt` (of this run, or of `run`), BN statistics per the policy."""
+        run = run or self.run
+        return analysis_model(run, ckpt, self.data, bn_recalibrate=self.options.bn_recalibrate, device=self.device,
+                              shared=self.shared)
+
+    def split_size(self, split: str, samples: int | None = None) -> int:
+        """Examples the analysis reads from a split (all, or a seeded subset of `samples`)."""
+        n = len(split_of(self.data, split))
+        return n if samples is None else min(samples, n)
+
+    def loader(self, split: str, samples: int | None = None, *, batch_size: int | None = None,
+               whole_batches: bool = False) -> Any:
+        """Unaugmented batches of a split (or its seeded subset); this rank's shard when checkpoints are shared."""
+        n = len(split_of(self.data, split))
+        return eval_loader(self.run, self.data, split, batch_size=batch_size, device=self.device,
+                           samples=None if samples is None or samples >= n else samples, shard=self.shared,
+                           whole_batches=whole_batches)
+
+
+class Analysis(ABC):
+    """A per-checkpoint analysis: its options, its tables, and the rows of one checkpoint.
+
+    Subclasses set `name`, `Options` (a Schema) and `tables`, and implement `expected` and `compute`;
+    `setup`, `settings`, `sets`, `prepare` and `work` have defaults.
+    """
+
+    name: ClassVar[str]
+    Options: ClassVar[type[Schema]]
+    tables: ClassVar[tuple[TableSpec, ...]]
+    unit: ClassVar[str] = "ckpt"  # what the progress bar counts (see work())
+
+    def __init__(self, options: Schema | None = None, **kwargs: Any) -> None:
+        if options is not None and kwargs:
+            raise TypeError("pass either an options object or keyword options, not both")
+        if options is None:
+            options = self.Options.parse(kwargs, what=f"{self.name} option")
+        elif not isinstance(options, self.Options):
+            raise TypeError(f"{type(self).__name__} takes {self.Options.__name__}, got {type(options).__name__}")
+        self.options = options
+
+    def setup(self, ctx: Context) -> None:
+        """Validate the options against the run and prepare what every rank needs (no writes). Default: nothing."""
+
+    def settings(self, ctx: Context) -> dict[str, dict[str, Any]]:
+        """{table: {settings column: value}} of this request (the table-wide settings). Default: none."""
+        return {}
+
+    def sets(self, ctx: Context) -> dict[str, dict[str, Iterable[Any]]]:
+        """{table: {column: values}} whose set in the table must equal the request's. Default: none."""
+        return {}
+
+    @abstractmethod
+    def expected(self, ctx: Context, ckpt: Checkpoint) -> dict[str, pd.DataFrame]:
+        """{table: key columns (+ row settings) that checkpoint `ckpt` must hold}."""
+
+    def prepare(self, ctx: Context, todo: Sequence[Checkpoint]) -> Any:
+        """Rank 0's work before computing (read another table, fit a model); the result reaches every rank
+        as ctx.state. Default: nothing."""
+        return None
+
+    def work(self, ctx: Context, ckpt: Checkpoint) -> float:
+        """Progress units of one checkpoint (default 1; compute may advance ctx.progress itself)."""
+        return 1.0
+
+    @abstractmethod
+    def compute(self, ctx: Context, ckpt: Checkpoint, missing: Mapping[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+        """{table: rows} of one checkpoint; `missing` says which expected keys the tables lack."""
+
+
+@dataclass
+class Result:
+    """What run_analysis gives for one run: the rows of the request in each table (the full tables stay on disk)."""
+
+    run: Run
+    tables: dict[str, pd.DataFrame]
+    computed: list[int] = field(default_factory=list)  # checkpoint steps computed by this call (the rest were done)
+
+    def __getitem__(self, name: str) -> pd.DataFrame:
+        return self.tables[name]
+
+    @property
+    def rows(self) -> pd.DataFrame:
+        """The rows of the analysis's main (first) table."""
+        return next(iter(self.tables.values()))
+
+
+# ------------------------------------------------------------------------------------------------
+# the driver
+# ------------------------------------------------------------------------------------------------
+
+def note(message: str) -> None:
+    """The analyses' default `log`: a one-line note on stderr (rank 0's alone under torchrun)."""
+    if dist.is_main():
+        print(message, file=sys.stderr, flush=True)
+
+
+def run_analysis(runs: Run | str | Path | Sequence[Run | str | Path], analysis: Analysis,
+                 options: RunOptions | None = None, *, data: DataSplits | None = None,
+                 log: Callable[[str], None] | None = None, **kwargs: Any) -> Result | list[Result]:
+    """Run `analysis` over the checkpoints of one run or several; returns a Result (or a list, for a list).
+
+    options (or keyword arguments) are RunOptions: checkpoints, bn_recalibrate, tag, distribute,
+    device, progress. Every run is validated before any work; under torchrun every process calls
+    this alike (after csn.dist.init_from_env()), each streams its shard, rank 0 writes.
+    """
+    single = isinstance(runs, (Run, str, Path))
+    if options is not None and kwargs:
+        raise TypeError("pass either a RunOptions object or keyword options, not both")
+    with dist.same_outcome():  # a bad request fails on every rank together, before any work
+        options = options or RunOptions.parse(kwargs, what="analysis option")
+        ctxs = [_context(r, analysis, options, data, log or note) for r in ([runs] if single else list(runs))]
+    results = [_execute(analysis, ctx) for ctx in ctxs]
+    return results[0] if single else results
+
+
+def _context(run: Run | str | Path, analysis: Analysis, options: RunOptions, data: DataSplits | None,
+             log: Callable[[str], None]) -> Context:
+    run = run if isinstance(run, Run) else Run(run)
+    ckpts = run.select(options.checkpoints)  # no checkpoints / bad selector: CsnError
+    device = dist.resolve_device(options.device)
+    data = data if data is not None else run.dataset()
+    ctx = Context(run, data, device, options, ckpts, run_bn_plan(run, data, options.bn_recalibrate, device), log)
+    analysis.setup(ctx)
+    return ctx
+
+
+def _execute(analysis: Analysis, ctx: Context) -> Result:
+    """Skip finished checkpoints, compute the rest, write each checkpoint's rows atomically (rank 0)."""
+    run, tag = ctx.run, ctx.options.tag
+    tables = {spec.name: ResumableTable(run, spec, tag) for spec in analysis.tables}
+    expected = {c.step: analysis.expected(ctx, c) for c in ctx.checkpoints}
+
+    def prepare() -> tuple[list[tuple[int, dict[str, pd.DataFrame]]], Any]:
+        settings, sets = analysis.settings(ctx), analysis.sets(ctx)
+        for name, table in tables.items():
+            table.load()
+            want = pd.concat([e[name] for e in expected.values()], ignore_index=True) if expected else None
+            table.check(settings.get(name, {}), want, sets.get(name))
+        todo = []
+        for c in ctx.checkpoints:
+            missing = {name: table.missing(expected[c.step][name]) for name, table in tables.items()}
+            if any(not m.empty for m in missing.values()):
+                todo.append((c.step, missing))
+        msg = bn_note(ctx.bn, [s for s, _ in todo], ctx.options.bn_recalibrate)
+        if msg:
+            ctx.log(msg)
+        by_step = {c.step: c for c in ctx.checkpoints}
+        return todo, analysis.prepare(ctx, [by_step[s] for s, _ in todo])
+
+    def write(*all_rows: dict[str, pd.DataFrame] | None) -> None:
+        for rows in all_rows:
+            for name, df in (rows or {}).items():
+                tables[name].add(df)
+
+    by_step = {c.step: c for c in ctx.checkpoints}
+    with main_lock(run.path, analysis.name):
+        todo, ctx.state = dist.on_main(prepare)
+        by_checkpoint = ctx.options.distribute == "checkpoints" and dist.is_dist()
+        world, rank = dist.world_size(), dist.rank()
+        mine = [t for i, t in enumerate(todo) if not by_checkpoint or i % world == rank]
+        ctx.shared = not by_checkpoint
+        ctx.progress = bar(total=sum(analysis.work(ctx, by_step[s]) for s, _ in mine), desc=f"{analysis.name} {run.name}",
+                           progress=ctx.options.progress and dist.is_main(), unit=analysis.unit)
+        try:
+            if by_checkpoint:
+                for i in range(0, len(todo), world):
+                    rows = None
+                    with dist.same_outcome():
+                        if i + rank < len(todo):
+                            rows = _compute(analysis, ctx, by_step[todo[i + rank][0]], todo[i + rank][1])
+                    dist.on_main(write, *dist.all_gather_objects(rows))
+            else:
+                for step, missing in todo:
+                    dist.on_main(write, _compute(analysis, ctx, by_step[step], missing))
+        finally:
+            ctx.progress.close()
+    out = {}
+    for name, table in tables.items():
+        if table.df is None:  # other ranks (rank 0 holds the table it wrote)
+            table.load()
+        out[table.name] = _rows_of(table, pd.concat([e[name] for e in expected.values()], ignore_index=True))
+    return Result(run, out, [s for s, _ in todo])
+
+
+def _compute(analysis: Analysis, ctx: Context, ckpt: Checkpoint, missing: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    """One checkpoint's rows; errors name the run and the checkpoint; progress topped up to the checkpoint's work."""
+    before = ctx.progress.n
+    try:
+        rows = analysis.compute(ctx, ckpt, missing)
+    except CsnError as e:
+        raise CsnError(f"run {ctx.run.name}, checkpoint step {ckpt.step} (epoch {ckpt.epoch:g}): {e}") from None
+    left = analysis.work(ctx, ckpt) - (ctx.progress.n - before)
+    if left > 1e-9:
+        ctx.progress.update(left)
+    return rows
+
+
+def _rows_of(table: ResumableTable, expected: pd.DataFrame) -> pd.DataFrame:
+    """The table's rows whose key is among the request's expected keys (table order)."""
+    df = table.rows()
+    if expected.empty or df.empty:
+        return df.iloc[0:0]
+    key = list(table.spec.key)
+    m = df[key].merge(expected[key].drop_duplicates(), on=key, how="left", indicator=True)
+    return df[(m["_merge"] == "both").to_numpy()].reset_index(drop=True)
+
+
+__all__ = [
+    "RunOptions", "Split", "Samples", "SPLITS", "SUBSET_SEED", "split_of", "eval_loader", "bn_loader", "AnalysisModel",
+    "analysis_model", "run_bn_plan", "Context", "Analysis", "Result", "note", "run_analysis",
+]

@@ -1,0 +1,154 @@
+"""Command-line options built from the options objects, never re-declared.
+
+`from_schema(Options)` turns every field of a Schema into a click option (name, help, choices,
+metavar and default come from the field), and `build(Options, kwargs)` validates what the user
+typed with the same schema the Python API uses; a mistake is one line naming the option.
+"""
+
+from __future__ import annotations
+
+import typing
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import click
+import torch
+from pydantic import Field
+
+from csn import dist
+from csn.analysis.base import RunOptions
+from csn.core.schema import Int, Schema
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _literal_choices(annotation: Any) -> list[str] | None:
+    """The values of a Literal[...] (possibly inside Optional/Annotated), else None."""
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return [str(a) for a in typing.get_args(annotation)]
+    if origin is typing.Annotated:
+        return _literal_choices(typing.get_args(annotation)[0])
+    for arg in typing.get_args(annotation) if origin is not None else ():
+        found = _literal_choices(arg)
+        if found:
+            return found
+    return None
+
+
+def flag(name: str) -> str:
+    """The command-line spelling of a field: bn_recalibrate -> --bn-recalibrate."""
+    return "--" + name.replace("_", "-")
+
+
+def from_schema(schema: type[Schema], *, exclude: Iterable[str] = (), include: Iterable[str] | None = None,
+                defaults: dict[str, Any] | None = None, help: dict[str, str] | None = None) -> Callable[[F], F]:
+    """A decorator adding one click option per field of `schema` (in field order).
+
+    Bools become --x/--no-x switches (or a plain --x flag when the default is False), Literal fields
+    choices; everything else is read as text and converted by the schema in `build` (include: only
+    these fields, in this order; exclude: all but these). The option's
+    default is None ("not given"), so the schema's default applies; `defaults` shows a different
+    default in --help (and is passed to build by the caller).
+    """
+    exclude, defaults, help = set(exclude), defaults or {}, help or {}
+    include = None if include is None else list(include)
+
+    def decorate(fn: F) -> F:
+        names = include if include is not None else list(schema.model_fields)
+        for name in reversed(names):
+            field = schema.model_fields[name]
+            if name in exclude:
+                continue
+            extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+            default = defaults.get(name, field.default)
+            text = help.get(name, field.description or "")
+            kw: dict[str, Any] = {"default": None, "help": text}
+            if field.annotation is bool:
+                off = extra.get("off", f"--no-{name.replace('_', '-')}")
+                decls = [flag(name)] if default is False else [f"{flag(name)}/{off}"]
+                kw.update(default=default, show_default=default is not False)
+                if default is False:
+                    kw["is_flag"] = True
+                fn = click.option(*decls, name, **kw)(fn)
+                continue
+            choices = _literal_choices(field.annotation)
+            if choices:
+                kw["type"] = click.Choice(choices)
+            if extra.get("metavar"):
+                kw["metavar"] = extra["metavar"]
+            if extra.get("multiple"):
+                kw["multiple"] = True
+            if default is not None and default != () and not extra.get("multiple"):
+                kw["help"] = f"{text} [default: {default}]"
+            fn = click.option(flag(name), name, **kw)(fn)
+        return fn
+
+    return decorate
+
+
+def build(schema: type[Schema], values: dict[str, Any], **fixed: Any) -> Schema:
+    """The options object from parsed click values (only the schema's fields; None / () = not given)."""
+    data = {k: v for k, v in values.items() if k in schema.model_fields and v is not None and v != ()}
+    data.update({k: v for k, v in fixed.items() if v is not None})
+    return schema.parse(data, what="option", flags=True)
+
+
+def take(values: dict[str, Any], schema: type[Schema]) -> dict[str, Any]:
+    """Remove and return the click values that belong to `schema` (so one callback can hold several groups)."""
+    return {k: values.pop(k) for k in list(values) if k in schema.model_fields}
+
+
+
+
+class ExecOptions(Schema):
+    """How a command runs: on which device, with how many CPU threads, with or without progress bars."""
+
+    device: str = Field("auto", description="auto (this process's GPU if any, else the CPU), cpu, cuda, cuda:1.")
+    threads: Int | None = Field(None, ge=1, description="CPU threads for torch.", json_schema_extra={"metavar": "N"})
+    quiet: bool = Field(False, description="No progress bars.")
+
+
+class PlotOptions(Schema):
+    """Figures drawn by analysis commands."""
+
+    plot: bool = Field(False, description="Also draw the figures (PNG + SVG) into each run's report/ folder.")
+    log_epochs: bool = Field(True, description="Symlog epoch axis (the action is in the first epoch) or a linear one.",
+                             json_schema_extra={"off": "--linear-epochs"})
+    out: str | None = Field(None, description="Folder for the across-seed figures of several runs [default: the first "
+                            "run's report/].", json_schema_extra={"metavar": "DIR"})
+
+
+def start(exec_opts: ExecOptions) -> torch.device:
+    """What every command that runs a model does first: join torchrun's process group when launched by it,
+    set CPU threads, and resolve the device ('auto' under torchrun: this rank's GPU)."""
+    dist.init_from_env()
+    if exec_opts.threads:
+        torch.set_num_threads(exec_opts.threads)
+    return dist.resolve_device(exec_opts.device)
+
+
+def run_options(values: dict[str, Any], exec_opts: ExecOptions) -> RunOptions:
+    """RunOptions from the click values of the checkpoint group and the execution group."""
+    return build(RunOptions, values, device=exec_opts.device, progress=not exec_opts.quiet)
+
+
+def echo(message: str = "", err: bool = False) -> None:
+    """click.echo on rank 0 only: under torchrun every rank runs the command, one of them reports."""
+    if dist.is_main():
+        click.echo(message, err=err)
+
+
+def rel(p: str | Path) -> str:
+    """A path relative to the working directory where possible (for messages)."""
+    try:
+        return str(Path(p).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(p)
+
+
+__all__ = ["CONTEXT", "from_schema", "build", "take", "flag", "ExecOptions", "PlotOptions", "start", "run_options", "echo",
+           "rel"]

@@ -1,0 +1,138 @@
+"""The one validation layer: frozen pydantic models for every config, preset and option group.
+
+Every object a user can configure (a training config, an analysis's options, a study) is a `Schema`:
+a frozen pydantic v2 model that rejects unknown keys and validates types and ranges once. Its errors
+become one-line CsnErrors that name the key, what it expects and what was given (`schema_error`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Annotated, Any, TypeVar
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
+
+from csn.errors import CsnError, unknown
+
+S = TypeVar("S", bound="Schema")
+
+_EXPECTS = {
+    "int_parsing": "an integer", "int_type": "an integer", "int_from_float": "a whole number",
+    "float_parsing": "a float", "float_type": "a float", "finite_number": "a finite number",
+    "bool_parsing": "a boolean (true or false)", "bool_type": "a boolean (true or false)",
+    "string_type": "a string", "list_type": "a list", "tuple_type": "a list", "dict_type": "a table of key = value pairs",
+    "model_type": "a table of key = value pairs", "literal_error": None, "none_required": "nothing",
+}
+
+
+class Schema(BaseModel):
+    """A frozen, validated options object: unknown keys are errors, numbers are never read from bools.
+
+    `parse(data, what=...)` validates a mapping and turns a pydantic error into a CsnError;
+    `replace(**changes)` returns a validated copy.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, coerce_numbers_to_str=True,
+                              validate_default=False)
+
+    @classmethod
+    def parse(cls: type[S], data: Mapping[str, Any] | None = None, *, what: str = "option", flags: bool = False) -> S:
+        """Validate `data` (a mapping) into this schema, or raise one CsnError naming the first bad key.
+
+        what: how a key is called in messages ("config key"); flags=True names keys as command-line
+        options instead (--bn-recalibrate).
+        """
+        data = {} if data is None else data
+        if not isinstance(data, Mapping):
+            raise CsnError(f"{what}s must be a table of key = value pairs, got {type(data).__name__}.")
+        try:
+            return cls.model_validate(dict(data))
+        except ValidationError as e:
+            raise schema_error(e, cls, what, flags=flags) from None
+
+    def replace(self: S, **changes: Any) -> S:
+        """A validated copy with some fields changed."""
+        return type(self).parse({**self.model_dump(), **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-compatible data (lists for tuples)."""
+        return self.model_dump(mode="json")
+
+
+def schema_error(err: ValidationError, model: type[BaseModel], what: str = "option", *, flags: bool = False) -> CsnError:
+    """One sentence for the first error of a pydantic validation: unknown key (with the closest valid
+    one), or the key, what it expects and what it got (flags=True: keys named as --options)."""
+    first = err.errors(include_url=False)[0]
+    loc = [str(p) for p in first.get("loc", ()) if not isinstance(p, int)]
+    key = ".".join(loc) or "value"
+    kind, value = first.get("type", ""), first.get("input")
+    if kind == "extra_forbidden":
+        return unknown(what, key, list(model.model_fields))
+    name = f"--{loc[0].replace('_', '-')}" if flags and loc else f"{what} {key!r}"
+    if kind == "missing":
+        return CsnError(f"{name} is required; give it a value.")
+    ctx = first.get("ctx", {})
+    bounds = {"greater_than": "> {gt}", "greater_than_equal": ">= {ge}", "less_than": "< {lt}",
+              "less_than_equal": "<= {le}"}
+    if kind in bounds:
+        return CsnError(f"{name} must be {bounds[kind].format(**ctx)}, got {_show(value)}.")
+    if kind == "string_pattern_mismatch":
+        return CsnError(f"{name} must match {ctx.get('pattern')}, got {_show(value)}.")
+    expects = _EXPECTS.get(kind)
+    if kind == "literal_error":
+        expects = "one of " + ctx.get("expected", "the listed values")
+    if expects is None:
+        msg = first.get("msg", "is invalid")
+        msg = msg.removeprefix("Value error, ")
+        msg = msg[0].lower() + msg[1:]
+        return CsnError(f"{name}: {msg.rstrip('.')}, got {_show(value)}.")
+    return CsnError(f"{name} expects {expects}, got {_show(value)}.")
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# ------------------------------------------------------------------------------------------------
+# shared field types
+# ------------------------------------------------------------------------------------------------
+
+def _no_bool(v: Any) -> Any:
+    """Numbers are never read from booleans (true is not 1)."""
+    if isinstance(v, bool):
+        raise ValueError("expects a number, not a boolean")
+    return v
+
+
+def _comma_list(v: Any) -> Any:
+    """'a,b' or ['a', 'b,c'] -> ['a', 'b', 'c'] (a list may be given as one comma-separated string)."""
+    if isinstance(v, str):
+        return [s.strip() for s in v.split(",") if s.strip()]
+    if isinstance(v, (list, tuple)):
+        out = []
+        for item in v:
+            out.extend(_comma_list(item) if isinstance(item, str) else [item])
+        return out
+    return v
+
+
+def _all_is_none(v: Any) -> Any:
+    """'all' (any case) means None: the whole split."""
+    if isinstance(v, str) and v.strip().lower() == "all":
+        return None
+    return v
+
+
+NoBool = BeforeValidator(_no_bool)
+"""Attach to a numeric field (Annotated[int, NoBool]) so booleans are refused."""
+CommaList = BeforeValidator(_comma_list)
+"""Attach to a list/tuple field so 'a,b' and repeated values both work."""
+AllIsNone = BeforeValidator(_all_is_none)
+"""Attach to an optional count so 'all' means None."""
+
+Int = Annotated[int, NoBool]
+Float = Annotated[float, NoBool]
+
+
+__all__ = ["Schema", "schema_error", "NoBool", "CommaList", "AllIsNone", "Int", "Float"]

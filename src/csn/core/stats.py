@@ -1,0 +1,280 @@
+"""Class statistics: the CSI formula, streaming per-class sums, eta², batch CSI and standard errors.
+
+This module is the one place the class selectivity index (CSI) formula lives (`csi_from_means`).
+Everything else - the evaluation-split tables, class-subset recomputation and the regularizer's
+batch CSI - calls it.
+
+    mu_max  = max_k m_k
+    mu_rest = mean of m_k over the other K-1 classes
+    CSI     = (mu_max - mu_rest) / (mu_max + mu_rest + eps)
+
+For post-ReLU units CSI lies in [0, 1]. For layers whose activations can be negative (pre-ReLU,
+linear logits, token features) the formula is applied as is: CSI is then unbounded (and can flip
+sign or blow up when mu_max + mu_rest is near 0); csn does not clip it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from csn.errors import CsnError
+
+EPS = 1e-7
+"""eps of the CSI denominator (csn's definition)."""
+
+STUDY_EPS = 1e-6
+"""eps used by the original study's code (variant="study")."""
+
+VARIANTS = ("mean", "study")
+
+
+ClassNames = Sequence[str] | Mapping[int, str] | None
+
+
+class CSI(NamedTuple):
+    """CSI and its parts, each shaped [..., U]."""
+
+    csi: Tensor
+    pref_class: Tensor
+    mu_max: Tensor
+    mu_rest: Tensor
+
+
+def csi_from_means(means: Tensor, eps: float = EPS) -> CSI:
+    """CSI of every unit from class means [..., K, U] (K >= 2); differentiable, the only CSI formula in csn.
+
+    mu_rest is the mean over the K-1 classes other than the preferred one (ties: the first maximum
+    is preferred, the other tied classes count in mu_rest). Negative-valued layers are not clipped.
+    """
+    if means.dim() < 2:
+        raise CsnError(f"class means must be shaped [..., classes, units], got shape {tuple(means.shape)}.")
+    k = means.shape[-2]
+    if k < 2:
+        raise CsnError(f"CSI needs the means of at least 2 classes, got {k}; evaluate on data that contains several classes.")
+    mu_max, pref = means.max(dim=-2)
+    is_pref = torch.zeros_like(means, dtype=torch.bool).scatter_(-2, pref.unsqueeze(-2), True)
+    mu_rest = means.masked_fill(is_pref, 0).sum(dim=-2) / (k - 1)
+    csi = (mu_max - mu_rest) / (mu_max + mu_rest + eps)
+    return CSI(csi, pref, mu_max, mu_rest)
+
+
+def _class_label(k: int, class_names: ClassNames) -> str:
+    """'class 3' or "class 3 ('Dress')" for error messages."""
+    name = None
+    if class_names is not None:
+        try:
+            name = class_names[k]
+        except (IndexError, KeyError, TypeError):
+            name = None
+    return f"class {k} ({name!r})" if name is not None else f"class {k}"
+
+
+class ClassStats:
+    """Streaming per-class accumulator for one layer: float64 sums/sumsq [K, U] and int64 counts [K].
+
+    Keeps K x U numbers, never per-image activations. With num_classes=None the class dimension
+    grows to the largest label seen. Absent classes have count 0 (`check` turns that into an error).
+    """
+
+    def __init__(self, num_classes: int | None = None, num_units: int | None = None, *,
+                 device: torch.device | str | None = None) -> None:
+        self.num_classes = num_classes
+        self.sums: Tensor | None = None
+        self.sumsq: Tensor | None = None
+        self.counts: Tensor | None = None
+        if num_units is not None:
+            self._alloc(num_classes or 0, num_units, torch.device(device or "cpu"))
+
+    # -- buffers -------------------------------------------------------------------------------
+    def _alloc(self, k: int, u: int, device: torch.device) -> None:
+        """Allocate zeroed buffers for k classes and u units on device."""
+        self.sums = torch.zeros(k, u, dtype=torch.float64, device=device)
+        self.sumsq = torch.zeros(k, u, dtype=torch.float64, device=device)
+        self.counts = torch.zeros(k, dtype=torch.int64, device=device)
+
+    def ensure_classes(self, k: int) -> None:
+        """Grow the class dimension to at least k (only when num_classes was not fixed)."""
+        if self.sums is None or k <= self.sums.shape[0]:
+            return
+        if self.num_classes is not None:
+            raise CsnError(f"label {k - 1} is out of range for {self.num_classes} classes; pass the right num_classes.")
+        extra = k - self.sums.shape[0]
+        u, dev = self.sums.shape[1], self.sums.device
+        self.sums = torch.cat([self.sums, self.sums.new_zeros(extra, u)])
+        self.sumsq = torch.cat([self.sumsq, self.sumsq.new_zeros(extra, u)])
+        self.counts = torch.cat([self.counts, torch.zeros(extra, dtype=torch.int64, device=dev)])
+
+    @property
+    def k(self) -> int:
+        """Number of classes currently held."""
+        return 0 if self.counts is None else int(self.counts.shape[0])
+
+    @property
+    def num_units(self) -> int:
+        """Number of units (0 before the first update)."""
+        return 0 if self.sums is None else int(self.sums.shape[1])
+
+    # -- accumulation --------------------------------------------------------------------------
+    def update(self, acts: Tensor, labels: Tensor, *, validate: bool = True) -> None:
+        """Add a batch of unit activations [N, U] with integer labels [N] (vectorized, index_add_)."""
+        if acts.dim() != 2:
+            raise CsnError(f"activations must be [examples, units], got shape {tuple(acts.shape)}.")
+        labels = torch.as_tensor(labels)
+        if validate:
+            labels = check_labels(labels, self.num_classes)
+        if labels.shape != (acts.shape[0],):
+            raise CsnError(f"got {tuple(labels.shape)} labels for {acts.shape[0]} examples; pass one integer label per example.")
+        device = acts.device
+        if device.type == "mps":  # no float64 on MPS: accumulate on the CPU
+            device = torch.device("cpu")
+        if self.sums is None:
+            self._alloc(self.num_classes or 0, acts.shape[1], device)
+        elif acts.shape[1] != self.sums.shape[1]:
+            raise CsnError(f"this layer had {self.sums.shape[1]} units and now has {acts.shape[1]}; read one layer per ClassStats.")
+        if labels.numel() == 0:
+            return
+        if self.num_classes is None:
+            self.ensure_classes(int(labels.max()) + 1)
+        dev = self.sums.device
+        x = acts.detach().to(device=dev, dtype=torch.float64)
+        idx = labels.to(device=dev, dtype=torch.long)
+        self.sums.index_add_(0, idx, x)
+        self.sumsq.index_add_(0, idx, x * x)
+        self.counts.index_add_(0, idx, torch.ones_like(idx))
+
+    def tensors(self) -> list[Tensor]:
+        """The buffers [sums, sumsq, counts], by reference; summing each across DDP ranks gives the global stats.
+
+        Under DDP pass a fixed num_classes so every rank holds the same shapes.
+        """
+        if self.sums is None:
+            raise CsnError("no activations were accumulated; the evaluation data yielded no examples.")
+        return [self.sums, self.sumsq, self.counts]
+
+    # -- results -------------------------------------------------------------------------------
+    def _n(self) -> Tensor:
+        """Counts as float64 column [K, 1]."""
+        self.tensors()
+        return self.counts.to(torch.float64).unsqueeze(1)
+
+    def means(self) -> Tensor:
+        """Per-class mean activation [K, U] (NaN for a class without examples)."""
+        return self.sums / self._n()
+
+    def eta2(self) -> Tensor:
+        """Between-class share of variance [U]: sum_k n_k (m_k - m)^2 / sum_i (x_i - m)^2.
+
+        Offset- and scale-invariant class information (CSI is not). 0 where the total variance is 0,
+        i.e. below 1e-12 of the unit's mean square (constant or dead units, at float64 precision).
+        """
+        n = self._n()
+        present = n > 0
+        m_k = torch.where(present, self.sums / n.clamp_min(1), 0.0)
+        m = self.sums.sum(0) / n.sum().clamp_min(1)
+        between = (n * (m_k - m) ** 2).sum(0)
+        within = (self.sumsq - torch.where(present, self.sums * m_k, 0.0)).clamp_min(0).sum(0)
+        total = between + within
+        constant = total <= 1e-12 * self.sumsq.sum(0)
+        return torch.where(constant, 0.0, between / torch.where(constant, 1.0, total)).clamp(0, 1)
+
+    def dead(self) -> Tensor:
+        """Bool [U]: the unit's activation was exactly zero on every example (sumsq == 0)."""
+        self.tensors()
+        return self.sumsq.sum(0) == 0
+
+    def check(self, class_names: ClassNames = None) -> None:
+        """Raise a CsnError if fewer than 2 classes are held or any class has no examples."""
+        counts = self.tensors()[2].cpu()
+        if counts.numel() < 2:
+            raise CsnError(
+                f"CSI needs at least 2 classes, but the evaluation split has only {counts.numel()}; "
+                "use a split that contains every class."
+            )
+        missing = torch.nonzero(counts == 0).flatten().tolist()
+        if missing:
+            named = ", ".join(_class_label(k, class_names) for k in missing[:10])
+            more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+            verb = "has" if len(missing) == 1 else "have"
+            raise CsnError(f"{named}{more} {verb} no examples in the evaluation split; use a split that contains every class.")
+
+
+def check_labels(labels: Any, num_classes: int | None) -> Tensor:
+    """Validate class labels (1-D integers in [0, num_classes)) and return them as a long tensor."""
+    labels = torch.as_tensor(labels)
+    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+        raise CsnError(f"labels must be integer class indices, got dtype {labels.dtype}; convert them with labels.long().")
+    if labels.dim() != 1:
+        raise CsnError(f"labels must be a 1-D tensor of class indices, got shape {tuple(labels.shape)}; pass indices, not one-hot vectors.")
+    if labels.numel():
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0:
+            raise CsnError(f"label {lo} is negative; labels must be class indices in [0, num_classes).")
+        if num_classes is not None and hi >= num_classes:
+            raise CsnError(
+                f"label {hi} is out of range for num_classes={num_classes}; "
+                f"pass num_classes={hi + 1} or more, or fix the dataset's labels."
+            )
+    return labels.long()
+
+
+def batch_class_sums(acts: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+    """Differentiable per-class sums [K, U] and counts [K] of a batch (index_add, no Python loops).
+
+    Half-precision activations are summed in float32.
+    """
+    if acts.dim() != 2:
+        raise CsnError(f"activations must be [examples, units], got shape {tuple(acts.shape)}.")
+    if acts.dtype in (torch.float16, torch.bfloat16):
+        acts = acts.float()
+    labels = labels.to(device=acts.device, dtype=torch.long)
+    sums = acts.new_zeros(num_classes, acts.shape[1]).index_add(0, labels, acts)
+    counts = acts.new_zeros(num_classes).index_add(0, labels, torch.ones_like(labels, dtype=acts.dtype))
+    return sums, counts
+
+
+def batch_csi(
+    acts: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    eps: float = EPS,
+    class_sums: bool = False,
+    *,
+    reduce: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
+) -> Tensor | None:
+    """Differentiable CSI [U] of a batch over the classes present in it; None if fewer than 2 are present.
+
+    Uses class means (class_sums=True: the study's class sums). `reduce(sums, counts)` may return
+    the global sums/counts under DDP (use a differentiable all_reduce, e.g.
+    csn.distributed.all_reduce_with_grad) so the result is the CSI of the global batch.
+    """
+    sums, counts = batch_class_sums(acts, labels, num_classes)
+    if reduce is not None:
+        sums, counts = reduce(sums, counts)
+    present = counts > 0
+    if int(present.sum()) < 2:
+        return None
+    vals = sums[present]
+    if not class_sums:
+        vals = vals / counts[present].unsqueeze(1)
+    return csi_from_means(vals, eps).csi
+
+
+def standard_error(values: Iterable[float]) -> float:
+    """Standard error of the mean: sample standard deviation (ddof=1) / sqrt(n), NaN values dropped.
+
+    NaN when fewer than two values remain. The one SE of csn (over seeds, draws, runs).
+    """
+    v = np.asarray([x for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))], dtype=float)
+    return float(np.std(v, ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
+
+
+__all__ = [
+    "EPS", "STUDY_EPS", "VARIANTS", "CSI", "csi_from_means", "ClassStats", "check_labels", "batch_class_sums",
+    "batch_csi", "standard_error",
+]

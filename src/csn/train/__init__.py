@@ -1,0 +1,1 @@
+"""Training: the one loop (dense checkpoints, exact resume, DDP), the selectivity regularizer, DDP helpers."""

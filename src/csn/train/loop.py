@@ -1,0 +1,442 @@
+"""The one training loop: SGD, lr schedule, dense checkpoints, optional selectivity regularizer, resume.
+
+`train(cfg, out)` reads top to bottom as its steps: prepare the run directory, set up data, model and
+optimizer (`_Training.__init__`), restore the last checkpoint when resuming, check the disk, then for
+every batch one optimizer step, a log line every `log_every` steps and a checkpoint at each scheduled
+step. Resumed runs give bitwise the same checkpoints as uninterrupted ones on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import csn
+from csn import dist
+from csn.core.progress import bar
+from csn.core.resources import check_disk_space, state_dict_bytes
+from csn.core.schedules import alpha_schedule, checkpoint_steps, lr_at
+from csn.data import BatchLoader
+from csn.data.loaders import folder_loader, shard_split, subset
+from csn.errors import CsnError, unknown
+from csn.runs.config import TrainConfig, build_model_for, data_info, load_data
+from csn.runs.io import save_tensors, write_json, write_table
+from csn.runs.lock import lock_holder, run_lock
+from csn.runs.run import Checkpoint, Run, read_manifest, write_manifest
+from csn.train.ddp import sync_batchnorm, wrap_ddp
+from csn.train.regularizer import SelectivityRegularizer
+
+AUGMENT = {"none": {}, "flip": {"flip": True}, "crop": {"crop_pad": 2}, "crop+flip": {"crop_pad": 2, "flip": True},
+           "cifar": {"crop_pad": 4, "flip": True}, "imagenet": {}}
+LOG_COLUMNS = ["step", "epoch", "lr", "alpha", "train_loss", "train_acc", "reg_value", "reg_skipped", "time_s"]
+"""Columns of tables/training.parquet."""
+EVAL_SUBSET_SEED = 2024
+"""Seed of the fixed test subset that intermediate checkpoints are scored on (eval_samples)."""
+
+
+# ------------------------------------------------------------------------------------------------
+# loaders and evaluation
+# ------------------------------------------------------------------------------------------------
+
+def make_loader(split, cfg: TrainConfig, *, train: bool, device: torch.device, shard: bool = False):
+    """A loader over a split: in-memory BatchLoader for tensor datasets, torch DataLoader for ImageFolder.
+
+    Training: every rank gets its slice of the same global batch. Evaluation: the whole split, or with
+    shard=True (under torchrun) this rank's contiguous part of it, for statistics summed over ranks.
+    """
+    rank, world = dist.rank(), dist.world_size()
+    if shard and not train and world > 1:
+        split = shard_split(split)  # sums (correct, loss): one contiguous chunk of examples per rank
+    if hasattr(split, "images"):
+        if cfg.augment not in AUGMENT:
+            raise unknown("augmentation", cfg.augment, AUGMENT)
+        return BatchLoader(split, cfg.batch_size if train else cfg.eval_batch_size, shuffle=train, seed=cfg.seed,
+                           augment=AUGMENT[cfg.augment] if train else None, drop_last=train, rank=rank if train else 0,
+                           world_size=world if train else 1, device=device,
+                           channels_last=cfg.channels_last and device.type != "mps")
+    return folder_loader(split, batch_size=cfg.batch_size if train else cfg.eval_batch_size, train=train, device=device,
+                         seed=cfg.seed, workers=cfg.workers, channels_last=cfg.channels_last)
+
+
+def evaluate(model: torch.nn.Module, loader, device: torch.device, *, amp: bool = False, max_samples: int | None = None,
+             reduce: bool = False) -> dict:
+    """Top-1 accuracy and mean cross-entropy of a model over a loader, in eval mode.
+
+    reduce=True (under torchrun, with each rank holding a shard of the split) sums the counts over
+    ranks, so every rank gets the metrics of the whole split.
+    """
+    correct, loss, n = eval_sums(model, loader, device, amp=amp, max_samples=max_samples, reduce=reduce)
+    return {"test_acc": correct / max(n, 1), "test_loss": loss / max(n, 1)}
+
+
+def eval_sums(model: torch.nn.Module, loader, device: torch.device, *, amp: bool, max_samples: int | None,
+              reduce: bool) -> tuple[int, float, int]:
+    """(correct, summed cross-entropy, examples) over a loader in eval mode, optionally summed over ranks."""
+    was = model.training
+    model.eval()
+    correct, loss, n = 0, 0.0, 0
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+        for x, y in loader:
+            out = model(x).float()
+            loss += float(F.cross_entropy(out, y, reduction="sum"))
+            correct += int((out.argmax(1) == y).sum())
+            n += len(y)
+            if max_samples and n >= max_samples:
+                break
+    model.train(was)
+    if reduce and dist.is_dist():
+        t = dist.all_reduce_(torch.tensor([correct, loss, n], dtype=torch.float64, device=device)).tolist()
+        correct, loss, n = int(t[0]), t[1], int(t[2])
+    return correct, loss, n
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoint files
+# ------------------------------------------------------------------------------------------------
+
+def state_file(step: int) -> str:
+    """File name of the optimizer state saved with the checkpoint of `step`."""
+    return f"state-{step:08d}.safetensors"
+
+
+def weights_file(step: int) -> str:
+    """File name of the weights of the checkpoint of `step`."""
+    return f"step-{step:08d}.safetensors"
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    out = {}
+    for i, (p, st) in enumerate((p, opt.state.get(p, {})) for g in opt.param_groups for p in g["params"]):
+        if "momentum_buffer" in st and st["momentum_buffer"] is not None:
+            out[f"momentum.{i}"] = st["momentum_buffer"]
+    return out
+
+
+def _load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
+        buf = tensors.get(f"momentum.{i}")
+        if buf is not None:
+            opt.state[p]["momentum_buffer"] = buf.to(device=p.device, dtype=p.dtype).clone()
+
+
+# ------------------------------------------------------------------------------------------------
+# the loop
+# ------------------------------------------------------------------------------------------------
+
+def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, force: bool = False, progress: bool = True,
+          stop_after_step: int | None = None) -> Run:
+    """Train `cfg` into run directory `out`; with resume=True continue from its last checkpoint.
+
+    Writes checkpoints at the schedule's steps (weights + optimizer state, safetensors), the manifest,
+    tables/training.parquet, and run.json. `stop_after_step` ends early (tests of resume).
+    """
+    out = Path(out)
+    with contextlib.ExitStack() as stack:
+        with dist.same_outcome():  # under torchrun: rank 0 checks and locks; every rank fails together
+            _prepare_dir(cfg, out, resume=resume, force=force)
+            if dist.is_main():
+                stack.enter_context(run_lock(out, "train"))
+                for debris in out.glob(".run.json.*.tmp"):  # a run killed while writing its first file
+                    debris.unlink(missing_ok=True)
+        # Set-up: a CsnError on any rank (bad data root, missing torchvision, missing optimizer state ...)
+        # is raised on every rank before the first collective of training, so no rank is left waiting.
+        with dist.same_outcome():
+            t = _Training(cfg, out, resume=resume)
+        t.start()
+        t.run(progress=progress, stop_after_step=stop_after_step)
+    return Run(out)
+
+
+class _Training:
+    """The state of one training run and its steps (set-up, restore, one step, log, checkpoint)."""
+
+    def __init__(self, cfg: TrainConfig, out: Path, *, resume: bool) -> None:
+        self.cfg, self.out, self.main = cfg, out, dist.is_main()
+        if cfg.threads:
+            torch.set_num_threads(int(cfg.threads))
+        self.device = device = dist.resolve_device(cfg.device)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        self._setup_data()
+        torch.manual_seed(cfg.seed)
+        model = build_model_for(cfg, self.info).to(device)
+        self.model, self.bn_mode = sync_batchnorm(model, device, cfg.sync_bn)
+        if cfg.channels_last and device.type != "mps":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self._setup_schedules()
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                   weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+        self.step, self.logs = 0, []
+        self.ckpt_dir = out / "checkpoints"
+        self.manifest: list[Checkpoint] = read_manifest(self.ckpt_dir) if resume else []
+        if self.manifest:
+            self._restore()
+        if self.main:
+            self._check_disk()
+
+    def _setup_data(self) -> None:
+        cfg, device, sharded = self.cfg, self.device, dist.is_dist()
+        self.data = data = load_data(cfg)
+        self.info = data_info(data)
+        self.train_loader = make_loader(data.train, cfg, train=True, device=device)
+        self.test_loader = make_loader(data.test, cfg, train=False, device=device, shard=sharded)
+        # Intermediate checkpoints may be scored on a fixed seeded subset (eval_samples); the final one on the whole split.
+        self.sub_loader = self.test_loader
+        sub_split = subset(data.test, cfg.eval_samples, seed=EVAL_SUBSET_SEED)
+        if sub_split is not data.test:
+            self.sub_loader = make_loader(sub_split, cfg, train=False, device=device, shard=sharded)
+        self.steps_per_epoch = len(self.train_loader)
+        if self.steps_per_epoch == 0:
+            raise CsnError(f"the training split ({len(data.train)} examples) is smaller than one batch ({cfg.batch_size}); "
+                           "lower batch_size.")
+
+    def _setup_schedules(self) -> None:
+        cfg = self.cfg
+        self.total = int(round(cfg.epochs * self.steps_per_epoch))
+        self.ckpt_steps = checkpoint_steps(cfg.checkpoints, self.steps_per_epoch, cfg.epochs)
+        self.alphas = alpha_schedule(cfg.reg_schedule, cfg.reg_alpha, cfg.reg_window)
+        self.alphas.validate(cfg.epochs)
+        self.reg = None
+        if not self.alphas.is_zero:
+            self.reg = SelectivityRegularizer(self.model, cfg.reg_layers, num_classes=self.info["num_classes"])
+
+    def _restore(self) -> None:
+        """Weights, momentum and logs of the last checkpoint (exact resume)."""
+        last = self.manifest[-1]
+        run = Run(self.out)
+        self.model.load_state_dict(run.load_state(last))
+        state_path = self.ckpt_dir / state_file(last.step)
+        if last.step > 0:
+            if not state_path.is_file():
+                raise CsnError(f"optimizer state {state_path} is missing, so the run cannot resume exactly; restart it "
+                               "with --force.")
+            try:
+                state = load_file(str(state_path))
+            except Exception as e:  # written atomically, so only damage after the fact gets here
+                raise CsnError(f"optimizer state {state_path} cannot be read ({type(e).__name__}), so the run cannot "
+                               "resume exactly; restart it with --force.") from None
+            _load_optimizer_tensors(self.opt, state)
+        self.step = last.step
+        old = run.read("training")
+        if old is not None:
+            self.logs = old[old["step"] <= self.step].to_dict("records")
+
+    def _check_disk(self) -> None:
+        """Refuse before the first write when the checkpoints still to come cannot fit the disk."""
+        todo = [s for s in self.ckpt_steps if s > self.step or (s == 0 and not self.manifest)]
+        weights = state_dict_bytes(self.model.state_dict())
+        momentum = state_dict_bytes(list(self.model.parameters()))
+        # every checkpoint's weights, plus the newest optimizer state twice (the old one is deleted after the new)
+        check_disk_space(self.out, len(todo) * weights + (2 * momentum if self.cfg.momentum else 0),
+                         what=f"{len(todo)} checkpoints of {weights / 1e6:.3g} MB each and the optimizer state",
+                         fix="free some space, pass --out on a larger disk, or use a sparser --checkpoints schedule")
+
+    def start(self) -> None:
+        """Wrap the model for DDP, write run.json, save the step-0 checkpoint of a fresh run."""
+        cfg = self.cfg
+        # DDP broadcasts rank 0's parameters and buffers (identical anyway: same seed or same checkpoint).
+        self.ddp_model = wrap_ddp(self.model, self.device)
+        if self.main:
+            if self.bn_mode == "per-rank" and cfg.sync_bn:
+                print(f"note: SyncBatchNorm needs GPUs; on {self.device.type} each of the {dist.world_size()} processes "
+                      f"normalizes with the BatchNorm statistics of its own {cfg.batch_size // dist.world_size()} "
+                      f"examples, so training differs slightly from one process with batch {cfg.batch_size}.",
+                      file=sys.stderr)
+            write_json(self.out / "run.json", self._run_json())
+        if self.step == 0 and not self.manifest:
+            self.save_checkpoint(0, {})
+
+    def run(self, *, progress: bool, stop_after_step: int | None) -> None:
+        """Train from the current step to the end (or to stop_after_step)."""
+        spe, ckpt_set = self.steps_per_epoch, set(self.ckpt_steps)
+        pbar = bar(total=self.total, initial=self.step, desc=f"train {self.out.name}", progress=progress and self.main,
+                   unit="step", dynamic_ncols=True)
+        self.model.train()
+        # Window statistics stay on the device (no host sync per step): [sum of loss * n, correct], sum of R.
+        self.window = torch.zeros(2, dtype=torch.float64, device=self.device)
+        self.window_reg = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.window_n, self.n_reg = 0, 0
+        self.t0 = time.perf_counter()
+        try:
+            while self.step < self.total:
+                epoch = self.step // spe
+                self.train_loader.set_epoch(epoch, start_batch=self.step - epoch * spe)
+                for x, y in self.train_loader:
+                    lr, alpha = self._train_step(x, y)
+                    if self.step % self.cfg.log_every == 0 or self.step in ckpt_set or self.step == self.total:
+                        self._log(lr, alpha)
+                        pbar.set_postfix(loss=f"{self.logs[-1]['train_loss']:.3f}",
+                                         acc=f"{self.logs[-1]['train_acc']:.3f}", refresh=False)
+                    pbar.update(1)
+                    if self.step in ckpt_set:
+                        last = self.logs[-1]
+                        self.save_checkpoint(self.step, {"train_loss": last["train_loss"], "train_acc": last["train_acc"]})
+                    if self.step >= self.total or (stop_after_step is not None and self.step >= stop_after_step):
+                        break
+                if stop_after_step is not None and self.step >= stop_after_step:
+                    break
+        finally:
+            pbar.close()
+            if self.reg is not None:
+                self.reg.detach()
+
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+        """One optimizer step on a batch (the regularizer on where alpha != 0); returns (lr, alpha)."""
+        cfg, step, spe = self.cfg, self.step, self.steps_per_epoch
+        lr = lr_at(step, self.total, spe, cfg.lr, cfg.lr_schedule, milestones=cfg.milestones, gamma=cfg.gamma,
+                   warmup_epochs=cfg.warmup_epochs)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        alpha = self.alphas.alpha_at(step / spe)
+        use_reg = self.reg is not None and alpha != 0.0
+        if use_reg:
+            self.reg.attach()
+        elif self.reg is not None:
+            self.reg.detach()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.amp and self.device.type == "cuda"):
+            logits = self.ddp_model(x)
+            loss = F.cross_entropy(logits.float(), y)
+            r = self.reg.value(y) if use_reg else None
+        total_loss = loss - alpha * r if r is not None else loss
+        self.opt.zero_grad(set_to_none=True)
+        total_loss.backward()
+        self.opt.step()
+        self.step += 1
+        with torch.no_grad():
+            self.window[0] += loss.detach().double() * len(y)
+            self.window[1] += (logits.argmax(1) == y).sum()
+            self.window_n += len(y)
+            if r is not None:
+                self.window_reg += r.detach().double()
+                self.n_reg += 1
+        return lr, alpha
+
+    def _log(self, lr: float, alpha: float) -> None:
+        """A line of training.parquet: loss and accuracy averaged since the last line (global batches under DDP)."""
+        w = self.window
+        sums = torch.cat([w, w.new_tensor([self.window_n])]) if dist.is_dist() else w
+        w_loss, w_correct, w_n = (dist.all_reduce_(sums).tolist() + [self.window_n])[:3]
+        train_loss = w_loss / w_n
+        if not math.isfinite(train_loss):
+            raise CsnError(f"training diverged by step {self.step} (mean loss {train_loss} over the last "
+                           f"{self.cfg.log_every} steps or fewer); lower the learning rate or alpha.")
+        self.logs.append({"step": self.step, "epoch": self.step / self.steps_per_epoch, "lr": lr, "alpha": alpha,
+                          "train_loss": train_loss, "train_acc": w_correct / w_n,
+                          "reg_value": (float(self.window_reg) / self.n_reg) if self.n_reg else float("nan"),
+                          "reg_skipped": self.reg.skipped if self.reg is not None else 0,
+                          "time_s": time.perf_counter() - self.t0})
+        w.zero_()
+        self.window_reg.zero_()
+        self.window_n, self.n_reg = 0, 0
+
+    def save_checkpoint(self, step: int, train_metrics: dict) -> None:
+        """Score the model (every rank its shard), then rank 0 writes weights, optimizer state, logs, manifest."""
+        loader = self.test_loader if step == self.total else self.sub_loader
+        correct, loss_sum, n = eval_sums(self.model, loader, self.device, amp=self.cfg.amp, max_samples=None,
+                                         reduce=True)
+        metrics = {"test_acc": correct / max(n, 1), "test_loss": loss_sum / max(n, 1), "test_samples": n}
+        metrics.update(train_metrics)
+        with dist.same_outcome():  # rank 0 writes; a failed write stops every rank
+            if self.main:
+                self._write_checkpoint(step, metrics)
+
+    def _write_checkpoint(self, step: int, metrics: dict) -> None:
+        ckpt_dir = self.ckpt_dir
+        digest = save_tensors(ckpt_dir / weights_file(step), self.model.state_dict(), metadata={"step": str(step)})
+        if step > 0:
+            save_tensors(ckpt_dir / state_file(step), _optimizer_tensors(self.opt), metadata={"step": str(step)})
+        entry = Checkpoint(step, step / self.steps_per_epoch, weights_file(step), digest, metrics)
+        self.manifest[:] = sorted([c for c in self.manifest if c.step != step] + [entry], key=lambda c: c.step)
+        write_table(self.out / "tables" / "training.parquet", pd.DataFrame(self.logs, columns=LOG_COLUMNS))
+        write_manifest(ckpt_dir, self.manifest)
+        for old_state in ckpt_dir.glob("state-*.safetensors"):  # keep only the newest optimizer state
+            if old_state.name != state_file(step):
+                old_state.unlink(missing_ok=True)
+
+    def _run_json(self) -> dict:
+        cfg = self.cfg
+        out = {"config": cfg.to_dict(), "data": self.info, "seed": cfg.seed, "csn_version": csn.__version__,
+               "torch_version": torch.__version__, "python": platform.python_version(), "device": str(self.device),
+               "world_size": dist.world_size(), "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total,
+               "checkpoint_steps": self.ckpt_steps, "host": platform.node(), "pid": os.getpid()}
+        if dist.is_dist():
+            import torch.distributed as tdist
+
+            out["ddp"] = {"backend": str(tdist.get_backend()), "per_rank_batch": cfg.batch_size // dist.world_size(),
+                          "batchnorm": self.bn_mode, "evaluation": "sharded over ranks, counts all-reduced"}
+        return out
+
+
+# ------------------------------------------------------------------------------------------------
+# the run directory before training
+# ------------------------------------------------------------------------------------------------
+
+def _prepare_dir(cfg: TrainConfig, out: Path, *, resume: bool, force: bool) -> None:
+    """Refuse to overwrite a run unless --force; on --resume refuse a different config, showing the difference."""
+    if not dist.is_main():
+        return
+    # A run killed before it wrote run.json leaves only its lock file (and maybe run.json's temporary file):
+    # that is not "an existing directory", so the same command, --resume or --force all start it afresh.
+    exists = out.exists() and any(not _is_debris(p) for p in out.iterdir())
+    if resume:
+        if not (out / "run.json").is_file():
+            if exists:
+                raise CsnError(f"{out} is not a csn run (no run.json); choose another --out or use --force to start over.")
+            return
+        run = Run(out)  # a corrupt run.json is reported by name
+        diff = run.config.diff(cfg)
+        if diff:
+            shown = "; ".join(f"{k}: {a!r} in the run, {b!r} now" for k, a, b in ((k, *v) for k, v in diff.items()))
+            raise CsnError(f"cannot resume {out} with a different configuration ({shown}); resume with the same settings "
+                           "or start a new run.")
+        old_world = run.info.get("world_size", 1)
+        if old_world != dist.world_size():
+            raise CsnError(f"{out} was trained with world size {old_world} and is resumed with {dist.world_size()}; "
+                           "resume with the same number of processes.")
+        return
+    if exists:
+        if not force:
+            raise CsnError(f"{out} already exists; pass --resume to continue it or --force to overwrite it.")
+        if not (out / "run.json").is_file():
+            raise CsnError(f"{out} exists and is not a csn run; refusing to delete it even with --force, choose another --out.")
+    if out.exists():
+        holder = lock_holder(out)
+        if holder:
+            raise CsnError(f"another csn process is writing in {out} (pid {holder}); wait for it to finish or stop it "
+                           "before starting this run afresh.")
+        if exists:
+            _delete_run(out)
+        else:
+            for p in out.iterdir():
+                p.unlink(missing_ok=True)  # only debris of a run killed before its first file
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _delete_run(out: Path) -> None:
+    """Delete a run for --force so that a kill part-way leaves a state that is still recoverable: its results
+    first (tables, then the manifest), run.json last (so `--force` still recognises the run and finishes)."""
+    shutil.rmtree(out / "tables", ignore_errors=True)
+    (out / "checkpoints" / "manifest.jsonl").unlink(missing_ok=True)
+    for child in out.iterdir():
+        if child.name != "run.json":
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    shutil.rmtree(out)
+
+
+def _is_debris(p: Path) -> bool:
+    """A file csn itself leaves in a run directory killed before its first complete write."""
+    return p.name == ".lock" or (p.name.startswith(".run.json.") and p.name.endswith(".tmp"))
+
+
+__all__ = ["train", "make_loader", "evaluate", "eval_sums", "state_file", "weights_file", "AUGMENT", "LOG_COLUMNS"]
