@@ -101,8 +101,8 @@ def analysis_setup(device: str, threads: int | None):
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory [default: runs/<name>].")
 @click.option("--resume", is_flag=True, help="Continue an existing run from its last checkpoint (same config).")
 @click.option("--force", is_flag=True, help="Overwrite an existing run directory.")
-@click.option("--dataset", help="fashion-mnist, idx (with --data-root), synthetic, imagefolder.")
-@click.option("--data-root", type=click.Path(file_okay=False), help="Dataset directory (IDX files or ImageFolder).")
+@click.option("--dataset", help="fashion-mnist, idx or npz (with --data-root), synthetic, imagefolder.")
+@click.option("--data-root", type=click.Path(), help="Dataset directory (IDX files or ImageFolder) or .npz file.")
 @click.option("--model", help="Model name, e.g. resnet20, resnet50, vgg16, cnn, mlp.")
 @click.option("--epochs", type=float, help="Training length in epochs (fractions allowed).")
 @click.option("--seed", type=int, help="Random seed (recorded in run.json).")
@@ -127,6 +127,7 @@ def train(preset, config_file, out, resume, force, dataset, data_root, model, ep
       csn train --preset fmnist
       csn train --preset fmnist --seed 1 --reg-alpha -2 --reg-window 0:end --out runs/reg0
       csn train --dataset idx --data-root ~/mnist --model resnet20 epochs=3
+      csn train --dataset npz --data-root mydata.npz --model resnet8 epochs=3
       torchrun --nproc_per_node=8 -m csn train --preset imagenet-resnet50 --data-root /data/imagenet
     """
     from csn import distributed

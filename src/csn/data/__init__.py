@@ -1,5 +1,5 @@
-"""Datasets: Fashion-MNIST and any MNIST-format IDX directory, synthetic data, ImageFolder
-(torchvision). The in-memory readers (IDX, synthetic) check what they read through one function,
+"""Datasets: Fashion-MNIST and any MNIST-format IDX directory, a .npz file, synthetic data, ImageFolder
+(torchvision). The in-memory readers (IDX, npz, synthetic) check what they read through one function,
 `csn.data.validate.validate_splits` (its docstring lists the rules)."""
 
 from __future__ import annotations
@@ -12,12 +12,13 @@ from csn.data.idx import (
     read_idx,
     write_idx,
 )
+from csn.data.npz import load_npz
 from csn.data.synthetic import SYNTHETIC_KEYS, synthetic
 from csn.data.tensors import BatchLoader, DataSplits, TensorSplit, random_crop_flip
 from csn.data.validate import MAX_DATA_ENV, validate_splits
 from csn.errors import CsnError, unknown
 
-DATASETS = ("fashion-mnist", "idx", "synthetic", "imagefolder")
+DATASETS = ("fashion-mnist", "idx", "npz", "synthetic", "imagefolder")
 
 
 def _no_options(name: str, kwargs: dict, valid: tuple[str, ...] = (), kind: str = "option") -> None:
@@ -32,7 +33,8 @@ def load_dataset(name: str, data_root: str | None = None, **kwargs) -> DataSplit
     """Load a dataset by name.
 
     'fashion-mnist' (data_root optional), 'idx' (data_root: a directory of the four MNIST-format IDX
-    files; classes, channels and image size are read from them), 'synthetic' (options: SYNTHETIC_KEYS),
+    files; classes, channels and image size are read from them), 'npz' (data_root: a .npz file with
+    x_train, y_train, x_test, y_test; option layout='NHWC'/'NCHW'), 'synthetic' (options: SYNTHETIC_KEYS),
     'imagefolder' (data_root with train/ and val/ class folders).
     """
     if name in ("fashion-mnist", "fmnist"):
@@ -43,6 +45,9 @@ def load_dataset(name: str, data_root: str | None = None, **kwargs) -> DataSplit
         if not data_root:
             raise CsnError("dataset 'idx' needs a directory of MNIST-format IDX files; pass --data-root DIR.")
         return idx_splits("idx", data_root)
+    if name == "npz":
+        _no_options(name, kwargs, ("layout",))
+        return load_npz(data_root, **kwargs)
     if name == "synthetic":
         _no_options(name, kwargs, SYNTHETIC_KEYS, kind="key")
         return synthetic(**kwargs)
@@ -63,7 +68,8 @@ __all__ = [
     "idx_splits",
     "load_dataset",
     "load_idx_dir",
-        "random_crop_flip",
+    "load_npz",
+    "random_crop_flip",
     "read_idx",
     "synthetic",
     "validate_splits",
