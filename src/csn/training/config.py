@@ -279,9 +279,11 @@ def load_data(cfg: TrainConfig):
 
 
 def data_info(data) -> dict:
-    """What a run records about its data (and needs to rebuild its model)."""
+    """What a run records about its data (and needs to rebuild its model); image_size is an int for
+    square images, [H, W] otherwise."""
+    size = data.image_size if isinstance(data.image_size, int) else list(data.image_size)
     return {"name": data.name, "num_classes": data.num_classes, "in_channels": data.in_channels,
-            "image_size": data.image_size, "class_names": list(data.class_names),
+            "image_size": size, "class_names": list(data.class_names),
             "num_train": len(data.train), "num_test": len(data.test)}
 
 
