@@ -273,8 +273,15 @@ def load_data(cfg: TrainConfig):
         kwargs.setdefault("seed", 0)
     data = load_dataset(cfg.dataset, cfg.data_root, **kwargs)
     if hasattr(data.train, "subset"):
-        data.train = data.train.subset(cfg.train_samples, seed=1234)
-        data.test = data.test.subset(cfg.test_samples, seed=4321)
+        from csn.data.validate import require_every_class
+
+        for split, n, seed in (("train", cfg.train_samples, 1234), ("test", cfg.test_samples, 4321)):
+            full = getattr(data, split)
+            sub = full.subset(n, seed=seed)
+            if sub is not full:  # a random, unstratified subset can miss a class the loaded split has
+                require_every_class(sub.labels, data.num_classes, f"the {split} subset of {split}_samples={n}",
+                                    f"raise {split}_samples (every class needs an example in each split)")
+            setattr(data, split, sub)
     return data
 
 
