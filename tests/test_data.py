@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from csn.data import BatchLoader, load_dataset, read_idx, synthetic, write_idx
 from csn.data.validate import MAX_DATA_ENV, human_bytes, max_data_bytes
@@ -554,3 +556,19 @@ def test_a_subset_that_loses_a_class_is_refused_at_load_time():
         load_data(tiny_config(train_samples=3))
     data = load_data(tiny_config(train_samples=64, test_samples=32))
     assert (len(data.train), len(data.test)) == (64, 32)
+
+
+# ----------------------------------------------------------------------------- fuzzed IDX bytes
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(head=st.sampled_from([b"", b"\x00\x00\x08\x01", b"\x00\x00\x0d\x02", b"\x00\x00\x0b\x03", b"\x00\x00\x08\xff"]),
+       raw=st.binary(max_size=64), gz=st.booleans())
+def test_fuzz_idx_bytes_give_an_array_or_a_csn_error(tmp_path, head, raw, gz):
+    p = tmp_path / ("f.gz" if gz else "f")
+    _raw(p, head + raw, gz)
+    try:
+        arr = read_idx(p)
+    except CsnError as e:
+        assert "\n" not in str(e)
+    else:
+        assert arr.dtype.isnative and (arr.size * arr.itemsize <= len(raw))
