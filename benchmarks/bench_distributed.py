@@ -47,7 +47,7 @@ def worker(run_dir: str, out_json: str, samples: int) -> None:
     """Under torchrun (or alone): time each analysis on a fresh copy of the run; rank 0 writes the results."""
     import torch
 
-    from csn import distributed
+    from csn import dist as distributed
     from csn.analysis.ablation import ablate_run
     from csn.analysis.cka_run import cka_for_runs
     from csn.analysis.linearity_run import linearity_for_run
@@ -92,8 +92,8 @@ def main() -> None:
     import pandas as pd
     import torch
 
-    from csn.training.config import preset
-    from csn.training.loop import train
+    from csn.runs.config import preset
+    from csn.train.loop import train
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as d:

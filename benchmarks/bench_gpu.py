@@ -3,7 +3,7 @@
 Measures, on synthetic ImageNet-shaped data held on the GPU (uint8 images, 1000 classes, so the data
 pipeline is the same cheap gather + normalize for both loops and the numbers compare the loops):
 
-1. training images/s of csn's loop (`csn.training.loop.train`, the one `csn train` runs) against a
+1. training images/s of csn's loop (`csn.train.loop.train`, the one `csn train` runs) against a
    minimal hand-written (DDP) loop on the same model, batch, optimizer and data   (target >= 0.95);
 2. the selectivity regularizer's overhead: csn's loop with / without it           (target <= 1.10);
 3. a CSI pass (`collect_class_stats` over every read point, 1000 classes) against a plain eval
@@ -106,7 +106,7 @@ def make_data(args, device: torch.device, world: int):
 
 
 def csn_config(args, world: int, reg: bool):
-    from csn.training.config import TrainConfig
+    from csn.runs.config import TrainConfig
 
     spe = args.pool
     total = args.warmup + args.steps
@@ -128,8 +128,8 @@ def csn_config(args, world: int, reg: bool):
 
 def csn_rate(args, data, world: int, reg: bool) -> float:
     """Images/s of csn's loop over the timed steps (from its own training table, measured inside the loop)."""
-    import csn.training.loop as loop
-    from csn import distributed
+    import csn.train.loop as loop
+    from csn import dist as distributed
 
     cfg = csn_config(args, world, reg)
     real = loop.load_data
@@ -153,7 +153,7 @@ def hand_rate(args, data, world: int) -> float:
     """Images/s of the loop anyone would write: DDP(model), autocast, SGD; no logging, no checkpoints."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from csn import distributed
+    from csn import dist as distributed
     from csn.data import BatchLoader
     from csn.models import create_model
 
@@ -194,11 +194,11 @@ def hand_rate(args, data, world: int) -> float:
 
 def eval_passes(args, data, world: int) -> tuple[float, float]:
     """(plain eval pass seconds, CSI pass seconds) over this rank's shard of the evaluation batches."""
-    from csn import distributed
+    from csn import dist as distributed
     from csn.data import BatchLoader
     from csn.models import create_model
-    from csn.selectivity import collect_class_stats
-    from csn.units import resolve_layers
+    from csn.analysis.selectivity import collect_class_stats
+    from csn.core.units import resolve_layers
 
     device = _device()
     torch.manual_seed(0)
@@ -247,7 +247,7 @@ def main(argv=None) -> int:
             print("  on a CUDA machine: python benchmarks/bench_gpu.py  |  "
                   "torchrun --standalone --nproc_per_node=8 benchmarks/bench_gpu.py")
         return 0
-    from csn import distributed
+    from csn import dist as distributed
 
     distributed.init_from_env()
     world, main_rank = distributed.world_size(), distributed.is_main()

@@ -32,12 +32,12 @@ from collections.abc import Callable
 
 import torch
 
-from csn.analysis.common import DEFAULT_BN_BATCHES
-from csn.bn import recalibrate_bn
+from csn.core.bn import DEFAULT_BN_BATCHES
+from csn.core.bn import recalibrate_bn
 from csn.data import BatchLoader, load_dataset
 from csn.models import create_model
-from csn.selectivity import collect_class_stats
-from csn.training.config import preset
+from csn.analysis.selectivity import collect_class_stats
+from csn.runs.config import preset
 
 
 def interleaved(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, list[tuple[float, float]]]:

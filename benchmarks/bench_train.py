@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from csn.data import BatchLoader
-from csn.training.config import build_model_for, data_info, load_data, preset
-from csn.training.loop import train
+from csn.runs.config import build_model_for, data_info, load_data, preset
+from csn.train.loop import train
 
 
 def hand_loop(cfg, data, steps: int) -> tuple[float, float]:

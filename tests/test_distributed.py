@@ -37,7 +37,7 @@ TINY = dict(
 
 
 def _cfg(**kw):
-    from csn.training.config import TrainConfig
+    from csn.runs.config import TrainConfig
 
     d = dict(TINY)
     d.update(kw)
@@ -68,7 +68,7 @@ def _max_diff(a: dict, b: dict) -> float:
 # ================================================================================================
 
 def test_shard_range_partitions_whole_batches():
-    from csn.distributed import shard_range
+    from csn.dist import shard_range
     from csn.errors import CsnError
 
     for n, bs, w in [(128, 24, 2), (128, 24, 3), (100, 10, 4), (7, 2, 4), (50, 50, 1), (10, 32, 2), (70, 16, 8)]:
@@ -89,8 +89,8 @@ def test_shard_range_partitions_whole_batches():
 
 
 def test_shard_split_and_sharded_eval_loader_single_process(tiny_run):
-    from csn.analysis.common import eval_loader
-    from csn.distributed import shard_split
+    from csn.analysis.base import eval_loader
+    from csn.data.loaders import shard_split
     from csn.runs import Run
 
     run = Run(tiny_run)
@@ -126,7 +126,7 @@ def test_folder_loader_epoch_sampler_resumes_mid_epoch():
     """The DataLoader path (ImageFolder) without torchvision: any torch Dataset, order resumable mid-epoch."""
     from torch.utils.data import TensorDataset
 
-    from csn.distributed import folder_loader
+    from csn.data.loaders import folder_loader
 
     ds = TensorDataset(torch.arange(40).float().view(40, 1, 1, 1), torch.arange(40) % 4)
     cfg = _cfg(batch_size=8, workers=0, eval_batch_size=16)
@@ -152,7 +152,7 @@ def test_folder_loader_epoch_sampler_resumes_mid_epoch():
 def test_ddp_training_equals_single_process_and_resumes(tmp_path):
     """MLP (no BatchNorm), crop+flip augmentation, with and without the regularizer; rank 0 alone writes."""
     from csn.runs import Run
-    from csn.training.loop import train
+    from csn.train.loop import train
 
     t0 = time.perf_counter()
     _ok(_torchrun(tmp_path, "train", str(tmp_path)))
@@ -186,7 +186,7 @@ def test_ddp_training_equals_single_process_and_resumes(tmp_path):
 
 def test_ddp_regularizer_loss_and_gradients_equal_global_batch(tmp_path):
     from csn.models import create_model
-    from csn.training.regularizer import SelectivityRegularizer
+    from csn.train.regularizer import SelectivityRegularizer
 
     _ok(_torchrun(tmp_path, "reggrad", str(tmp_path)))
     got = torch.load(tmp_path / "reggrad.pt")
@@ -213,10 +213,10 @@ def test_distributed_csi_cka_and_ablation_equal_single_process(tiny_run_master, 
     """Sharded evaluation batches + all-reduce: class statistics, CKA HSIC terms and ablation counts."""
     from csn.analysis.ablation import ablation_sweep
     from csn.analysis.cka import cka
-    from csn.analysis.common import analysis_model, eval_loader
+    from csn.analysis.base import analysis_model, eval_loader
     from csn.runs import Run
-    from csn.selectivity import collect_class_stats
-    from csn.units import resolve_layers
+    from csn.analysis.selectivity import collect_class_stats
+    from csn.core.units import resolve_layers
 
     _ok(_torchrun(tmp_path, "analyses", str(tiny_run_master), str(tmp_path)))
     got = torch.load(tmp_path / "analyses.pt", weights_only=False)
@@ -247,7 +247,7 @@ def test_distributed_csi_cka_and_ablation_equal_single_process(tiny_run_master, 
 
 
 def test_resume_with_other_world_size_fails_on_every_rank(tmp_path):
-    from csn.training.loop import train
+    from csn.train.loop import train
 
     cfg = _cfg(epochs=0.25, checkpoints="0:end:0.25")
     train(cfg, tmp_path / "r", progress=False)
@@ -449,7 +449,7 @@ def test_imagefolder_analyses_read_the_training_split_without_augmentation(tmp_p
     """A folder dataset's train split augments; analyses (and BN re-estimation) read `train_eval`, shuffled."""
     from torch.utils.data import TensorDataset
 
-    from csn.analysis.common import bn_loader, eval_loader, split_of
+    from csn.analysis.base import bn_loader, eval_loader, split_of
     from csn.data.tensors import DataSplits
 
     class Run:  # the two things the loaders read of a run
@@ -474,7 +474,7 @@ def test_imagefolder_analyses_read_the_training_split_without_augmentation(tmp_p
 def _no_writes_off_rank0() -> None:
     """Make any file write of csn on a rank other than 0 an error (rank 0 alone writes)."""
     import csn.runs
-    from csn import distributed
+    from csn import dist as distributed
 
     if distributed.rank() != 0:
         def refuse(*a, **k):
@@ -483,8 +483,8 @@ def _no_writes_off_rank0() -> None:
 
 
 def _worker_train(out: str) -> None:
-    from csn import distributed
-    from csn.training.loop import train
+    from csn import dist as distributed
+    from csn.train.loop import train
 
     distributed.init_from_env()
     _no_writes_off_rank0()
@@ -499,9 +499,9 @@ def _worker_train(out: str) -> None:
 def _worker_reggrad(out: str) -> None:
     import torch.nn.functional as F
 
-    from csn import distributed
+    from csn import dist as distributed
     from csn.models import create_model
-    from csn.training.regularizer import SelectivityRegularizer
+    from csn.train.regularizer import SelectivityRegularizer
 
     distributed.init_from_env()
     r, w = distributed.rank(), distributed.world_size()
@@ -536,13 +536,14 @@ def _worker_reggrad(out: str) -> None:
 
 
 def _worker_analyses(run_dir: str, out: str) -> None:
-    from csn import distributed
+    from csn import dist as distributed
     from csn.analysis.ablation import ablation_sweep, resolve_stages
     from csn.analysis.cka import CKAAccumulator
-    from csn.analysis.common import analysis_model, eval_loader
+    from csn.analysis.base import analysis_model, eval_loader
     from csn.runs import Run
-    from csn.selectivity import collect_class_stats, selectivity_frame
-    from csn.units import resolve_layers, trace_units
+    from csn.analysis.selectivity import collect_class_stats, selectivity_frame
+    from csn.core.trace import TraceDict
+    from csn.core.units import resolve_layers
 
     distributed.init_from_env()
     run = Run(run_dir)
@@ -589,8 +590,8 @@ def _worker_cli(jobs_file: str) -> None:
 
 
 def _worker_fail_one(out: str) -> None:
-    import csn.training.loop as loop
-    from csn import distributed
+    import csn.train.loop as loop
+    from csn import dist as distributed
     from csn.errors import CsnError
 
     distributed.init_from_env()
@@ -615,8 +616,8 @@ def _worker_fail_one(out: str) -> None:
 
 
 def _worker_fail_midway(out: str) -> None:
-    import csn.training.loop as loop
-    from csn import distributed
+    import csn.train.loop as loop
+    from csn import dist as distributed
 
     distributed.init_from_env()
     real = loop.lr_at

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import typing
 import os
 import string
 from pathlib import Path
@@ -23,13 +24,25 @@ from hypothesis import strategies as st
 
 from csn.errors import CsnError
 from csn.runs import MANIFEST, Checkpoint, read_manifest, select_checkpoints
-from csn.training.config import TrainConfig, load_config_file
-from csn.training.schedules import alpha_schedule, checkpoint_steps
+from csn.runs.config import TrainConfig, load_config_file
+from csn.core.schedules import alpha_schedule, checkpoint_steps
 
 EXAMPLES = int(os.environ.get("CSN_FUZZ_EXAMPLES", "60"))  # raise it for a deeper run
 FUZZ = settings(max_examples=EXAMPLES, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-KEYS = sorted(TrainConfig.fields())
+KEYS = sorted(TrainConfig.model_fields)
+TRUE_WORDS = ("1", "on", "t", "true", "y", "yes")  # pydantic's words for true (and their opposites for false)
+
+
+def _base(key: str) -> type:
+    """The plain type of a config key (int, float, str, bool, list, dict), without Optional/Annotated."""
+    t = TrainConfig.model_fields[key].annotation
+    args = [a for a in typing.get_args(t) if a is not type(None)]
+    if type(None) in typing.get_args(t) and len(args) == 1:
+        t = args[0]
+    if typing.get_origin(t) is typing.Annotated:
+        t = typing.get_args(t)[0]
+    return typing.get_origin(t) or t
 
 # JSON-like values of every kind a TOML/YAML/JSON file can hold (and floats that are not finite)
 scalars = (st.none() | st.booleans() | st.integers(-10**20, 10**20) | st.floats(allow_nan=True, allow_infinity=True)
@@ -132,14 +145,15 @@ def _same_meaning(cfg: TrainConfig, data: dict) -> None:
             assert got is v  # only bool fields accept a bool
         elif isinstance(got, bool):
             if isinstance(v, str):
-                assert got is (v.lower() in ("true", "1", "yes")), (k, v, got)
+                assert got is (v.strip().lower() in TRUE_WORDS), (k, v, got)
             else:
                 assert v in (0, 1) and got is bool(v), (k, v, got)
         elif isinstance(v, (int, float)):
             assert (isinstance(got, str) and got == str(v)) or (not isinstance(got, str) and float(got) == float(v))
         elif isinstance(v, str):
             if isinstance(got, list):
-                assert got == [x for x in v.split(",") if x]
+                items = [x.strip() for x in v.split(",") if x.strip()]
+                assert got == items or [float(g) for g in got] == [float(x) for x in items], (k, v, got)
             elif isinstance(got, str):
                 assert got == v
             else:
@@ -149,10 +163,10 @@ def _same_meaning(cfg: TrainConfig, data: dict) -> None:
 
 
 # ============================================================================ key=value overrides
-TEXT_KEYS = [k for k in KEYS if TrainConfig.__annotations__[k] in ("str", "str | None")]
-INT_KEYS = [k for k in KEYS if TrainConfig.__annotations__[k] in ("int", "int | None")]
-FLOAT_KEYS = [k for k in KEYS if TrainConfig.__annotations__[k] in ("float", "float | None")]
-BOOL_KEYS = [k for k in KEYS if TrainConfig.__annotations__[k] == "bool"]
+TEXT_KEYS = [k for k in KEYS if _base(k) is str]
+INT_KEYS = [k for k in KEYS if _base(k) is int]
+FLOAT_KEYS = [k for k in KEYS if _base(k) is float]
+BOOL_KEYS = [k for k in KEYS if _base(k) is bool]
 
 
 @FUZZ
@@ -187,12 +201,22 @@ def test_fuzz_float_override_round_trips(key, x):
 
 @FUZZ
 @given(key=st.sampled_from(INT_KEYS + FLOAT_KEYS),
-       junk=st.sampled_from(["nan", "NaN", "inf", "-Infinity", "1e400", "1_000", "٣", "１", "0x10", "1.5.2", "true",
+       junk=st.sampled_from(["nan", "NaN", "inf", "-Infinity", "1e400", "٣", "１", "0x10", "1.5.2", "true",
                              "[1]", "{}", "", " ", "1e", "1,000"]))
 def test_numbers_written_oddly_are_refused_not_reinterpreted(key, junk):
-    """Values Python would silently read as another number (1_000, non-ASCII digits, nan) are refused."""
+    """Values Python would silently read as another number (non-ASCII digits, nan, hex) are refused."""
     with pytest.raises(CsnError, match=f"config key '{key}'"):
         TrainConfig().override([f"{key}={junk}"])
+
+
+@pytest.mark.parametrize("text, value", [("1_000", 1000), ("+7", 7), (" 12 ", 12), ("12.0", 12)])
+def test_numbers_are_read_as_python_toml_and_yaml_read_them(text, value):
+    """Digit separators, a plus sign, spaces and an integral float mean the number they spell (1_000 = 1000 in
+    Python, TOML and YAML alike); a fractional value for an integer key is refused."""
+    assert TrainConfig().override([f"seed={text}"]).seed == value
+    assert TrainConfig().override([f"lr={text}"]).lr == float(value)
+    with pytest.raises(CsnError, match="config key 'seed'"):
+        TrainConfig().override(["seed=12.5"])
 
 
 @FUZZ
@@ -273,7 +297,7 @@ def small_model():
 @given(patterns=st.lists(st.text(st.sampled_from("layer123.*?[]!^\\-_ab0"), max_size=12) | st.text(max_size=8),
                          max_size=3) | st.text(max_size=10))
 def test_fuzz_layer_patterns(small_model, patterns):
-    from csn.units import resolve_layers
+    from csn.core.units import resolve_layers
 
     names = [n for n, _ in small_model.named_modules() if n]
     got = _only_csn_error(resolve_layers, small_model, patterns)
@@ -285,7 +309,7 @@ def test_fuzz_layer_patterns(small_model, patterns):
 @FUZZ
 @given(data=st.data())
 def test_exact_layer_names_resolve_to_themselves(small_model, data):
-    from csn.units import resolve_layers
+    from csn.core.units import resolve_layers
 
     name = data.draw(st.sampled_from([n for n, _ in small_model.named_modules() if n]))
     assert resolve_layers(small_model, [name]) == [name]
@@ -343,7 +367,7 @@ class _WouldTrain(Exception):
 def test_fuzz_train_command_line(tmp_path_factory, monkeypatch, args):
     """Random `csn train` argument lists: exit 2 with `error: ...`, click's usage error, or training
     would start -- never a traceback."""
-    import csn.training.loop as loop
+    import csn.train.loop as loop
     from csn.cli import main
 
     def would_train(*a, **k):

@@ -299,7 +299,7 @@ def kill_trial(cmd: Command, workdir: Path, prepare: Callable[[Path], Path], del
         trial.mismatches.append(f"resume exited {r.returncode}: {log.read_text()[-1500:]}")
     else:
         trial.mismatches += compare(ref, snapshot(run_dir, cmd))
-        from csn.cli_verify import verify_run
+        from csn.runs.verify import verify_run
 
         trial.mismatches += [f"verify: {p}" for p in verify_run(run_dir)]
     trial.seconds = time.perf_counter() - t0
@@ -479,7 +479,7 @@ def test_sigint_train_exits_130_and_resumes_identically(harness):
 def test_run_killed_before_its_first_file_can_be_resumed_or_restarted(tmp_path):
     """A run killed before run.json exists leaves only its lock (and run.json's temporary file): --resume,
     the same command again, and --force all start it afresh instead of refusing the directory."""
-    from csn.training.loop import _prepare_dir
+    from csn.train.loop import _prepare_dir
     from tests.conftest import tiny_config
 
     cfg = tiny_config()
@@ -498,7 +498,7 @@ def test_run_killed_before_its_first_file_can_be_resumed_or_restarted(tmp_path):
 def test_force_interrupted_while_deleting_can_be_repeated(tiny_run, monkeypatch, interrupt_at):
     """--force deletes results first and run.json last: stopped part-way, the directory is still a run whose
     results are gone (never a new run mixed with old tables), and --force again finishes the job."""
-    import csn.training.loop as loop
+    import csn.train.loop as loop
     from tests.conftest import tiny_config
 
     out = Path(tiny_run)
@@ -563,7 +563,7 @@ def test_missing_checkpoint_reported(tiny_run):
 
 def test_damaged_optimizer_state_stops_resume_clearly(tiny_run):
     """--resume reads the newest optimizer state: a damaged one is a clear error, not a traceback."""
-    from csn.training.loop import train
+    from csn.train.loop import train
     from tests.conftest import tiny_config
 
     run = Run(tiny_run)
@@ -718,7 +718,7 @@ def test_no_unsafe_loads_in_the_code():
 
 def test_yaml_python_tag_is_refused_and_never_runs(tmp_path):
     from csn.cli import main
-    from csn.training.config import load_config_file
+    from csn.runs.config import load_config_file
 
     sentinel = tmp_path / "pwned"
     cfg = tmp_path / "evil.yaml"
@@ -790,7 +790,7 @@ def test_second_writer_refused_and_stale_lock_recovered(tiny_run):
 
 
 def test_force_refuses_to_delete_a_run_being_written(tiny_run):
-    from csn.training.loop import _prepare_dir
+    from csn.train.loop import _prepare_dir
     from tests.conftest import tiny_config
 
     holder = _start_holder(tiny_run)
@@ -853,9 +853,9 @@ def test_two_analyses_started_at_once_do_not_corrupt_the_table(harness):
 
 # ============================================================================ resource limits
 def test_training_refuses_to_start_when_checkpoints_cannot_fit_the_disk(tmp_path, monkeypatch):
-    import csn.resources as res
+    import csn.core.resources as res
     from csn.cli import main
-    from csn.training.loop import train
+    from csn.train.loop import train
     from tests.conftest import tiny_config
 
     usage = collections.namedtuple("usage", "total used free")
@@ -875,7 +875,7 @@ def test_training_refuses_to_start_when_checkpoints_cannot_fit_the_disk(tmp_path
 
 def test_disk_estimate_matches_what_training_writes(tiny_run_master):
     """The estimate is the weights of every scheduled checkpoint: compare with the files actually written."""
-    from csn.resources import state_dict_bytes
+    from csn.core.resources import state_dict_bytes
 
     run = Run(tiny_run_master)
     weights = state_dict_bytes(run.load_state(run.checkpoints[-1]))
@@ -885,7 +885,7 @@ def test_disk_estimate_matches_what_training_writes(tiny_run_master):
 
 
 def test_disk_full_during_a_write_is_one_clear_error(tmp_path, monkeypatch):
-    import csn.training.loop as loop
+    import csn.train.loop as loop
     from csn.cli import main
 
     def full(*a, **k):
@@ -908,7 +908,7 @@ class _Big:
 
 
 def test_retry_smaller_batches_halves_on_out_of_memory():
-    from csn.resources import retry_smaller_batches
+    from csn.core.resources import retry_smaller_batches
 
     calls, held = [], []
 
@@ -938,7 +938,7 @@ def test_retry_smaller_batches_halves_on_out_of_memory():
 
 
 def test_retry_smaller_batches_gives_up_clearly_and_passes_other_errors():
-    from csn.resources import retry_smaller_batches
+    from csn.core.resources import retry_smaller_batches
 
     def always(batch):
         raise torch.OutOfMemoryError("out of memory")

@@ -39,6 +39,7 @@ def train(preset, config_file, out, resume, force, quiet, overrides, **flags) ->
       csn train --preset fmnist
       csn train --preset fmnist --seed 1 --reg-alpha -2 --reg-window 0:end --out runs/reg0
       csn train --dataset idx --data-root ~/mnist --model resnet20 epochs=3
+      csn train --dataset npz --data-root mydata.npz --model resnet8 epochs=3
       torchrun --nproc_per_node=8 -m csn train --preset imagenet-resnet50 --data-root /data/imagenet
     """
     dist.init_from_env()

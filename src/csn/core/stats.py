@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import Tensor
 
@@ -274,7 +275,18 @@ def standard_error(values: Iterable[float]) -> float:
     return float(np.std(v, ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
 
 
+def band(series: Iterable[pd.Series | None]) -> pd.DataFrame | None:
+    """Mean, standard error and count over runs of series sharing an index (e.g. epoch): a DataFrame with
+    columns mean, se, n (rows sorted by index), or None when no series has a value."""
+    series = [s for s in series if s is not None and len(s) and s.notna().any()]
+    if not series:
+        return None
+    df = pd.concat(series, axis=1).sort_index()
+    n = df.notna().sum(axis=1)
+    return pd.DataFrame({"mean": df.mean(axis=1), "se": df.std(axis=1, ddof=1) / np.sqrt(n.clip(lower=1)), "n": n})
+
+
 __all__ = [
     "EPS", "STUDY_EPS", "VARIANTS", "CSI", "csi_from_means", "ClassStats", "check_labels", "batch_class_sums",
-    "batch_csi", "standard_error",
+    "batch_csi", "standard_error", "band",
 ]

@@ -1,45 +1,77 @@
-"""Datasets: Fashion-MNIST and any MNIST-format IDX directory, synthetic data, ImageFolder (torchvision)."""
+"""Datasets: Fashion-MNIST and any MNIST-format IDX directory, a .npz file, synthetic data, ImageFolder
+(torchvision). The in-memory readers (IDX, npz, synthetic) check what they read through one function,
+`csn.data.validate.validate_splits` (its docstring lists the rules)."""
 
 from __future__ import annotations
 
-from csn.data.idx import FASHION_MNIST_CLASSES, fashion_mnist_root, load_idx_dir, read_idx, write_idx
-from csn.data.synthetic import synthetic
+from csn.data.idx import (
+    FASHION_MNIST_CLASSES,
+    fashion_mnist_root,
+    idx_splits,
+    load_idx_dir,
+    read_idx,
+    write_idx,
+)
+from csn.data.imagefolder import imagefolder
+from csn.data.npz import load_npz
+from csn.data.synthetic import SYNTHETIC_KEYS, synthetic
 from csn.data.tensors import BatchLoader, DataSplits, TensorSplit, random_crop_flip
-from csn.errors import unknown
+from csn.data.validate import MAX_DATA_ENV, validate_splits
+from csn.errors import CsnError, unknown
 
-DATASETS = ("fashion-mnist", "idx", "synthetic", "imagefolder")
+DATASETS = ("fashion-mnist", "idx", "npz", "synthetic", "imagefolder")
 
 
-def _idx_splits(name: str, root: str, class_names: list[str] | None, apt_hint: bool) -> DataSplits:
-    arrays = load_idx_dir(root, apt_hint=apt_hint)
-    num_classes = int(max(arrays["train_labels"].max(), arrays["test_labels"].max())) + 1
-    imgs = arrays["train_images"]
-    mean = float(imgs.float().mean() / 255.0)
-    std = float(imgs.float().std() / 255.0)
-    train = TensorSplit(imgs, arrays["train_labels"], (mean,), (std,))
-    test = TensorSplit(arrays["test_images"], arrays["test_labels"], (mean,), (std,))
-    names = list(class_names) if class_names and len(class_names) == num_classes else [str(k) for k in range(num_classes)]
-    return DataSplits(name, train, test, num_classes, 1, imgs.shape[-1], names)
+def _no_options(name: str, kwargs: dict, valid: tuple[str, ...] = (), kind: str = "option") -> None:
+    for k in kwargs:
+        if k not in valid:
+            if not valid:
+                raise CsnError(f"dataset {name!r} takes no options, got {k!r}.")
+            raise unknown(f"{name} {kind}", k, valid)
 
 
 def load_dataset(name: str, data_root: str | None = None, **kwargs) -> DataSplits:
-    """Load a dataset by name: 'fashion-mnist', 'idx' (needs data_root), 'synthetic', 'imagefolder'."""
+    """Load a dataset by name.
+
+    'fashion-mnist' (data_root optional), 'idx' (data_root: a directory of the four MNIST-format IDX
+    files; classes, channels and image size are read from them), 'npz' (data_root: a .npz file with
+    x_train, y_train, x_test, y_test; option layout='NHWC'/'NCHW'), 'synthetic' (options: SYNTHETIC_KEYS),
+    'imagefolder' (data_root with train/ and val/ class folders).
+    """
     if name in ("fashion-mnist", "fmnist"):
-        return _idx_splits("fashion-mnist", fashion_mnist_root(data_root), list(FASHION_MNIST_CLASSES), True)
+        _no_options(name, kwargs)
+        return idx_splits("fashion-mnist", fashion_mnist_root(data_root), list(FASHION_MNIST_CLASSES), apt_hint=True)
     if name == "idx":
+        _no_options(name, kwargs)
         if not data_root:
-            from csn.errors import CsnError
             raise CsnError("dataset 'idx' needs a directory of MNIST-format IDX files; pass --data-root DIR.")
-        return _idx_splits("idx", data_root, None, False)
+        return idx_splits("idx", data_root)
+    if name == "npz":
+        _no_options(name, kwargs, ("layout",))
+        return load_npz(data_root, **kwargs)
     if name == "synthetic":
+        _no_options(name, kwargs, SYNTHETIC_KEYS, kind="key")
         return synthetic(**kwargs)
     if name == "imagefolder":
-        from csn.data.imagefolder import imagefolder
         return imagefolder(data_root, **kwargs)
     raise unknown("dataset", name, DATASETS)
 
 
 __all__ = [
-    "BatchLoader", "DataSplits", "TensorSplit", "random_crop_flip", "synthetic", "load_dataset", "read_idx",
-    "write_idx", "load_idx_dir", "FASHION_MNIST_CLASSES", "DATASETS",
+    "DATASETS",
+    "FASHION_MNIST_CLASSES",
+    "MAX_DATA_ENV",
+    "SYNTHETIC_KEYS",
+    "BatchLoader",
+    "DataSplits",
+    "TensorSplit",
+    "idx_splits",
+    "load_dataset",
+    "load_idx_dir",
+    "load_npz",
+    "random_crop_flip",
+    "read_idx",
+    "synthetic",
+    "validate_splits",
+    "write_idx",
 ]

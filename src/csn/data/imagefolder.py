@@ -16,7 +16,7 @@ def _torchvision():
     try:
         import torchvision  # noqa: F401
         from torchvision import datasets, transforms
-    except Exception as e:  # ImportError, or a torchvision built for another torch
+    except Exception as e:  # noqa: BLE001 -- ImportError, or a torchvision built for another torch
         raise CsnError(f"the ImageFolder/ImageNet path needs torchvision, which is not usable here ({type(e).__name__}); "
                        "install it with `pip install 'csn[vision]'` (a torchvision matching your torch).") from None
     return datasets, transforms

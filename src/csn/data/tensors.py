@@ -13,7 +13,11 @@ from csn.errors import CsnError
 
 @dataclass
 class TensorSplit:
-    """One split held in memory: images uint8 or float [N, C, H, W], integer labels [N]."""
+    """One split held in memory: images [N, C, H, W], integer labels [N].
+
+    uint8 images are pixel values (divided by 255 when normalized); float images are used as they
+    are (intensities in [0, 1] read from files, or standardized synthetic data); then (x - mean) / std.
+    """
 
     images: Tensor
     labels: Tensor
@@ -23,7 +27,7 @@ class TensorSplit:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def subset(self, n: int | None, seed: int = 0) -> "TensorSplit":
+    def subset(self, n: int | None, seed: int = 0) -> TensorSplit:
         """A stratification-free, seeded random subset of n examples (the whole split if n is None or >= N)."""
         if n is None or n >= len(self):
             return self
@@ -52,7 +56,7 @@ class DataSplits:
     test: object
     num_classes: int
     in_channels: int
-    image_size: int
+    image_size: int | tuple[int, int]  # an int for square images, else (height, width)
     class_names: list[str] = field(default_factory=list)
     train_eval: object = None  # the training split under the evaluation transform, where `train` augments
                                # (ImageFolder); None: `train` itself is unaugmented (in-memory splits)
@@ -60,7 +64,7 @@ class DataSplits:
 
 def random_crop_flip(x: Tensor, gen: torch.Generator, *, pad: int = 0, flip: bool = False) -> Tensor:
     """Random crop with zero padding and random horizontal flip, on a whole batch at once."""
-    n, c, h, w = x.shape
+    n, _, h, w = x.shape
     if pad > 0:
         xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
         oy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)

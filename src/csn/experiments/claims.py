@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pandas as pd
 
+from csn.core.stats import standard_error
+
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
 
 THRESHOLDS: dict[str, float] = {
@@ -60,11 +62,6 @@ class Verdict:
         return asdict(self)
 
 
-def _se(v) -> float:
-    v = np.asarray([x for x in v if x is not None and not (isinstance(x, float) and math.isnan(x))], dtype=float)
-    return float(np.std(v, ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
-
-
 def _fmt(x: float, nd: int = 3) -> str:
     return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
 
@@ -108,9 +105,9 @@ def claim_c1(sel: pd.DataFrame, total_epochs: float) -> Verdict:
         df = pd.DataFrame(rows)
         shows = float(np.mean(oks)) > t["seed_majority"]
         per_stage[stage] = dict(shows=bool(shows), seeds=len(rows), init=float(df["init"].mean()),
-                                peak=float(df["peak"].mean()), peak_se=_se(df["peak"]),
+                                peak=float(df["peak"].mean()), peak_se=standard_error(df["peak"]),
                                 peak_epoch=float(df["peak_epoch"].median()), final=float(df["final"].mean()),
-                                final_se=_se(df["final"]), recede_share=float(df["recede_share"].mean()),
+                                final_se=standard_error(df["final"]), recede_share=float(df["recede_share"].mean()),
                                 seeds_ok=int(sum(oks)))
         parts.append(f"{stage}: {_fmt(per_stage[stage]['init'])} -> peak {_fmt(per_stage[stage]['peak'])} "
                      f"(±{_fmt(per_stage[stage]['peak_se'])}) at epoch {per_stage[stage]['peak_epoch']:.3g} -> final "
@@ -133,7 +130,7 @@ def claim_c2(summary: pd.DataFrame, early_step_by_run: dict, late_step_by_run: d
         late = [float(g[(g["run"] == r) & (g["step"] == s)]["gap"].mean()) for r, s in late_step_by_run.items()]
         draw_se = [float(g[(g["run"] == r) & (g["step"] == s)]["gap_se"].mean()) for r, s in early_step_by_run.items()]
         e, l_ = float(np.nanmean(early)), float(np.nanmean(late))
-        se = math.sqrt(np.nanmean(np.square(draw_se)) / max(len(early), 1) + (_se(early) ** 2 if len(early) > 1 else 0.0))
+        se = math.sqrt(np.nanmean(np.square(draw_se)) / max(len(early), 1) + (standard_error(early) ** 2 if len(early) > 1 else 0.0))
         shows = e < -t["c2_min_gap"] and e < l_ - t["c2_min_shrink"] and abs(e) > 2 * se
         per_stage[stage] = dict(shows=bool(shows), gap_early=e, gap_late=l_, gap_early_se=se, seeds=len(early))
         parts.append(f"{stage}: gap {_fmt(e)} (±{_fmt(se)}) early vs {_fmt(l_)} last")
@@ -167,7 +164,7 @@ def claim_c3(lin: pd.DataFrame, early_step_by_run: dict) -> Verdict:
         if not early:
             continue
         e, l_ = float(np.mean(early)), float(np.mean(late))
-        vals[m] = dict(early=e, early_se=_se(early), late=l_, late_se=_se(late), falls=bool(e - l_ >= t["c3_min_drop"]))
+        vals[m] = dict(early=e, early_se=standard_error(early), late=l_, late_se=standard_error(late), falls=bool(e - l_ >= t["c3_min_drop"]))
         parts.append(f"{m}: {_fmt(e)} early -> {_fmt(l_)} last")
     if not vals:
         return Verdict("C3", INCONCLUSIVE, stat, rule, "the linearity table holds none of the measures.")
@@ -190,7 +187,7 @@ def claim_c4(per_seed: pd.DataFrame, late_onset: float) -> Verdict:
     if base.empty or early.empty or late.empty:
         return Verdict("C4", INCONCLUSIVE, stat, rule, "a condition is missing (baseline, from 0, late onset).")
     acc = {k: float(d["final_test_acc"].mean()) for k, d in (("baseline", base), ("from0", early), ("late", late))}
-    se = {k: _se(d["final_test_acc"]) for k, d in (("baseline", base), ("from0", early), ("late", late))}
+    se = {k: standard_error(d["final_test_acc"]) for k, d in (("baseline", base), ("from0", early), ("late", late))}
     harm_early, harm_late = acc["baseline"] - acc["from0"], acc["baseline"] - acc["late"]
     se_diff = math.sqrt(np.nan_to_num(se["baseline"]) ** 2 + np.nan_to_num(se["from0"]) ** 2)
     csi = {k: float(d["final_csi"].mean()) if "final_csi" in d else float("nan") for k, d in (("baseline", base), ("from0", early), ("late", late))}

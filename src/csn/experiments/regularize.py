@@ -10,11 +10,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from csn import distributed
+from csn import dist
+from csn.analysis.base import run_analysis
+from csn.analysis.selectivity import Selectivity
+from csn.core.stats import band, standard_error
+from csn.core.units import stage_of
 from csn.errors import CsnError
 from csn.experiments.runner import Job, run_jobs
-from csn.runs import Run, write_table
-from csn.training.config import TrainConfig
+from csn.runs.config import TrainConfig
+from csn.runs.io import write_table
+from csn.runs.naming import run_name
+from csn.runs.run import Run
+from csn.train.regularizer import default_reg_layers
 
 
 @dataclass(frozen=True)
@@ -28,13 +35,13 @@ class Condition:
     def name(self) -> str:
         return "baseline" if self.onset is None else f"reg-from-{self.onset:g}"
 
-    def apply(self, cfg: TrainConfig) -> TrainConfig:
-        d = cfg.to_dict()
+    def apply(self, cfg: TrainConfig, seed: int) -> TrainConfig:
+        """The config of this condition trained with `seed` (named `<condition>-s<seed>`)."""
         if self.onset is None:
-            d.update(reg_alpha=None, reg_window=None, reg_schedule=None)
+            reg = dict(reg_alpha=None, reg_window=None, reg_schedule=None)
         else:
-            d.update(reg_alpha=self.alpha, reg_window=f"{self.onset:g}:end", reg_schedule=None)
-        return TrainConfig.from_dict(d)
+            reg = dict(reg_alpha=self.alpha, reg_window=f"{self.onset:g}:end", reg_schedule=None)
+        return cfg.replace(seed=seed, name=run_name(self.name, seed), **reg)
 
 
 def conditions(alpha: float, onsets: list[float]) -> list[Condition]:
@@ -60,8 +67,10 @@ def parse_onsets(text: str, epochs: float) -> list[float]:
     return vals
 
 
-def run_dir(root: Path, cond: Condition, seed: int) -> Path:
-    return Path(root) / f"{cond.name}-s{seed}"
+def job(base: TrainConfig, cond: Condition, seed: int, root: str | Path) -> Job:
+    """The training job of one condition and seed: its config, and its folder ROOT/<condition>-s<seed>."""
+    cfg = cond.apply(base, seed)
+    return Job(cfg, Path(root) / cfg.name)
 
 
 def train_conditions(base: TrainConfig, conds: list[Condition], seeds: list[int], root: str | Path, *,
@@ -70,15 +79,13 @@ def train_conditions(base: TrainConfig, conds: list[Condition], seeds: list[int]
     jobs, keys = [], []
     for cond in conds:
         for seed in seeds:
-            cfg = cond.apply(base)
-            cfg.seed, cfg.name = seed, f"{cond.name}-s{seed}"
-            jobs.append(Job(cfg, run_dir(Path(root), cond, seed)))
+            jobs.append(job(base, cond, seed, root))
             keys.append((cond.name, seed))
     runs = run_jobs(jobs, parallel=parallel, progress=progress, desc="regularization runs")
     return dict(zip(keys, runs))
 
 
-def summarize_runs(runs: dict[tuple[str, int], Run], conds: list[Condition], reg_stages: list[str] | None = None) -> pd.DataFrame:
+def final_per_run(runs: dict[tuple[str, int], Run], conds: list[Condition], reg_stages: list[str] | None = None) -> pd.DataFrame:
     """One row per (condition, seed): final test accuracy, and mean CSI / eta^2 of regularized stages at the end."""
     by_name = {c.name: c for c in conds}
     rows = []
@@ -99,13 +106,33 @@ def summarize_runs(runs: dict[tuple[str, int], Run], conds: list[Condition], reg
 
 def regularized_stages(run: Run) -> list[str]:
     """Stages the run's regularizer acts on (its reg_layers, else every stage but the last)."""
-    from csn.training.regularizer import default_reg_layers
-    from csn.units import stage_of
-
-    layers = run.config.get("reg_layers")
+    layers = run.config.reg_layers
     model = run.build_model()
     names = layers or default_reg_layers(model)
     return sorted({stage_of(model, n) for n in names})
+
+
+def condition_curves(runs_by_cond: dict[str, list[Run]], stages: list[str]) -> dict[str, dict[str, pd.DataFrame]]:
+    """Per quantity (test_acc, csi, eta2) and condition, the band over seeds vs epoch (csn.core.stats.band):
+    test accuracy at the checkpoints, and the mean CSI / eta² of `stages` from the selectivity tables."""
+    def acc(run: Run) -> pd.Series:
+        ck = run.checkpoints
+        return pd.Series([c.metrics.get("test_acc") for c in ck], index=[c.epoch for c in ck], dtype=float)
+
+    def sel(col: str):
+        def f(run: Run) -> pd.Series | None:
+            table = run.read("selectivity")
+            if table is None or table.empty:
+                return None
+            part = table[table["stage"].isin(stages)] if stages else table
+            return part.groupby("epoch")[col].mean()
+        return f
+
+    out: dict[str, dict[str, pd.DataFrame]] = {}
+    for what, value in (("test_acc", acc), ("csi", sel("csi")), ("eta2", sel("eta2"))):
+        bands = {name: band([value(r) for r in runs]) for name, runs in runs_by_cond.items()}
+        out[what] = {name: b for name, b in bands.items() if b is not None}
+    return out
 
 
 def condition_table(per_seed: pd.DataFrame) -> pd.DataFrame:
@@ -117,7 +144,7 @@ def condition_table(per_seed: pd.DataFrame) -> pd.DataFrame:
             if col in g:
                 v = g[col].to_numpy(dtype=float)
                 row[f"{col}_mean"] = float(np.mean(v))
-                row[f"{col}_se"] = float(np.std(v, ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
+                row[f"{col}_se"] = standard_error(v)
         row["final_test_acc_per_seed"] = ", ".join(f"{a:.4f}" for a in g["final_test_acc"])
         out.append(row)
     return pd.DataFrame(out)
@@ -126,31 +153,26 @@ def condition_table(per_seed: pd.DataFrame) -> pd.DataFrame:
 def regularize_experiment(base: TrainConfig, alpha: float, onsets: list[float], seeds: list[int], root: str | Path, *,
                           parallel: int = 1, progress: bool = True, selectivity: bool = True,
                           selectivity_samples: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """Train every condition and seed, measure selectivity at every checkpoint, write tables and figures.
+    """Train every condition and seed, measure selectivity at every checkpoint, write the tables.
 
-    Returns (per-seed table, per-condition table, {condition: [Run]}). Under torchrun the runs train with
-    DDP one after the other, selectivity is sharded, and rank 0 writes the tables and figures.
+    Returns (per-seed table, per-condition table, {condition: [Run]}); `csn experiment regularize`
+    draws the figures from them. Under torchrun the runs train with DDP one after the other,
+    selectivity is sharded, and rank 0 writes the tables.
     """
     root = Path(root)
     conds = conditions(alpha, onsets)
     runs = train_conditions(base, conds, seeds, root, parallel=parallel, progress=progress)
     if selectivity:
-        from csn.analysis.selectivity_run import selectivity_for_run
-
-        for run in runs.values():
-            selectivity_for_run(run, progress=progress, samples=selectivity_samples)
-    per_seed = summarize_runs(runs, conds)
+        run_analysis(list(runs.values()), Selectivity(samples=selectivity_samples), progress=progress)
+    per_seed = final_per_run(runs, conds)
     table = condition_table(per_seed)
     grouped: dict[str, list[Run]] = {}
     for (name, _), run in runs.items():
         grouped.setdefault(name, []).append(run)
 
     def write() -> None:  # rank 0 alone under torchrun
-        from csn.report.fig_regularize import regularize_figures
-
         write_table(root / "regularize_runs.parquet", per_seed)
         write_table(root / "regularize.parquet", table)
-        regularize_figures(grouped, {c.name: c.onset for c in conds}, root / "report")
 
-    distributed.on_main(write)
+    dist.on_main(write)
     return per_seed, table, grouped

@@ -10,11 +10,14 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
-from tqdm.auto import tqdm
+import torch
 
+from csn import dist
+from csn.core.progress import bar
 from csn.errors import CsnError
-from csn.runs import Run, read_manifest
-from csn.training.config import TrainConfig
+from csn.runs.config import TrainConfig
+from csn.runs.run import Run, read_manifest
+from csn.train.loop import train
 
 
 @dataclass
@@ -37,10 +40,6 @@ def is_complete(out: str | Path) -> bool:
 
 
 def _run_job(cfg_dict: dict, out: str, threads: int | None) -> str:
-    import torch
-
-    from csn.training.loop import train
-
     if threads:
         torch.set_num_threads(threads)
     cfg = TrainConfig.from_dict(cfg_dict)
@@ -54,28 +53,26 @@ def run_jobs(jobs: list[Job], *, parallel: int = 1, progress: bool = True, desc:
 
     Under torchrun the jobs run one after the other, each on every process (DDP), whatever `parallel`.
     """
-    from csn import distributed
-
-    todo = distributed.on_main(lambda: [i for i, j in enumerate(jobs) if not is_complete(j.out)])
+    todo = dist.on_main(lambda: [i for i, j in enumerate(jobs) if not is_complete(j.out)])
     todo = [jobs[i] for i in todo]
     cores = os.cpu_count() or 1
-    parallel = 1 if distributed.is_dist() else max(1, min(parallel, len(todo) or 1))
-    threads = None if distributed.is_dist() else max(1, cores // parallel)  # torchrun sets OMP_NUM_THREADS
-    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=desc, unit="run",
-               disable=not (progress and distributed.is_main()))
+    parallel = 1 if dist.is_dist() else max(1, min(parallel, len(todo) or 1))
+    threads = None if dist.is_dist() else max(1, cores // parallel)  # torchrun sets OMP_NUM_THREADS
+    pbar = bar(total=len(jobs), initial=len(jobs) - len(todo), desc=desc, unit="run",
+               progress=progress and dist.is_main())
     try:
         if parallel == 1:
             for j in todo:
                 _run_job(j.cfg.to_dict(), str(j.out), threads)
-                bar.update(1)
+                pbar.update(1)
         else:
             with ProcessPoolExecutor(parallel, mp_context=get_context("spawn")) as pool:
                 futures = [pool.submit(_run_job, j.cfg.to_dict(), str(j.out), threads) for j in todo]
                 for f in as_completed(futures):
                     f.result()
-                    bar.update(1)
+                    pbar.update(1)
     finally:
-        bar.close()
+        pbar.close()
     for j in jobs:
         if not is_complete(j.out):
             raise CsnError(f"training {j.out} did not finish; run the same command again to resume it.")

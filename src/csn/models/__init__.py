@@ -35,8 +35,10 @@ def list_models() -> list[str]:
 
 
 def create_model(name: str, num_classes: int = 10, in_channels: int = 3, width: float = 1.0,
-                 image_size: int | None = None, **kwargs) -> nn.Module:
-    """Build a model by name; every csn model declares its read points in `csn_stages`."""
+                 image_size: int | tuple[int, int] | list[int] | None = None, **kwargs) -> nn.Module:
+    """Build a model by name; every csn model declares its read points in `csn_stages`.
+
+    image_size (an int for square images, else (H, W)) is passed to the models that need it (VGG, MLP)."""
     if name not in _REGISTRY:
         raise unknown("model", name, _REGISTRY)
     if not width > 0:

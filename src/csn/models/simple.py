@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -10,19 +12,27 @@ from csn.models.base import CsnModel
 VGG16_CFG = [[64, 64], [128, 128], [256, 256, 256], [512, 512, 512], [512, 512, 512]]
 
 
+def image_hw(image_size: int | Sequence[int]) -> tuple[int, int]:
+    """(height, width) of an image_size given as an int (square) or as (height, width) (run.json: [H, W])."""
+    if isinstance(image_size, int):
+        return image_size, image_size
+    h, w = image_size
+    return int(h), int(w)
+
+
 class VGG(CsnModel):
     """VGG-16 for small images (the study's second architecture): 5 blocks of 3x3 convs, BN optional.
 
     Read points: the ReLU after every conv, grouped by block (stages block1..block5). Spatial size
-    is halved after each block while it is larger than 1.
+    is halved after each block while both sides are larger than 1 (image_size: int, or (H, W)).
     """
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3, width: float = 1.0, batchnorm: bool = True,
-                 image_size: int = 32) -> None:
+                 image_size: int | Sequence[int] = 32) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         self.csn_stages = {}
-        cin, size, self._block_ends = in_channels, image_size, []
+        (h, w), cin, self._block_ends = image_hw(image_size), in_channels, []
         for b, cfg in enumerate(VGG16_CFG):
             names = []
             for c in cfg:
@@ -33,9 +43,9 @@ class VGG(CsnModel):
                 layers.append(nn.ReLU(inplace=True))
                 names.append(f"features.{len(layers) - 1}")
                 cin = c
-            if size > 1:
+            if min(h, w) > 1:
                 layers.append(nn.MaxPool2d(2))
-                size //= 2
+                h, w = h // 2, w // 2
             self._block_ends.append(len(layers))
             self.csn_stages[f"block{b + 1}"] = names
         self.features = nn.Sequential(*layers)
@@ -73,12 +83,14 @@ class SmallCNN(CsnModel):
 
 
 class MLP(CsnModel):
-    """Flatten, then hidden Linear-ReLU layers (read points = each hidden ReLU), then a linear classifier."""
+    """Flatten, then hidden Linear-ReLU layers (read points = each hidden ReLU), then a linear classifier.
+    image_size: int (square images) or (H, W)."""
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: float = 1.0, image_size: int = 28,
-                 hidden: tuple[int, ...] = (256, 128)) -> None:
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: float = 1.0,
+                 image_size: int | Sequence[int] = 28, hidden: tuple[int, ...] = (256, 128)) -> None:
         super().__init__()
-        dims = [in_channels * image_size * image_size] + [max(1, int(round(h * width))) for h in hidden]
+        ih, iw = image_hw(image_size)
+        dims = [in_channels * ih * iw] + [max(1, int(round(h * width))) for h in hidden]
         self.csn_stages = {}
         for i in range(len(hidden)):
             setattr(self, f"fc{i + 1}", nn.Linear(dims[i], dims[i + 1]))

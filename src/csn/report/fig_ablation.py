@@ -6,12 +6,16 @@ run a model.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib import colors
 
+from csn.analysis.ablation import summarize_ablation
 from csn.report import style
 
 ORDER_LABELS = {"selective": "most selective first", "random": "random units (control)", "least": "least selective first"}
@@ -33,8 +37,6 @@ def _stages(df: pd.DataFrame) -> list[str]:
 
 def _epoch_norm(times: Sequence[float]):
     """Colour scale for checkpoints: symlog in epoch (the action is in the first epoch), linear otherwise."""
-    from matplotlib import colors
-
     t = np.asarray(sorted(set(float(v) for v in times)))
     vmax = float(t.max()) if len(t) else 1.0
     positive = t[t > 0]
@@ -47,10 +49,6 @@ def ablation_curves(df: pd.DataFrame, out_dir: str | Path, *, name: str = "ablat
                     title: str | None = None) -> style.Figure:
     """Normalized accuracy vs fraction ablated: rows = stages, columns = orders, one curve per checkpoint
     coloured by epoch (random: mean over draws with a min-max band)."""
-    import matplotlib.pyplot as plt
-
-    from csn.analysis.ablation import summarize_ablation
-
     curves = summarize_ablation(df).curves
     col = f"{metric}_norm"
     tcol, tlabel = _x_of(curves)
@@ -97,8 +95,6 @@ def ablation_areas(df: pd.DataFrame, out_dir: str | Path, *, name: str = "ablati
                    title: str | None = None) -> style.Figure:
     """Per stage: area under normalized top-1 vs fraction ablated, per order, vs epoch (random: mean ± std over
     draws); below it the selective-minus-random gap with ± 1 SE over draws."""
-    from csn.analysis.ablation import summarize_ablation
-
     s = summarize_ablation(df)
     areas, gaps = s.areas, s.gaps
     tcol, tlabel = _x_of(areas)
@@ -142,8 +138,6 @@ def ablation_areas(df: pd.DataFrame, out_dir: str | Path, *, name: str = "ablati
 
 def _save(fig, out_dir: str | Path, name: str, caption: str) -> style.Figure:
     """style.save, quiet about layouts it cannot tighten (the colorbar)."""
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return style.save(fig, out_dir, name, caption)

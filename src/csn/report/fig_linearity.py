@@ -14,7 +14,7 @@ import pandas as pd
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from csn.analysis.linearity_run import summarize_linearity
+from csn.analysis.linearity import summarize_linearity
 from csn.errors import CsnError
 from csn.report import style
 

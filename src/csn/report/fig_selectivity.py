@@ -1,7 +1,7 @@
 """Selectivity figures: mean CSI and eta^2 per stage vs epoch, per-block curves, CSI distributions, BN on/off.
 
 Every function takes DataFrames (a selectivity table or its summary from
-csn.analysis.selectivity_run.summarize / summarize_runs), never a model, so the report can draw them
+csn.analysis.selectivity.summarize / summarize_across_runs), never a model, so the report can draw them
 from tables alone. Each writes PNG + SVG through csn.report.style.save and returns a style.Figure
 whose caption says in one sentence what the figure shows.
 """
@@ -11,12 +11,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from csn.analysis.selectivity import summarize, summarize_across_runs as summarize_runs
+from csn.analysis.selectivity import summarize, summarize_across_runs
 from csn.errors import CsnError
 from csn.report import style
 
@@ -125,8 +126,6 @@ def block_curves(layer_summary: pd.DataFrame, out_dir: str | Path, *, log_epochs
     s = _as_summary(layer_summary, by="layer")
     metrics = [m for m in metrics if f"{m}_mean" in s.columns]
     stages = _stage_order(s)
-    import matplotlib
-
     cmap = matplotlib.colormaps["viridis"]
     fig, axes = style.new(ncols=len(stages), nrows=len(metrics), width=4.2, height=3.2)
     epochs = _epochs(s)
@@ -272,13 +271,13 @@ def seeds_figures(tables: Mapping[str, pd.DataFrame], out_dir: str | Path, *, lo
     n = len(tables)
     title = title or f"{n} runs: {', '.join(list(tables)[:4])}{' ...' if n > 4 else ''}"
     return [
-        stage_curves(summarize_runs(tables), out_dir, log_epochs=log_epochs, name=f"{prefix}_stages", title=title),
+        stage_curves(summarize_across_runs(tables), out_dir, log_epochs=log_epochs, name=f"{prefix}_stages", title=title),
         _block_curves_seeds(tables, out_dir, log_epochs=log_epochs, name=f"{prefix}_blocks", title=title),
     ]
 
 
 def _block_curves_seeds(tables, out_dir, *, log_epochs, name, title) -> style.Figure:
-    fig = block_curves(summarize_runs(tables, by="layer"), out_dir, log_epochs=log_epochs, name=name, title=title)
+    fig = block_curves(summarize_across_runs(tables, by="layer"), out_dir, log_epochs=log_epochs, name=name, title=title)
     fig.caption = fig.caption.replace("±1 SE over units", f"±1 SE over {len(tables)} seeds")
     return fig
 

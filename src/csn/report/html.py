@@ -23,18 +23,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
+import jinja2
 import numpy as np
 import pandas as pd
+from markupsafe import Markup, escape
+from matplotlib.patches import Patch
 
+import csn
+from csn.analysis.ablation import summarize_ablation
+from csn.analysis.cka import summarize_cka_runs
+from csn.analysis.linearity import summarize_linearity
+from csn.analysis.selectivity import stage_peaks, summarize, summarize_across_runs
+from csn.core.progress import bar
+from csn.core.stats import band, standard_error
 from csn.errors import CsnError
-from csn.runs import Run, read_table, write_text
+from csn.experiments.claims import THRESHOLDS
+from csn.experiments.regularize import condition_curves, regularized_stages
+from csn.report import fig_ablation as fa
+from csn.report import fig_cka as fc
+from csn.report import fig_linearity as fl
+from csn.report import fig_selectivity as fs
+from csn.report import style
+from csn.report.fig_regularize import regularize_figures
+from csn.runs.io import read_table, write_text
+from csn.runs.naming import condition_order, onset_of, parse_run_name
+from csn.runs.run import Run
 
 TEMPLATE = "report.html"
 """The jinja2 template (src/csn/report/templates/report.html)."""
 
-_RUN_NAME = re.compile(r"^(?P<cond>.+)-s(?P<seed>\d+)$")
-_REG_FROM = re.compile(r"^reg-from-(?P<onset>[0-9.]+)$")
-COND_COLORS = ["#222222", "#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 VERDICT_CLASS = {"reproduced": "ok", "not reproduced": "bad", "inconclusive": "warn"}
 
 
@@ -91,23 +108,6 @@ def discover_runs(paths: Sequence[str | os.PathLike]) -> tuple[list[Run], Path |
     return runs, experiment
 
 
-def _split_name(name: str) -> tuple[str, int | None]:
-    m = _RUN_NAME.match(name)
-    return (m["cond"], int(m["seed"])) if m else (name, None)
-
-
-def _cond_sort_key(name: str) -> tuple:
-    if name == "baseline":
-        return (0, 0.0, name)
-    m = _REG_FROM.match(name)
-    if m:
-        try:
-            return (1, float(m["onset"]), name)
-        except ValueError:
-            pass
-    return (2, 0.0, name)
-
-
 def group_runs(runs: Sequence[Run]) -> list[RunGroup]:
     """Conditions from run names `<condition>-s<seed>` (baseline first, then reg-from-X by onset, then by name).
 
@@ -118,7 +118,7 @@ def group_runs(runs: Sequence[Run]) -> list[RunGroup]:
     groups: dict[str, RunGroup] = {}
     for run in runs:
         label = run.name if names.count(run.name) == 1 else f"{run.path.parent.name}/{run.name}"
-        cond, seed = _split_name(label)
+        cond, seed = parse_run_name(label)
         if seed is None:
             seed = run.info.get("seed")
         g = groups.setdefault(cond, RunGroup(cond))
@@ -128,7 +128,7 @@ def group_runs(runs: Sequence[Run]) -> list[RunGroup]:
         order = sorted(range(len(g.runs)), key=lambda i: (g.seeds[i] is None, g.seeds[i] or 0, g.runs[i].name))
         g.runs = [g.runs[i] for i in order]
         g.seeds = [g.seeds[i] for i in order]
-    return [groups[k] for k in sorted(groups, key=_cond_sort_key)]
+    return [groups[k] for k in sorted(groups, key=condition_order)]
 
 
 def default_out(paths: Sequence[str | os.PathLike]) -> Path:
@@ -155,11 +155,6 @@ def _pm(mean, se, nd: int = 3) -> str:
 
 def _g(x) -> str:
     return f"{float(x):g}" if _isnum(x) else "–"
-
-
-def _se(v: Iterable[float]) -> float:
-    a = np.asarray([x for x in v if _isnum(x)], dtype=float)
-    return float(a.std(ddof=1) / math.sqrt(len(a))) if len(a) > 1 else float("nan")
 
 
 def _mean(v: Iterable[float]) -> float:
@@ -397,44 +392,31 @@ def _loss_series(run: Run, tr: pd.DataFrame | None) -> pd.Series:
     return pd.Series([c.metrics["train_loss"] for c in ck], index=[round(c.epoch, 6) for c in ck], dtype=float)
 
 
-def _band(series: list[pd.Series]) -> pd.DataFrame | None:
-    series = [s for s in series if s is not None and len(s) and s.notna().any()]
-    if not series:
-        return None
-    df = pd.concat(series, axis=1).sort_index()
-    n = df.notna().sum(axis=1)
-    return pd.DataFrame({"mean": df.mean(axis=1), "se": df.std(axis=1, ddof=1) / np.sqrt(n.clip(lower=1)), "n": n})
-
-
 def training_figure(rep_conds: list[RunGroup], out_dir: str | Path, *, tables: Callable[[Run], pd.DataFrame | None],
                     name: str = "training", log_epochs: bool = True):
     """Test accuracy (checkpoints) and training loss (logged) vs epoch, one colour per condition, ±1 SE over seeds."""
-    from matplotlib.patches import Patch
-
-    from csn.report import style
-
     fig, axes = style.new(ncols=2)
     ax_acc, ax_loss = axes[0]
     all_epochs: list[float] = []
     multi_seed = False
     subset = False
     for i, cond in enumerate(rep_conds):
-        color = COND_COLORS[i % len(COND_COLORS)]
+        color = style.COND_COLORS[i % len(style.COND_COLORS)]
         label = cond.name + (f" ({len(cond.runs)} seeds)" if len(cond.runs) > 1 else "")
         multi_seed |= len(cond.runs) > 1
         for run in cond.runs:
             ns = [c.metrics.get("test_samples") for c in run.checkpoints if c.metrics.get("test_samples")]
             subset |= len(set(ns)) > 1
-        for ax, band in ((ax_acc, _band([_acc_series(r) for r in cond.runs])),
-                         (ax_loss, _band([_loss_series(r, tables(r)) for r in cond.runs]))):
-            if band is None:
+        for ax, b in ((ax_acc, band([_acc_series(r) for r in cond.runs])),
+                      (ax_loss, band([_loss_series(r, tables(r)) for r in cond.runs]))):
+            if b is None:
                 continue
-            x = band.index.to_numpy(dtype=float)
+            x = b.index.to_numpy(dtype=float)
             all_epochs.extend(x.tolist())
-            ax.plot(x, band["mean"], color=color, lw=1.5, marker="o" if ax is ax_acc else None, ms=3, label=label)
+            ax.plot(x, b["mean"], color=color, lw=1.5, marker="o" if ax is ax_acc else None, ms=3, label=label)
             if len(cond.runs) > 1:
-                se = band["se"].fillna(0).to_numpy(float)
-                ax.fill_between(x, band["mean"] - se, band["mean"] + se, color=color, alpha=0.18, lw=0)
+                se = b["se"].fillna(0).to_numpy(float)
+                ax.fill_between(x, b["mean"] - se, b["mean"] + se, color=color, alpha=0.18, lw=0)
     for ax, ylabel, title in ((ax_acc, "test accuracy (top-1)", "Test accuracy at checkpoints"),
                               (ax_loss, "training loss (running mean)", "Training loss")):
         style.epoch_axis(ax, log_epochs, sorted(set(all_epochs)))
@@ -466,7 +448,7 @@ def training_section(rep: _Report) -> Section:
         for r in c.runs:
             s = _loss_series(r, rep.table(r, "training"))
             loss.append(float(s.iloc[-1]) if len(s) else None)
-        rows.append([c.name, len(c.runs), ep, _pm(_mean(acc), _se(acc), 4), _join(_f(a, 4) for a in acc),
+        rows.append([c.name, len(c.runs), ep, _pm(_mean(acc), standard_error(acc), 4), _join(_f(a, 4) for a in acc),
                      _f(_mean(best), 4), _f(_mean(loss), 4), _join(len(r.checkpoints) for r in c.runs)])
     sec.items.append(_table(["condition", "seeds", "final epoch", "final test acc (mean ± SE)", "per seed",
                              "best test acc (mean)", "final train loss", "checkpoints"], rows,
@@ -514,9 +496,6 @@ def selectivity_section(rep: _Report) -> Section | None:
     if not have:
         rep.omit("Class selectivity", "no selectivity table: run `csn selectivity RUN`.")
         return None
-    from csn.analysis.selectivity_run import stage_peaks, summarize, summarize_runs
-    from csn.report import fig_selectivity as fs
-
     sec = Section("selectivity", "Class selectivity (C1)",
                   "Mean class selectivity index (CSI) of each stage's units versus epoch, with the offset-invariant "
                   "class information η² beside it; the study's claim C1: selectivity rises in the first epochs, then "
@@ -549,7 +528,7 @@ def selectivity_section(rep: _Report) -> Section | None:
                     it["caption"] += f" (run {first.name}.)"
             figs += items
             try:
-                summ = summarize_runs(tables)
+                summ = summarize_across_runs(tables)
             except Exception:
                 summ = summarize(t0)
         else:
@@ -584,9 +563,6 @@ def ablation_section(rep: _Report) -> Section | None:
     if not have:
         rep.omit("Ablation", "no ablation table: run `csn ablate RUN`.")
         return None
-    from csn.analysis.ablation import summarize_ablation
-    from csn.report import fig_ablation as fa
-
     sec = Section("ablation", "Ablation: selective vs random units (C2)",
                   "Accuracy as the most class-selective units of every block of a stage are zeroed, against as many "
                   "random units (the control); claim C2: early in training the selective units matter more, later "
@@ -618,7 +594,7 @@ def ablation_section(rep: _Report) -> Section | None:
             g["epoch"] = np.nan
         for (stage, step), d in g.groupby(["stage", "step"], sort=False):
             n = d["_run"].nunique()
-            se = _se(d["gap"]) if n > 1 else _mean(d["gap_se"])
+            se = standard_error(d["gap"]) if n > 1 else _mean(d["gap_se"])
             rows.append([cond.name, stage, int(step), _g(_mean(d["epoch"])), _f(_mean(d["selective_area"])),
                          _f(_mean(d["random_area"])), _f(_mean(d["least_area"])), _pm(_mean(d["gap"]), se), n])
     if rows:
@@ -641,25 +617,16 @@ def linearity_section(rep: _Report) -> Section | None:
     if not have:
         rep.omit("Linearity", "no linearity table: run `csn linearity RUN`.")
         return None
-    try:
-        from csn.report import fig_linearity as fl
-    except ImportError:
-        fl = None
-    from csn.analysis.linearity_run import summarize_linearity
-
     sec = Section("linearity", "Linearity (C3)",
                   "How close the network is to a linear model at each checkpoint: agreement with a linear classifier "
                   "on the inputs, with the network linearized around initialization, and ReLU on/off pattern "
                   "stability; claim C3: high early, falling as training goes on.")
-    if fl is None:
-        sec.items.append(_note("the linearity figures are not available in this version of csn (csn.report.fig_linearity missing)."))
+    if len(have) == 1:
+        cond, runs = have[0]
+        arg = rep.table(runs[0], "linearity") if len(runs) == 1 else {r.name: rep.table(r, "linearity") for r in runs}
     else:
-        if len(have) == 1:
-            cond, runs = have[0]
-            arg = rep.table(runs[0], "linearity") if len(runs) == 1 else {r.name: rep.table(r, "linearity") for r in runs}
-        else:
-            arg = {c.name: {r.name: rep.table(r, "linearity") for r in rs} for c, rs in have}
-        sec.items += rep.draw("the linearity figure", lambda: fl.linearity_figures(arg, rep.out_dir, prefix="linearity"))
+        arg = {c.name: {r.name: rep.table(r, "linearity") for r in rs} for c, rs in have}
+    sec.items += rep.draw("the linearity figure", lambda: fl.linearity_figures(arg, rep.out_dir, prefix="linearity"))
     rows = []
     order = ["acc", "linear_agreement", "linearized_agreement_init", "linearized_rel_dist_init", "relu_same_as_init",
              "linearized_agreement_prev", "relu_same_as_prev", "mu_y_bits"]
@@ -692,16 +659,13 @@ def linearity_section(rep: _Report) -> Section | None:
 # ------------------------------------------------------------------------------------------------
 
 def _onset(cond: RunGroup) -> float | None:
-    m = _REG_FROM.match(cond.name)
-    if m:
-        try:
-            return float(m["onset"])
-        except ValueError:
-            pass
+    onset = onset_of(cond.name)
+    if onset is not None:
+        return onset
     cfg = cond.runs[0].config
-    if cfg.get("reg_alpha") and cfg.get("reg_window"):
+    if cfg.reg_alpha and cfg.reg_window:
         try:
-            return float(str(cfg["reg_window"]).split(":")[0])
+            return float(str(cfg.reg_window).split(":")[0])
         except ValueError:
             return None
     return None
@@ -709,7 +673,7 @@ def _onset(cond: RunGroup) -> float | None:
 
 def _is_regularized(cond: RunGroup) -> bool:
     cfg = cond.runs[0].config
-    return bool(cfg.get("reg_alpha") or cfg.get("reg_schedule"))
+    return bool(cfg.reg_alpha or cfg.reg_schedule)
 
 
 def regularization_section(rep: _Report) -> Section | None:
@@ -720,25 +684,19 @@ def regularization_section(rep: _Report) -> Section | None:
         rep.omit("Regularization", "no regularized runs: run `csn experiment regularize --preset fmnist --alpha -2 "
                                    "--onsets 0,1` (or `csn reproduce`).")
         return None
-    from csn.report.fig_regularize import regularize_figures
-
     sec = Section("regularization", "Suppressing selectivity: regularization onsets (C4)",
                   "The selectivity regularizer (loss = cross-entropy − α·R, α < 0 suppresses) switched on at different "
                   "onsets, same seeds; claim C4: suppressing selectivity from the start harms the final accuracy, "
                   "switching it on later costs little.")
     by_cond = {c.name: c.runs for c in rep.conds}
     onsets = {c.name: _onset(c) for c in rep.conds}
-    stages = None
-    reg = next((c for c in rep.conds if _is_regularized(c)), None)
-    if reg is not None:
-        try:
-            from csn.experiments.regularize import regularized_stages
-
-            stages = regularized_stages(reg.runs[0])
-        except Exception:
-            stages = None
+    reg = next((c for c in rep.conds if _is_regularized(c)), rep.conds[0])
+    try:
+        stages = regularized_stages(reg.runs[0])
+    except CsnError:  # a model without declared stages: every layer read
+        stages = []
     figs = rep.draw("the regularization figures",
-                    lambda: regularize_figures(by_cond, onsets, rep.out_dir, stages=stages))
+                    lambda: regularize_figures(condition_curves(by_cond, stages), onsets, rep.out_dir, stages=stages))
     if any(it["kind"] == "note" for it in figs) and rep.experiment is not None:
         figs += _existing_figures(rep, ["regularize_accuracy", "regularize_selectivity"])
     sec.items += figs
@@ -766,9 +724,9 @@ def regularization_section(rep: _Report) -> Section | None:
                     csi.append(float(part["csi"].mean()))
                     eta.append(float(part["eta2"].mean()) if "eta2" in part else float("nan"))
             rows.append([c.name, _g(onsets[c.name]) if onsets[c.name] is not None else "–",
-                         _g(c.runs[0].config.get("reg_alpha")) if _is_regularized(c) else "0", len(c.runs),
-                         _pm(_mean(acc), _se(acc), 4), _join(_f(a, 4) for a in acc), _pm(_mean(csi), _se(csi)),
-                         _pm(_mean(eta), _se(eta))])
+                         _g(c.runs[0].config.reg_alpha) if _is_regularized(c) else "0", len(c.runs),
+                         _pm(_mean(acc), standard_error(acc), 4), _join(_f(a, 4) for a in acc), _pm(_mean(csi), standard_error(csi)),
+                         _pm(_mean(eta), standard_error(eta))])
         stage_txt = ", ".join(stages) if stages else "all stages"
         sec.items.append(_table(["condition", "onset (epoch)", "alpha", "seeds", "final test acc", "per seed",
                                  f"final CSI ({stage_txt})", f"final η² ({stage_txt})"], rows,
@@ -802,16 +760,9 @@ def cka_section(rep: _Report) -> Section | None:
     if not have:
         rep.omit("Representational similarity (CKA)", "no CKA table: run `csn cka RUN` (or `csn cka RUN_A RUN_B`).")
         return None
-    try:
-        from csn.report import fig_cka as fc
-    except ImportError:
-        fc = None
     sec = Section("cka", "Representational similarity (CKA)",
                   "Linear CKA (unbiased minibatch estimator) between layers, across checkpoints, and between runs at "
                   "matched checkpoints (the study compared regularized with unregularized networks).")
-    if fc is None:
-        sec.items.append(_note("the CKA figures are not available in this version of csn (csn.report.fig_cka missing)."))
-        return sec
     cond_of_run = {r.name: c.name for c in rep.conds for r in c.runs}
     rows = []
     for cond, runs in have:
@@ -823,7 +774,7 @@ def cka_section(rep: _Report) -> Section | None:
                 continue
             d = df[df["comparison"] == "runs"]
             for rb, g in d.groupby("run_b", sort=False):
-                other = cond_of_run.get(str(rb), _split_name(str(rb).split("/")[-1])[0])
+                other = cond_of_run.get(str(rb), parse_run_name(str(rb).split("/")[-1])[0])
                 pairs.setdefault(other, []).append(g)
         within = [r for r in runs if "comparison" in rep.table(r, "cka").columns
                   and (rep.table(r, "cka")["comparison"] != "runs").any()]
@@ -834,7 +785,7 @@ def cka_section(rep: _Report) -> Section | None:
                                   lambda: fc.cka_runs_vs_epoch(tables, rep.out_dir, name=f"cka_runs_{cond.slug}_vs_{_slug(other)}",
                                                                label_a=cond.name, label_b=other))
             try:
-                s = fc.summarize_runs_cka(tables)
+                s = summarize_cka_runs(tables)
                 last = s[s["step_a"] == s["step_a"].max()]
                 for r in last.itertuples():
                     rows.append([f"{cond.name} vs {other}", r.layer, _g(r.epoch_a), _pm(r.mean, r.se), int(r.n_pairs)])
@@ -858,8 +809,6 @@ def cka_section(rep: _Report) -> Section | None:
 # ------------------------------------------------------------------------------------------------
 
 def _template():
-    import jinja2
-
     env = jinja2.Environment(loader=jinja2.PackageLoader("csn.report", "templates"),
                              autoescape=jinja2.select_autoescape(["html"]), trim_blocks=True, lstrip_blocks=True,
                              undefined=jinja2.StrictUndefined)
@@ -869,8 +818,6 @@ def _template():
 
 def _code_spans(text: str):
     """Escape text, then show `backticked` commands as <code> (for the notes that name a command)."""
-    from markupsafe import Markup, escape
-
     return Markup(re.sub(r"`([^`]+)`", r"<code>\1</code>", str(escape(text))))
 
 
@@ -881,6 +828,65 @@ def _resolve_out(paths: Sequence, out: str | os.PathLike | None) -> Path:
     if out.suffix.lower() in (".html", ".htm"):
         return out
     return out / "index.html"
+
+
+def _thresholds(claim_rows: list[dict], thresholds: dict | None) -> dict | None:
+    """The thresholds printed with the claims: the given ones (else csn's when there are claims), in declaration order."""
+    if claim_rows and thresholds is None:
+        thresholds = dict(THRESHOLDS)
+    if thresholds:  # declaration order (claims.json sorts its keys), unknown keys last
+        rank = {k: i for i, k in enumerate(THRESHOLDS)}
+        thresholds = dict(sorted(thresholds.items(), key=lambda kv: (rank.get(kv[0], len(rank)), kv[0])))
+    return thresholds
+
+
+PROTOCOL_KEYS = ("seeds", "reg_seeds", "alpha", "late_onset", "early_epoch", "ablation_checkpoints", "ablation.draws",
+                 "linearity.samples", "cka.samples")
+"""The settings of a reproduction (reproduce.json) shown in the configuration section."""
+
+
+def _protocol(experiment: Path | None) -> list[dict]:
+    """The reproduction's protocol table (reproduce.json), if the experiment is a reproduction."""
+    if experiment is None or not (experiment / "reproduce.json").is_file():
+        return []
+    try:
+        rp = json.loads((experiment / "reproduce.json").read_text())
+        settings, study = rp.get("settings", {}), rp.get("reproduce_preset", {})
+        keep = {}
+        for key in PROTOCOL_KEYS:
+            value: object = study
+            for part in key.split("."):
+                value = value.get(part) if isinstance(value, dict) else None
+            if value is not None:
+                keep[key] = value
+        return [_table(["setting", "value"], [[k, v] for k, v in {**settings, **keep}.items()],
+                       "The reproduction's protocol (reproduce.json).", cls="config narrow")]
+    except (json.JSONDecodeError, OSError, AttributeError):
+        return [_note(f"{experiment / 'reproduce.json'} could not be read.")]
+
+
+def _sections(rep: _Report, extra: list[dict], progress: bool) -> list[Section]:
+    """Every section the tables support, in page order (a progress bar over them)."""
+    builders = [("configuration", lambda: config_section(rep, extra)), ("training", lambda: training_section(rep)),
+                ("selectivity", lambda: selectivity_section(rep)), ("ablation", lambda: ablation_section(rep)),
+                ("linearity", lambda: linearity_section(rep)), ("regularization", lambda: regularization_section(rep)),
+                ("cka", lambda: cka_section(rep))]
+    sections: list[Section] = []
+    pbar = bar(builders, desc="report", unit="section", progress=progress, file=sys.stderr)
+    for what, fn in pbar:
+        pbar.set_postfix_str(what)
+        sec = fn()
+        if sec is not None:
+            sections.append(sec)
+    return sections
+
+
+def _title(paths: list, runs: list[Run], experiment: Path | None) -> str:
+    if experiment is not None and len(paths) == 1:
+        return f"csn report: {experiment.name}"
+    if len(runs) == 1:
+        return f"csn report: {runs[0].name}"
+    return f"csn report: {len(runs)} runs"
 
 
 def build_report(paths: Sequence[str | os.PathLike] | str | os.PathLike, *, out: str | os.PathLike | None = None,
@@ -895,76 +901,25 @@ def build_report(paths: Sequence[str | os.PathLike] | str | os.PathLike, *, out:
     the experiment's claims.json, when present]; thresholds: the rules' thresholds to print with it
     [default: claims.json's, else csn.experiments.claims.THRESHOLDS].
     """
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    paths = list(paths)
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     runs, experiment = discover_runs(paths)
     index = _resolve_out(paths, out)
     out_dir = index.parent
     if out_dir.exists() and not out_dir.is_dir():
         raise CsnError(f"{out_dir} exists and is not a directory; choose another --out.")
     conds = group_runs(runs)
-    quiet = not progress or bool(os.environ.get("CSN_NO_PROGRESS"))
-
     # claims: given, else claims.json of the experiment (read before anything is written)
     claims_src = None
     if claims is None:
         claims, file_thr, claims_src = load_claims(experiment)
-        if thresholds is None:
-            thresholds = file_thr
+        thresholds = file_thr if thresholds is None else thresholds
     claim_rows = _claim_dicts(claims)
-    from csn.experiments.claims import THRESHOLDS
-
-    if claim_rows and thresholds is None:
-        thresholds = dict(THRESHOLDS)
-    if thresholds:  # declaration order (claims.json sorts its keys), unknown keys last
-        rank = {k: i for i, k in enumerate(THRESHOLDS)}
-        thresholds = dict(sorted(thresholds.items(), key=lambda kv: (rank.get(kv[0], len(rank)), kv[0])))
-
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
+    thresholds = _thresholds(claim_rows, thresholds)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rep = _Report(out_dir, conds, experiment, log)
-
-    extra = []
-    if experiment is not None and (experiment / "reproduce.json").is_file():
-        try:
-            rp = json.loads((experiment / "reproduce.json").read_text())
-            settings = rp.get("settings", {})
-            preset = rp.get("reproduce_preset", {})
-            keep = {k: preset[k] for k in ("seeds", "reg_seeds", "alpha", "late_onset", "early_epoch", "ablation_checkpoints",
-                                           "ablation_draws", "linearity_samples", "cka_samples") if k in preset}
-            extra.append(_table(["setting", "value"], [[k, v] for k, v in {**settings, **keep}.items()],
-                                "The reproduction's protocol (reproduce.json).", cls="config narrow"))
-        except (json.JSONDecodeError, OSError, AttributeError):
-            extra.append(_note(f"{experiment / 'reproduce.json'} could not be read."))
-
-    builders = [("configuration", lambda: config_section(rep, extra)), ("training", lambda: training_section(rep)),
-                ("selectivity", lambda: selectivity_section(rep)), ("ablation", lambda: ablation_section(rep)),
-                ("linearity", lambda: linearity_section(rep)), ("regularization", lambda: regularization_section(rep)),
-                ("cka", lambda: cka_section(rep))]
-    from tqdm.auto import tqdm
-
-    sections: list[Section] = []
-    bar = tqdm(builders, desc="report", unit="section", disable=quiet, file=sys.stderr)
-    for what, fn in bar:
-        bar.set_postfix_str(what)
-        sec = fn()
-        if sec is not None:
-            sections.append(sec)
-
-    if title is None:
-        if experiment is not None and len(paths) == 1:
-            title = f"csn report: {experiment.name}"
-        elif len(runs) == 1:
-            title = f"csn report: {runs[0].name}"
-        else:
-            title = f"csn report: {len(runs)} runs"
-    import csn
-
+    rep = _Report(out_dir, conds, experiment, lambda msg: print(msg, file=sys.stderr, flush=True))
+    sections = _sections(rep, _protocol(experiment), progress)
     html = _template().render(
-        title=title,
+        title=title or _title(paths, runs, experiment),
         generated=_dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z").strip(),
         csn_version=getattr(csn, "__version__", "?"),
         sources=[str(Path(p)) for p in paths],

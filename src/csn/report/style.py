@@ -10,8 +10,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from csn.runs.io import atomic_path  # noqa: E402
+
 STAGE_COLORS = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#666666"]
 ORDER_COLORS = {"selective": "#d62728", "random": "#7f7f7f", "least": "#1f77b4"}
+COND_COLORS = ["#222222", "#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+"""One colour per experiment condition (baseline first), in every figure of the report."""
 
 
 @dataclass
@@ -32,8 +36,6 @@ def new(ncols: int = 1, nrows: int = 1, *, width: float = 5.0, height: float = 3
 
 def save(fig, out_dir: str | Path, name: str, caption: str) -> Figure:
     """Save as out_dir/name.png and .svg (atomically), close it, and return the Figure record."""
-    from csn.runs.io import atomic_path
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
