@@ -1,0 +1,247 @@
+"""The training configuration: one schema (TrainConfig), presets, `key=value` overrides, TOML/YAML files.
+
+TrainConfig is what run.json records and `--resume` compares; every way of making one (a preset, a
+config file, overrides, the Python API) goes through the same pydantic validation.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field
+
+from csn.core.schema import CommaList, Float, Int, Schema
+from csn.data import DataSplits, load_dataset
+from csn.data.validate import require_every_class
+from csn.errors import CsnError, unknown
+from csn.models import create_model
+
+WHAT = "config key"
+
+
+class TrainConfig(Schema):
+    """Everything that defines a training run. Written to run.json; resume refuses a different one."""
+
+    name: str = "run"
+    # data
+    dataset: str = Field("fashion-mnist", description="fashion-mnist, idx or npz (with --data-root), synthetic, "
+                         "imagefolder.")
+    data_root: str | None = Field(None, description="Dataset directory (IDX files or ImageFolder) or .npz file.",
+                                  json_schema_extra={"metavar": "DIR"})
+    train_samples: Int | None = None
+    test_samples: Int | None = None
+    synthetic: dict[str, Any] = {}
+    augment: str = "none"
+    # model
+    model: str = Field("resnet20", description="Model name, e.g. resnet20, resnet50, vgg16, cnn, mlp.")
+    width: Float = 1.0
+    # optimisation
+    epochs: Float = Field(5.0, description="Training length in epochs (fractions allowed).")
+    batch_size: Int = 128
+    lr: Float = 0.1
+    momentum: Float = 0.9
+    weight_decay: Float = 5e-4
+    nesterov: bool = False
+    lr_schedule: str = "constant"
+    milestones: Annotated[list[Int | Float], CommaList] = []
+    gamma: Float = 0.1
+    warmup_epochs: Float = 0.0
+    seed: Int = Field(0, description="Random seed (recorded in run.json).")
+    # checkpoints and evaluation
+    checkpoints: str = Field("0:1:0.125,1:3:0.25,3:end:1", description="Checkpoint schedule, e.g. "
+                             "'steps:log2:256,1:end:1' or '0:1:0.125,1:3:0.25,3:end:1'.")
+    eval_batch_size: Int = 500
+    eval_samples: Int | None = None
+    log_every: Int = 10
+    # selectivity regularizer: loss = ce - alpha * R
+    reg_alpha: Float | None = Field(None, description="Selectivity regularizer strength (loss = ce - alpha*R; < 0 "
+                                    "suppresses).")
+    reg_window: str | None = Field(None, description="Epoch window START:END for --reg-alpha, e.g. 5:end.")
+    reg_schedule: str | None = Field(None, description="Study-style alpha string, e.g. '0*5 -20*15' (alpha*epochs ...).")
+    reg_layers: Annotated[list[str], CommaList] | None = Field(
+        None, description="Layers to regularize (patterns); default every stage but the last.",
+        json_schema_extra={"multiple": True})
+    # execution
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1.")
+    channels_last: bool = True
+    amp: bool = False
+    sync_bn: bool = True  # under torchrun on GPUs: SyncBatchNorm, so BN sees the global batch as in one process
+    threads: Int | None = Field(None, description="CPU threads for torch.")
+    workers: Int = 8
+
+    @classmethod
+    def from_dict(cls, d: typing.Mapping[str, Any]) -> "TrainConfig":
+        """Build from a dict (run.json's config, a config file); an unknown key names the closest valid one."""
+        return cls.parse(d, what=WHAT)
+
+    def override(self, pairs: list[str] | tuple[str, ...]) -> "TrainConfig":
+        """Apply `key=value` overrides (values parsed as JSON where possible, else as strings; a text
+        field takes the text as typed, so name=1e5 is the name '1e5')."""
+        d = self.to_dict()
+        for p in pairs:
+            if "=" not in p:
+                raise CsnError(f"override {p!r} is not of the form key=value; write e.g. epochs=3.")
+            k, v = p.split("=", 1)
+            k = k.strip().replace("-", "_")
+            if k not in d:
+                raise unknown(WHAT, k, d)
+            d[k] = _parse_text(v) if _is_text_field(k) else _parse_value(v)
+        return TrainConfig.from_dict(d)
+
+    def diff(self, other: "TrainConfig", ignore: tuple[str, ...] = ("device", "threads", "workers")) -> dict:
+        """Keys whose values differ: {key: (self, other)}."""
+        a, b = self.to_dict(), other.to_dict()
+        return {k: (a[k], b[k]) for k in a if a[k] != b[k] and k not in ignore}
+
+
+def _parse_value(v: str) -> Any:
+    v = v.strip()
+    if v.lower() in ("none", "null"):
+        return None
+    try:
+        return json.loads(v)
+    except (json.JSONDecodeError, RecursionError):
+        return v
+
+
+def _is_text_field(key: str) -> bool:
+    typ = TrainConfig.model_fields[key].annotation
+    return typ is str or typ == (str | None)
+
+
+def _parse_text(v: str) -> str | None:
+    """A `key=value` override of a text field: the text as typed; a JSON-quoted string is unquoted (how
+    CLI flags pass values), none/null is None."""
+    v = v.strip()
+    if v.lower() in ("none", "null"):
+        return None
+    if v.startswith('"'):
+        try:
+            out = json.loads(v)
+        except json.JSONDecodeError:
+            return v
+        return out if isinstance(out, str) else v
+    return v
+
+
+# ----------------------------------------------------------------------------- presets
+PRESETS: dict[str, dict] = {
+    # Seconds on a CPU: tiny synthetic data, a small ResNet; for tests, CI and a first look.
+    "smoke": dict(
+        name="smoke", dataset="synthetic", synthetic=dict(num_train=512, num_test=256, num_classes=4, channels=1, size=12),
+        model="resnet8", width=0.5, epochs=2.0, batch_size=64, lr=0.05, checkpoints="0:1:0.25,1:end:0.5",
+        eval_batch_size=256, log_every=2, channels_last=False,
+    ),
+    # The embedded default: Fashion-MNIST with a CIFAR-style ResNet, sized for one 2-core CPU.
+    # Dense step-based early checkpoints resolve the selectivity peak within the first ~100 steps.
+    "fmnist": dict(
+        name="fmnist", dataset="fashion-mnist", model="resnet8", width=1.0, epochs=3.0, batch_size=128,
+        lr=0.1, momentum=0.9, weight_decay=5e-4, lr_schedule="cosine", warmup_epochs=0.0, augment="none",
+        checkpoints="step=8,step=16,step=32,step=64,step=128,step=256,0.75:1:0.25,1:end:0.5",
+        eval_batch_size=1000, eval_samples=2000,
+    ),
+    # The study's recipe (SPEC "Training recipes"): ResNet-50 on an ImageNet folder, for GPUs under torchrun.
+    "imagenet-resnet50": dict(
+        name="imagenet-resnet50", dataset="imagefolder", model="resnet50", epochs=90.0, batch_size=256, lr=0.1,
+        momentum=0.9, weight_decay=1e-4, lr_schedule="step", milestones=[30, 60], gamma=0.1,
+        augment="imagenet", checkpoints="0:1:0.25,1:end:1", eval_batch_size=250, amp=True, channels_last=True,
+        log_every=50,
+    ),
+}
+
+
+def preset(name: str) -> TrainConfig:
+    """A preset configuration by name."""
+    if name not in PRESETS:
+        raise unknown("preset", name, PRESETS)
+    return TrainConfig.from_dict(PRESETS[name])
+
+
+def read_config_file(path: str | Path) -> dict:
+    """The top-level table of a TOML or YAML file (safe loaders only), or one CsnError naming the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise CsnError(f"config file {path} does not exist; pass an existing .toml or .yaml file.")
+    if path.suffix not in (".toml", ".yaml", ".yml"):
+        raise CsnError(f"config file {path} must end in .toml, .yaml or .yml.")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise CsnError(f"config file {path} is not UTF-8 text; save it as UTF-8.") from None
+    except OSError as e:
+        raise CsnError(f"config file {path} cannot be read ({e.strerror}); check its permissions.") from None
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        else:
+            import yaml
+            data = yaml.safe_load(text)  # plain data only: tags like !!python/object are refused
+    except RecursionError:
+        raise CsnError(f"config file {path} is nested too deeply; a config is a flat table of key = value pairs.") from None
+    except (tomllib.TOMLDecodeError, ValueError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CsnError(f"config file {path} is not valid: {first}; fix the syntax.") from None
+    except Exception as e:
+        if type(e).__module__.startswith("yaml"):
+            if "python/" in str(e) or "!!python" in str(e) or "tag:yaml.org,2002:python" in str(e):
+                raise CsnError(f"config file {path} uses a Python-specific YAML tag (!!python/...), which csn refuses "
+                               "to load because it could run code; write plain values (numbers, strings, lists).") from None
+            where = getattr(e, "problem_mark", None)
+            at = f" at line {where.line + 1}" if where is not None else ""
+            raise CsnError(f"config file {path} is not valid YAML ({type(e).__name__}{at}); fix the syntax.") from None
+        raise
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise CsnError(f"config file {path} must hold a table of key = value pairs at the top level.")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def load_config_file(path: str | Path) -> TrainConfig:
+    """A TrainConfig from a TOML or YAML file; a `preset` key starts from that preset."""
+    data = read_config_file(path)
+    base = preset(str(data.pop("preset"))).to_dict() if "preset" in data else {}
+    base.update(data)
+    return TrainConfig.from_dict(base)
+
+
+# ----------------------------------------------------------------------------- data and model for a config
+def load_data(cfg: TrainConfig) -> DataSplits:
+    """The DataSplits of a config (with the train/test subsets it asks for)."""
+    kwargs = dict(cfg.synthetic) if cfg.dataset == "synthetic" else {}
+    if cfg.dataset == "synthetic":
+        kwargs.setdefault("seed", 0)
+    data = load_dataset(cfg.dataset, cfg.data_root, **kwargs)
+    if hasattr(data.train, "subset"):
+        for split, n, seed in (("train", cfg.train_samples, 1234), ("test", cfg.test_samples, 4321)):
+            full = getattr(data, split)
+            sub = full.subset(n, seed=seed)
+            if sub is not full:  # a random, unstratified subset can miss a class the loaded split has
+                require_every_class(sub.labels, data.num_classes, f"the {split} subset of {split}_samples={n}",
+                                    f"raise {split}_samples (every class needs an example in each split)")
+            setattr(data, split, sub)
+    return data
+
+
+def data_info(data: DataSplits) -> dict:
+    """What a run records about its data (and needs to rebuild its model); image_size is an int for
+    square images, [H, W] otherwise."""
+    size = data.image_size if isinstance(data.image_size, int) else list(data.image_size)
+    return {"name": data.name, "num_classes": data.num_classes, "in_channels": data.in_channels,
+            "image_size": size, "class_names": list(data.class_names),
+            "num_train": len(data.train), "num_test": len(data.test)}
+
+
+def build_model_for(cfg: TrainConfig, info: dict):
+    """The config's model for a dataset described by data_info()."""
+    return create_model(cfg.model, num_classes=info["num_classes"], in_channels=info["in_channels"],
+                        width=cfg.width, image_size=info["image_size"])
+
+
+__all__ = ["TrainConfig", "PRESETS", "preset", "read_config_file", "load_config_file", "load_data", "data_info",
+           "build_model_for"]
