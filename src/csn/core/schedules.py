@@ -43,6 +43,8 @@ from numbers import Integral, Real
 from csn.errors import CsnError, unknown
 
 __all__ = [
+    "TimePoint",
+    "parse_time",
     "DEFAULT_CHECKPOINTS",
     "LR_SCHEDULES",
     "MAX_CHECKPOINTS",
@@ -131,6 +133,80 @@ def _fmt(x: float) -> str:
     if x.is_integer() and abs(x) < 1e16:
         return str(int(x))
     return repr(x)
+
+
+# --------------------------------------------------------------------------------------------
+# points in training time: steps, epochs, or fractions of training
+# --------------------------------------------------------------------------------------------
+
+TIME_FORMS = "a step 'step=64', an epoch '1.5', a fraction of training 'f0.25', or 'end'"
+
+
+class TimePoint:
+    """A point in training written in steps (``step=64``), epochs (``1.5``), fractions of training (``f0.25``)
+    or ``end``; `step(spe, total)` resolves it to an optimizer step.
+
+    Steps are what the early phase is counted in (SPEC: the selectivity peak comes within ~64 steps),
+    fractions transfer across dataset sizes and training lengths, epochs are the study's unit. An epoch
+    e resolves to the step round(e * steps_per_epoch), a fraction f to round(f * total_steps).
+    """
+
+    __slots__ = ("unit", "value")
+
+    def __init__(self, unit: str, value: float) -> None:
+        if unit not in ("step", "epoch", "fraction", "end"):
+            raise ValueError(unit)
+        self.unit, self.value = unit, float(value)
+
+    def step(self, steps_per_epoch: int, total: int) -> int:
+        """The optimizer step of this point in a training of `total` steps, `steps_per_epoch` per epoch."""
+        if self.unit == "end":
+            return int(total)
+        if self.unit == "step":
+            return int(self.value)
+        if self.unit == "epoch":
+            return int(round(self.value * steps_per_epoch))
+        return int(round(self.value * total))
+
+    def __str__(self) -> str:
+        if self.unit == "end":
+            return "end"
+        if self.unit == "step":
+            return f"step={int(self.value)}"
+        return ("f" if self.unit == "fraction" else "") + _fmt(self.value)
+
+    def __repr__(self) -> str:
+        return f"TimePoint({str(self)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TimePoint) and (self.unit, self.value) == (other.unit, other.value)
+
+    def __hash__(self) -> int:
+        return hash((self.unit, self.value))
+
+
+def parse_time(text: str | float | int, what: str = "time") -> TimePoint:
+    """Parse a point in training: ``step=N`` (a whole number of steps), ``fF`` (a fraction of training in
+    [0, 1]), ``end``, or a number of epochs (>= 0). Anything else is a CsnError naming `what`."""
+    if isinstance(text, bool):
+        raise CsnError(f"{what} {text!r} is not a point in training; write {TIME_FORMS}.")
+    if isinstance(text, (int, float)):
+        text = _fmt(float(text)) if math.isfinite(text) else str(text)
+    t = str(text).strip().lower()
+    fix = f"write {TIME_FORMS}"
+    if t == "end":
+        return TimePoint("end", 0.0)
+    if t.startswith("step="):
+        return TimePoint("step", _parse_int(t[5:], f"{what} {text!r}", fix))
+    if t.startswith("f"):
+        f = _parse_float(t[1:], f"{what} {text!r}", fix)
+        if not 0 <= f <= 1:
+            raise CsnError(f"{what} {text!r} is a fraction of training outside [0, 1]; {fix}.")
+        return TimePoint("fraction", f)
+    e = _parse_float(t, f"{what} {text!r}", fix)
+    if e < 0:
+        raise CsnError(f"{what} {text!r} is a negative epoch; {fix}.")
+    return TimePoint("epoch", e)
 
 
 # --------------------------------------------------------------------------------------------
