@@ -56,8 +56,8 @@ def _across_runs(tables: dict[str, pd.DataFrame], plot: PlotOptions, draw: bool,
         echo(f"    {line}")
     if draw:
         dest = Path(plot.out) if plot.out else first.report_dir
-        f = linearity_figure(tables, dest, log_epochs=plot.log_epochs, name=name.replace("linearity", "linearity_seeds", 1),
-                             title=f"{len(tables)} runs")
+        f = linearity_figure(tables, dest, log_epochs=plot.log_epochs,
+                             name=name.replace("linearity", "linearity_seeds", 1), title=f"{len(tables)} runs")
         echo(f"  figure {rel(f.png)} (+ .svg)")
 
 

@@ -227,8 +227,8 @@ class LinearityOptions(Schema):
                              "and ReLU measures ('all' = the whole split). The linear-model measures always use the "
                              "whole split.", json_schema_extra={"metavar": "N|all"})
     split: Split = Field("test", description="Evaluation split (no augmentation).")
-    fit_epochs: Int = Field(LINEAR_FIT_DEFAULTS["epochs"], ge=1, description="Epochs of the linear classifier's fit; it "
-                            "is fit once per run and cached.", json_schema_extra={"metavar": "N"})
+    fit_epochs: Int = Field(LINEAR_FIT_DEFAULTS["epochs"], ge=1, description="Epochs of the linear classifier's "
+                            "fit; it is fit once per run and cached.", json_schema_extra={"metavar": "N"})
 
 
 @dataclass
@@ -238,6 +238,7 @@ class LinearityState:
 
     linear: torch.nn.Linear | None = None
     meta: dict | None = None
+    last: int | None = None  # the last checkpoint step to compute: the models are released after it
     models: dict[int, AnalysisModel] = field(default_factory=dict)  # theta_0 and the last checkpoint measured
 
 
@@ -275,9 +276,11 @@ class Linearity(Analysis):
 
     def prepare(self, ctx: Context, todo: Sequence[Checkpoint]) -> LinearityState:
         """Fit or load the run's linear classifier (rank 0), when the linear group has work to do."""
+        last = todo[-1].step if todo else None
         if todo and "linear" in self.options.measures:
-            return LinearityState(*linear_model_for_run(ctx.run, ctx.data, epochs=self.options.fit_epochs, log=ctx.log))
-        return LinearityState()
+            linear, meta = linear_model_for_run(ctx.run, ctx.data, epochs=self.options.fit_epochs, log=ctx.log)
+            return LinearityState(linear, meta, last)
+        return LinearityState(last=last)
 
     def compute(self, ctx: Context, ckpt: Checkpoint, missing: Mapping[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
         """Every requested measure of `ckpt` (all of them when any is missing, as one unit of work)."""
@@ -296,8 +299,9 @@ class Linearity(Analysis):
             n_subset = ctx.split_size(self.options.split, self.options.samples)
             values["linearized_agreement_init"] = (1.0, n_subset)
             values["linearized_rel_dist_init"] = (math.nan, n_subset)
-        # keep only what the next checkpoint can reuse: theta_0 and this one (its "previous")
-        ctx.state.models = {s: m for s, m in ctx.state.models.items() if s in (all_ckpts[0].step, ckpt.step)}
+        # keep only what the next checkpoint can reuse: theta_0 and this one (its "previous"); nothing after the last
+        keep = () if ckpt.step == ctx.state.last else (all_ckpts[0].step, ckpt.step)
+        ctx.state.models = {s: m for s, m in ctx.state.models.items() if s in keep}
         return {"linearity": pd.DataFrame({
             "step": np.int64(ckpt.step), "epoch": float(ckpt.epoch), "measure": list(values),
             "value": [float(v[0]) for v in values.values()], "split": self.options.split,
@@ -370,7 +374,8 @@ def summarize_linearity(tables: pd.DataFrame | Mapping[str, pd.DataFrame] | Sequ
             raise CsnError(f"the linearity table of {name} is empty; run `csn linearity` on it first.")
         miss = [c for c in ("step", "epoch", "measure", "value") if c not in t.columns]
         if miss:
-            raise CsnError(f"the linearity table of {name} lacks columns {miss}; pass a table written by `csn linearity`.")
+            raise CsnError(f"the linearity table of {name} lacks columns {miss}; pass a table written by "
+                           "`csn linearity`.")
         frames.append(t.assign(_run=name))
     allf = pd.concat(frames, ignore_index=True)
     if "bn_recalibrated" not in allf.columns:

@@ -164,8 +164,8 @@ def performance_correlation(f: Any, y: Any, l: Any) -> dict[str, float]:
     the linear model L. It is at most I(L; Y) (reached when F = L), equals I(F; Y) whenever F is a
     function of L (then I(F; Y | L) = 0), and is 0 when L is constant (conditioning on it changes
     nothing). It can be negative when F and L are synergistic about Y (mu_Y is the interaction
-    information I(F; Y; L) = I(L; Y) - I(L; Y | F)). Returns mu_y_bits, i_fy_bits, i_fy_given_l_bits, i_ly_bits (the upper bound) and
-    agreement (fraction of examples with F == L).
+    information I(F; Y; L) = I(L; Y) - I(L; Y | F)). Returns mu_y_bits, i_fy_bits, i_fy_given_l_bits,
+    i_ly_bits (the upper bound) and agreement (fraction of examples with F == L).
     """
     f, y, l = _as_labels(f), _as_labels(y), _as_labels(l)
     i_fy = mutual_information(f, y)
@@ -274,7 +274,8 @@ def _relu_compare(model: nn.Module, reference: dict[str, list[Tensor]], counts: 
         calls[name] = k + 1
         ref = reference.get(name, [])
         if k >= len(ref) or ref[k].shape != out.shape:
-            raise CsnError(f"ReLU {name!r} is called differently in the two models; compare checkpoints of one architecture.")
+            raise CsnError(f"ReLU {name!r} is called differently in the two models; compare checkpoints of one "
+                           "architecture.")
         counts[0] += ((out.detach() > 0) == ref[k]).sum()  # a tensor: no device sync per call
         counts[1] += ref[k].numel()
 
