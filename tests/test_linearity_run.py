@@ -12,20 +12,28 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from csn.analysis import linearity_run as lr
-from csn.analysis.common import analysis_model, eval_loader
-from csn.analysis.linearity import linearity_measures
-from csn.analysis.linearity_run import (
-    LINEARITY_TABLE_COLUMNS,
+from csn.analysis.base import analysis_model, eval_loader
+from csn.analysis.linearity import (
+    LINEARITY,
     MEASURE_GROUPS,
+    Linearity,
     describe_linearity,
     expected_measures,
-    linearity_for_run,
+    linearity_measures,
     summarize_linearity,
 )
+from csn.analysis.linearity import analysis as lr
 from csn.cli import main as cli
 from csn.errors import CsnError
-from csn.runs import Run
+from csn.runs import Run, read_manifest, write_manifest
+from tests.conftest import analyze
+
+LINEARITY_TABLE_COLUMNS = list(LINEARITY.columns)
+
+
+def linearity_for_run(run, **kw):
+    """The rows of the request (the tests' shorthand for run_analysis)."""
+    return analyze(Linearity, run, **kw).rows
 
 torch.set_num_threads(1)
 
@@ -195,6 +203,19 @@ def test_measure_groups_and_settings_mismatch(tiny_run):
         linearity_for_run(tiny_run, measures="relus")
 
 
+def test_samples_all_other_groups_and_step0_requirement(tiny_run):
+    df = linearity_for_run(tiny_run, checkpoints="0,1", measures="relu", samples="all", progress=False)
+    assert set(df["samples"]) == {128}  # 'all' = the whole test split
+    # --samples only concerns the linearized/ReLU rows: the linear group is added beside them
+    df = linearity_for_run(tiny_run, checkpoints="0,1", measures="linear", progress=False)
+    assert set(df["measure"]) == set(MEASURE_GROUPS["linear"])
+    assert set(table(tiny_run)["measure"]) == set(MEASURE_GROUPS["linear"]) | set(MEASURE_GROUPS["relu"])
+    ckdir = Path(tiny_run) / "checkpoints"
+    write_manifest(ckdir, [c for c in read_manifest(ckdir) if c.step != 0])
+    with pytest.raises(CsnError, match="no step-0 checkpoint"):
+        linearity_for_run(tiny_run, checkpoints="last", measures="relu", progress=False)
+
+
 # ------------------------------------------------------------------------------------------------
 # CLI
 # ------------------------------------------------------------------------------------------------
@@ -217,8 +238,8 @@ def test_cli_happy_path_with_plot(tiny_run):
     (["--checkpoints", "7"], "no checkpoint at step 7; available steps: 0, 1, 2, 4, 8, 12, 16"),
     (["--checkpoints", "e1.x"], "bad checkpoint selector"),
     (["--measures", "linear,foo"], "unknown linearity measure group 'foo'"),
-    (["--samples", "lots"], "--samples must be a number of examples or 'all'"),
-    (["--samples", "0"], "--samples must be a positive number"),
+    (["--samples", "lots"], "--samples expects an integer, got 'lots'"),
+    (["--samples", "0"], "--samples must be >= 1, got '0'"),
     (["--bn-recalibrate", "-1"], "--bn-recalibrate must be"),
 ])
 def test_cli_bad_input_one_line_exit_2_no_table(tiny_run, extra, message):

@@ -16,6 +16,9 @@ source below:
    not change; cf. Hanin & Rolnick 2019, "Deep ReLU networks have surprisingly few activation
    patterns"): the fraction of (ReLU output position, input) pairs whose on/off state is the same
    in two models, e.g. checkpoint t vs initialization and vs the previous checkpoint.
+
+Every forward hook goes through csn.core.trace.TraceDict (retain nothing, an `edit` that records or
+compares the on/off state and keeps the output).
 """
 
 from __future__ import annotations
@@ -23,19 +26,25 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp
 
+from csn.core.trace import TraceDict
+from csn.core.units import (
+    batch_inputs,
+    eval_mode,
+    first_tensor,
+    model_device,
+    relu_modules,
+)
+from csn.dist import all_gather_objects, all_reduce_, is_dist, same_outcome
 from csn.errors import CsnError
-from csn.units import hooks, relu_modules
-
-from .cka import _eval, _model_device
 
 # ---------------------------------------------------------------------------------------------
 # 1. Linear classifier and information measures
@@ -99,7 +108,7 @@ def fit_linear_classifier(
 @torch.no_grad()
 def linear_predict(linear: nn.Module, x: Tensor, *, batch_size: int = 4096) -> Tensor:
     """Class predictions (argmax) of a linear classifier on flattened inputs: [N] int64."""
-    dev = _model_device(linear)
+    dev = model_device(linear)
     out = [linear(x[i:i + batch_size].reshape(min(batch_size, x.shape[0] - i), -1).to(dev).float()).argmax(1).cpu()
            for i in range(0, x.shape[0], batch_size)]
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
@@ -111,7 +120,7 @@ def accuracy(linear: nn.Module, x: Tensor, y: Tensor, *, batch_size: int = 4096)
     return float((pred == torch.as_tensor(y).cpu().long()).float().mean())
 
 
-def _as_labels(v) -> Tensor:
+def _as_labels(v: Any) -> Tensor:
     t = torch.as_tensor(np.asarray(v.cpu() if isinstance(v, Tensor) else v)).reshape(-1)
     if t.is_floating_point():
         raise CsnError("information measures need integer labels (class predictions), not floating-point values.")
@@ -130,7 +139,7 @@ def _entropy(*vs: Tensor) -> float:
     return float(-(p * torch.log2(p)).sum())
 
 
-def mutual_information(a, b) -> float:
+def mutual_information(a: Any, b: Any) -> float:
     """I(A; B) in bits from the empirical joint frequencies of two integer label vectors.
 
     I(A; B) = sum_{a,b} p(a,b) log2[p(a,b) / (p(a) p(b))] = H(A) + H(B) - H(A, B).
@@ -139,7 +148,7 @@ def mutual_information(a, b) -> float:
     return max(0.0, _entropy(a) + _entropy(b) - _entropy(a, b))
 
 
-def conditional_mutual_information(a, b, c) -> float:
+def conditional_mutual_information(a: Any, b: Any, c: Any) -> float:
     """I(A; B | C) in bits from empirical joint frequencies.
 
     I(A; B | C) = sum_c p(c) I(A; B | C=c) = H(A, C) + H(B, C) - H(A, B, C) - H(C).
@@ -148,15 +157,15 @@ def conditional_mutual_information(a, b, c) -> float:
     return max(0.0, _entropy(a, c) + _entropy(b, c) - _entropy(a, b, c) - _entropy(c))
 
 
-def performance_correlation(f, y, l) -> dict[str, float]:
+def performance_correlation(f: Any, y: Any, l: Any) -> dict[str, float]:
     """Kalimeris et al. (2019) performance correlation of network predictions F with a linear model L.
 
     mu_Y(F; L) = I(F; Y) - I(F; Y | L): how much of what F knows about the labels Y is shared with
     the linear model L. It is at most I(L; Y) (reached when F = L), equals I(F; Y) whenever F is a
     function of L (then I(F; Y | L) = 0), and is 0 when L is constant (conditioning on it changes
     nothing). It can be negative when F and L are synergistic about Y (mu_Y is the interaction
-    information I(F; Y; L) = I(L; Y) - I(L; Y | F)). Returns mu_y_bits, i_fy_bits, i_fy_given_l_bits, i_ly_bits (the upper bound) and
-    agreement (fraction of examples with F == L).
+    information I(F; Y; L) = I(L; Y) - I(L; Y | F)). Returns mu_y_bits, i_fy_bits, i_fy_given_l_bits,
+    i_ly_bits (the upper bound) and agreement (fraction of examples with F == L).
     """
     f, y, l = _as_labels(f), _as_labels(y), _as_labels(l)
     i_fy = mutual_information(f, y)
@@ -201,8 +210,7 @@ def _linearize(model_0: nn.Module, delta: dict[str, Tensor], x: Tensor) -> tuple
     buffers = {n: b for n, b in model_0.named_buffers()}
 
     def f(p: dict[str, Tensor]) -> Tensor:
-        out = functional_call(model_0, (p, buffers), (x,))
-        return out[0] if isinstance(out, (tuple, list)) else out
+        return first_tensor(functional_call(model_0, (p, buffers), (x,)))
 
     with torch.no_grad(), warnings.catch_warnings():
         # torch's jvp decompositions call the deprecated torch.jit.script on first use (torch-internal)
@@ -221,10 +229,9 @@ def linearized_outputs(model_t: nn.Module, model_0: nn.Module, x: Tensor) -> tup
     Returns (f_t, f_lin, f_0).
     """
     delta = parameter_delta(model_t, model_0)
-    with _eval(model_t, model_0), torch.no_grad():
+    with eval_mode(model_t, model_0), torch.no_grad():
         f_lin, f0 = _linearize(model_0, delta, x)
-        ft = model_t(x)
-        ft = ft[0] if isinstance(ft, (tuple, list)) else ft
+        ft = first_tensor(model_t(x))
     return ft, f_lin, f0
 
 
@@ -243,55 +250,53 @@ def relu_patterns(model: nn.Module) -> Iterator[dict[str, list[Tensor]]]:
     """
     names = relu_modules(model)
     if not names:
-        raise CsnError(f"{type(model).__name__} has no nn.ReLU modules; the ReLU-pattern measure needs nn.ReLU modules (functional relu calls cannot be seen).")
+        raise CsnError(f"{type(model).__name__} has no nn.ReLU modules; the ReLU-pattern measure needs nn.ReLU "
+                       "modules (functional relu calls cannot be seen).")
     store: dict[str, list[Tensor]] = {}
 
-    def make(name: str):
-        def fn(_m: nn.Module, _inp: tuple, out: Tensor) -> None:
-            store.setdefault(name, []).append(out.detach() > 0)
-        return fn
+    def record(name: str, out: Tensor) -> None:
+        store.setdefault(name, []).append(out.detach() > 0)
 
-    with hooks(model, {n: make(n) for n in names}):
+    with TraceDict(model, names, retain=None, edit=record):
         yield store
 
 
 @contextmanager
-def _relu_compare(model: nn.Module, reference: dict[str, list[Tensor]], counts: list[int]) -> Iterator[None]:
+def _relu_compare(model: nn.Module, reference: dict[str, list[Tensor]], counts: Tensor | list[int]) -> Iterator[None]:
     """During forwards of `model`, compare each nn.ReLU call's on/off state with `reference` on the fly.
 
     Adds [equal, total] into `counts`; no mask of `model` is kept. Enter once per forward pass.
     """
     calls: dict[str, int] = {}
 
-    def make(name: str):
-        def fn(_m: nn.Module, _inp: tuple, out: Tensor) -> None:
-            k = calls.get(name, 0)
-            calls[name] = k + 1
-            ref = reference.get(name, [])
-            if k >= len(ref) or ref[k].shape != out.shape:
-                raise CsnError(f"ReLU {name!r} is called differently in the two models; compare checkpoints of one architecture.")
-            counts[0] += ((out.detach() > 0) == ref[k]).sum()  # a tensor: no device sync per call
-            counts[1] += ref[k].numel()
-        return fn
+    def compare(name: str, out: Tensor) -> None:
+        k = calls.get(name, 0)
+        calls[name] = k + 1
+        ref = reference.get(name, [])
+        if k >= len(ref) or ref[k].shape != out.shape:
+            raise CsnError(f"ReLU {name!r} is called differently in the two models; compare checkpoints of one "
+                           "architecture.")
+        counts[0] += ((out.detach() > 0) == ref[k]).sum()  # a tensor: no device sync per call
+        counts[1] += ref[k].numel()
 
-    with hooks(model, {n: make(n) for n in relu_modules(model)}):
+    with TraceDict(model, relu_modules(model), retain=None, edit=compare):
         yield
 
 
-def relu_agreement(model_a: nn.Module, model_b: nn.Module, batches: Iterable) -> float:
+def relu_agreement(model_a: nn.Module, model_b: nn.Module, batches: Iterable[Any]) -> float:
     """Fraction of (ReLU output position, input) on/off states equal in model_a and model_b.
 
     Streams over `batches` (tensors or (x, y) pairs): per batch, model_a's masks are recorded, model_b
     is compared against them in its hooks, counts are accumulated and the masks dropped. Both models
     run in eval mode (restored afterwards) on model_a's device.
     """
-    counts = [0, 0]
-    dev = _model_device(model_a)
+    counts: list[Any] = [0, 0]
+    dev = model_device(model_a)
     if model_b is model_a:
         model_b = copy.deepcopy(model_a)
-    with _eval(model_a, model_b), torch.no_grad(), relu_patterns(model_a) as ref:
+    with eval_mode(model_a, model_b), torch.no_grad(), relu_patterns(model_a) as ref:
         for batch in batches:
-            x = (batch[0] if isinstance(batch, (tuple, list)) else batch).to(dev)
+            x = batch_inputs(batch).to(dev)
             ref.clear()
             model_a(x)
             with _relu_compare(model_b, ref, counts):
@@ -332,7 +337,7 @@ class LinearityAccumulator:
         i = self.index[f"relu_equal_{ref}"]
         return self.sums[i:i + 2]
 
-    def close(self) -> "LinearityAccumulator":
+    def close(self) -> LinearityAccumulator:
         """Concatenate the per-batch predictions (CPU tensors)."""
         self.preds = {k: torch.cat(v) if v else None for k, v in self.preds.items()}
         return self
@@ -361,10 +366,23 @@ class LinearityAccumulator:
         return out
 
 
+def reduce_linearity(acc: LinearityAccumulator) -> LinearityAccumulator:
+    """Sum a LinearityAccumulator's counts and squared norms across ranks and gather its per-example
+    predictions (rank order = the order of the single-process pass over the sharded split); returns it."""
+    if not is_dist():
+        return acc
+    all_reduce_(acc.sums)
+    every = all_gather_objects({k: None if v is None else v.cpu() for k, v in acc.preds.items()})
+    for k in acc.preds:
+        parts = [p[k] for p in every if p[k] is not None]
+        acc.preds[k] = torch.cat(parts) if parts else None
+    return acc
+
+
 def linearity_measures(
     model_t: nn.Module,
     model_0: nn.Module,
-    loader: Iterable,
+    loader: Iterable[Any],
     *,
     model_prev: nn.Module | None = None,
     linear_model: nn.Module | None = None,
@@ -389,11 +407,8 @@ def linearity_measures(
     there; otherwise batches go to model_t's device. Per-example predictions (ints) are kept for the
     information measures; ReLU masks are kept for one batch only. reduce=True (under torchrun, each
     rank passing its shard of the evaluation data): counts and norms are summed and predictions
-    gathered across ranks (csn.distributed.reduce_linearity), so every rank returns the measures of
-    the whole split.
+    gathered across ranks (reduce_linearity), so every rank returns the measures of the whole split.
     """
-    from csn.distributed import reduce_linearity, same_outcome
-
     with same_outcome(enabled=reduce):  # an error on one rank stops every rank before the reduction
         acc = _accumulate(model_t, model_0, loader, model_prev=model_prev, linear_model=linear_model, device=device,
                           linearized=linearized, relu=relu, max_batches=max_batches)
@@ -402,8 +417,9 @@ def linearity_measures(
     return acc.result()
 
 
-def _accumulate(model_t, model_0, loader, *, model_prev, linear_model, device, linearized, relu,
-                max_batches) -> LinearityAccumulator:
+def _accumulate(model_t: nn.Module, model_0: nn.Module, loader: Iterable[Any], *, model_prev: nn.Module | None,
+                linear_model: nn.Module | None, device: torch.device | str | None, linearized: bool, relu: bool,
+                max_batches: int | None) -> LinearityAccumulator:
     """One pass of linearity_measures over this process's loader."""
     if device is not None:
         device = torch.device(device)
@@ -411,7 +427,7 @@ def _accumulate(model_t, model_0, loader, *, model_prev, linear_model, device, l
             if m is not None:
                 m.to(device)
     else:
-        device = _model_device(model_t)
+        device = model_device(model_t)
     refs = {"init": model_0} if model_prev is None else {"init": model_0, "prev": model_prev}
     # The same object as model_t (e.g. step 0 vs itself) would see model_t's recording hooks: copy it.
     refs = {k: copy.deepcopy(m) if m is model_t else m for k, m in refs.items()}
@@ -421,7 +437,7 @@ def _accumulate(model_t, model_0, loader, *, model_prev, linear_model, device, l
     acc = LinearityAccumulator(list(refs), linearized=linearized, relu=relu, device=device)
     models = [m for m in (model_t, *refs.values(), linear_model) if m is not None]
     with ExitStack() as stack:
-        stack.enter_context(_eval(*models))
+        stack.enter_context(eval_mode(*models))
         stack.enter_context(torch.no_grad())
         ref_masks = stack.enter_context(relu_patterns(model_t)) if relu else None
         for i, batch in enumerate(loader):
@@ -430,35 +446,52 @@ def _accumulate(model_t, model_0, loader, *, model_prev, linear_model, device, l
             if not isinstance(batch, (tuple, list)) or len(batch) < 2:
                 raise CsnError("linearity needs a loader of (inputs, labels) batches.")
             x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-            if relu:
-                ref_masks.clear()
-            ft = model_t(x)
-            ft = ft[0] if isinstance(ft, (tuple, list)) else ft
-            pred = ft.argmax(dim=1)
-            acc.add("correct", (pred == y).sum())
-            acc.add("total", int(y.shape[0]))
-            acc.preds["f"].append(pred.cpu())
-            acc.preds["y"].append(y.cpu())
-            if linear_model is not None:
-                xl = x.reshape(x.shape[0], -1).float().to(_model_device(linear_model))
-                acc.preds["l"].append(linear_model(xl).argmax(1).cpu())
-            for k, ref in refs.items():
-                if k in deltas:
-                    f_lin, f_ref = _linearize(ref, deltas[k], x)
-                    acc.add(f"agree_{k}", (f_lin.argmax(1) == pred).sum())
-                    acc.add(f"n_{k}", int(x.shape[0]))
-                    acc.add(f"num_{k}", (ft.double() - f_lin.double()).pow(2).sum())
-                    acc.add(f"den_{k}", (ft.double() - f_ref.double()).pow(2).sum())
-                if relu:
-                    with _relu_compare(ref, ref_masks, acc.relu_counts(k)):
-                        ref(x)
-            if relu:
-                ref_masks.clear()
+            _measure_batch(acc, model_t, x, y, refs, deltas, linear_model, ref_masks)
     return acc.close()
 
 
+def _measure_batch(acc: LinearityAccumulator, model_t: nn.Module, x: Tensor, y: Tensor, refs: dict[str, nn.Module],
+                   deltas: dict[str, dict[str, Tensor]], linear_model: nn.Module | None,
+                   ref_masks: dict[str, list[Tensor]] | None) -> None:
+    """One batch of _accumulate: model_t's predictions (its ReLU masks recorded), then every reference's
+    linearization and ReLU comparison; the masks are dropped at the end."""
+    if ref_masks is not None:
+        ref_masks.clear()
+    ft = first_tensor(model_t(x))
+    pred = ft.argmax(dim=1)
+    acc.add("correct", (pred == y).sum())
+    acc.add("total", int(y.shape[0]))
+    acc.preds["f"].append(pred.cpu())
+    acc.preds["y"].append(y.cpu())
+    if linear_model is not None:
+        xl = x.reshape(x.shape[0], -1).float().to(model_device(linear_model))
+        acc.preds["l"].append(linear_model(xl).argmax(1).cpu())
+    for k, ref in refs.items():
+        if k in deltas:
+            f_lin, f_ref = _linearize(ref, deltas[k], x)
+            acc.add(f"agree_{k}", (f_lin.argmax(1) == pred).sum())
+            acc.add(f"n_{k}", int(x.shape[0]))
+            acc.add(f"num_{k}", (ft.double() - f_lin.double()).pow(2).sum())
+            acc.add(f"den_{k}", (ft.double() - f_ref.double()).pow(2).sum())
+        if ref_masks is not None:
+            with _relu_compare(ref, ref_masks, acc.relu_counts(k)):
+                ref(x)
+    if ref_masks is not None:
+        ref_masks.clear()
+
+
 __all__ = [
-    "fit_linear_classifier", "linear_predict", "accuracy", "mutual_information",
-    "conditional_mutual_information", "performance_correlation", "parameter_delta",
-    "linearized_outputs", "relu_patterns", "relu_agreement", "LinearityAccumulator", "linearity_measures",
+    "LinearityAccumulator",
+    "accuracy",
+    "conditional_mutual_information",
+    "fit_linear_classifier",
+    "linear_predict",
+    "linearity_measures",
+    "linearized_outputs",
+    "mutual_information",
+    "parameter_delta",
+    "performance_correlation",
+    "reduce_linearity",
+    "relu_agreement",
+    "relu_patterns",
 ]
