@@ -185,6 +185,7 @@ class Context:
     bn: dict[int, int]
     log: Callable[[str], None]
     shared: bool = True           # every rank works on the same checkpoint (shard the evaluation split)
+    own: dict[str, Any] = field(default_factory=dict)  # per-run values the analysis sets in setup (e.g. its layers)
     state: Any = None             # what Analysis.prepare returned (on every rank)
     progress: Any = None          # the progress bar; compute may advance it in finer units than checkpoints
     other_plans: dict[str, dict[int, int]] = field(default_factory=dict)
@@ -249,7 +250,8 @@ class Analysis(ABC):
         self.options = options
 
     def setup(self, ctx: Context) -> None:
-        """Validate the options against the run and prepare what every rank needs (no writes). Default: nothing."""
+        """Validate the options against the run and keep what every rank needs in ctx.own (no writes; every run
+        is set up before any is computed, so per-run values belong in ctx.own, not on the analysis). Default: nothing."""
 
     def settings(self, ctx: Context) -> dict[str, dict[str, Any]]:
         """{table: {settings column: value}} of this request (the table-wide settings). Default: none."""

@@ -256,8 +256,7 @@ SELECTIVITY = TableSpec(
      "pref_class": "int64", "mu_max": "float64", "mu_rest": "float64", "dead": "bool", "eta2": "float64",
      "split": "str", "bn_recalibrated": "int64", "variant": "str", "n_images": "int64"},
     key=("step", "layer"), settings=("split", "variant", "n_images"), row_settings=("bn_recalibrated",),
-    same_set=("layer",), flags={"split": "--split", "variant": "--variant", "n_images": "--samples",
-                                "bn_recalibrated": "--bn-recalibrate"},
+    same_set=("layer",), flags={"split": "--split", "variant": "--variant", "n_images": "--samples"},
     labels={"bn_recalibrated": "BatchNorm statistics re-estimated from {} batches"})
 """tables/selectivity.parquet: one row per checkpoint and unit."""
 CLASS_MEANS = TableSpec("class_means", {"step": "int64", "layer": "str", "unit": "int64", "class": "int64",
@@ -291,18 +290,18 @@ class Selectivity(Analysis):
     tables = (SELECTIVITY, CLASS_MEANS)
 
     def setup(self, ctx: Context) -> None:
-        self.layers = resolve_layers(ctx.run.build_model(), self.options.layers)  # unknown pattern: CsnError
-        self.n_images = ctx.split_size(self.options.split, self.options.samples)
+        ctx.own["layers"] = resolve_layers(ctx.run.build_model(), self.options.layers)  # unknown pattern: CsnError
+        ctx.own["n_images"] = ctx.split_size(self.options.split, self.options.samples)
 
     def settings(self, ctx: Context) -> dict[str, dict[str, Any]]:
         o = self.options
-        return {"selectivity": {"split": o.split, "variant": o.variant, "n_images": self.n_images}}
+        return {"selectivity": {"split": o.split, "variant": o.variant, "n_images": ctx.own["n_images"]}}
 
     def sets(self, ctx: Context) -> dict[str, dict[str, Iterable[Any]]]:
-        return {"selectivity": {"layer": self.layers}}
+        return {"selectivity": {"layer": ctx.own["layers"]}}
 
     def expected(self, ctx: Context, ckpt: Checkpoint) -> dict[str, pd.DataFrame]:
-        keys = pd.DataFrame({"step": np.int64(ckpt.step), "layer": self.layers})
+        keys = pd.DataFrame({"step": np.int64(ckpt.step), "layer": ctx.own["layers"]})
         return {"selectivity": keys.assign(bn_recalibrated=np.int64(ctx.bn[ckpt.step])), "class_means": keys}
 
     def compute(self, ctx: Context, ckpt: Checkpoint, missing: Mapping[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
@@ -310,11 +309,11 @@ class Selectivity(Analysis):
         am = ctx.model(ckpt)
         loader = ctx.loader(o.split, o.samples)
         with same_outcome(enabled=ctx.shared):  # a bad batch on one rank stops every rank before the reduction
-            stats = collect_class_stats(am.model, loader, self.layers, ctx.num_classes, device=ctx.device,
+            stats = collect_class_stats(am.model, loader, ctx.own["layers"], ctx.num_classes, device=ctx.device,
                                         desc=f"step {ckpt.step}", progress=ctx.options.progress and is_main())
         if ctx.shared:
             reduce_class_stats(stats)
-        stage_map = {n: stage_of(am.model, n) for n in self.layers}
+        stage_map = {n: stage_of(am.model, n) for n in ctx.own["layers"]}
         sel = selectivity_frame(stats, stage_map, o.variant, class_names=ctx.class_names)
         cm = class_means_frame(stats, class_names=ctx.class_names)
         sel.insert(0, "step", np.int64(ckpt.step))
