@@ -14,7 +14,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from csn.analysis.cka import CKAAccumulator, cka, linear_cka
 from csn.errors import CsnError
 
-
 # -- an independent, pair-by-pair implementation of the same estimator (loops, numpy) -------------
 
 def naive_hsic1(x: np.ndarray, y: np.ndarray) -> float:

@@ -12,13 +12,29 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from csn.analysis import cka_run as cr
+from csn.analysis.base import analysis_model, eval_loader
+from csn.analysis.cka import (
+    CKA,
+    Cka,
+    cka_matrix,
+    describe_cka,
+    match_checkpoints,
+    summarize_cka_runs,
+)
+from csn.analysis.cka import analysis as cr
 from csn.analysis.cka import cka as core_cka
-from csn.analysis.cka_run import CKA_TABLE_COLUMNS, cka_for_runs, cka_matrix, describe_cka, match_checkpoints
-from csn.analysis.common import analysis_model, eval_loader
 from csn.cli import main as cli
 from csn.errors import CsnError
 from csn.runs import Checkpoint, Run
+from tests.conftest import analyze
+
+CKA_TABLE_COLUMNS = list(CKA.columns)
+
+
+def cka_for_runs(run, run_b=None, **kw) -> pd.DataFrame:
+    """The rows of the request (the tests' shorthand for run_analysis of Cka)."""
+    return analyze(Cka, run, run_b=run_b, **kw).rows
+
 
 torch.set_num_threads(1)
 
@@ -160,11 +176,11 @@ def test_layer_subset_and_errors(tiny_run):
     assert set(df["layer_a"]) == {"layer3.0", "logits"} and len(df) == 4
     with pytest.raises(CsnError, match="available names.*or 'logits'"):
         cka_for_runs(tiny_run, layers=["layer9.0"], progress=False)
-    with pytest.raises(CsnError, match="more than 3 examples"):
+    with pytest.raises(CsnError, match="batch_size' must be >= 4, got 3"):
         cka_for_runs(tiny_run, batch_size=3, progress=False)
     with pytest.raises(CsnError, match="RUN_B"):
         cka_for_runs(tiny_run, mode="runs", progress=False)
-    with pytest.raises(CsnError, match="unknown CKA mode"):
+    with pytest.raises(CsnError, match="mode' expects one of 'within', 'across' or 'runs'"):
         cka_for_runs(tiny_run, mode="sideways", progress=False)
 
 
@@ -199,7 +215,7 @@ def test_cli_happy_path_with_plot(tiny_run, tmp_path):
     (["--layers", "layer1.0,lyr2.0"], "layer pattern 'lyr2.0' matches no module; available names"),
     (["--checkpoints", "7"], "no checkpoint at step 7; available steps: 0, 1, 2, 4, 8, 12, 16"),
     (["--checkpoints", "e1.x"], "bad checkpoint selector"),
-    (["--batch-size", "3"], "CKA needs batches of more than 3 examples"),
+    (["--batch-size", "3"], "--batch-size must be >= 4, got '3'"),
     (["--samples", "3"], "CKA needs batches of more than 3 examples"),
     (["--mode", "runs"], "--mode runs compares two runs"),
     (["--mode", "across", "--reference", "e"], "bad --reference"),
@@ -217,7 +233,7 @@ def test_cli_bad_input_one_line_exit_2_no_table(tiny_run, extra, message):
 # ------------------------------------------------------------------------------------------------
 
 def test_figures_from_tables_alone(computed, tmp_path):
-    from csn.report.fig_cka import cka_across_vs_epoch, cka_heatmaps, cka_runs_vs_epoch, summarize_runs_cka
+    from csn.report.fig_cka import cka_across_vs_epoch, cka_heatmaps, cka_runs_vs_epoch
 
     df = table(computed)
     f = cka_heatmaps(df, tmp_path, steps=[0, 16])
@@ -227,7 +243,7 @@ def test_figures_from_tables_alone(computed, tmp_path):
     # runs comparison over two seed pairs: mean and SE over pairs
     r = df[(df["comparison"] == "reference") & (df["step_b"] == 16)].assign(comparison="runs", run_b="unreg", step_b=lambda d: d["step_a"])
     r2 = r.assign(cka=r["cka"] * 0.5)
-    s = summarize_runs_cka([r, r2])
+    s = summarize_cka_runs([r, r2])
     row = s[(s["step_a"] == 0) & (s["layer"] == "logits")].iloc[0]
     base = float(r[(r["step_a"] == 0) & (r["layer_a"] == "logits")]["cka"].iloc[0])
     assert row["n_pairs"] == 2 and row["mean"] == pytest.approx(0.75 * base)
@@ -238,3 +254,25 @@ def test_figures_from_tables_alone(computed, tmp_path):
         cka_heatmaps(df, tmp_path, steps=[5])
     with pytest.raises(CsnError, match="no 'runs' rows"):
         cka_runs_vs_epoch(df, tmp_path)
+
+
+def test_run_eval_batch_size_of_three_is_an_error(tiny_run):
+    info = json.loads((Path(tiny_run) / "run.json").read_text())
+    info["config"]["eval_batch_size"] = 3
+    (Path(tiny_run) / "run.json").write_text(json.dumps(info))
+    with pytest.raises(CsnError, match="more than 3 examples .*got a batch size of 3, pass --batch-size 4"):
+        cka_for_runs(tiny_run, progress=False)
+    assert not (Path(tiny_run) / "tables" / "cka.parquet").exists()
+
+
+def test_bn_statistics_of_a_checkpoint_are_never_mixed(tiny_run):
+    """Rows of one checkpoint share its BN setting, whatever the comparison (TableSpec.row_scope)."""
+    cka_for_runs(tiny_run, checkpoints="0", progress=False)  # default policy: step 0 re-estimated from 8 batches
+    before = table(tiny_run)
+    with pytest.raises(CsnError, match="step_a 0 with BatchNorm statistics re-estimated from 8 batches, but this "
+                                       "request asks for 0; pass --bn-recalibrate 8"):
+        cka_for_runs(tiny_run, mode="across", checkpoints="0", bn_recalibrate=0, progress=False)
+    with pytest.raises(CsnError, match="run_b tiny, step_b 0 with BatchNorm statistics of run B re-estimated from 8 "
+                                       "batches, but this request asks for 0"):
+        cka_for_runs(tiny_run, mode="across", reference="first", checkpoints="16", bn_recalibrate=0, progress=False)
+    pd.testing.assert_frame_equal(table(tiny_run), before)

@@ -44,6 +44,8 @@ class TableSpec:
     of a checkpoint). same_set: columns whose set of values must equal the request's (e.g. the layers
     read). step: the column holding the checkpoint step. flags: the option that sets each settings
     column (named in the error). labels: how to say a per-row setting's value in a sentence.
+    row_scope: the columns a per-row setting is a function of (default: the key), e.g. the BatchNorm
+    batches of a checkpoint, shared by every row of that checkpoint whatever else its key says.
     """
 
     name: str
@@ -55,6 +57,7 @@ class TableSpec:
     step: str = "step"
     flags: Mapping[str, str] = field(default_factory=dict)
     labels: Mapping[str, str] = field(default_factory=dict)
+    row_scope: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def frame(self, rows: pd.DataFrame | Iterable[Mapping[str, Any]] | None = None) -> pd.DataFrame:
         """Rows in this table's column order and types (an empty table for None)."""
@@ -121,15 +124,17 @@ class ResumableTable:
                                f"{', '.join(map(str, want))}; {self._hint(None, None)}.")
         if expected is None or expected.empty or not self.spec.row_settings:
             return
-        key = list(self.spec.key)
-        both = df[key + list(self.spec.row_settings)].drop_duplicates(key).merge(
-            expected[key + list(self.spec.row_settings)], on=key, suffixes=("", "__want"))
         for col in self.spec.row_settings:
+            scope = list(self.spec.row_scope.get(col, self.spec.key))
+            both = df[scope + [col]].drop_duplicates(scope).merge(
+                expected[scope + [col]].drop_duplicates(scope), on=scope, suffixes=("", "__want"))
             want = both[f"{col}__want"]
             bad = both[want.notna() & (both[col] != want)]
             if not bad.empty:
                 r = bad.iloc[0]
-                where = ", ".join(f"{k} {r[k]}" for k in key if k in (self.spec.step, "measure", "stage", "comparison"))
+                shown = scope if col in self.spec.row_scope else [
+                    k for k in scope if k in (self.spec.step, "measure", "stage", "comparison")]
+                where = ", ".join(f"{k} {r[k]}" for k in shown)
                 label = self.spec.labels.get(col, f"{col}={{}}")
                 raise CsnError(f"{self.path} holds {where} with {label.format(_plain(r[col]))}, but this request asks "
                                f"for {_plain(r[col + '__want'])}; {self._hint(col, _plain(r[col]))}.")
