@@ -257,6 +257,7 @@ SELECTIVITY = TableSpec(
      "split": "str", "bn_recalibrated": "int64", "variant": "str", "n_images": "int64"},
     key=("step", "layer"), settings=("split", "variant", "n_images"), row_settings=("bn_recalibrated",),
     same_set=("layer",), flags={"split": "--split", "variant": "--variant", "n_images": "--samples"},
+    row_scope={"bn_recalibrated": ("step",)},
     labels={"bn_recalibrated": "BatchNorm statistics re-estimated from {} batches"})
 """tables/selectivity.parquet: one row per checkpoint and unit."""
 CLASS_MEANS = TableSpec("class_means", {"step": "int64", "layer": "str", "unit": "int64", "class": "int64",

@@ -212,7 +212,7 @@ LINEARITY = TableSpec(
     {"step": "int64", "epoch": "float64", "measure": "str", "value": "float64", "split": "str", "samples": "int64",
      "bn_recalibrated": "int64"},
     key=("step", "measure"), settings=("split",), row_settings=("samples", "bn_recalibrated"),
-    flags={"split": "--split", "samples": "--samples"},
+    flags={"split": "--split", "samples": "--samples"}, row_scope={"bn_recalibrated": ("step",)},
     labels={"samples": "{} examples", "bn_recalibrated": "BatchNorm statistics re-estimated from {} batches"})
 """tables/linearity.parquet: one row per checkpoint and measure (samples is checked only for the subset measures)."""
 
