@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.patches import Patch
 
-from csn.analysis.cka import LOGITS
+from csn.analysis.cka import LOGITS, summarize_cka_runs
 from csn.errors import CsnError
 from csn.report import style
 
@@ -178,37 +178,6 @@ def cka_across_vs_epoch(df: pd.DataFrame, out_dir: str | Path, *, log_epochs: bo
     return style.save(fig, out_dir, name, cap)
 
 
-def _pairs_tables(tables) -> list[pd.DataFrame]:
-    if isinstance(tables, pd.DataFrame):
-        items = [tables]
-    elif isinstance(tables, Mapping):
-        items = list(tables.values())
-    else:
-        items = list(tables)
-    out = []
-    for t in items:
-        d = _rows(t, "runs", "csn cka RUN_A RUN_B")
-        for _, g in d.groupby("run_b", sort=False):
-            out.append(g[g["layer_a"] == g["layer_b"]])
-    return out
-
-
-def summarize_runs_cka(tables) -> pd.DataFrame:
-    """Mean and SE over run pairs of the same-layer CKA per (step_a, layer), at steps every pair has.
-
-    tables: one CKA table (each run_b in it is a pair) or a list/dict of them (e.g. one per seed pair).
-    Columns: step_a, epoch_a, layer, mean, se, n_pairs.
-    """
-    parts = [p.assign(_pair=i) for i, p in enumerate(_pairs_tables(tables))]
-    allp = pd.concat(parts, ignore_index=True)
-    g = allp.groupby(["step_a", "layer_a"], sort=False)
-    out = g.agg(epoch_a=("epoch_a", "mean"), mean=("cka", "mean"), _sd=("cka", "std"),
-                n_pairs=("_pair", "nunique")).reset_index().rename(columns={"layer_a": "layer"})
-    out["se"] = out.pop("_sd") / np.sqrt(out["n_pairs"])
-    out = out[out["n_pairs"] == len(parts)]
-    return out.sort_values(["step_a"], kind="stable")[["step_a", "epoch_a", "layer", "mean", "se", "n_pairs"]]
-
-
 def cka_runs_vs_epoch(tables, out_dir: str | Path, *, log_epochs: bool = True, name: str = "cka_runs",
                       title: str | None = None, label_a: str = "run A", label_b: str = "run B") -> style.Figure:
     """Each layer of run A vs the same layer of run B at matched checkpoints vs epoch; mean ± 1 SE over run pairs.
@@ -216,7 +185,7 @@ def cka_runs_vs_epoch(tables, out_dir: str | Path, *, log_epochs: bool = True, n
     E.g. regularized (A) vs unregularized (B), one table per seed pair: the study's comparison of
     stage outputs and logits.
     """
-    s = summarize_runs_cka(tables)
+    s = summarize_cka_runs(tables)
     n = int(s["n_pairs"].max()) if len(s) else 0
     fig, axes = style.new()
     ax = axes[0][0]
@@ -267,4 +236,4 @@ def cka_figures(df: pd.DataFrame, out_dir: str | Path, *, log_epochs: bool = Tru
 
 
 __all__ = ["cka_heatmaps", "cka_pairs_vs_epoch", "cka_across_vs_epoch", "cka_runs_vs_epoch", "cka_figures",
-           "summarize_runs_cka", "default_pairs", "layer_colors"]
+           "default_pairs", "layer_colors"]
