@@ -48,7 +48,7 @@ BN_SEED_OFFSET = 99991
 SPLITS = ("test", "train")
 
 Split = Literal["test", "train"]
-Samples = Annotated[Int | None, AllIsNone, Field(ge=1)]
+Samples = Annotated[Annotated[Int, Field(ge=1)] | None, AllIsNone]  # ge on the number only: None is allowed
 """A number of examples of the split (a fixed seeded subset), or None / 'all' for the whole split."""
 
 
