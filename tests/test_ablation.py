@@ -399,6 +399,12 @@ def test_resume_per_checkpoint(tiny_run, monkeypatch):
     ablate_run(tiny_run, **{**kw, "grid": "0,2,4,8"})
     assert seen == [0, 4, 8]  # another grid: recomputed, old rows replaced
     assert len(pd.read_parquet(run.table_path("ablation"))) == 3 * 2 * 4 * 4
+    swept = []
+    monkeypatch.setattr(analysis_mod, "ablation_sweep",
+                        lambda *a, step, **k: (swept.append((step, list(a[2]))), real(*a, step=step, **k))[1])
+    df = ablate_run(tiny_run, **{**kw, "grid": "0,2,4,8", "stages": "layer1,layer2,layer3"})
+    assert swept == [(0, ["layer2"]), (4, ["layer2"]), (8, ["layer2"])]  # only the stage the table lacks
+    assert len(df) == 3 * 3 * 4 * 4 and set(df["stage"]) == {"layer1", "layer2", "layer3"}
 
 
 def test_ranking_taken_from_selectivity_table_when_it_matches(tiny_run, monkeypatch):

@@ -282,7 +282,8 @@ class Ablation(Analysis):
         return {"ablation": keys.assign(bn_recalibrated=np.int64(ctx.bn[ckpt.step]))}
 
     def work(self, ctx: Context, ckpt: Checkpoint) -> float:
-        return float(len(self._plan(ctx).keys(self.options.draws)))
+        """The checkpoint's points (a whole number, so the bar shows whole points)."""
+        return len(self._plan(ctx).keys(self.options.draws))
 
     def prepare(self, ctx: Context, todo: Sequence[Checkpoint]) -> pd.DataFrame | None:
         """Rank 0: the selectivity rows that can rank the units of the checkpoints to do (zero mode only)."""
