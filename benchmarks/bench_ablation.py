@@ -197,8 +197,9 @@ def main() -> None:
     if args.child:
         return child(args)
 
-    from csn.analysis.ablation import _probe, _stage_plans, check_orders, parse_grid
-    from csn.selectivity import collect_class_stats, selectivity_frame
+    from csn.analysis.ablation import check_orders, parse_grid
+    from csn.analysis.ablation.sweep import probe, stage_plans
+    from csn.analysis.selectivity import collect_class_stats, selectivity_frame
 
     torch.set_num_threads(args.threads)
     state = train_briefly(args.steps, args.threads) if args.steps else build_model().state_dict()
@@ -222,8 +223,8 @@ def main() -> None:
     macs = macs_per_segment(model, x1)
     segs = list(macs)
     full = sum(macs.values())
-    probe = _probe(model, x1, layers)
-    plans = _stage_plans(model, probe, stage_layers, csi, parse_grid(None), check_orders("selective,random,least", 3), 3,
+    pr = probe(model, x1, layers)
+    plans = stage_plans(model, pr, stage_layers, csi, parse_grid(None), check_orders("selective,random,least", 3), 3,
                          SEED, 0, False)
     naive_cost = fast_cost = 0
     secs = seconds_per_segment(model, batches[0][0])

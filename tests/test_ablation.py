@@ -15,16 +15,26 @@ from torch import nn
 
 from csn.analysis import ablation as A
 from csn.analysis.ablation import (
-    ablate_run,
+    Ablation,
     ablate_units,
     ablation_sweep,
     parse_grid,
     random_units,
     summarize_ablation,
 )
+from csn.analysis.ablation import analysis as analysis_mod
+from csn.analysis.ablation import sweep as sweep_mod
 from csn.cli import main as cli
 from csn.errors import CsnError
 from csn.models import MLP, SmallCNN
+from tests.conftest import analyze
+
+
+def ablate_run(run, **kw):
+    """The request's rows of tables/ablation.parquet (the tests' shorthand for run_analysis), ordered by
+    step, stage, order, draw, n."""
+    df = analyze(Ablation, run, **kw).rows
+    return df.sort_values(["step", "stage", "order", "draw", "n"], kind="stable").reset_index(drop=True)
 
 
 @pytest.fixture(autouse=True)
@@ -56,7 +66,7 @@ def _randomize_bn(model, seed=0):
 
 def _csi(model, layers, x, seed=0):
     """Random CSI with ties (rounded), shaped like each layer's units."""
-    probe = A._probe(model.eval(), x[:1], layers)
+    probe = sweep_mod.probe(model.eval(), x[:1], layers)
     g = torch.Generator().manual_seed(seed)
     return {layer: (torch.rand(probe.units[layer], generator=g) * 4).round() / 4 for layer in layers}
 
@@ -127,24 +137,19 @@ def test_hooks_removed_after_exit_and_errors():
     def no_hooks():
         return all(not m._forward_hooks for m in model.modules())
 
-    with pytest.raises(ValueError):
-        with ablate_units(model, {"1": [0, 1, 2]}):
-            raise ValueError("boom")
+    with pytest.raises(ValueError), ablate_units(model, {"1": [0, 1, 2]}):
+        raise ValueError("boom")
     assert no_hooks() and torch.equal(model(x), ref)
-    with pytest.raises(CsnError, match="out of range"):
-        with ablate_units(model, {"1": [6]}):
-            model(x)
+    with pytest.raises(CsnError, match="out of range"), ablate_units(model, {"1": [6]}):
+        model(x)
     assert no_hooks()
-    with pytest.raises(CsnError, match="matches no module"):
-        with ablate_units(model, {"0": [1], "nope": [0]}):
-            pass
+    with pytest.raises(CsnError, match="matches no module"), ablate_units(model, {"0": [1], "nope": [0]}):
+        pass
     assert no_hooks()
-    with pytest.raises(CsnError, match="mode"):
-        with ablate_units(model, {"1": [0]}, mode="bogus"):
-            pass
-    with pytest.raises(CsnError, match="means"):
-        with ablate_units(model, {"1": [0]}, mode="mean"):
-            pass
+    with pytest.raises(CsnError, match="mode"), ablate_units(model, {"1": [0]}, mode="bogus"):
+        pass
+    with pytest.raises(CsnError, match="means"), ablate_units(model, {"1": [0]}, mode="mean"):
+        pass
     assert no_hooks() and torch.equal(model(x), ref)
 
 
@@ -224,7 +229,7 @@ def test_fast_path_equals_naive(name, grid, max_masks):
     stage_layers = stages or {k: list(v) for k, v in model.csn_stages.items()}
     data = _data()
     csi = _csi(model, [la for ls in stage_layers.values() for la in ls], data[0][0])
-    kw = dict(grid=grid, draws=2, num_classes=10, max_batch_masks=max_masks, step=7)
+    kw = {"grid": grid, "draws": 2, "num_classes": 10, "max_batch_masks": max_masks, "step": 7}
     fast = ablation_sweep(model, data, stage_layers, csi, **kw)
     naive = ablation_sweep(model, data, stage_layers, csi, naive=True, **kw)
     _assert_same(fast, naive)
@@ -236,10 +241,10 @@ def test_fast_path_mean_mode_and_tight_memory_budget_equal_naive():
     model = MODELS["smallcnn"][0]()
     stage_layers = {k: list(v) for k, v in model.csn_stages.items()}
     data = _data()
-    csi = _csi(model, sum(stage_layers.values(), []), data[0][0])
+    csi = _csi(model, [la for ls in stage_layers.values() for la in ls], data[0][0])
     g = torch.Generator().manual_seed(3)
     means = {k: torch.rand(v.numel(), generator=g) for k, v in csi.items()}
-    kw = dict(grid="0,2,5,8", draws=2, num_classes=10, mode="mean", means=means)
+    kw = {"grid": "0,2,5,8", "draws": 2, "num_classes": 10, "mode": "mean", "means": means}
     fast = ablation_sweep(model, data, stage_layers, csi, max_elements=1, **kw)  # budget forces one mask per pass
     _assert_same(fast, ablation_sweep(model, data, stage_layers, csi, naive=True, **kw))
 
@@ -312,7 +317,7 @@ def test_sweep_bad_input():
 # ------------------------------------------------------------------------------------------------
 
 def test_resnet_checkpoints_n0_all_units_and_naive(tiny_run):
-    from csn.analysis.common import eval_loader
+    from csn.analysis.base import eval_loader
     from csn.runs import Run
 
     run = Run(tiny_run)
@@ -321,7 +326,7 @@ def test_resnet_checkpoints_n0_all_units_and_naive(tiny_run):
     loader = eval_loader(run, data, "test")
     stage_layers = {k: list(v) for k, v in model.csn_stages.items()}
     x0 = next(iter(loader))[0]
-    csi = _csi(model, sum(stage_layers.values(), []), x0)
+    csi = _csi(model, [la for ls in stage_layers.values() for la in ls], x0)
     fast = ablation_sweep(model, loader, stage_layers, csi, grid="f:0,0.25,1", draws=2, num_classes=4)
     assert fast["top5"].isna().all()  # 4 classes: no top-5
     # n = 0 is the unablated network
@@ -350,9 +355,15 @@ def test_resnet_checkpoints_n0_all_units_and_naive(tiny_run):
     os.remove(run.table_path("ablation"))
     c = ablate_run(tiny_run, checkpoints="0,last", grid="0,1,3,8", draws=2, progress=False)
     pd.testing.assert_frame_equal(a, c)
-    d = ablate_run(tiny_run, checkpoints="0,last", grid="0,1,3,8", draws=2, progress=False, seed=5)
-    assert len(pd.read_parquet(run.table_path("ablation"))) == len(a)  # replaced, not appended
-    sel = lambda df, o: df[(df["order"] == o) & (df["n"] > 0) & (df["n"] < 8)].reset_index(drop=True)  # noqa: E731
+    # another seed is another configuration: refused for this table (the one compatibility rule), kept beside it
+    with pytest.raises(CsnError, match=r"holds seed=0 but this request asks for seed=5; pass --seed 0 to use it, "
+                                       r"--tag NAME to keep a separate table"):
+        ablate_run(tiny_run, checkpoints="0,last", grid="0,1,3,8", draws=2, progress=False, seed=5)
+    d = ablate_run(tiny_run, checkpoints="0,last", grid="0,1,3,8", draws=2, progress=False, seed=5, tag="seed5")
+    assert len(pd.read_parquet(run.table_path("ablation"))) == len(a)  # untouched
+    assert len(pd.read_parquet(run.table_path("ablation-seed5"))) == len(a)  # its own rows, not appended
+    assert (d["seed"] == 5).all()
+    sel = lambda df, o: df[(df["order"] == o) & (df["n"] > 0) & (df["n"] < 8)].reset_index(drop=True)
     assert sel(a, "selective")["correct"].tolist() == sel(d, "selective")["correct"].tolist()
     assert sel(a, "random")["correct"].tolist() != sel(d, "random")["correct"].tolist()
 
@@ -361,7 +372,7 @@ def test_resume_per_checkpoint(tiny_run, monkeypatch):
     from csn.runs import Run
 
     run = Run(tiny_run)
-    real = A.ablation_sweep
+    real = analysis_mod.ablation_sweep
     seen = []
 
     def failing(*args, step, **kw):
@@ -370,15 +381,16 @@ def test_resume_per_checkpoint(tiny_run, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, step=step, **kw)
 
-    monkeypatch.setattr(A, "ablation_sweep", failing)
-    kw = dict(checkpoints="0,4,8", grid="0,2,8", draws=2, stages="layer1,layer3", progress=False)
+    monkeypatch.setattr(analysis_mod, "ablation_sweep", failing)
+    kw = {"checkpoints": "0,4,8", "grid": "0,2,8", "draws": 2, "stages": "layer1,layer3", "progress": False}
     with pytest.raises(KeyboardInterrupt):
         ablate_run(tiny_run, **kw)
     partial = pd.read_parquet(run.table_path("ablation"))
     assert set(partial["step"]) == {0}  # only the finished checkpoint, complete
     assert len(partial) == 2 * 3 * 4  # stages x grid x (selective + 2 random + least)
     seen.clear()
-    monkeypatch.setattr(A, "ablation_sweep", lambda *a, step, **k: (seen.append(step), real(*a, step=step, **k))[1])
+    monkeypatch.setattr(analysis_mod, "ablation_sweep",
+                        lambda *a, step, **k: (seen.append(step), real(*a, step=step, **k))[1])
     df = ablate_run(tiny_run, **kw)
     assert seen == [4, 8] and set(df["step"]) == {0, 4, 8} and len(df) == 3 * 24
     seen.clear()
@@ -387,10 +399,16 @@ def test_resume_per_checkpoint(tiny_run, monkeypatch):
     ablate_run(tiny_run, **{**kw, "grid": "0,2,4,8"})
     assert seen == [0, 4, 8]  # another grid: recomputed, old rows replaced
     assert len(pd.read_parquet(run.table_path("ablation"))) == 3 * 2 * 4 * 4
+    swept = []
+    monkeypatch.setattr(analysis_mod, "ablation_sweep",
+                        lambda *a, step, **k: (swept.append((step, list(a[2]))), real(*a, step=step, **k))[1])
+    df = ablate_run(tiny_run, **{**kw, "grid": "0,2,4,8", "stages": "layer1,layer2,layer3"})
+    assert swept == [(0, ["layer2"]), (4, ["layer2"]), (8, ["layer2"])]  # only the stage the table lacks
+    assert len(df) == 3 * 3 * 4 * 4 and set(df["stage"]) == {"layer1", "layer2", "layer3"}
 
 
 def test_ranking_taken_from_selectivity_table_when_it_matches(tiny_run, monkeypatch):
-    from csn.analysis.common import eval_loader
+    from csn.analysis.base import eval_loader
     from csn.runs import Run
 
     run = Run(tiny_run)
@@ -399,17 +417,65 @@ def test_ranking_taken_from_selectivity_table_when_it_matches(tiny_run, monkeypa
                           "csi": csi.numpy(), "split": "test", "bn_recalibrated": 0, "variant": "mean"})
     run.write("selectivity", table)
     calls = []
-    real = A._means_and_csi
-    monkeypatch.setattr(A, "_means_and_csi", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
-    kw = dict(stages="layer1", checkpoints="last", orders="selective,least", grid="0,1,2,5", progress=False)
+    real = analysis_mod.means_and_csi
+    monkeypatch.setattr(analysis_mod, "means_and_csi", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    kw = {"stages": "layer1", "checkpoints": "last", "orders": "selective,least", "grid": "0,1,2,5",
+          "progress": False}
     got = ablate_run(tiny_run, **kw)
     assert calls == []
     model = run.load_model()
     want = ablation_sweep(model, eval_loader(run, run.dataset(), "test"), {"layer1": ["layer1.0"]},
                           {"layer1.0": csi}, orders="selective,least", grid="0,1,2,5", num_classes=4, step=16)
     assert got["correct"].tolist() == want.sort_values(["order", "draw", "n"])["correct"].tolist()
-    ablate_run(tiny_run, **kw, rank_split="train")  # the table has no train-split CSI: computed here
+    with pytest.raises(CsnError, match="holds rank_split=test but this request asks for rank_split=train"):
+        ablate_run(tiny_run, **kw, rank_split="train")  # another rank split: another table
+    assert calls == []
+    ablate_run(tiny_run, **kw, rank_split="train", tag="train")  # the table has no train-split CSI: computed here
     assert calls == [1]
+
+
+def test_options_validated_once():
+    with pytest.raises(CsnError, match="ablation option 'draws' must be >= 1, got 0"):
+        Ablation(draws=0)
+    with pytest.raises(CsnError, match="ablation option 'max_batch_masks' must be >= 1"):
+        Ablation(max_batch_masks=0)
+    with pytest.raises(CsnError, match="ablation option 'mode'"):
+        Ablation(mode="bogus")
+    assert Ablation(grid=[0, 0.5, 1.0]).options.grid == "f:0.0,0.5,1.0"
+    assert Ablation(grid=[0, 2, 4]).options.grid == "0,2,4"
+    assert parse_grid(Ablation(grid=parse_grid("f:0,0.25,1")).options.grid) == parse_grid("f:0,0.25,1")
+    assert Ablation(samples="all").options.samples is None
+    assert Ablation(orders="selective,random").options.orders == ("selective", "random")
+
+
+def test_compute_with_unshared_checkpoints_and_progress_in_points(tiny_run):
+    """--distribute checkpoints: compute with ctx.shared=False (no collective) gives the same rows; the bar counts
+    points (checkpoints x stages x grid points), advanced by whole points from the sweep."""
+    from csn.analysis import base
+    from csn.runs import Run
+
+    class Bar:
+        def __init__(self):
+            self.n, self.ticks = 0, []
+
+        def update(self, k):
+            self.n += k
+            self.ticks.append(k)
+
+    analysis = Ablation(grid="0,2,8", draws=2, stages="layer1,layer3")
+    ctx = base._context(Run(tiny_run), analysis, base.RunOptions(checkpoints="last", progress=False), None,
+                        lambda s: None)
+    ckpt = ctx.checkpoints[0]
+    expected = analysis.expected(ctx, ckpt)
+    rows = {}
+    for shared in (True, False):
+        ctx.shared, ctx.progress = shared, Bar()
+        ctx.state = analysis.prepare(ctx, [ckpt])
+        rows[shared] = analysis.compute(ctx, ckpt, expected)["ablation"]
+        assert ctx.progress.n == analysis.work(ctx, ckpt) == len(expected["ablation"]) == 2 * 3 * 4
+        assert all(isinstance(k, int) for k in ctx.progress.ticks)
+    pd.testing.assert_frame_equal(rows[True], rows[False])
+    assert list(rows[True].columns) == A.ABLATION_COLUMNS and len(rows[True]) == 2 * 3 * 4
 
 
 # ------------------------------------------------------------------------------------------------
@@ -423,8 +489,8 @@ def test_summaries_normalize_integrate_and_gap():
               ("random", 0): [0.8, 0.6, 0.2], ("random", 1): [0.8, 0.7, 0.2]}
     for (order, draw), accs in curves.items():
         for f, acc in zip(frac, accs):
-            rows.append(dict(step=3, epoch=0.5, stage="layer1", order=order, n=int(f * 8), fraction=f, draw=draw,
-                             top1=acc, top5=1.0, loss=1.0, correct=0, total=10))
+            rows.append({"step": 3, "epoch": 0.5, "stage": "layer1", "order": order, "n": int(f * 8), "fraction": f,
+                         "draw": draw, "top1": acc, "top5": 1.0, "loss": 1.0, "correct": 0, "total": 10})
     s = summarize_ablation(pd.DataFrame(rows))
     assert np.allclose(s.curves.loc[s.curves["order"] == "selective", "top1_norm"], [1.0, 0.5, 0.25])
     area = s.areas.set_index(["order", "draw"])["area"]
@@ -458,6 +524,7 @@ def test_cli_happy_path(tiny_run):
     (["--orders", "selective,bogus"], "unknown order 'bogus'"),
     (["--draws", "0"], "draws must be"),
     (["--checkpoints", "999"], "no checkpoint at step 999"),
+    (["--samples", "0"], "--samples must be >= 1"),
 ])
 def test_cli_bad_input_one_line_exit_2_no_rows(tiny_run, args, message):
     res = CliRunner().invoke(cli, ["ablate", str(tiny_run), "--quiet"] + args)

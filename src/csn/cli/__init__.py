@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from csn.cli import cka, linearity, report, selectivity, train, verify
+from csn.cli import ablate, cka, experiment, linearity, report, reproduce, selectivity, train, verify
 from csn.cli.options import CONTEXT
 from csn.errors import CsnError
 
@@ -68,7 +68,7 @@ def main() -> None:
     """
 
 
-for _module in (train, selectivity, linearity, cka, report, verify):
+for _module in (train, selectivity, ablate, linearity, cka, report, experiment, reproduce, verify):
     for _command in _module.COMMANDS:
         main.add_command(_command)
 
