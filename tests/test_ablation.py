@@ -405,6 +405,11 @@ def test_resume_per_checkpoint(tiny_run, monkeypatch):
     df = ablate_run(tiny_run, **{**kw, "grid": "0,2,4,8", "stages": "layer1,layer2,layer3"})
     assert swept == [(0, ["layer2"]), (4, ["layer2"]), (8, ["layer2"])]  # only the stage the table lacks
     assert len(df) == 3 * 3 * 4 * 4 and set(df["stage"]) == {"layer1", "layer2", "layer3"}
+    ablate_run(tiny_run, **{**kw, "grid": "0,1,8", "checkpoints": "0"})  # a grid the table lacks: the stages are redone
+    table = pd.read_parquet(run.table_path("ablation"))
+    at0 = table[(table["step"] == 0) & table["stage"].isin(["layer1", "layer3"])]
+    assert sorted(set(at0["n"])) == [0, 1, 8]  # never the union of two grids: n=2 and n=4 were replaced
+    assert sorted(set(table[table["step"] == 4]["n"])) == [0, 2, 4, 8]  # other checkpoints untouched
 
 
 def test_ranking_taken_from_selectivity_table_when_it_matches(tiny_run, monkeypatch):

@@ -46,6 +46,8 @@ class TableSpec:
     column (named in the error). labels: how to say a per-row setting's value in a sentence.
     row_scope: the columns a per-row setting is a function of (default: the key), e.g. the BatchNorm
     batches of a checkpoint, shared by every row of that checkpoint whatever else its key says.
+    replace_by: the columns whose rows a new computation replaces as a whole (default: the key), e.g. a
+    checkpoint's stage in ablation: a sweep on another grid replaces the stage's rows, never mixes in.
     """
 
     name: str
@@ -58,6 +60,7 @@ class TableSpec:
     flags: Mapping[str, str] = field(default_factory=dict)
     labels: Mapping[str, str] = field(default_factory=dict)
     row_scope: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    replace_by: tuple[str, ...] = ()
 
     def frame(self, rows: pd.DataFrame | Iterable[Mapping[str, Any]] | None = None) -> pd.DataFrame:
         """Rows in this table's column order and types (an empty table for None)."""
@@ -150,10 +153,11 @@ class ResumableTable:
         return expected[(m["_merge"] == "left_only").to_numpy()].reset_index(drop=True)
 
     def add(self, rows: pd.DataFrame) -> None:
-        """Add rows (replacing table rows with the same key) and rewrite the table atomically, ordered by step."""
+        """Add rows (replacing table rows with the same key, or replace_by columns) and rewrite the table
+        atomically, ordered by step."""
         rows = self.spec.frame(rows)
         if self.df is not None and not self.df.empty:
-            key = list(self.spec.key)
+            key = list(self.spec.replace_by or self.spec.key)
             m = self.df[key].merge(rows[key].drop_duplicates(), on=key, how="left", indicator=True)
             keep = self.df[(m["_merge"] == "left_only").to_numpy()]
             rows = pd.concat([keep, rows], ignore_index=True) if not keep.empty else rows

@@ -56,9 +56,9 @@ ABLATION = TableSpec(
      "draw": "int64", "top1": "float64", "top5": "float64", "loss": "float64", "correct": "int64", "total": "int64",
      "rank_split": "str", "score_split": "str", "bn_recalibrated": "int64", "mode": "str", "seed": "int64"},
     key=("step", "stage", "order", "n", "draw"), settings=("rank_split", "score_split", "mode", "seed", "total"),
-    row_settings=("bn_recalibrated",),
+    row_settings=("bn_recalibrated",), row_scope={"bn_recalibrated": ("step",)}, replace_by=("step", "stage"),
     flags={"rank_split": "--rank-split", "score_split": "--score-split", "mode": "--mode", "seed": "--seed",
-           "total": "--samples", "bn_recalibrated": "--bn-recalibrate"},
+           "total": "--samples"},
     labels={"bn_recalibrated": "BatchNorm statistics re-estimated from {} batches"})
 """tables/ablation.parquet: one row per (checkpoint, stage, order, n, draw)."""
 ABLATION_COLUMNS = list(ABLATION.columns)
