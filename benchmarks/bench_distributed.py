@@ -46,12 +46,12 @@ def analyses(samples: int) -> dict:
 def worker(run_dir: str, out_json: str, samples: int) -> None:
     """Under torchrun (or alone): time each analysis on a fresh copy of the run; rank 0 writes the results."""
     import torch
-
-    from csn import dist as distributed
-    from csn.analysis.ablation import ablate_run
     from csn.analysis.cka_run import cka_for_runs
     from csn.analysis.linearity_run import linearity_for_run
     from csn.analysis.selectivity_run import selectivity_for_run
+
+    from csn import dist as distributed
+    from csn.analysis.ablation import ablate_run
     from csn.runs import Run
 
     distributed.init_from_env()

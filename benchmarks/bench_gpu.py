@@ -195,10 +195,10 @@ def hand_rate(args, data, world: int) -> float:
 def eval_passes(args, data, world: int) -> tuple[float, float]:
     """(plain eval pass seconds, CSI pass seconds) over this rank's shard of the evaluation batches."""
     from csn import dist as distributed
-    from csn.data import BatchLoader
-    from csn.models import create_model
     from csn.analysis.selectivity import collect_class_stats
     from csn.core.units import resolve_layers
+    from csn.data import BatchLoader
+    from csn.models import create_model
 
     device = _device()
     torch.manual_seed(0)

@@ -32,11 +32,10 @@ from collections.abc import Callable
 
 import torch
 
-from csn.core.bn import DEFAULT_BN_BATCHES
-from csn.core.bn import recalibrate_bn
+from csn.analysis.selectivity import collect_class_stats
+from csn.core.bn import DEFAULT_BN_BATCHES, recalibrate_bn
 from csn.data import BatchLoader, load_dataset
 from csn.models import create_model
-from csn.analysis.selectivity import collect_class_stats
 from csn.runs.config import preset
 
 

@@ -363,7 +363,8 @@ def test_resnet_checkpoints_n0_all_units_and_naive(tiny_run):
     assert len(pd.read_parquet(run.table_path("ablation"))) == len(a)  # untouched
     assert len(pd.read_parquet(run.table_path("ablation-seed5"))) == len(a)  # its own rows, not appended
     assert (d["seed"] == 5).all()
-    sel = lambda df, o: df[(df["order"] == o) & (df["n"] > 0) & (df["n"] < 8)].reset_index(drop=True)
+    def sel(df, o):
+        return df[(df["order"] == o) & (df["n"] > 0) & (df["n"] < 8)].reset_index(drop=True)
     assert sel(a, "selective")["correct"].tolist() == sel(d, "selective")["correct"].tolist()
     assert sel(a, "random")["correct"].tolist() != sel(d, "random")["correct"].tolist()
 

@@ -104,7 +104,8 @@ def test_shard_split_and_sharded_eval_loader_single_process(tiny_run):
 
 
 def test_same_outcome_is_transparent_in_one_process():
-    from csn.distributed import all_gather_objects, broadcast_object, reduce_ablation, same_outcome
+    from csn.analysis.ablation import reduce_ablation
+    from csn.dist import all_gather_objects, broadcast_object, same_outcome
     from csn.errors import CsnError
 
     with pytest.raises(CsnError, match="boom"):
@@ -212,11 +213,11 @@ def test_ddp_regularizer_loss_and_gradients_equal_global_batch(tmp_path):
 def test_distributed_csi_cka_and_ablation_equal_single_process(tiny_run_master, tmp_path):
     """Sharded evaluation batches + all-reduce: class statistics, CKA HSIC terms and ablation counts."""
     from csn.analysis.ablation import ablation_sweep
-    from csn.analysis.cka import cka
     from csn.analysis.base import analysis_model, eval_loader
-    from csn.runs import Run
+    from csn.analysis.cka import cka
     from csn.analysis.selectivity import collect_class_stats
     from csn.core.units import resolve_layers
+    from csn.runs import Run
 
     _ok(_torchrun(tmp_path, "analyses", str(tiny_run_master), str(tmp_path)))
     got = torch.load(tmp_path / "analyses.pt", weights_only=False)
@@ -537,13 +538,13 @@ def _worker_reggrad(out: str) -> None:
 
 def _worker_analyses(run_dir: str, out: str) -> None:
     from csn import dist as distributed
-    from csn.analysis.ablation import ablation_sweep, resolve_stages
-    from csn.analysis.cka import CKAAccumulator
+    from csn.analysis.ablation import ablation_sweep, reduce_ablation, resolve_stages
     from csn.analysis.base import analysis_model, eval_loader
-    from csn.runs import Run
-    from csn.analysis.selectivity import collect_class_stats, selectivity_frame
+    from csn.analysis.cka import CKAAccumulator, reduce_cka
+    from csn.analysis.selectivity import collect_class_stats, reduce_class_stats, selectivity_frame
     from csn.core.trace import TraceDict
     from csn.core.units import resolve_layers
+    from csn.runs import Run
 
     distributed.init_from_env()
     run = Run(run_dir)
@@ -555,15 +556,15 @@ def _worker_analyses(run_dir: str, out: str) -> None:
     loader = eval_loader(run, data, "test", batch_size=bs, shard=True, whole_batches=True)  # this rank's whole batches
     # class statistics: reduce inside collect_class_stats, or afterwards with reduce_class_stats
     stats = collect_class_stats(model, loader, layers, 4, reduce=distributed.all_reduce_, progress=False)
-    stats2 = distributed.reduce_class_stats(collect_class_stats(model, loader, layers, 4, progress=False))
+    stats2 = reduce_class_stats(collect_class_stats(model, loader, layers, 4, progress=False))
     # CKA between two checkpoints: per-batch HSIC terms summed over ranks
     acc = CKAAccumulator(len(layers), len(layers))
-    with torch.no_grad(), trace_units(model0, layers) as c0, trace_units(model, layers) as c1:
+    with torch.no_grad(), TraceDict(model0, layers) as c0, TraceDict(model, layers) as c1:
         for x, _ in loader:
             model0(x)
             model(x)
             acc.update_pair([c0[n] for n in layers], [c1[n] for n in layers])
-    distributed.reduce_cka(acc)
+    reduce_cka(acc)
     # ablation: every rank scores its shard, counts summed (rows align: same plan and seeds)
     csi_frame = selectivity_frame(stats)
     csi = {layer: torch.tensor(g.sort_values("unit")["csi"].to_numpy()) for layer, g in csi_frame.groupby("layer")}
@@ -571,7 +572,7 @@ def _worker_analyses(run_dir: str, out: str) -> None:
     sweep = ablation_sweep(model, loader, stage_layers, csi, grid="0,1,2", orders="selective,random", draws=2,
                            num_classes=4, seed=0, step=run.checkpoints[-1].step)
     totals = distributed.all_gather_objects(int(sweep["total"].iloc[0]))
-    sweep = distributed.reduce_ablation(sweep)
+    sweep = reduce_ablation(sweep)
     if distributed.is_main():
         torch.save({"batch_size": bs, "stats": {k: [t.clone() for t in v.tensors()] for k, v in stats.items()},
                     "stats_via_reduce_class_stats": {k: [t.clone() for t in v.tensors()] for k, v in stats2.items()},

@@ -13,14 +13,14 @@ import torch
 from click.testing import CliRunner
 
 from csn.cli import main as cli
+from csn.core.trace import run_with_cache
+from csn.core.units import default_layers, resolve_layers, stages
 from csn.data import BatchLoader, load_dataset, random_crop_flip, read_idx, synthetic, write_idx
 from csn.errors import CsnError
 from csn.models import create_model, list_models
 from csn.runs import Run, atomic_path, sha256_file, write_json
 from csn.runs.config import load_config_file, preset
 from csn.train.loop import train
-from csn.core.trace import run_with_cache
-from csn.core.units import default_layers, resolve_layers, stages
 from tests.conftest import tiny_config
 
 
@@ -128,7 +128,7 @@ def test_every_model_forward_and_read_points(name):
     assert out.shape == (3, 7)
     layers = default_layers(model)
     assert layers and set(cache) == set(layers)
-    for name_, acts in cache.items():
+    for acts in cache.values():
         assert acts.shape[0] == 3 and acts.dim() == 2
     st = stages(model)
     first = list(st)[0]

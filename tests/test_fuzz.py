@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 import math
-import typing
 import os
 import string
+import typing
 from pathlib import Path
 
 import pytest
@@ -22,10 +22,10 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from csn.core.schedules import alpha_schedule, checkpoint_steps
 from csn.errors import CsnError
 from csn.runs import MANIFEST, Checkpoint, read_manifest, select_checkpoints
 from csn.runs.config import TrainConfig, load_config_file
-from csn.core.schedules import alpha_schedule, checkpoint_steps
 
 EXAMPLES = int(os.environ.get("CSN_FUZZ_EXAMPLES", "60"))  # raise it for a deeper run
 FUZZ = settings(max_examples=EXAMPLES, deadline=None,

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from csn.analysis.selectivity import class_selectivity
 from csn.data import BatchLoader, synthetic
 from csn.errors import CsnError
 from csn.models import create_model
 from csn.runs.run import Run
-from csn.analysis.selectivity import class_selectivity
 from csn.train.loop import train
 from csn.train.regularizer import SelectivityRegularizer, default_reg_layers
 from tests.conftest import tiny_config

@@ -319,7 +319,7 @@ class Harness:
     timeline: dict[str, dict[str, float]] = field(default_factory=dict)  # lock, first_write, last_write
 
     @classmethod
-    def create(cls, root: Path) -> "Harness":
+    def create(cls, root: Path) -> Harness:
         root.mkdir(parents=True, exist_ok=True)
         config = root / "tiny.toml"
         config.write_text(HARNESS_CONFIG)

@@ -8,7 +8,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from csn.errors import CsnError
 from csn.core.schedules import (
     DEFAULT_CHECKPOINTS,
     LR_SCHEDULES,
@@ -22,6 +21,7 @@ from csn.core.schedules import (
     parse_window,
     total_steps,
 )
+from csn.errors import CsnError
 
 PROP = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -457,7 +457,7 @@ alpha_text = st.one_of(
 def _valid_schedule(s):
     assert isinstance(s, AlphaSchedule)
     w = s.windows
-    for (s0, e0, a0), (s1, _, _) in zip(w, w[1:]):
+    for (_s0, e0, _a0), (s1, _, _) in zip(w, w[1:]):
         assert e0 is not None and e0 <= s1
     for st_, e, a in w:
         assert st_ >= 0 and (e is None or e > st_) and a != 0 and math.isfinite(a)
@@ -518,7 +518,7 @@ def test_prop_str_round_trip(raw, open_end):
     sched = AlphaSchedule(windows)
     assert alpha_schedule(str(sched)) == sched
     assert parse_alpha_windows(str(sched)) == sched
-    for s0, e, a in windows:
+    for s0, _e, a in windows:
         assert sched.alpha_at(s0) == a
 
 

@@ -10,7 +10,6 @@ import pytest
 import torch
 from torch import nn
 
-from csn.errors import CsnError
 from csn.analysis.selectivity import (
     class_means_frame,
     class_selectivity,
@@ -19,6 +18,7 @@ from csn.analysis.selectivity import (
     selectivity_frame,
 )
 from csn.core.stats import EPS, STUDY_EPS, ClassStats, batch_csi, csi_from_means
+from csn.errors import CsnError
 
 torch.set_num_threads(1)
 

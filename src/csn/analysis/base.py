@@ -19,6 +19,7 @@ is written once here, in `run_analysis`:
 
 from __future__ import annotations
 
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +27,6 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import pandas as pd
-import sys
 import torch
 from pydantic import Field
 
@@ -249,7 +249,7 @@ class Analysis(ABC):
             raise TypeError(f"{type(self).__name__} takes {self.Options.__name__}, got {type(options).__name__}")
         self.options = options
 
-    def setup(self, ctx: Context) -> None:
+    def setup(self, ctx: Context) -> None:  # noqa: B027 - optional hook, empty by default
         """Validate the options against the run and keep what every rank needs in ctx.own (no writes; every run
         is set up before any is computed, so per-run values belong in ctx.own, not on the analysis). Default: nothing."""
 

@@ -11,7 +11,7 @@ from csn.analysis.base import RunOptions, run_analysis
 from csn.analysis.selectivity import Selectivity, SelectivityOptions, describe_peaks, summarize, summarize_across_runs
 from csn.cli.options import CONTEXT, ExecOptions, PlotOptions, build, echo, from_schema, rel, run_options, start, take
 from csn.errors import CsnError
-from csn.report.fig_selectivity import bn_comparison, selectivity_figures, seeds_figures
+from csn.report.fig_selectivity import bn_comparison, seeds_figures, selectivity_figures
 from csn.runs.io import read_table
 from csn.runs.run import Run
 

@@ -10,7 +10,8 @@ import click
 from csn import dist
 from csn.cli.options import CONTEXT, from_schema
 from csn.errors import CsnError
-from csn.runs.config import TrainConfig, load_config_file, preset as get_preset
+from csn.runs.config import TrainConfig, load_config_file
+from csn.runs.config import preset as get_preset
 from csn.runs.run import Run
 from csn.train.loop import train as run_train
 

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from csn.errors import CsnError
 from csn.core.progress import bar
 from csn.core.units import batch_inputs, to_device
+from csn.errors import CsnError
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm
 

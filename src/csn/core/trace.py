@@ -67,7 +67,7 @@ class TraceDict(dict):
             return None if new is None else replace_first(output, new)
         return fn
 
-    def open(self) -> "TraceDict":
+    def open(self) -> TraceDict:
         """Register the hooks (idempotent)."""
         if not self._handles:
             try:
@@ -89,7 +89,7 @@ class TraceDict(dict):
     def is_open(self) -> bool:
         return bool(self._handles)
 
-    def __enter__(self) -> "TraceDict":
+    def __enter__(self) -> TraceDict:
         return self.open()
 
     def __exit__(self, *exc: object) -> None:

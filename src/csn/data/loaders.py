@@ -64,7 +64,7 @@ class EpochSampler(DistributedSampler):
 
 
 def folder_loader(split: Any, *, batch_size: int, train: bool, device: torch.device, seed: int = 0, workers: int = 0,
-                  channels_last: bool = False) -> "_DeviceLoader":
+                  channels_last: bool = False) -> _DeviceLoader:
     """A torch DataLoader with worker processes over a torchvision-style dataset, yielding batches on `device`.
 
     train=True: each rank loads its share of every global batch (batch_size / world size), in an

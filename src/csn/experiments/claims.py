@@ -91,7 +91,7 @@ def claim_c1(sel: pd.DataFrame, total_epochs: float) -> Verdict:
     per_stage, parts = {}, []
     for stage, g in curves.groupby("stage", sort=False):
         oks, rows = [], []
-        for run, r in g.groupby("run"):
+        for _run, r in g.groupby("run"):
             r = r.sort_values("step")
             init, final = float(r["csi"].iloc[0]), float(r["csi"].iloc[-1])
             ipk = int(r["csi"].to_numpy().argmax())

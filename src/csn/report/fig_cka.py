@@ -7,7 +7,7 @@ style.Figure with a one-sentence caption.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -228,7 +228,7 @@ def cka_figures(df: pd.DataFrame, out_dir: str | Path, *, log_epochs: bool = Tru
         figs.append(cka_across_vs_epoch(df, out_dir, log_epochs=log_epochs, name=f"{prefix}_across", title=title))
     if "runs" in comps:
         d = df[df["comparison"] == "runs"]
-        for i, (rb, g) in enumerate(d.groupby("run_b", sort=False)):
+        for _i, (rb, g) in enumerate(d.groupby("run_b", sort=False)):
             safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(rb))
             figs.append(cka_runs_vs_epoch(g, out_dir, log_epochs=log_epochs, name=f"{prefix}_runs_{safe}",
                                           title=title, label_a=str(g["run_a"].iloc[0]), label_b=str(rb)))

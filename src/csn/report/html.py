@@ -29,7 +29,7 @@ import pandas as pd
 from markupsafe import Markup, escape
 from matplotlib.patches import Patch
 
-import csn
+from csn._version import __version__
 from csn.analysis.ablation import summarize_ablation
 from csn.analysis.cka import summarize_cka_runs
 from csn.analysis.linearity import summarize_linearity
@@ -921,7 +921,7 @@ def build_report(paths: Sequence[str | os.PathLike] | str | os.PathLike, *, out:
     html = _template().render(
         title=title or _title(paths, runs, experiment),
         generated=_dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z").strip(),
-        csn_version=getattr(csn, "__version__", "?"),
+        csn_version=__version__,
         sources=[str(Path(p)) for p in paths],
         n_runs=len(runs), conditions=[{"name": c.name, "n": len(c.runs)} for c in conds],
         claims=claim_rows, claims_source=(claims_src.name if claims_src else None),

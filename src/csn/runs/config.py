@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import tomllib
-import types
 import typing
 from pathlib import Path
 from typing import Annotated, Any
@@ -75,11 +74,11 @@ class TrainConfig(Schema):
     workers: Int = 8
 
     @classmethod
-    def from_dict(cls, d: typing.Mapping[str, Any]) -> "TrainConfig":
+    def from_dict(cls, d: typing.Mapping[str, Any]) -> TrainConfig:
         """Build from a dict (run.json's config, a config file); an unknown key names the closest valid one."""
         return cls.parse(d, what=WHAT)
 
-    def override(self, pairs: list[str] | tuple[str, ...]) -> "TrainConfig":
+    def override(self, pairs: list[str] | tuple[str, ...]) -> TrainConfig:
         """Apply `key=value` overrides (values parsed as JSON where possible, else as strings; a text
         field takes the text as typed, so name=1e5 is the name '1e5')."""
         d = self.to_dict()
@@ -93,7 +92,7 @@ class TrainConfig(Schema):
             d[k] = _parse_text(v) if _is_text_field(k) else _parse_value(v)
         return TrainConfig.from_dict(d)
 
-    def diff(self, other: "TrainConfig", ignore: tuple[str, ...] = ("device", "threads", "workers")) -> dict:
+    def diff(self, other: TrainConfig, ignore: tuple[str, ...] = ("device", "threads", "workers")) -> dict:
         """Keys whose values differ: {key: (self, other)}."""
         a, b = self.to_dict(), other.to_dict()
         return {k: (a[k], b[k]) for k in a if a[k] != b[k] and k not in ignore}

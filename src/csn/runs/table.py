@@ -86,7 +86,7 @@ class ResumableTable:
         self.path = run.table_path(self.name)
         self.df: pd.DataFrame | None = None
 
-    def load(self) -> "ResumableTable":
+    def load(self) -> ResumableTable:
         """Read the table (None when it does not exist yet); a table without this spec's columns is refused."""
         self.df = self.run.read(self.name)
         if self.df is not None:

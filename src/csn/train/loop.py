@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-import csn
 from csn import dist
+from csn._version import __version__
 from csn.core.progress import bar
 from csn.core.resources import check_disk_space, state_dict_bytes
 from csn.core.schedules import alpha_schedule, checkpoint_steps, lr_at
@@ -117,7 +117,7 @@ def weights_file(step: int) -> str:
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     out = {}
-    for i, (p, st) in enumerate((p, opt.state.get(p, {})) for g in opt.param_groups for p in g["params"]):
+    for i, (_p, st) in enumerate((p, opt.state.get(p, {})) for g in opt.param_groups for p in g["params"]):
         if "momentum_buffer" in st and st["momentum_buffer"] is not None:
             out[f"momentum.{i}"] = st["momentum_buffer"]
     return out
@@ -366,7 +366,7 @@ class _Training:
 
     def _run_json(self) -> dict:
         cfg = self.cfg
-        out = {"config": cfg.to_dict(), "data": self.info, "seed": cfg.seed, "csn_version": csn.__version__,
+        out = {"config": cfg.to_dict(), "data": self.info, "seed": cfg.seed, "csn_version": __version__,
                "torch_version": torch.__version__, "python": platform.python_version(), "device": str(self.device),
                "world_size": dist.world_size(), "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total,
                "checkpoint_steps": self.ckpt_steps, "host": platform.node(), "pid": os.getpid()}

@@ -54,7 +54,7 @@ class SelectivityRegularizer:
         self.skipped = 0  # batches with fewer than two classes present
         self._trace = TraceDict(model, self.layers, detach=False)  # training-mode units, gradients flow through
 
-    def attach(self) -> "SelectivityRegularizer":
+    def attach(self) -> SelectivityRegularizer:
         """Register the hooks (idempotent)."""
         self._trace.open()
         return self
@@ -68,7 +68,7 @@ class SelectivityRegularizer:
         """The [N, U] training-mode unit activations of each regularized layer in the last forward pass."""
         return dict(self._trace)
 
-    def __enter__(self) -> "SelectivityRegularizer":
+    def __enter__(self) -> SelectivityRegularizer:
         return self.attach()
 
     def __exit__(self, *exc) -> None:
