@@ -30,42 +30,38 @@ HERE = Path(__file__).resolve()
 
 
 def analyses(samples: int) -> dict:
-    """name -> (function name in csn, keyword arguments, table it writes)."""
-    ablation = dict(orders="selective,random", draws=3, grid="f:0,0.0625,0.125,0.25,0.5,1", score_samples=samples,
-                    checkpoints="first,last")
+    """name -> (analysis name, its options, run options, table it writes)."""
+    ablation = dict(orders="selective,random", draws=3, grid="f:0,0.0625,0.125,0.25,0.5,1", samples=samples)
     return {
-        "selectivity": ("selectivity", dict(samples=samples), "selectivity"),
-        "selectivity, no BN re-est.": ("selectivity", dict(samples=samples, bn_recalibrate=0), "selectivity"),
-        "ablation (split)": ("ablate", dict(ablation, distribute="split"), "ablation"),
-        "ablation (checkpoints)": ("ablate", dict(ablation, distribute="checkpoints"), "ablation"),
-        "cka (across)": ("cka", dict(mode="across", samples=samples), "cka"),
-        "linearity": ("linearity", dict(samples=samples, measures=("linearized", "relu")), "linearity"),
+        "selectivity": ("selectivity", dict(samples=samples), {}, "selectivity"),
+        "selectivity, no BN re-est.": ("selectivity", dict(samples=samples), dict(bn_recalibrate=0), "selectivity"),
+        "ablation (split)": ("ablate", ablation, dict(checkpoints="first,last", distribute="split"), "ablation"),
+        "ablation (checkpoints)": ("ablate", ablation, dict(checkpoints="first,last", distribute="checkpoints"),
+                                   "ablation"),
+        "cka (across)": ("cka", dict(mode="across", samples=samples), {}, "cka"),
+        "linearity": ("linearity", dict(samples=samples, measures=("linearized", "relu")), {}, "linearity"),
     }
 
 
 def worker(run_dir: str, out_json: str, samples: int) -> None:
     """Under torchrun (or alone): time each analysis on a fresh copy of the run; rank 0 writes the results."""
     import torch
-    from csn.analysis.cka_run import cka_for_runs
-    from csn.analysis.linearity_run import linearity_for_run
-    from csn.analysis.selectivity_run import selectivity_for_run
 
+    from csn import Ablation, Cka, Linearity, Selectivity, run_analysis
     from csn import dist as distributed
-    from csn.analysis.ablation import ablate_run
     from csn.runs import Run
 
     distributed.init_from_env()
-    fns = {"selectivity": selectivity_for_run, "ablate": ablate_run, "cka": cka_for_runs,
-           "linearity": linearity_for_run}
+    classes = {"selectivity": Selectivity, "ablate": Ablation, "cka": Cka, "linearity": Linearity}
     device = torch.device("cuda", distributed.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
     results, world = {}, distributed.world_size()
-    for i, (name, (fn, kw, table)) in enumerate(analyses(samples).items()):
+    for i, (name, (fn, kw, run_kw, table)) in enumerate(analyses(samples).items()):
         copy = Path(out_json).with_name(f"w{world}-{i}") / Path(run_dir).name
         if distributed.is_main():
             shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("tables"))
         distributed.barrier()
         t0 = time.perf_counter()
-        fns[fn](Run(copy), progress=False, device=device, **kw)
+        run_analysis(Run(copy), classes[fn](**kw), progress=False, device=str(device), **run_kw)
         distributed.barrier()
         results[name] = {"seconds": time.perf_counter() - t0, "table": str(copy / "tables" / f"{table}.parquet")}
     if distributed.is_main():
@@ -93,7 +89,7 @@ def main() -> None:
     import torch
 
     from csn.runs.config import preset
-    from csn.train.loop import train
+    from csn.training.loop import train
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as d:

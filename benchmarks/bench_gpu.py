@@ -3,7 +3,7 @@
 Measures, on synthetic ImageNet-shaped data held on the GPU (uint8 images, 1000 classes, so the data
 pipeline is the same cheap gather + normalize for both loops and the numbers compare the loops):
 
-1. training images/s of csn's loop (`csn.train.loop.train`, the one `csn train` runs) against a
+1. training images/s of csn's loop (`csn.training.loop.train`, the one `csn train` runs) against a
    minimal hand-written (DDP) loop on the same model, batch, optimizer and data   (target >= 0.95);
 2. the selectivity regularizer's overhead: csn's loop with / without it           (target <= 1.10);
 3. a CSI pass (`collect_class_stats` over every read point, 1000 classes) against a plain eval
@@ -128,7 +128,7 @@ def csn_config(args, world: int, reg: bool):
 
 def csn_rate(args, data, world: int, reg: bool) -> float:
     """Images/s of csn's loop over the timed steps (from its own training table, measured inside the loop)."""
-    import csn.train.loop as loop
+    import csn.training.loop as loop
     from csn import dist as distributed
 
     cfg = csn_config(args, world, reg)
@@ -198,6 +198,7 @@ def eval_passes(args, data, world: int) -> tuple[float, float]:
     from csn.analysis.selectivity import collect_class_stats
     from csn.core.units import resolve_layers
     from csn.data import BatchLoader
+    from csn.data.loaders import shard_split
     from csn.models import create_model
 
     device = _device()
@@ -207,7 +208,7 @@ def eval_passes(args, data, world: int) -> tuple[float, float]:
         model = model.to(memory_format=torch.channels_last)
     model.eval()
     layers = resolve_layers(model, None)
-    shard = distributed.shard_split(data.test, args.eval_batch)
+    shard = shard_split(data.test, args.eval_batch)
     loader = BatchLoader(shard, args.eval_batch, device=device, channels_last=args.channels_last)
 
     def plain() -> None:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from csn.models import create_model
-from csn.train.regularizer import SelectivityRegularizer
+from csn.training.regularizer import SelectivityRegularizer
 
 
 def step_time(model, opt, x, y, reg, alpha: float, steps: int) -> tuple[float, float]:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from csn.data import BatchLoader
 from csn.runs.config import build_model_for, data_info, load_data, preset
-from csn.train.loop import train
+from csn.training.loop import train
 
 
 def hand_loop(cfg, data, steps: int) -> tuple[float, float]:

@@ -30,7 +30,7 @@ def tiny_config(**kw):
 @pytest.fixture(scope="session")
 def tiny_run_master(tmp_path_factory) -> Path:
     """A tiny run trained once per test session (do not modify; copy it with `tiny_run`)."""
-    from csn.train.loop import train
+    from csn.training.loop import train
 
     out = tmp_path_factory.mktemp("master") / "tiny"
     train(tiny_config(), out, progress=False)

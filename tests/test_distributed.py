@@ -130,8 +130,7 @@ def test_folder_loader_epoch_sampler_resumes_mid_epoch():
     from csn.data.loaders import folder_loader
 
     ds = TensorDataset(torch.arange(40).float().view(40, 1, 1, 1), torch.arange(40) % 4)
-    cfg = _cfg(batch_size=8, workers=0, eval_batch_size=16)
-    loader = folder_loader(ds, cfg, train=True, device=torch.device("cpu"))
+    loader = folder_loader(ds, batch_size=8, train=True, device=torch.device("cpu"), seed=0, workers=0)
     assert len(loader) == 5
     loader.set_epoch(3)
     epoch = [y.tolist() for _, y in loader]
@@ -142,7 +141,7 @@ def test_folder_loader_epoch_sampler_resumes_mid_epoch():
     loader.set_epoch(4)
     assert [y.tolist() for _, y in loader] != epoch
     assert sorted(sum(epoch, [])) == sorted((torch.arange(40) % 4).tolist())
-    ev = folder_loader(ds, cfg, train=False, device=torch.device("cpu"))
+    ev = folder_loader(ds, batch_size=16, train=False, device=torch.device("cpu"), workers=0)
     assert torch.equal(torch.cat([y for _, y in ev]), torch.arange(40) % 4)
 
 
@@ -153,7 +152,7 @@ def test_folder_loader_epoch_sampler_resumes_mid_epoch():
 def test_ddp_training_equals_single_process_and_resumes(tmp_path):
     """MLP (no BatchNorm), crop+flip augmentation, with and without the regularizer; rank 0 alone writes."""
     from csn.runs import Run
-    from csn.train.loop import train
+    from csn.training.loop import train
 
     t0 = time.perf_counter()
     _ok(_torchrun(tmp_path, "train", str(tmp_path)))
@@ -187,7 +186,7 @@ def test_ddp_training_equals_single_process_and_resumes(tmp_path):
 
 def test_ddp_regularizer_loss_and_gradients_equal_global_batch(tmp_path):
     from csn.models import create_model
-    from csn.train.regularizer import SelectivityRegularizer
+    from csn.training.regularizer import SelectivityRegularizer
 
     _ok(_torchrun(tmp_path, "reggrad", str(tmp_path)))
     got = torch.load(tmp_path / "reggrad.pt")
@@ -248,7 +247,7 @@ def test_distributed_csi_cka_and_ablation_equal_single_process(tiny_run_master, 
 
 
 def test_resume_with_other_world_size_fails_on_every_rank(tmp_path):
-    from csn.train.loop import train
+    from csn.training.loop import train
 
     cfg = _cfg(epochs=0.25, checkpoints="0:end:0.25")
     train(cfg, tmp_path / "r", progress=False)
@@ -454,7 +453,7 @@ def test_imagefolder_analyses_read_the_training_split_without_augmentation(tmp_p
     from csn.data.tensors import DataSplits
 
     class Run:  # the two things the loaders read of a run
-        config = _cfg(batch_size=8, eval_batch_size=10, workers=0).to_dict()
+        config = _cfg(batch_size=8, eval_batch_size=10, workers=0)
 
     ys = torch.arange(40) // 10  # class by class, as an ImageFolder lists its files
     train = TensorDataset(torch.full((40, 1, 2, 2), -1.0), ys)  # stands for the augmented view
@@ -485,7 +484,7 @@ def _no_writes_off_rank0() -> None:
 
 def _worker_train(out: str) -> None:
     from csn import dist as distributed
-    from csn.train.loop import train
+    from csn.training.loop import train
 
     distributed.init_from_env()
     _no_writes_off_rank0()
@@ -502,7 +501,8 @@ def _worker_reggrad(out: str) -> None:
 
     from csn import dist as distributed
     from csn.models import create_model
-    from csn.train.regularizer import SelectivityRegularizer
+    from csn.training.ddp import wrap_ddp
+    from csn.training.regularizer import SelectivityRegularizer
 
     distributed.init_from_env()
     r, w = distributed.rank(), distributed.world_size()
@@ -517,7 +517,7 @@ def _worker_reggrad(out: str) -> None:
         y = torch.tensor([0, 1, 2, 3, 0, 1, 2, 0, 1, 1, 1, 1, 3, 3, 2, 1])  # class 0 absent from rank 1's half
         if not train_mode:
             model.eval()
-        ddp = distributed.wrap_ddp(model, torch.device("cpu"))
+        ddp = wrap_ddp(model, torch.device("cpu"))
         reg = SelectivityRegularizer(model, layers, num_classes=4)
         sl = slice(r * 16 // w, (r + 1) * 16 // w)
         alpha = -3.0
@@ -591,7 +591,7 @@ def _worker_cli(jobs_file: str) -> None:
 
 
 def _worker_fail_one(out: str) -> None:
-    import csn.train.loop as loop
+    import csn.training.loop as loop
     from csn import dist as distributed
     from csn.errors import CsnError
 
@@ -617,7 +617,7 @@ def _worker_fail_one(out: str) -> None:
 
 
 def _worker_fail_midway(out: str) -> None:
-    import csn.train.loop as loop
+    import csn.training.loop as loop
     from csn import dist as distributed
 
     distributed.init_from_env()

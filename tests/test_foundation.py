@@ -20,7 +20,7 @@ from csn.errors import CsnError
 from csn.models import create_model, list_models
 from csn.runs import Run, atomic_path, sha256_file, write_json
 from csn.runs.config import load_config_file, preset
-from csn.train.loop import train
+from csn.training.loop import train
 from tests.conftest import tiny_config
 
 

@@ -367,7 +367,7 @@ class _WouldTrain(Exception):
 def test_fuzz_train_command_line(tmp_path_factory, monkeypatch, args):
     """Random `csn train` argument lists: exit 2 with `error: ...`, click's usage error, or training
     would start -- never a traceback."""
-    import csn.train.loop as loop
+    import csn.training.loop as loop
     from csn.cli import main
 
     def would_train(*a, **k):

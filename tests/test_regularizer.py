@@ -10,8 +10,8 @@ from csn.data import BatchLoader, synthetic
 from csn.errors import CsnError
 from csn.models import create_model
 from csn.runs.run import Run
-from csn.train.loop import train
-from csn.train.regularizer import SelectivityRegularizer, default_reg_layers
+from csn.training.loop import train
+from csn.training.regularizer import SelectivityRegularizer, default_reg_layers
 from tests.conftest import tiny_config
 
 

@@ -109,13 +109,6 @@ def commands(config_path: Path) -> dict[str, Command]:
     }
 
 
-def analysis_available(name: str) -> bool:
-    """`csn selectivity` / `csn ablate` exist once their modules have landed."""
-    from csn.cli import main
-
-    return name in main.commands
-
-
 def tidy(df: pd.DataFrame) -> pd.DataFrame:
     """A table without wall-clock columns, rows sorted by every column, for equality checks."""
     df = df.drop(columns=[c for c in df.columns if c in WALL_CLOCK_COLUMNS])
@@ -420,8 +413,6 @@ CI_KILLS = int(os.environ.get("CSN_KILL_POINTS", "3"))
 @pytest.mark.parametrize("name", ["train", "selectivity", "ablate"])
 def test_sigkill_then_resume_equals_uninterrupted(harness, name):
     """SIGKILL at seeded random moments, then resume: outputs bitwise equal to an uninterrupted run."""
-    if not analysis_available(name):
-        pytest.skip(f"`csn {name}` has not landed yet")
     trials = harness.trials(name, CI_KILLS, seed=2024)
     report = summarize_trials(trials)
     print(f"{name}: {report}")
@@ -438,8 +429,6 @@ def test_sigkill_soak(request, harness, name):
     expr = request.config.getoption("markexpr", "") or ""
     if not os.environ.get("CSN_SOAK") and not ("slow" in expr and "not slow" not in expr):
         pytest.skip("the soak runs with `pytest -m slow` or CSN_SOAK=1 (or benchmarks/soak_kill_resume.py)")
-    if not analysis_available(name):
-        pytest.skip(f"`csn {name}` has not landed yet")
     trials = harness.trials(name, 20, seed=7, max_kills=2)
     assert all(not t.problems and not t.mismatches for t in trials), summarize_trials(trials)
 
@@ -479,7 +468,7 @@ def test_sigint_train_exits_130_and_resumes_identically(harness):
 def test_run_killed_before_its_first_file_can_be_resumed_or_restarted(tmp_path):
     """A run killed before run.json exists leaves only its lock (and run.json's temporary file): --resume,
     the same command again, and --force all start it afresh instead of refusing the directory."""
-    from csn.train.loop import _prepare_dir
+    from csn.training.loop import _prepare_dir
     from tests.conftest import tiny_config
 
     cfg = tiny_config()
@@ -498,7 +487,7 @@ def test_run_killed_before_its_first_file_can_be_resumed_or_restarted(tmp_path):
 def test_force_interrupted_while_deleting_can_be_repeated(tiny_run, monkeypatch, interrupt_at):
     """--force deletes results first and run.json last: stopped part-way, the directory is still a run whose
     results are gone (never a new run mixed with old tables), and --force again finishes the job."""
-    import csn.train.loop as loop
+    import csn.training.loop as loop
     from tests.conftest import tiny_config
 
     out = Path(tiny_run)
@@ -563,7 +552,7 @@ def test_missing_checkpoint_reported(tiny_run):
 
 def test_damaged_optimizer_state_stops_resume_clearly(tiny_run):
     """--resume reads the newest optimizer state: a damaged one is a clear error, not a traceback."""
-    from csn.train.loop import train
+    from csn.training.loop import train
     from tests.conftest import tiny_config
 
     run = Run(tiny_run)
@@ -790,7 +779,7 @@ def test_second_writer_refused_and_stale_lock_recovered(tiny_run):
 
 
 def test_force_refuses_to_delete_a_run_being_written(tiny_run):
-    from csn.train.loop import _prepare_dir
+    from csn.training.loop import _prepare_dir
     from tests.conftest import tiny_config
 
     holder = _start_holder(tiny_run)
@@ -829,8 +818,6 @@ def _try_lock(path):
 def test_two_analyses_started_at_once_do_not_corrupt_the_table(harness):
     """Two `csn selectivity` on one run at the same moment: one computes, the other is refused with the
     holder's pid (or finds the work done); the table equals the uninterrupted reference."""
-    if not analysis_available("selectivity"):
-        pytest.skip("`csn selectivity` has not landed yet")
     ref = harness.reference("selectivity")
     cmd = harness.cmds["selectivity"]
     work = harness.root / "two-writers"
@@ -855,7 +842,7 @@ def test_two_analyses_started_at_once_do_not_corrupt_the_table(harness):
 def test_training_refuses_to_start_when_checkpoints_cannot_fit_the_disk(tmp_path, monkeypatch):
     import csn.core.resources as res
     from csn.cli import main
-    from csn.train.loop import train
+    from csn.training.loop import train
     from tests.conftest import tiny_config
 
     usage = collections.namedtuple("usage", "total used free")
@@ -885,7 +872,7 @@ def test_disk_estimate_matches_what_training_writes(tiny_run_master):
 
 
 def test_disk_full_during_a_write_is_one_clear_error(tmp_path, monkeypatch):
-    import csn.train.loop as loop
+    import csn.training.loop as loop
     from csn.cli import main
 
     def full(*a, **k):

@@ -16,6 +16,8 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
+from csn.analysis.base import run_analysis
+from csn.analysis.selectivity import Selectivity
 from csn.cli import main as cli
 from csn.errors import CsnError
 from csn.experiments.claims import THRESHOLDS, Verdict
@@ -47,15 +49,11 @@ def _assert_self_contained(index: Path) -> str:
 
 @pytest.fixture(scope="module")
 def selectivity_run(tiny_run_master, tmp_path_factory) -> Path:
-    """A copy of the tiny run with a selectivity table (when the analysis module exists)."""
+    """A copy of the tiny run with a selectivity table."""
     dst = tmp_path_factory.mktemp("report") / "tiny"
     shutil.copytree(tiny_run_master, dst)
-    try:
-        from csn.analysis.selectivity_run import selectivity_for_run
-    except ImportError:
-        return dst
     # init, an early checkpoint (BN re-estimated), epoch 1 and the last: enough for every figure, and fast
-    selectivity_for_run(dst, checkpoints="0,2,8,16", progress=False, log=lambda s: None)
+    run_analysis(dst, Selectivity(), checkpoints="0,2,8,16", progress=False, log=lambda s: None)
     return dst
 
 

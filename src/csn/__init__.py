@@ -22,8 +22,8 @@ from csn.errors import CsnError  # noqa: E402
 from csn.models import create_model, list_models  # noqa: E402
 from csn.runs.config import TrainConfig, load_config_file, preset  # noqa: E402
 from csn.runs.run import Run  # noqa: E402
-from csn.train.loop import train  # noqa: E402
-from csn.train.regularizer import SelectivityRegularizer  # noqa: E402
+from csn.training.loop import train  # noqa: E402
+from csn.training.regularizer import SelectivityRegularizer  # noqa: E402
 
 __all__ = [
     "__version__", "CsnError", "Run", "TrainConfig", "preset", "load_config_file", "train", "create_model",

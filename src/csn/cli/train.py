@@ -13,7 +13,7 @@ from csn.errors import CsnError
 from csn.runs.config import TrainConfig, load_config_file
 from csn.runs.config import preset as get_preset
 from csn.runs.run import Run
-from csn.train.loop import train as run_train
+from csn.training import loop
 
 SHORTCUTS = ("dataset", "data_root", "model", "epochs", "seed", "checkpoints", "reg_alpha", "reg_window", "reg_schedule",
              "reg_layers", "device", "threads")
@@ -61,7 +61,7 @@ def train(preset, config_file, out, resume, force, quiet, overrides, **flags) ->
     if "seed" in given and not out and cfg.seed != 0:
         cfg = cfg.replace(name=f"{cfg.name}-s{cfg.seed}")
     out_dir = Path(out) if out else Path("runs") / _run_folder_name(cfg.name)
-    run = run_train(cfg, out_dir, resume=resume, force=force, progress=not quiet)
+    run = loop.train(cfg, out_dir, resume=resume, force=force, progress=not quiet)
     if dist.is_main():
         last = run.checkpoints[-1]
         click.echo(f"run written to {run.path} ({len(run.checkpoints)} checkpoints; final test acc "

@@ -21,7 +21,7 @@ from csn.runs.config import TrainConfig
 from csn.runs.io import write_table
 from csn.runs.naming import run_name
 from csn.runs.run import Run
-from csn.train.regularizer import default_reg_layers
+from csn.training.regularizer import default_reg_layers
 
 
 @dataclass(frozen=True)

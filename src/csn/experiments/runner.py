@@ -17,7 +17,7 @@ from csn.core.progress import bar
 from csn.errors import CsnError
 from csn.runs.config import TrainConfig
 from csn.runs.run import Run, read_manifest
-from csn.train.loop import train
+from csn.training.loop import train
 
 
 @dataclass

@@ -34,8 +34,8 @@ from csn.runs.config import TrainConfig, build_model_for, data_info, load_data
 from csn.runs.io import save_tensors, write_json, write_table
 from csn.runs.lock import lock_holder, run_lock
 from csn.runs.run import Checkpoint, Run, read_manifest, write_manifest
-from csn.train.ddp import sync_batchnorm, wrap_ddp
-from csn.train.regularizer import SelectivityRegularizer
+from csn.training.ddp import sync_batchnorm, wrap_ddp
+from csn.training.regularizer import SelectivityRegularizer
 
 AUGMENT = {"none": {}, "flip": {"flip": True}, "crop": {"crop_pad": 2}, "crop+flip": {"crop_pad": 2, "flip": True},
            "cifar": {"crop_pad": 4, "flip": True}, "imagenet": {}}
