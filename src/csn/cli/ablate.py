@@ -8,20 +8,9 @@ import click
 import pandas as pd
 
 from csn import dist
-from csn.analysis.ablation import Ablation, AblationOptions, summarize_ablation
-from csn.analysis.base import RunOptions, run_analysis
-from csn.cli.options import (
-    CONTEXT,
-    ExecOptions,
-    PlotOptions,
-    build,
-    echo,
-    from_schema,
-    rel,
-    run_options,
-    start,
-    take,
-)
+from csn.analysis.ablation import Ablation, summarize_ablation
+from csn.analysis.base import run_analysis
+from csn.cli.options import CONTEXT, analysis_options, analysis_request, echo, rel
 from csn.report.fig_ablation import ablation_figures
 
 
@@ -48,10 +37,7 @@ def _print_gaps(df: pd.DataFrame) -> None:
 
 @click.command("ablate", context_settings=CONTEXT)
 @click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False))
-@from_schema(AblationOptions, defaults={"orders": ",".join(AblationOptions.model_fields["orders"].default)})
-@from_schema(RunOptions, exclude=("device", "progress"))
-@from_schema(PlotOptions, include=("plot",))
-@from_schema(ExecOptions)
+@analysis_options(Ablation, plot=("plot",))
 def ablate(runs, **values) -> None:
     """Ablate the most selective, random and least selective units, stage by stage, at every checkpoint.
 
@@ -73,11 +59,8 @@ def ablate(runs, **values) -> None:
       csn ablate runs/fmnist --grid f:0,0.05,0.1,0.25,0.5,1 --rank-split train --score-split test
       torchrun --nproc_per_node=8 -m csn ablate runs/r50-s0 --checkpoints 0:10,last --distribute checkpoints
     """
-    exec_opts = build(ExecOptions, take(values, ExecOptions))
-    plot = build(PlotOptions, take(values, PlotOptions)).plot and dist.is_main()
-    analysis = Ablation(build(AblationOptions, take(values, AblationOptions)))
-    start(exec_opts)  # under torchrun: see --distribute; rank 0 writes
-    opts = run_options(values, exec_opts)
+    analysis, opts, plot = analysis_request(values, Ablation)
+    plot = plot.plot and dist.is_main()
     results = run_analysis(list(runs), analysis, opts, log=lambda s: echo(s, err=True))
     for res in results:
         run, name = res.run, next(iter(res.tables))

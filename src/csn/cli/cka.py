@@ -5,20 +5,9 @@ from __future__ import annotations
 import click
 
 from csn import dist
-from csn.analysis.base import RunOptions, run_analysis
-from csn.analysis.cka import Cka, CkaOptions, describe_cka
-from csn.cli.options import (
-    CONTEXT,
-    ExecOptions,
-    PlotOptions,
-    build,
-    echo,
-    from_schema,
-    rel,
-    run_options,
-    start,
-    take,
-)
+from csn.analysis.base import run_analysis
+from csn.analysis.cka import Cka, describe_cka
+from csn.cli.options import CONTEXT, analysis_options, analysis_request, echo, rel
 from csn.report.fig_cka import cka_figures
 from csn.runs.run import Run
 from csn.runs.table import tagged
@@ -30,10 +19,7 @@ _CHECKPOINTS_HELP = ("Which checkpoints of RUN: all (default), first, last, step
 @click.command("cka", context_settings=CONTEXT)
 @click.argument("run", type=click.Path(file_okay=False))
 @click.argument("run_b", required=False, type=click.Path(file_okay=False))
-@from_schema(CkaOptions, exclude=("run_b",))
-@from_schema(RunOptions, exclude=("device", "progress"), help={"checkpoints": _CHECKPOINTS_HELP})
-@from_schema(PlotOptions, exclude=("out",))
-@from_schema(ExecOptions)
+@analysis_options(Cka, exclude=("run_b",), plot=("plot", "log_epochs"), run_help={"checkpoints": _CHECKPOINTS_HELP})
 def cka(run, run_b, **values) -> None:
     """Linear CKA between layers, checkpoints or runs -> RUN/tables/cka.parquet.
 
@@ -56,11 +42,7 @@ def cka(run, run_b, **values) -> None:
       csn cka runs/fmnist --mode across --reference last --plot
       csn cka runs/reg-s0 runs/unreg-s0 --checkpoints 0:20 --plot  # two runs, same layers
     """
-    exec_opts = build(ExecOptions, take(values, ExecOptions))
-    plot = build(PlotOptions, take(values, PlotOptions))
-    analysis = Cka(build(CkaOptions, take(values, CkaOptions), run_b=run_b))
-    start(exec_opts)  # under torchrun: every rank streams its shard of whole batches, rank 0 writes
-    opts = run_options(values, exec_opts)
+    analysis, opts, plot = analysis_request(values, Cka, run_b=run_b)
     run_a = Run(run)
     name = tagged(Cka.tables[0].name, opts.tag)
     before = run_a.read(name)

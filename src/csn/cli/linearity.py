@@ -8,27 +8,15 @@ import click
 import pandas as pd
 
 from csn import dist
-from csn.analysis.base import Result, RunOptions, run_analysis
+from csn.analysis.base import Result, run_analysis
 from csn.analysis.linearity import (
     LINEARITY,
     Linearity,
-    LinearityOptions,
     describe_linearity,
     linear_model_path,
     summarize_linearity,
 )
-from csn.cli.options import (
-    CONTEXT,
-    ExecOptions,
-    PlotOptions,
-    build,
-    echo,
-    from_schema,
-    rel,
-    run_options,
-    start,
-    take,
-)
+from csn.cli.options import CONTEXT, PlotOptions, analysis_options, analysis_request, echo, rel
 from csn.errors import CsnError
 from csn.report.fig_linearity import linearity_figure
 from csn.runs.run import Run
@@ -63,10 +51,7 @@ def _across_runs(tables: dict[str, pd.DataFrame], plot: PlotOptions, draw: bool,
 
 @click.command("linearity", context_settings=CONTEXT)
 @click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False))
-@from_schema(LinearityOptions, defaults={"measures": "linear,linearized,relu"})
-@from_schema(RunOptions, exclude=("device", "progress"))
-@from_schema(PlotOptions)
-@from_schema(ExecOptions)
+@analysis_options(Linearity)
 def linearity(runs, **values) -> None:
     """How linear the network is at every checkpoint -> tables/linearity.parquet (step, epoch, measure, value).
 
@@ -94,11 +79,7 @@ def linearity(runs, **values) -> None:
       csn linearity runs/fmnist --checkpoints 0:1 --samples all
       csn linearity runs/fmnist-s0 runs/fmnist-s1 runs/fmnist-s2 --plot --out runs/figs
     """
-    exec_opts = build(ExecOptions, take(values, ExecOptions))
-    plot = build(PlotOptions, take(values, PlotOptions))
-    analysis = Linearity(build(LinearityOptions, take(values, LinearityOptions)))
-    start(exec_opts)  # under torchrun: every rank streams its shard, rank 0 writes
-    opts = run_options(values, exec_opts)
+    analysis, opts, plot = analysis_request(values, Linearity)
     with dist.same_outcome():
         run_objs = [Run(r) for r in runs]
     name = tagged(LINEARITY.name, opts.tag)

@@ -17,7 +17,7 @@ import torch
 from pydantic import Field
 
 from csn import dist
-from csn.analysis.base import RunOptions
+from csn.analysis.base import Analysis, RunOptions
 from csn.core.schema import Int, Schema
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -83,8 +83,26 @@ def from_schema(schema: type[Schema], *, exclude: Iterable[str] = (), include: I
             if extra.get("multiple"):
                 kw["multiple"] = True
             if default is not None and default != () and not extra.get("multiple"):
-                kw["help"] = f"{text} [default: {default}]"
+                shown = ",".join(map(str, default)) if isinstance(default, (tuple, list)) else default
+                kw["help"] = f"{text} [default: {shown}]"
             fn = click.option(flag(name), name, **kw)(fn)
+        return fn
+
+    return decorate
+
+
+def analysis_options(analysis_cls: type[Analysis], *, exclude: Iterable[str] = (), plot: Iterable[str] | None = None,
+                     run_help: dict[str, str] | None = None) -> Callable[[F], F]:
+    """Every option of an analysis command: its own (from analysis_cls.Options, minus `exclude`), the checkpoint
+    group (RunOptions), the figure group (PlotOptions, the fields in `plot`, default all) and the execution group."""
+    groups = [from_schema(analysis_cls.Options, exclude=exclude),
+              from_schema(RunOptions, exclude=("device", "progress"), help=run_help),
+              from_schema(PlotOptions, include=plot),
+              from_schema(ExecOptions)]
+
+    def decorate(fn: F) -> F:
+        for group in reversed(groups):
+            fn = group(fn)
         return fn
 
     return decorate
@@ -136,6 +154,18 @@ def run_options(values: dict[str, Any], exec_opts: ExecOptions) -> RunOptions:
     return build(RunOptions, values, device=exec_opts.device, progress=not exec_opts.quiet)
 
 
+def analysis_request(values: dict[str, Any], analysis_cls: type[Analysis],
+                     **fixed: Any) -> tuple[Analysis, RunOptions, PlotOptions]:
+    """What an analysis command asked for: the analysis with its options, the RunOptions and the PlotOptions,
+    each validated by its schema; then the process is set up (torchrun group, threads). `fixed` are
+    analysis options given as arguments rather than --options (e.g. CKA's RUN_B)."""
+    exec_opts = build(ExecOptions, take(values, ExecOptions))
+    plot = build(PlotOptions, take(values, PlotOptions))
+    analysis = analysis_cls(build(analysis_cls.Options, take(values, analysis_cls.Options), **fixed))
+    start(exec_opts)  # under torchrun: every rank streams its shard of each checkpoint, rank 0 writes
+    return analysis, run_options(values, exec_opts), plot
+
+
 def echo(message: str = "", err: bool = False) -> None:
     """click.echo on rank 0 only: under torchrun every rank runs the command, one of them reports."""
     if dist.is_main():
@@ -150,5 +180,5 @@ def rel(p: str | Path) -> str:
         return str(p)
 
 
-__all__ = ["CONTEXT", "from_schema", "build", "take", "flag", "ExecOptions", "PlotOptions", "start", "run_options", "echo",
-           "rel"]
+__all__ = ["CONTEXT", "from_schema", "build", "take", "flag", "ExecOptions", "PlotOptions", "start", "run_options",
+           "analysis_options", "analysis_request", "echo", "rel"]

@@ -7,9 +7,9 @@ from pathlib import Path
 import click
 
 from csn import dist
-from csn.analysis.base import RunOptions, run_analysis
-from csn.analysis.selectivity import Selectivity, SelectivityOptions, describe_peaks, summarize, summarize_across_runs
-from csn.cli.options import CONTEXT, ExecOptions, PlotOptions, build, echo, from_schema, rel, run_options, start, take
+from csn.analysis.base import run_analysis
+from csn.analysis.selectivity import Selectivity, describe_peaks, summarize, summarize_across_runs
+from csn.cli.options import CONTEXT, analysis_options, analysis_request, echo, rel
 from csn.errors import CsnError
 from csn.report.fig_selectivity import bn_comparison, seeds_figures, selectivity_figures
 from csn.runs.io import read_table
@@ -45,10 +45,7 @@ def _bn_pair(run: Run, sel_name: str, sel):
 
 @click.command("selectivity", context_settings=CONTEXT)
 @click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False))
-@from_schema(SelectivityOptions)
-@from_schema(RunOptions, exclude=("device", "progress"))
-@from_schema(PlotOptions)
-@from_schema(ExecOptions)
+@analysis_options(Selectivity)
 def selectivity(runs, **values) -> None:
     """Class selectivity of every unit at every checkpoint -> tables/selectivity.parquet.
 
@@ -74,11 +71,7 @@ def selectivity(runs, **values) -> None:
       csn selectivity runs/fmnist --bn-recalibrate 0 --tag nobn --plot    # adds a BN on/off figure
       csn selectivity runs/fmnist-s0 runs/fmnist-s1 runs/fmnist-s2 --plot --out runs/figs
     """
-    exec_opts = build(ExecOptions, take(values, ExecOptions))
-    plot = build(PlotOptions, take(values, PlotOptions))
-    analysis = Selectivity(build(SelectivityOptions, take(values, SelectivityOptions)))
-    start(exec_opts)  # under torchrun: every rank streams its shard, rank 0 writes
-    opts = run_options(values, exec_opts)
+    analysis, opts, plot = analysis_request(values, Selectivity)
     results = run_analysis(list(runs), analysis, opts, log=lambda s: echo(s, err=True))
     draw = plot.plot and dist.is_main()
     tables = {}

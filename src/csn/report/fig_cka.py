@@ -15,23 +15,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.patches import Patch
 
-from csn.analysis.cka import LOGITS, summarize_cka_runs
+from csn.analysis.cka import LOGITS, comparison_rows, summarize_cka_runs
 from csn.errors import CsnError
 from csn.report import style
-
-_NEEDED = ["step_a", "epoch_a", "layer_a", "step_b", "epoch_b", "layer_b", "cka", "comparison"]
-
-
-def _rows(df: pd.DataFrame, comparison: str, hint: str) -> pd.DataFrame:
-    if df is None or len(df) == 0:
-        raise CsnError(f"no CKA rows to plot; run `{hint}` first.")
-    miss = [c for c in _NEEDED if c not in df.columns]
-    if miss:
-        raise CsnError(f"the CKA table lacks columns {miss}; pass a table written by `csn cka`.")
-    d = df[df["comparison"] == comparison]
-    if d.empty:
-        raise CsnError(f"the CKA table has no '{comparison}' rows; run `{hint}` first.")
-    return d
 
 
 def layer_colors(layers: Sequence[str]) -> dict[str, tuple]:
@@ -54,7 +40,7 @@ def _pick_steps(steps: Sequence[int], k: int) -> list[int]:
 def cka_heatmaps(df: pd.DataFrame, out_dir: str | Path, *, steps: Sequence[int] | None = None, max_panels: int = 4,
                  name: str = "cka_within", title: str | None = None) -> style.Figure:
     """Layer x layer CKA within one checkpoint, one heatmap per chosen step (default: first, last, evenly between)."""
-    d = _rows(df, "within", "csn cka RUN --mode within")
+    d = comparison_rows(df, "within", "csn cka RUN --mode within")
     chosen = _pick_steps(d["step_a"], max_panels) if steps is None else [int(s) for s in steps]
     missing = [s for s in chosen if s not in set(d["step_a"].astype(int))]
     if missing:
@@ -103,7 +89,7 @@ def default_pairs(layers: Sequence[str]) -> list[tuple[str, str]]:
 def cka_pairs_vs_epoch(df: pd.DataFrame, out_dir: str | Path, *, pairs: Sequence[tuple[str, str]] | None = None,
                        log_epochs: bool = True, name: str = "cka_pairs", title: str | None = None) -> style.Figure:
     """Within-checkpoint CKA of chosen layer pairs vs epoch (default: consecutive layers | each layer vs logits)."""
-    d = _rows(df, "within", "csn cka RUN --mode within")
+    d = comparison_rows(df, "within", "csn cka RUN --mode within")
     layers = list(dict.fromkeys(d["layer_a"].tolist()))
     pairs = list(pairs) if pairs is not None else default_pairs(layers)
     if not pairs:
@@ -140,7 +126,7 @@ def cka_across_vs_epoch(df: pd.DataFrame, out_dir: str | Path, *, log_epochs: bo
     has_ref = df is not None and len(df) and (df["comparison"] == "reference").any()
     has_prev = df is not None and len(df) and (df["comparison"] == "previous").any()
     if not (has_ref or has_prev):
-        _rows(df, "reference", "csn cka RUN --mode across")
+        comparison_rows(df, "reference", "csn cka RUN --mode across")
     panels = []
     if has_ref:
         r = df[df["comparison"] == "reference"]

@@ -417,7 +417,7 @@ def describe_cka(df: pd.DataFrame) -> list[str]:
 _NEEDED = ["step_a", "epoch_a", "layer_a", "step_b", "epoch_b", "layer_b", "cka", "comparison"]
 
 
-def _comparison_rows(df: pd.DataFrame, comparison: str, hint: str) -> pd.DataFrame:
+def comparison_rows(df: pd.DataFrame, comparison: str, hint: str) -> pd.DataFrame:
     """The rows of one comparison of a CKA table; a CsnError naming the command to run when there are none."""
     if df is None or len(df) == 0:
         raise CsnError(f"no CKA rows to plot; run `{hint}` first.")
@@ -440,7 +440,7 @@ def _run_pairs(tables: pd.DataFrame | Mapping[Any, pd.DataFrame] | Sequence[pd.D
         items = list(tables)
     out = []
     for t in items:
-        d = _comparison_rows(t, "runs", "csn cka RUN_A RUN_B")
+        d = comparison_rows(t, "runs", "csn cka RUN_A RUN_B")
         for _, g in d.groupby("run_b", sort=False):
             out.append(g[g["layer_a"] == g["layer_b"]])
     return out
