@@ -341,13 +341,14 @@ def _execute(analysis: Analysis, ctx: Context) -> Result:
     run, tag = ctx.run, ctx.options.tag
     tables = {spec.name: ResumableTable(run, spec, tag) for spec in analysis.tables}
     expected = {c.step: analysis.expected(ctx, c) for c in ctx.checkpoints}
+    wanted = {name: pd.concat([e[name] for e in expected.values()], ignore_index=True) for name in tables}
+    by_step = {c.step: c for c in ctx.checkpoints}
 
     def prepare() -> tuple[list[tuple[int, dict[str, pd.DataFrame]]], Any]:
         settings, sets = analysis.settings(ctx), analysis.sets(ctx)
         for name, table in tables.items():
             table.load()
-            want = pd.concat([e[name] for e in expected.values()], ignore_index=True) if expected else None
-            table.check(settings.get(name, {}), want, sets.get(name))
+            table.check(settings.get(name, {}), wanted[name], sets.get(name))
         todo = []
         for c in ctx.checkpoints:
             missing = {name: table.missing(expected[c.step][name]) for name, table in tables.items()}
@@ -356,7 +357,6 @@ def _execute(analysis: Analysis, ctx: Context) -> Result:
         msg = bn_note(ctx.bn, [s for s, _ in todo], ctx.options.bn_recalibrate)
         if msg:
             ctx.log(msg)
-        by_step = {c.step: c for c in ctx.checkpoints}
         return todo, analysis.prepare(ctx, [by_step[s] for s, _ in todo])
 
     def write(*all_rows: dict[str, pd.DataFrame] | None) -> None:
@@ -364,7 +364,6 @@ def _execute(analysis: Analysis, ctx: Context) -> Result:
             for name, df in (rows or {}).items():
                 tables[name].add(df)
 
-    by_step = {c.step: c for c in ctx.checkpoints}
     with main_lock(run.path, analysis.name):
         todo, ctx.state = dist.on_main(prepare)
         by_checkpoint = ctx.options.distribute == "checkpoints" and dist.is_dist()
@@ -390,7 +389,7 @@ def _execute(analysis: Analysis, ctx: Context) -> Result:
     for name, table in tables.items():
         if table.df is None:  # other ranks (rank 0 holds the table it wrote)
             table.load()
-        out[table.name] = _rows_of(table, pd.concat([e[name] for e in expected.values()], ignore_index=True))
+        out[table.name] = _rows_of(table, wanted[name])
     return Result(run, out, [s for s, _ in todo])
 
 
