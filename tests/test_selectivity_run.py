@@ -188,6 +188,26 @@ def test_crash_leaves_only_complete_checkpoints_then_resumes(tiny_run, computed,
     pd.testing.assert_frame_equal(cm, full_cm)
 
 
+def test_a_kill_between_the_two_writes_never_leaves_selectivity_ahead_of_class_means(tiny_run, monkeypatch):
+    """The primary table is written last, so a step in selectivity.parquet has its class means on disk."""
+    from csn.runs.table import ResumableTable
+    real, order = ResumableTable.add, []
+
+    def add(self, df):
+        order.append(self.name)
+        if len(order) == 3:  # the second checkpoint's first write, then the process dies
+            real(self, df)
+            raise KeyboardInterrupt
+        return real(self, df)
+
+    monkeypatch.setattr(ResumableTable, "add", add)
+    with pytest.raises(KeyboardInterrupt):
+        selectivity_for_run(tiny_run, progress=False)
+    assert order == ["class_means", "selectivity", "class_means"]
+    sel, cm = tables(tiny_run)
+    assert set(steps_of(sel)) <= set(steps_of(cm)) and steps_of(sel) == [0]
+
+
 # ------------------------------------------------------------------------------------------------
 # BatchNorm re-estimation policy
 # ------------------------------------------------------------------------------------------------

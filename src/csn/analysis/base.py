@@ -360,9 +360,11 @@ def _execute(analysis: Analysis, ctx: Context) -> Result:
         return todo, analysis.prepare(ctx, [by_step[s] for s, _ in todo])
 
     def write(*all_rows: dict[str, pd.DataFrame] | None) -> None:
+        # The first declared (primary) table is written last: a checkpoint found there has its rows in every table.
         for rows in all_rows:
-            for name, df in (rows or {}).items():
-                tables[name].add(df)
+            for name in reversed(tables):
+                if rows and name in rows:
+                    tables[name].add(rows[name])
 
     with main_lock(run.path, analysis.name):
         todo, ctx.state = dist.on_main(prepare)
