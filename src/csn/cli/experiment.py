@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from csn import dist
-from csn.cli.options import CONTEXT, echo
+from csn.cli.options import CONTEXT, build, echo, from_schema
 from csn.errors import CsnError
 from csn.experiments.regularize import (
     condition_curves,
@@ -16,6 +16,7 @@ from csn.experiments.regularize import (
     regularize_experiment,
     regularized_stages,
 )
+from csn.experiments.runner import RunnerOptions
 from csn.report.fig_regularize import regularize_figures
 from csn.runs.config import preset as get_preset
 
@@ -37,7 +38,7 @@ def experiment() -> None:
               help="Epochs at which the regularizer switches on (one condition each, on until the end).")
 @click.option("--seeds", default="0,1,2", show_default=True, help="Seeds, comma-separated (or a count N for 0..N-1).")
 @click.option("--out", type=click.Path(file_okay=False), help="Experiment directory [default: runs/regularize-<preset>].")
-@click.option("--parallel", type=int, default=2, show_default=True, help="Training runs at once (each gets cores/parallel threads).")
+@from_schema(RunnerOptions)
 @click.option("--no-selectivity", is_flag=True, help="Skip the per-checkpoint selectivity pass (accuracy only).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.argument("overrides", nargs=-1)
@@ -55,6 +56,7 @@ def regularize(preset, alpha, onsets, seeds, out, parallel, no_selectivity, quie
     """
     dist.init_from_env()  # under torchrun: DDP training, sharded selectivity, rank 0 writes and reports
     with dist.same_outcome():
+        parallel = build(RunnerOptions, {"parallel": parallel}).parallel
         base = get_preset(preset).override(list(overrides))
         seed_list = _parse_seeds(seeds)
         onset_list = parse_onsets(onsets, base.epochs)

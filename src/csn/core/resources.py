@@ -5,10 +5,12 @@ work with smaller batches instead of dying.
     state_dict_bytes(tensors)                        bytes a checkpoint of these tensors takes
     retry_smaller_batches(fn, batch)                 fn(batch), halving `batch` on out-of-memory errors
     is_oom(exc)                                      True for CUDA/MPS/CPU allocation failures
+    is_disk_full(exc), is_write_refused(exc)         a full disk; a full disk or a place that cannot be written
 """
 
 from __future__ import annotations
 
+import errno
 import gc
 import os
 import shutil
@@ -64,6 +66,19 @@ def check_disk_space(path: str | Path, need_bytes: int, *, what: str = "the file
     if free < need:
         raise CsnError(f"not enough free disk space in {probe}: {what} need about {_human(need)} but only {_human(free)} "
                        f"are free; {fix} (or set {NO_DISK_CHECK_ENV}=1 to skip this check).")
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """True when `e` says the disk (or the user's quota) is full, whichever library raised it."""
+    text = str(e)
+    return (getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in text
+            or "Disk quota exceeded" in text)
+
+
+def is_write_refused(e: BaseException) -> bool:
+    """True when a write failed because of where it goes, not of what csn does: a full disk, a read-only file
+    system, or missing permissions. Such an error stops the command; it is never turned into a note."""
+    return is_disk_full(e) or (isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS))
 
 
 def is_oom(e: BaseException) -> bool:

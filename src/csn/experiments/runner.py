@@ -5,19 +5,30 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
 import torch
+from pydantic import Field
 
 from csn import dist
+from csn.core.processes import die_with_parent
 from csn.core.progress import bar
+from csn.core.schema import Int, Schema
 from csn.errors import CsnError
 from csn.runs.config import TrainConfig
 from csn.runs.run import Run, read_manifest
 from csn.training.loop import train
+
+
+class RunnerOptions(Schema):
+    """How an experiment's training runs are executed (the --parallel of `csn experiment ...`)."""
+
+    parallel: Int = Field(2, ge=1, description="Training runs at once, each in its own process with cores/parallel "
+                          "threads (1: one after the other in this process).", json_schema_extra={"metavar": "N"})
 
 
 @dataclass
@@ -39,7 +50,36 @@ def is_complete(out: str | Path) -> bool:
     return bool(ckpts) and ckpts[-1].step == info.get("total_steps")
 
 
+_worker = {"in_job": False, "stopping": False}  # a worker process's state (see _worker_init)
+STOP_TIMEOUT_S = 60.0  # how long a stopped worker may take to leave its run resumable before it is killed
+
+
+def _on_interrupt(signum, frame) -> None:
+    """A worker's SIGINT: the first one stops the job under way (train saves nothing half-written and releases the
+    run's lock); later ones, and one that arrives between jobs, only mark the worker as stopping."""
+    first = not _worker["stopping"]
+    _worker["stopping"] = True
+    if first and _worker["in_job"]:
+        raise KeyboardInterrupt
+
+
+def _worker_init(parent_pid: int) -> None:
+    """Runs first in every worker process: die with the parent (even on SIGKILL), stop cleanly on SIGINT."""
+    die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, _on_interrupt)
+
+
 def _run_job(cfg_dict: dict, out: str, threads: int | None) -> str:
+    if _worker["stopping"]:  # interrupted: start nothing new (a job already queued to this worker)
+        raise KeyboardInterrupt
+    _worker["in_job"] = True
+    try:
+        return _train_job(cfg_dict, out, threads)
+    finally:
+        _worker["in_job"] = False
+
+
+def _train_job(cfg_dict: dict, out: str, threads: int | None) -> str:
     if threads:
         torch.set_num_threads(threads)
     cfg = TrainConfig.from_dict(cfg_dict)
@@ -53,10 +93,11 @@ def run_jobs(jobs: list[Job], *, parallel: int = 1, progress: bool = True, desc:
 
     Under torchrun the jobs run one after the other, each on every process (DDP), whatever `parallel`.
     """
+    parallel = RunnerOptions.parse({"parallel": parallel}).parallel
     todo = dist.on_main(lambda: [i for i, j in enumerate(jobs) if not is_complete(j.out)])
     todo = [jobs[i] for i in todo]
     cores = os.cpu_count() or 1
-    parallel = 1 if dist.is_dist() else max(1, min(parallel, len(todo) or 1))
+    parallel = 1 if dist.is_dist() else min(parallel, len(todo) or 1)
     threads = None if dist.is_dist() else max(1, cores // parallel)  # torchrun sets OMP_NUM_THREADS
     pbar = bar(total=len(jobs), initial=len(jobs) - len(todo), desc=desc, unit="run",
                progress=progress and dist.is_main())
@@ -66,14 +107,44 @@ def run_jobs(jobs: list[Job], *, parallel: int = 1, progress: bool = True, desc:
                 _run_job(j.cfg.to_dict(), str(j.out), threads)
                 pbar.update(1)
         else:
-            with ProcessPoolExecutor(parallel, mp_context=get_context("spawn")) as pool:
-                futures = [pool.submit(_run_job, j.cfg.to_dict(), str(j.out), threads) for j in todo]
-                for f in as_completed(futures):
-                    f.result()
-                    pbar.update(1)
+            _run_in_workers(todo, parallel, threads, pbar)
     finally:
         pbar.close()
     for j in jobs:
         if not is_complete(j.out):
             raise CsnError(f"training {j.out} did not finish; run the same command again to resume it.")
     return [Run(j.out) for j in jobs]
+
+
+def _run_in_workers(todo: list[Job], parallel: int, threads: int | None, pbar) -> None:
+    """The jobs in `parallel` spawned worker processes that die with this one. On Ctrl-C or a failed job, nothing
+    new starts and the jobs under way are stopped cleanly (resumable) before the error goes on."""
+    pool = ProcessPoolExecutor(parallel, mp_context=get_context("spawn"), initializer=_worker_init,
+                               initargs=(os.getpid(),))
+    try:
+        futures = [pool.submit(_run_job, j.cfg.to_dict(), str(j.out), threads) for j in todo]
+        for f in as_completed(futures):
+            f.result()
+            pbar.update(1)
+    except BaseException:
+        _stop_workers(pool)
+        raise
+    pool.shutdown(wait=True)
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Cancel the jobs not started, interrupt the running ones (SIGINT: a clean stop) and wait for the workers;
+    one that does not stop within STOP_TIMEOUT_S is killed (its run stays resumable, as after any kill)."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())  # the executor's worker processes
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in procs:
+        if p.is_alive() and p.pid:
+            try:
+                os.kill(p.pid, signal.SIGINT)
+            except ProcessLookupError:
+                pass
+    for p in procs:
+        p.join(STOP_TIMEOUT_S)
+        if p.is_alive():
+            p.kill()
+            p.join()

@@ -11,6 +11,7 @@ command makes them.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import math
@@ -18,6 +19,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +37,7 @@ from csn.analysis.cka import summarize_cka_runs
 from csn.analysis.linearity import summarize_linearity
 from csn.analysis.selectivity import stage_peaks, summarize, summarize_across_runs
 from csn.core.progress import bar
+from csn.core.resources import is_write_refused
 from csn.core.stats import band, standard_error
 from csn.errors import CsnError
 from csn.experiments.claims import THRESHOLDS
@@ -45,7 +48,7 @@ from csn.report import fig_linearity as fl
 from csn.report import fig_selectivity as fs
 from csn.report import style
 from csn.report.fig_regularize import regularize_figures
-from csn.runs.io import read_table, write_text
+from csn.runs.io import atomic_path, read_table, write_text
 from csn.runs.naming import condition_order, onset_of, parse_run_name
 from csn.runs.run import Run
 
@@ -254,6 +257,8 @@ class _Report:
                 warnings.filterwarnings("ignore", message="No artists with labels found")
                 res = fn()
         except Exception as e:  # a figure must not take the page down; say what happened instead
+            if is_write_refused(e):  # ... unless the page cannot be written at all (full disk, no permission)
+                raise
             msg = str(e).strip().rstrip(".") or type(e).__name__
             self.log(f"report: {what} not drawn ({type(e).__name__}: {msg})")
             return [_note(f"{what} could not be drawn: {msg} ({type(e).__name__}).")]
@@ -745,7 +750,8 @@ def _existing_figures(rep: _Report, names: Sequence[str]) -> list[dict]:
             continue
         dst = rep.out_dir / png.name
         if dst.resolve() != png.resolve():
-            shutil.copyfile(png, dst)
+            with atomic_path(dst) as tmp:
+                shutil.copyfile(png, tmp)
         items.append({"kind": "figure", "src": rep.rel(dst), "svg": None,
                       "caption": f"{n.replace('_', ' ')} as drawn by the experiment."})
     return items
@@ -915,21 +921,44 @@ def build_report(paths: Sequence[str | os.PathLike] | str | os.PathLike, *, out:
         thresholds = file_thr if thresholds is None else thresholds
     claim_rows = _claim_dicts(claims)
     thresholds = _thresholds(claim_rows, thresholds)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rep = _Report(out_dir, conds, experiment, lambda msg: print(msg, file=sys.stderr, flush=True))
-    sections = _sections(rep, _protocol(experiment), progress)
-    html = _template().render(
-        title=title or _title(paths, runs, experiment),
-        generated=_dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z").strip(),
-        csn_version=__version__,
-        sources=[str(Path(p)) for p in paths],
-        n_runs=len(runs), conditions=[{"name": c.name, "n": len(c.runs)} for c in conds],
-        claims=claim_rows, claims_source=(claims_src.name if claims_src else None),
-        thresholds=[(k, v) for k, v in (thresholds or {}).items()],
-        sections=sections, omitted=rep.omitted,
-    )
-    write_text(index, html)
+    with _whole_page_or_nothing(out_dir):
+        rep = _Report(out_dir, conds, experiment, lambda msg: print(msg, file=sys.stderr, flush=True))
+        sections = _sections(rep, _protocol(experiment), progress)
+        html = _template().render(
+            title=title or _title(paths, runs, experiment),
+            generated=_dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z").strip(),
+            csn_version=__version__,
+            sources=[str(Path(p)) for p in paths],
+            n_runs=len(runs), conditions=[{"name": c.name, "n": len(c.runs)} for c in conds],
+            claims=claim_rows, claims_source=(claims_src.name if claims_src else None),
+            thresholds=[(k, v) for k, v in (thresholds or {}).items()],
+            sections=sections, omitted=rep.omitted,
+        )
+        write_text(index, html)
     return index
+
+
+@contextlib.contextmanager
+def _whole_page_or_nothing(out_dir: Path):
+    """Make out_dir and check at once that it can be written; if the page is not finished (a full disk, Ctrl-C),
+    remove the figures this attempt added (and out_dir if it made it), so no half page is left behind."""
+    existed = out_dir.is_dir()
+    before = set(out_dir.iterdir()) if existed else set()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".csn-write-test.", dir=out_dir)  # no permission: one error, now
+        os.close(fd)
+        os.unlink(probe)
+        yield
+    except BaseException:
+        for p in set(out_dir.iterdir()) - before:
+            if p.suffix in (".png", ".svg") and p.is_file():
+                with contextlib.suppress(OSError):
+                    p.unlink()
+        if not existed:
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()  # only when empty
+        raise
 
 
 __all__ = ["build_report", "discover_runs", "group_runs", "default_out", "load_claims", "training_figure", "RunGroup",
