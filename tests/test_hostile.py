@@ -97,12 +97,14 @@ def test_train_refuses_bad_values_and_writes_nothing(tmp_path, monkeypatch, case
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch without a usable GPU")
-def test_cuda_on_a_cpu_only_machine(tmp_path, monkeypatch):
+def test_cuda_on_a_cpu_only_machine(tmp_path, monkeypatch, tiny_run):
     monkeypatch.chdir(tmp_path)
     msg = refused([*SMOKE, "--out", "r", "--device", "cuda"])
     assert "device 'cuda' is not available" in msg and "--device cpu or auto" in msg
-    assert listing(tmp_path) == []
-    refused(["selectivity", "r", "--device", "cuda"])  # analyses resolve devices the same way (no run: refused)
+    assert not Path("r").exists()
+    for command in ("selectivity", "ablate", "linearity", "cka"):  # analyses resolve devices the same way
+        assert "device 'cuda' is not available" in refused([command, tiny_run, "--device", "cuda"])
+    assert not list((Path(tiny_run) / "tables").glob("*.parquet"))[1:]  # only training.parquet
 
 
 @pytest.mark.parametrize("case", ["inside a file", "not UTF-8"])

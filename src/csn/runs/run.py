@@ -68,7 +68,7 @@ class RunInfo(Schema):
     model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False)
     config: dict[str, Any]
     data: DataInfo
-    seed: Seed = 0
+    seed: Seed | None = None
     steps_per_epoch: Int = Field(ge=1)
     total_steps: Int = Field(ge=0, lt=MAX_STEP)
     checkpoint_steps: list[Annotated[Int, Field(ge=0, lt=MAX_STEP)]] = []
@@ -265,14 +265,14 @@ def read_run_info(path: str | Path) -> dict:
     if not isinstance(info, dict):
         raise CsnError(f"{f} is corrupt (not a JSON object); {fix}")
     try:
-        RunInfo.model_validate(info)
+        checked = RunInfo.model_validate(info)
     except ValidationError as e:
         raise CsnError(f"{f} is not a valid run.json ({str(schema_error(e, RunInfo, 'key')).rstrip('.')}); {fix}") from None
     try:
         TrainConfig.from_dict(info["config"])
     except CsnError as e:
         raise CsnError(f"{f} holds an invalid config ({str(e).rstrip('.')}); {fix}") from None
-    return info
+    return {**info, **checked.model_dump(mode="json", exclude={"config"})}  # defaults filled in, the config as written
 
 
 def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str, fix: str) -> None:
