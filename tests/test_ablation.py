@@ -420,8 +420,9 @@ def test_ranking_taken_from_selectivity_table_when_it_matches(tiny_run, monkeypa
     run = Run(tiny_run)
     csi = torch.tensor([0.3, 0.1, 0.7, 0.0, 0.5, 0.2, 0.6, 0.4])
     table = pd.DataFrame({"step": 16, "epoch": 2.0, "layer": "layer1.0", "stage": "layer1", "unit": np.arange(8),
-                          "csi": csi.numpy(), "split": "test", "bn_recalibrated": 0, "variant": "mean"})
-    run.write("selectivity", table)
+                          "csi": csi.numpy(), "pref_class": 0, "mu_max": 1.0, "mu_rest": 0.5, "dead": False,
+                          "eta2": 0.1, "split": "test", "bn_recalibrated": 0, "variant": "mean", "n_images": 128})
+    run.write("selectivity", table)  # a whole table: a table without its declared columns is refused on read
     calls = []
     real = analysis_mod.means_and_csi
     monkeypatch.setattr(analysis_mod, "means_and_csi", lambda *a, **k: (calls.append(1), real(*a, **k))[1])

@@ -19,8 +19,9 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from csn.core.resources import human_bytes
 from csn.data import BatchLoader, load_dataset, read_idx, synthetic, write_idx
-from csn.data.validate import MAX_DATA_ENV, human_bytes, max_data_bytes
+from csn.data.validate import MAX_DATA_ENV, max_data_bytes
 from csn.errors import CsnError
 from csn.runs.config import build_model_for, data_info, load_data
 from tests.conftest import tiny_config

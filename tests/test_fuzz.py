@@ -186,17 +186,49 @@ def test_fuzz_text_override_is_taken_as_typed(key, text):
     assert getattr(TrainConfig().override([f"{key}={text}"]), key) == text
 
 
+def _in_range(key: str, x: float) -> bool:
+    """Whether x lies within the range the schema declares for `key` (Field(ge=..., gt=..., lt=..., le=...))."""
+    ok = True
+    for m in TrainConfig.model_fields[key].metadata:
+        for attr, holds in (("ge", lambda v: x >= v), ("gt", lambda v: x > v), ("le", lambda v: x <= v),
+                            ("lt", lambda v: x < v)):
+            if getattr(m, attr, None) is not None:
+                ok = ok and holds(getattr(m, attr))
+    return ok
+
+
+def test_every_number_key_declares_its_range():
+    """The ranges are declared on the schema (the fuzz tests below read them from there); a few by name."""
+    assert not _in_range("lr", 0) and _in_range("lr", 1e-9) and not _in_range("momentum", 1) and _in_range("momentum", 0)
+    assert not _in_range("seed", 2**63) and _in_range("seed", 2**63 - 1) and not _in_range("seed", -1)
+    assert not _in_range("log_every", 0) and not _in_range("threads", 0) and not _in_range("weight_decay", -1e-12)
+    unbounded = [k for k in INT_KEYS + FLOAT_KEYS if _in_range(k, -1e300) and _in_range(k, 1e300)]
+    assert unbounded == ["reg_alpha"], unbounded  # alpha may take either sign
+
+
 @FUZZ
-@given(key=st.sampled_from(INT_KEYS), n=st.integers(-10**12, 10**12), quoted=st.booleans())
+@given(key=st.sampled_from(INT_KEYS), n=st.integers(-10**12, 10**12) | st.sampled_from([0, 1, -1, 2**63 - 1, 2**63]),
+       quoted=st.booleans())
 def test_fuzz_int_override_round_trips(key, n, quoted):
+    """In range: the value round-trips exactly. Out of range: one CsnError naming the key and its bound."""
     value = json.dumps(str(n)) if quoted else str(n)
-    assert getattr(TrainConfig().override([f"{key}={value}"]), key) == n
+    if _in_range(key, n):
+        assert getattr(TrainConfig().override([f"{key}={value}"]), key) == n
+    else:
+        with pytest.raises(CsnError, match=rf"^config key '{key}' must be [<>]=? \S+, got "):
+            TrainConfig().override([f"{key}={value}"])
 
 
 @FUZZ
-@given(key=st.sampled_from(FLOAT_KEYS), x=st.floats(allow_nan=False, allow_infinity=False, width=64))
+@given(key=st.sampled_from(FLOAT_KEYS),
+       x=st.floats(allow_nan=False, allow_infinity=False, width=64) | st.sampled_from([0.0, 0.5, 1.0, -0.0, 1e-300]))
 def test_fuzz_float_override_round_trips(key, x):
-    assert getattr(TrainConfig().override([f"{key}={x!r}"]), key) == x
+    """In range: the value round-trips exactly. Out of range: one CsnError naming the key and its bound."""
+    if _in_range(key, x):
+        assert getattr(TrainConfig().override([f"{key}={x!r}"]), key) == x
+    else:
+        with pytest.raises(CsnError, match=rf"^config key '{key}' must be [<>]=? \S+, got "):
+            TrainConfig().override([f"{key}={x!r}"])
 
 
 @FUZZ
@@ -279,6 +311,9 @@ def test_selector_of_steps_means_those_steps(steps):
 def test_selector_epochs_and_ranges_mean_what_they_say(e, a, b):
     near = select_checkpoints(CKPTS, f"e{e!r}")
     assert len(near) == 1 and abs(near[0].epoch - e) == min(abs(c.epoch - e) for c in CKPTS)
+    for outside in (-e - 0.01, CKPTS[-1].epoch + e + 0.01):  # no nearest checkpoint outside the run: refused
+        with pytest.raises(CsnError, match="outside the checkpoints"):
+            select_checkpoints(CKPTS, f"e{outside!r}")
     lo, hi = min(a, b), max(a, b)
     got = _only_csn_error(select_checkpoints, CKPTS, f"{lo!r}:{hi!r}")
     want = [c for c in CKPTS if lo - 1e-9 <= c.epoch <= hi + 1e-9]

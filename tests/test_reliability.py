@@ -483,34 +483,6 @@ def test_run_killed_before_its_first_file_can_be_resumed_or_restarted(tmp_path):
             _prepare_dir(cfg, out, resume=flags["resume"], force=flags["force"])
 
 
-@pytest.mark.parametrize("interrupt_at", [1, 2, 3])
-def test_force_interrupted_while_deleting_can_be_repeated(tiny_run, monkeypatch, interrupt_at):
-    """--force deletes results first and run.json last: stopped part-way, the directory is still a run whose
-    results are gone (never a new run mixed with old tables), and --force again finishes the job."""
-    import csn.training.loop as loop
-    from tests.conftest import tiny_config
-
-    out = Path(tiny_run)
-    (out / "report").mkdir()
-    real, calls = shutil.rmtree, []
-
-    def flaky_rmtree(path, *a, **k):
-        calls.append(path)
-        if len(calls) == interrupt_at:
-            raise KeyboardInterrupt
-        return real(path, *a, **k)
-
-    monkeypatch.setattr(loop.shutil, "rmtree", flaky_rmtree)
-    with pytest.raises(KeyboardInterrupt):
-        loop._prepare_dir(tiny_config(), out, resume=False, force=True)
-    monkeypatch.setattr(loop.shutil, "rmtree", real)
-    assert (out / "run.json").is_file()
-    if interrupt_at > 1:  # the old results are gone before anything else
-        assert not (out / "tables").exists() and read_manifest(out / "checkpoints") == []
-    loop._prepare_dir(tiny_config(), out, resume=False, force=True)
-    assert out.is_dir() and not any(out.iterdir())
-
-
 # ============================================================================ integrity
 def _corrupt(path: Path, how: str) -> None:
     data = bytearray(path.read_bytes())

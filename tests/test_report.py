@@ -172,11 +172,21 @@ def test_experiment_report(experiment):
     assert "no selectivity table: run <code>csn selectivity RUN</code>." in html
 
 
+def _run_json(seed: int) -> dict:
+    """A minimal valid run.json (csn validates run.json against its schema on opening a run)."""
+    from tests.conftest import tiny_config
+
+    data = {"name": "synthetic", "num_classes": 4, "in_channels": 1, "image_size": 8,
+            "class_names": ["a", "b", "c", "d"], "num_train": 256, "num_test": 128}
+    return {"config": tiny_config(seed=seed).to_dict(), "data": data, "seed": seed, "steps_per_epoch": 8,
+            "total_steps": 16}
+
+
 def test_discovery_and_grouping(tmp_path):
     for name, seed in (("reg-from-1-s0", 0), ("baseline-s10", 10), ("baseline-s2", 2), ("reg-from-0.5-s1", 1),
                        ("custom", 7)):
         (tmp_path / "e" / name).mkdir(parents=True)
-        (tmp_path / "e" / name / "run.json").write_text(json.dumps({"config": {}, "seed": seed}))
+        (tmp_path / "e" / name / "run.json").write_text(json.dumps(_run_json(seed)))
     (tmp_path / "e" / "report").mkdir()  # not a run: ignored
     runs, exp = discover_runs([tmp_path / "e"])
     assert exp == tmp_path / "e" and len(runs) == 5

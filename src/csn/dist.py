@@ -295,9 +295,28 @@ def resolve_device(name: str) -> torch.device:
             return torch.device("cuda", local_rank())
         return torch.device("cpu")
     try:
-        return torch.device(name)
-    except RuntimeError:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
         raise CsnError(f"unknown device {name!r}; use auto, cpu or cuda[:N].") from None
+    _check_available(device)
+    return device
+
+
+def _check_available(device: torch.device) -> None:
+    """Refuse a device this machine does not have (before anything is allocated on it)."""
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            why = "this torch was built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+            raise CsnError(f"device {str(device)!r} is not available ({why}); use --device cpu or auto.")
+        if device.index is not None and device.index >= count:
+            raise CsnError(f"device {str(device)!r} does not exist: this machine has {count} GPU(s), cuda:0 to "
+                           f"cuda:{count - 1}; use one of those or --device auto.")
+    elif device.type != "cpu":
+        backend = getattr(torch.backends, device.type, None) if device.type == "mps" else getattr(torch, device.type, None)
+        available = getattr(backend, "is_available", None)
+        if available is None or not available():
+            raise CsnError(f"device {str(device)!r} is not available on this machine; use --device cpu or auto.")
 
 
 __all__ = [

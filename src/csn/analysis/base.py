@@ -34,6 +34,8 @@ from csn import dist
 from csn.core.bn import bn_note, bn_plan, has_batchnorm, recalibrate_bn
 from csn.core.progress import bar
 from csn.core.schema import AllIsNone, Int, Schema
+from csn.core.trace import TraceDict
+from csn.core.units import stages
 from csn.data import BatchLoader, DataSplits
 from csn.data.loaders import folder_loader, shard_split, subset
 from csn.errors import CsnError
@@ -149,9 +151,45 @@ def analysis_model(run: Run, ckpt: Checkpoint, data: DataSplits, *, bn_recalibra
         if n > 0:
             model = recalibrate_bn(model, bn_loader(run, data, device), n, device=device)
             n = int(getattr(model, "csn_bn_recalibrated", n))  # batches actually used (a small split has fewer)
+        require_finite_outputs(model, data, device)
     if shared and n > 0:
         dist.broadcast_buffers_(model)
     return AnalysisModel(model.eval(), n)
+
+
+FIRST_BATCH = 32
+"""Examples of the test split whose outputs every analysis model must give finite (require_finite_outputs)."""
+
+
+def nonfinite_error(where: str) -> CsnError:
+    """The one message for NaN or infinite values out of a model (a diverged checkpoint, or bad input data)."""
+    return CsnError(f"{where} produced NaN or infinite activations; check the model's weights (a diverged "
+                    "checkpoint?) and the input data.")
+
+
+def require_finite_outputs(model: torch.nn.Module, data: DataSplits, device: str | torch.device = "cpu") -> None:
+    """Refuse a model whose outputs on the first FIRST_BATCH test examples are not all finite, before any
+    analysis measures it, so that no row is ever computed from a diverged checkpoint."""
+    split = split_of(data, "test")
+    n = min(FIRST_BATCH, len(split))
+    if hasattr(split, "images"):
+        x = next(iter(BatchLoader(split, n, shuffle=False, device=device)))[0]
+    else:
+        x = torch.stack([split[i][0] for i in range(n)]).to(device)
+    try:
+        layers = [name for names in stages(model).values() for name in names]
+    except CsnError:
+        layers = []  # a model without declared read points: only its output is checked
+    with torch.no_grad(), TraceDict(model, layers, retain="output", strict=False) as cache:
+        out = model.eval()(x)  # eval mode: BatchNorm statistics are read, never updated
+        first = next((name for name in layers if name in cache and not _finite(cache[name])), None)
+    if first is not None or not _finite(out):
+        raise nonfinite_error(f"layer {first!r}" if first else "the model's output layer")
+
+
+def _finite(out: Any) -> bool:
+    tensors = [out] if isinstance(out, torch.Tensor) else [t for t in out if isinstance(t, torch.Tensor)]
+    return all(bool(torch.isfinite(t.float()).all()) for t in tensors)
 
 
 def run_bn_plan(run: Run, data: DataSplits, requested: int | None, device: str | torch.device = "cpu") -> dict[int, int]:
@@ -420,5 +458,5 @@ def _rows_of(table: ResumableTable, expected: pd.DataFrame) -> pd.DataFrame:
 
 __all__ = [
     "RunOptions", "Split", "Samples", "SPLITS", "SUBSET_SEED", "split_of", "eval_loader", "bn_loader", "AnalysisModel",
-    "analysis_model", "run_bn_plan", "Context", "Analysis", "Result", "note", "run_analysis",
+    "analysis_model", "require_finite_outputs", "nonfinite_error", "FIRST_BATCH", "run_bn_plan", "Context", "Analysis", "Result", "note", "run_analysis",
 ]

@@ -25,7 +25,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from csn.analysis.base import Analysis, Context, Samples, Split
+from csn.analysis.base import Analysis, Context, Samples, Split, nonfinite_error
 from csn.core.progress import bar
 from csn.core.schema import CommaList, Schema
 from csn.core.stats import EPS, STUDY_EPS, VARIANTS, ClassNames, ClassStats, check_labels, csi_from_means
@@ -104,10 +104,7 @@ def collect_class_stats(
                     t.copy_(out)
     for name, s in stats.items():
         if not (torch.isfinite(s.sums).all() and torch.isfinite(s.sumsq).all()):
-            raise CsnError(
-                f"layer {name!r} produced NaN or infinite activations; check the model's weights "
-                "(a diverged checkpoint?) and the input data."
-            )
+            raise nonfinite_error(f"layer {name!r}")
     return stats
 
 

@@ -5,26 +5,32 @@ from __future__ import annotations
 import click
 
 from csn.cli.options import CONTEXT
-from csn.runs.verify import verify_run
+from csn.runs.verify import verify_path
 
 
 @click.command(context_settings=CONTEXT)
 @click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False))
 def verify(runs) -> None:
-    """Check run directories: manifest, every checkpoint's sha256, readable tables, no half-written files.
+    """Check run directories, or experiment and reproduction directories (every run inside them and their own
+    files): run.json against its schema, the manifest, every checkpoint's sha256, header and tensor shapes,
+    the optimizer state and cached models (sha256 sidecars), every table against its schema, no half-written
+    files.
 
     Exits with status 1 if anything is wrong and says, per problem, what to do.
     """
     bad = 0
     for r in runs:
-        problems = verify_run(r)
-        if problems:
-            bad += 1
-            click.echo(f"{r}: {len(problems)} problem(s)")
-            for p in problems:
-                click.echo(f"  - {p}")
-        else:
-            click.echo(f"{r}: ok")
+        results = verify_path(r)
+        if len(results) > 1:
+            click.echo(f"{r}: experiment directory with {len(results) - 1} run(s)")
+        for where, problems in results.items():
+            if problems:
+                bad += 1
+                click.echo(f"{where}: {len(problems)} problem(s)")
+                for p in problems:
+                    click.echo(f"  - {p}")
+            else:
+                click.echo(f"{where}: ok")
     if bad:
         raise SystemExit(1)
 

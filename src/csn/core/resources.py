@@ -2,6 +2,8 @@
 work with smaller batches instead of dying.
 
     check_disk_space(path, need_bytes, what=...)     CsnError naming the sizes when `need_bytes` won't fit
+    env_limit(env, default)                          a resource bound: $ENV when set (a positive number), else default
+    check_limit(need, limit, what=..., raise_it=...) CsnError with the estimate and the limit when need > limit
     state_dict_bytes(tensors)                        bytes a checkpoint of these tensors takes
     retry_smaller_batches(fn, batch)                 fn(batch), halving `batch` on out-of-memory errors
     is_oom(exc)                                      True for CUDA/MPS/CPU allocation failures
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import gc
+import math
 import os
 import shutil
 import sys
@@ -32,12 +35,36 @@ _HEADROOM = 1.05  # safetensors headers, the training table and file-system roun
 _MIN_HEADROOM_BYTES = 1 << 20
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+def human_bytes(n: float) -> str:
+    """1234567 -> '1.2 MB' (decimal units, as disks and limits are stated)."""
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if abs(n) < 1000 or unit == "PB":
+            text = f"{n:.1f}".removesuffix(".0")
+            return f"{text} {unit}"
         n /= 1000
-    return f"{n:.1f} TB"  # pragma: no cover
+    raise AssertionError  # pragma: no cover
+
+
+def env_limit(env: str, default: float, *, example: str = "a larger number") -> float:
+    """A resource bound that a user may raise: the value of $ENV when set (a positive finite number), else
+    `default`; a malformed value is a CsnError naming the variable."""
+    raw = os.environ.get(env, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not (value > 0 and math.isfinite(value)):
+        raise CsnError(f"{env}={raw!r} is not a positive number; set it to {example} or unset it.")
+    return value
+
+
+def check_limit(need: float, limit: float, *, what: str, raise_it: str, show: Callable[[float], str] = human_bytes) -> None:
+    """Refuse a request before any allocation: CsnError('{what} needs {need}; the limit is {limit} ({raise_it}).')
+    when need > limit (`show` formats both numbers, bytes by default)."""
+    if need > limit:
+        raise CsnError(f"{what} needs {show(need)}; the limit is {show(limit)} ({raise_it}).")
 
 
 def state_dict_bytes(tensors: Mapping[str, torch.Tensor] | Iterable[torch.Tensor]) -> int:
@@ -64,7 +91,7 @@ def check_disk_space(path: str | Path, need_bytes: int, *, what: str = "the file
         return
     need = int(need_bytes * _HEADROOM) + _MIN_HEADROOM_BYTES
     if free < need:
-        raise CsnError(f"not enough free disk space in {probe}: {what} need about {_human(need)} but only {_human(free)} "
+        raise CsnError(f"not enough free disk space in {probe}: {what} need about {human_bytes(need)} but only {human_bytes(free)} "
                        f"are free; {fix} (or set {NO_DISK_CHECK_ENV}=1 to skip this check).")
 
 

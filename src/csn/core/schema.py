@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from csn.errors import CsnError, unknown
 
@@ -75,7 +75,8 @@ def schema_error(err: ValidationError, model: type[BaseModel], what: str = "opti
     bounds = {"greater_than": "> {gt}", "greater_than_equal": ">= {ge}", "less_than": "< {lt}",
               "less_than_equal": "<= {le}"}
     if kind in bounds:
-        return CsnError(f"{name} must be {bounds[kind].format(**ctx)}, got {_show(value)}.")
+        limit = bounds[kind].format(**{k: _number(v) for k, v in ctx.items()})
+        return CsnError(f"{name} must be {limit}, got {_show(value)}{_hint(model, loc)}.")
     if kind == "string_pattern_mismatch":
         return CsnError(f"{name} must match {ctx.get('pattern')}, got {_show(value)}.")
     expects = _EXPECTS.get(kind)
@@ -85,8 +86,26 @@ def schema_error(err: ValidationError, model: type[BaseModel], what: str = "opti
         msg = first.get("msg", "is invalid")
         msg = msg.removeprefix("Value error, ")
         msg = msg[0].lower() + msg[1:]
+        if isinstance(value, (dict, list)):  # a check of a whole table (a model validator): the message says it all
+            return CsnError(f"{msg.rstrip('.')}." if not loc else f"{name}: {msg.rstrip('.')}.")
         return CsnError(f"{name}: {msg.rstrip('.')}, got {_show(value)}.")
     return CsnError(f"{name} expects {expects}, got {_show(value)}.")
+
+
+def _number(v: Any) -> str:
+    """A bound as a reader takes it in: 2**63 rather than 9223372036854775808."""
+    if isinstance(v, int) and not isinstance(v, bool) and v >= 2**20 and v & (v - 1) == 0:
+        return f"2**{v.bit_length() - 1}"
+    if isinstance(v, float) and v.is_integer() and abs(v) < 2**53:
+        return str(int(v))
+    return str(v)
+
+
+def _hint(model: type[BaseModel], loc: list[str]) -> str:
+    """A field's `range_hint` (json_schema_extra): why its bound is there and how to go past it."""
+    field = model.model_fields.get(loc[0]) if len(loc) == 1 else None
+    extra = field.json_schema_extra if field is not None and isinstance(field.json_schema_extra, dict) else {}
+    return f" ({extra['range_hint']})" if extra.get("range_hint") else ""
 
 
 def _show(value: Any) -> str:
@@ -133,6 +152,9 @@ AllIsNone = BeforeValidator(_all_is_none)
 
 Int = Annotated[int, NoBool]
 Float = Annotated[float, NoBool]
+MAX_SEED = 2**63 - 1
+"""Seeds are stored as int64 (tables, torch generators): 0 <= seed < 2**63."""
+Seed = Annotated[int, NoBool, Field(ge=0, lt=MAX_SEED + 1)]
 
 
-__all__ = ["Schema", "schema_error", "NoBool", "CommaList", "AllIsNone", "Int", "Float"]
+__all__ = ["Schema", "schema_error", "NoBool", "CommaList", "AllIsNone", "Int", "Float", "Seed", "MAX_SEED"]

@@ -33,14 +33,13 @@ $CSN_MAX_DATA_GB gigabytes (default 8) with the estimate and the limit.
 
 from __future__ import annotations
 
-import math
-import os
 import sys
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 
+from csn.core.resources import check_limit, env_limit
 from csn.data.tensors import DataSplits, TensorSplit
 from csn.errors import CsnError
 
@@ -52,36 +51,14 @@ LAYOUTS = ("NHWC", "NCHW")
 
 
 # ----------------------------------------------------------------------------- resource bounds
-def human_bytes(n: float) -> str:
-    """1234567 -> '1.2 MB' (decimal units, as disks and the limit are stated)."""
-    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
-        if abs(n) < 1000 or unit == "PB":
-            text = f"{n:.1f}".removesuffix(".0")
-            return f"{text} {unit}"
-        n /= 1000
-    raise AssertionError  # pragma: no cover
-
-
 def max_data_bytes() -> int:
     """The most bytes a dataset reader may allocate: $CSN_MAX_DATA_GB gigabytes, default 8."""
-    raw = os.environ.get(MAX_DATA_ENV, "").strip()
-    if not raw:
-        return int(DEFAULT_MAX_DATA_GB * 1e9)
-    try:
-        gb = float(raw)
-    except ValueError:
-        gb = float("nan")
-    if not (gb > 0 and math.isfinite(gb)):
-        raise CsnError(f"{MAX_DATA_ENV}={raw!r} is not a positive number of gigabytes; set it to e.g. 32 or unset it.")
-    return int(gb * 1e9)
+    return int(env_limit(MAX_DATA_ENV, DEFAULT_MAX_DATA_GB, example="e.g. 32") * 1e9)
 
 
 def check_memory(nbytes: int, what: str) -> None:
     """Refuse `what` (a description of the data) when it needs more than the limit, before allocating it."""
-    limit = max_data_bytes()
-    if nbytes > limit:
-        raise CsnError(f"{what} needs {human_bytes(nbytes)}; the limit is {human_bytes(limit)} "
-                       f"(set {MAX_DATA_ENV} to raise it).")
+    check_limit(nbytes, max_data_bytes(), what=what, raise_it=f"set {MAX_DATA_ENV} to raise it")
 
 
 def note(message: str) -> None:

@@ -36,6 +36,9 @@ from csn.runs.io import write_json, write_table
 from csn.runs.naming import parse_run_name, run_name
 from csn.runs.run import Run
 
+MAX_SEEDS = 100
+SEEDS_HINT = "each seed is one training run per condition plus its analyses: 100 seeds already means hundreds of runs"
+
 
 class Study(Schema):
     """Everything `csn reproduce` does for one preset; declared before any result is seen."""
@@ -43,8 +46,9 @@ class Study(Schema):
     name: str
     train_preset: str
     overrides: list[str] = []
-    seeds: Int = Field(3, ge=1, description="Baseline seeds.")
-    reg_seeds: Int = Field(2, ge=1, description="Seeds per regularized condition.")
+    seeds: Int = Field(3, ge=1, le=MAX_SEEDS, description="Baseline seeds.", json_schema_extra={"range_hint": SEEDS_HINT})
+    reg_seeds: Int = Field(2, ge=1, le=MAX_SEEDS, description="Seeds per regularized condition.",
+                           json_schema_extra={"range_hint": SEEDS_HINT})
     alpha: Float = Field(-1.0, description="Regularizer strength (alpha < 0 suppresses).")
     late_onset: Float = Field(1.0, description="Epochs; after the early selectivity peak.")
     early_epoch: Float = Field(0.125, description="The 'early' checkpoint of C2/C3 (nearest checkpoint).")

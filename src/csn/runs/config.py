@@ -12,9 +12,9 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from csn.core.schema import CommaList, Float, Int, Schema
+from csn.core.schema import CommaList, Float, Int, Schema, Seed
 from csn.data import DataSplits, load_dataset
 from csn.data.validate import require_every_class
 from csn.errors import CsnError, unknown
@@ -32,31 +32,31 @@ class TrainConfig(Schema):
                          "imagefolder.")
     data_root: str | None = Field(None, description="Dataset directory (IDX files or ImageFolder) or .npz file.",
                                   json_schema_extra={"metavar": "DIR"})
-    train_samples: Int | None = None
-    test_samples: Int | None = None
+    train_samples: Int | None = Field(None, ge=1)
+    test_samples: Int | None = Field(None, ge=1)
     synthetic: dict[str, Any] = {}
     augment: str = "none"
     # model
     model: str = Field("resnet20", description="Model name, e.g. resnet20, resnet50, vgg16, cnn, mlp.")
-    width: Float = 1.0
+    width: Float = Field(1.0, gt=0)
     # optimisation
-    epochs: Float = Field(5.0, description="Training length in epochs (fractions allowed).")
-    batch_size: Int = 128
-    lr: Float = 0.1
-    momentum: Float = 0.9
-    weight_decay: Float = 5e-4
+    epochs: Float = Field(5.0, gt=0, description="Training length in epochs (fractions allowed).")
+    batch_size: Int = Field(128, ge=1)
+    lr: Float = Field(0.1, gt=0)
+    momentum: Float = Field(0.9, ge=0, lt=1)
+    weight_decay: Float = Field(5e-4, ge=0)
     nesterov: bool = False
     lr_schedule: str = "constant"
     milestones: Annotated[list[Int | Float], CommaList] = []
-    gamma: Float = 0.1
-    warmup_epochs: Float = 0.0
-    seed: Int = Field(0, description="Random seed (recorded in run.json).")
+    gamma: Float = Field(0.1, gt=0)
+    warmup_epochs: Float = Field(0.0, ge=0)
+    seed: Seed = Field(0, description="Random seed (recorded in run.json).")
     # checkpoints and evaluation
     checkpoints: str = Field("0:1:0.125,1:3:0.25,3:end:1", description="Checkpoint schedule, e.g. "
                              "'steps:log2:256,1:end:1' or '0:1:0.125,1:3:0.25,3:end:1'.")
-    eval_batch_size: Int = 500
-    eval_samples: Int | None = None
-    log_every: Int = 10
+    eval_batch_size: Int = Field(500, ge=1)
+    eval_samples: Int | None = Field(None, ge=1)
+    log_every: Int = Field(10, ge=1)
     # selectivity regularizer: loss = ce - alpha * R
     reg_alpha: Float | None = Field(None, description="Selectivity regularizer strength (loss = ce - alpha*R; < 0 "
                                     "suppresses).")
@@ -70,8 +70,8 @@ class TrainConfig(Schema):
     channels_last: bool = True
     amp: bool = False
     sync_bn: bool = True  # under torchrun on GPUs: SyncBatchNorm, so BN sees the global batch as in one process
-    threads: Int | None = Field(None, description="CPU threads for torch.")
-    workers: Int = 8
+    threads: Int | None = Field(None, ge=1, description="CPU threads for torch.")
+    workers: Int = Field(8, ge=0)
 
     @classmethod
     def from_dict(cls, d: typing.Mapping[str, Any]) -> TrainConfig:
@@ -91,6 +91,13 @@ class TrainConfig(Schema):
                 raise unknown(WHAT, k, d)
             d[k] = _parse_text(v) if _is_text_field(k) else _parse_value(v)
         return TrainConfig.from_dict(d)
+
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self) -> TrainConfig:
+        if self.nesterov and self.momentum == 0:
+            raise CsnError("config key 'nesterov' needs momentum > 0 (Nesterov momentum is a form of momentum); set "
+                           "momentum (e.g. momentum=0.9) or nesterov=false.")
+        return self
 
     def diff(self, other: TrainConfig, ignore: tuple[str, ...] = ("device", "threads", "workers")) -> dict:
         """Keys whose values differ: {key: (self, other)}."""
@@ -175,11 +182,9 @@ def read_config_file(path: str | Path) -> dict:
     except OSError as e:
         raise CsnError(f"config file {path} cannot be read ({e.strerror}); check its permissions.") from None
     try:
-        if path.suffix == ".toml":
-            data = tomllib.loads(text)
-        else:
-            import yaml
-            data = yaml.safe_load(text)  # plain data only: tags like !!python/object are refused
+        data = tomllib.loads(text) if path.suffix == ".toml" else _load_yaml(text)
+    except _Refused as e:
+        raise CsnError(f"config file {path} {e}") from None
     except RecursionError:
         raise CsnError(f"config file {path} is nested too deeply; a config is a flat table of key = value pairs.") from None
     except (tomllib.TOMLDecodeError, ValueError) as e:
@@ -198,7 +203,51 @@ def read_config_file(path: str | Path) -> dict:
         data = {}
     if not isinstance(data, dict):
         raise CsnError(f"config file {path} must hold a table of key = value pairs at the top level.")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
+    out: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
+    for k, v in data.items():
+        key = str(k).replace("-", "_")
+        if key in out:
+            raise CsnError(f"config file {path} sets {key!r} twice (as {spelled[key]!r} and {str(k)!r}); keep one.")
+        out[key], spelled[key] = v, str(k)
+    return out
+
+
+class _Refused(Exception):
+    """A YAML construct csn refuses (the message continues 'config file PATH ...')."""
+
+
+def _load_yaml(text: str) -> Any:
+    """YAML with the safe loader (plain data only: tags like !!python/object are refused), refusing aliases
+    and anchors before anything is expanded (nested aliases can expand to billions of values) and
+    duplicate keys (which YAML would silently resolve to the last value)."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def compose_node(self, parent, index):  # noqa: ANN001, ANN202 - PyYAML's signature
+            event = self.peek_event()
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+                kind = f"alias *{event.anchor}" if isinstance(event, yaml.AliasEvent) else f"anchor &{event.anchor}"
+                raise _Refused(f"uses a YAML {kind} at line {event.start_mark.line + 1}; csn refuses anchors and "
+                               "aliases (a few nested aliases can expand to billions of values): write the values out.")
+            return super().compose_node(parent, index)
+
+        def construct_mapping(self, node, deep=False):  # noqa: ANN001, ANN202
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: the base class reports it
+                    continue
+                if first is not None:
+                    where = f"line {line}" if first == line else f"lines {first} and {line}"
+                    raise _Refused(f"sets the key {key!r} twice ({where}); YAML would silently keep the last value: "
+                                   "keep one.")
+                seen[key] = line
+            return super().construct_mapping(node, deep=deep)
+
+    return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def load_config_file(path: str | Path) -> TrainConfig:

@@ -8,20 +8,25 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Any
 
 import pandas as pd
 import torch
-from safetensors.torch import load_file
+from pydantic import ConfigDict, Field, ValidationError, model_validator
 
+from csn.core.schema import Int, Schema, Seed, schema_error
 from csn.data import DataSplits
 from csn.errors import CsnError
-from csn.runs.config import TrainConfig, build_model_for, load_data
-from csn.runs.io import read_table, sha256_file, write_table, write_text
+from csn.runs.config import TrainConfig, build_model_for, data_info, load_data
+from csn.runs.io import SIDECAR, load_tensors, read_table, write_table, write_text
 
 MANIFEST = "manifest.jsonl"
+MAX_STEP = 2**62
+"""Checkpoint steps (manifest, run.json) are below 2**62: tables store them as int64."""
 
 
 @dataclass
@@ -38,19 +43,72 @@ class Checkpoint:
         return {"step": self.step, "epoch": self.epoch, "file": self.file, "sha256": self.sha256, "metrics": self.metrics}
 
 
+class DataInfo(Schema):
+    """run.json's `data`: what the run's model was built for (csn.runs.config.data_info)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False)
+    name: str
+    num_classes: Int = Field(ge=2)
+    in_channels: Int = Field(ge=1)
+    image_size: Annotated[Int, Field(ge=1)] | tuple[Annotated[Int, Field(ge=1)], Annotated[Int, Field(ge=1)]]
+    class_names: list[str]
+    num_train: Int = Field(ge=1)
+    num_test: Int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _one_name_per_class(self) -> DataInfo:
+        if len(self.class_names) != self.num_classes:
+            raise ValueError(f"data.class_names holds {len(self.class_names)} names for {self.num_classes} classes")
+        return self
+
+
+class RunInfo(Schema):
+    """The schema of run.json (the keys csn reads back; other keys are kept as written)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False)
+    config: dict[str, Any]
+    data: DataInfo
+    seed: Seed | None = None
+    steps_per_epoch: Int = Field(ge=1)
+    total_steps: Int = Field(ge=0, lt=MAX_STEP)
+    checkpoint_steps: list[Annotated[Int, Field(ge=0, lt=MAX_STEP)]] = []
+    world_size: Int = Field(1, ge=1)
+    csn_version: str = "unknown"
+    torch_version: str = "unknown"
+
+    @model_validator(mode="after")
+    def _config_names_its_model_and_data(self) -> RunInfo:
+        missing = [k for k in ("model", "dataset") if not isinstance(self.config.get(k), str)]
+        if missing:
+            raise ValueError(f"config names no {missing[0]} (run.json records the config in full)")
+        return self
+
+
+def check_run_path(path: str | Path, what: str = "the run directory") -> None:
+    """Refuse a path csn cannot use as a run directory: not UTF-8 (run.json, tables and the report record
+    paths as UTF-8 text), or a file where a folder must be."""
+    path = Path(path)
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise CsnError(f"{what} {os.fsencode(path)!r} is not valid UTF-8; csn records paths in UTF-8 files (run.json, "
+                       "tables, the report): rename it to a UTF-8 name.") from None
+    for p in (path, *path.parents):
+        if p.is_symlink() or p.exists():
+            if not p.is_dir():
+                what_is = "is a file" if p == path else f"lies inside {p}, which is a file"
+                raise CsnError(f"{what} {path} {what_is}; pass a folder path (a new one, or a run directory).")
+            return
+
+
 class Run:
     """A run directory. `Run(path).checkpoints` lists checkpoints; `load_model(ckpt)` rebuilds the model there."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        if not (self.path / "run.json").is_file():
-            raise CsnError(f"{self.path} is not a csn run (no run.json); pass a directory written by `csn train`.")
-        try:
-            self.info = json.loads((self.path / "run.json").read_bytes().decode("utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-            self.info = None
-        if not isinstance(self.info, dict) or not isinstance(self.info.get("config"), dict):
-            raise CsnError(f"{self.path / 'run.json'} is corrupt; restore it or re-create the run with `csn train --force`.")
+        check_run_path(self.path)
+        self.info = read_run_info(self.path)
+        _ = self.config  # validated on opening: a bad config is reported here, by file
 
     # paths
     @property
@@ -80,7 +138,12 @@ class Run:
     # manifest
     @property
     def checkpoints(self) -> list[Checkpoint]:
-        return read_manifest(self.ckpt_dir)
+        ckpts = read_manifest(self.ckpt_dir)
+        total = self.info["total_steps"]
+        if ckpts and ckpts[-1].step > total:
+            raise CsnError(f"{self.ckpt_dir / MANIFEST} lists step {ckpts[-1].step}, beyond the run's {total} training "
+                           f"steps (run.json); the manifest is corrupt: {damaged_checkpoint_fix(self.path)}")
+        return ckpts
 
     def checkpoint(self, step: int) -> Checkpoint:
         for c in self.checkpoints:
@@ -97,47 +160,89 @@ class Run:
         return select_checkpoints(ckpts, spec)
 
     def load_state(self, ckpt: Checkpoint) -> dict[str, torch.Tensor]:
-        """Load a checkpoint's weights after verifying its sha256."""
-        path = self.ckpt_dir / ckpt.file
-        if not path.is_file():
-            raise CsnError(f"checkpoint {path} (step {ckpt.step}) is missing, so it was not loaded; {damaged_checkpoint_fix(self.path)}")
-        if sha256_file(path) != ckpt.sha256:
-            raise CsnError(f"checkpoint {path} (step {ckpt.step}) is corrupt (its sha256 differs from the manifest: the file "
-                           f"was truncated or modified after it was written), so it was not loaded; {damaged_checkpoint_fix(self.path)}")
-        try:
-            return load_file(str(path))
-        except Exception as e:
-            raise CsnError(f"checkpoint {path} (step {ckpt.step}) cannot be read ({type(e).__name__}); "
-                           f"{damaged_checkpoint_fix(self.path)}") from None
+        """Load a checkpoint's weights after verifying its sha256 (and the file's header)."""
+        return load_tensors(self.ckpt_dir / ckpt.file, sha256=ckpt.sha256, what=f"checkpoint (step {ckpt.step})",
+                            fix=damaged_checkpoint_fix(self.path))
 
     def build_model(self) -> torch.nn.Module:
         """The run's architecture, freshly initialized (weights not loaded)."""
         return build_model_for(self.config, self.info["data"])
 
     def load_model(self, ckpt: Checkpoint | int | None = None, device: str | torch.device = "cpu") -> torch.nn.Module:
-        """The model at a checkpoint (default: the last one), in eval mode."""
+        """The model at a checkpoint (default: the last one), in eval mode; the checkpoint's tensor names and
+        shapes are checked against the model first."""
         if ckpt is None:
             ckpt = self.select("last")[0]
         elif isinstance(ckpt, int):
             ckpt = self.checkpoint(ckpt)
         model = self.build_model()
-        model.load_state_dict(self.load_state(ckpt))
+        state = self.load_state(ckpt)
+        load_weights(model, state, f"checkpoint {self.ckpt_dir / ckpt.file} (step {ckpt.step})",
+                     damaged_checkpoint_fix(self.path))
         return model.to(device).eval()
 
     def dataset(self) -> DataSplits:
-        """The run's dataset (same name and data root as at training time)."""
-        return load_data(self.config)
+        """The run's dataset (same name and data root as at training time), refused when it no longer matches
+        what run.json recorded (classes, channels, image size, split sizes)."""
+        data = load_data(self.config)
+        have, want = data_info(data), self.info["data"]
+        for key in ("num_classes", "in_channels", "image_size", "num_train", "num_test", "class_names"):
+            a, b = _plain(want.get(key)), _plain(have[key])
+            if a != b:
+                shown = f"{len(a)} class names" if key == "class_names" else f"{key} {a}"
+                got = f"{len(b)}" if key == "class_names" and len(a) != len(b) else b
+                raise CsnError(f"{self.path / 'run.json'} records {shown}, but the run's dataset ({data.name}) now gives "
+                               f"{got}; the data changed since training (or run.json was modified): restore the "
+                               "data the run was trained on, or re-create the run.")
+        return data
 
-    def read(self, name: str) -> pd.DataFrame | None:
-        """A table of the run, or None when it does not exist yet."""
+    def read(self, name: str, columns: dict[str, str] | None = None) -> pd.DataFrame | None:
+        """A table of the run, or None when it does not exist yet; checked against `columns` (default: the
+        schema declared for its name) before it is used."""
         p = self.table_path(name)
-        return read_table(p) if p.is_file() else None
+        return read_table(p, columns) if p.is_file() else None
 
     def write(self, name: str, df: pd.DataFrame) -> Path:
         """Atomically (re)write a table of the run."""
         p = self.table_path(name)
         write_table(p, df)
         return p
+
+
+RUN_LAYOUT: dict[str, tuple[str, ...]] = {
+    "tables": ("*.parquet", "*.safetensors", "*.safetensors" + SIDECAR),
+    "report": ("index.html", "*.png", "*.svg"),
+    "checkpoints": (MANIFEST, "step-*.safetensors", "state-*.safetensors", "state-*.safetensors" + SIDECAR),
+    ".": ("run.json",),
+}
+"""The files csn writes in a run directory, by folder (glob patterns; plus the temporary files `.NAME.XXXX.tmp`
+of interrupted writes). `csn train --force` deletes these and nothing else, in this order (results first,
+run.json last, so a deletion stopped part-way still leaves a directory --force recognizes)."""
+
+
+def delete_run_files(path: str | Path) -> list[Path]:
+    """Delete the files csn wrote in run directory `path` (RUN_LAYOUT), never following a symbolic link, and
+    the layout's folders once empty. Returns the other files found there, which are kept (a user's own files)."""
+    path = Path(path)
+    if path.is_symlink():
+        raise CsnError(f"{path} is a symbolic link; csn never deletes through a link: pass the run directory itself.")
+    linked = [path / d for d in RUN_LAYOUT if d != "." and (path / d).is_symlink()]
+    if linked:
+        raise CsnError(f"{linked[0]} is a symbolic link; csn never deletes through a link: remove the link yourself or "
+                       "choose another directory.")
+    ours: list[Path] = []
+    for folder, patterns in RUN_LAYOUT.items():
+        d = path / folder
+        if d.is_dir():
+            found = {p for pattern in (*patterns, ".*.tmp") for p in d.glob(pattern)}
+            ours += sorted(p for p in found if p.is_file() and not p.is_symlink())  # a link is not a file csn wrote
+    for p in ours:
+        p.unlink(missing_ok=True)
+    for folder in RUN_LAYOUT:
+        d = path / folder
+        if folder != "." and d.is_dir() and not any(d.iterdir()):
+            d.rmdir()
+    return sorted(Path(root, f) for root, _, files in os.walk(path) for f in files if f != ".lock")
 
 
 def damaged_checkpoint_fix(run_path: str | Path) -> str:
@@ -147,23 +252,74 @@ def damaged_checkpoint_fix(run_path: str | Path) -> str:
             f"run with `csn train --force --out {run_path}` and the same configuration (bitwise the same on CPU).")
 
 
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+def read_run_info(path: str | Path) -> dict:
+    """run.json of a run directory, validated against RunInfo (its config too); one CsnError naming the file."""
+    f = Path(path) / "run.json"
+    if not f.is_file():
+        raise CsnError(f"{path} is not a csn run (no run.json); pass a directory written by `csn train`.")
+    fix = "restore it or re-create the run with `csn train --force`."
+    try:
+        info = json.loads(f.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        raise CsnError(f"{f} is corrupt (not JSON); {fix}") from None
+    if not isinstance(info, dict):
+        raise CsnError(f"{f} is corrupt (not a JSON object); {fix}")
+    try:
+        checked = RunInfo.model_validate(info)
+    except ValidationError as e:
+        raise CsnError(f"{f} is not a valid run.json ({str(schema_error(e, RunInfo, 'key')).rstrip('.')}); {fix}") from None
+    try:
+        TrainConfig.from_dict(info["config"])
+    except CsnError as e:
+        raise CsnError(f"{f} holds an invalid config ({str(e).rstrip('.')}); {fix}") from None
+    return {**info, **checked.model_dump(mode="json", exclude={"config"})}  # defaults filled in, the config as written
+
+
+def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str, fix: str) -> None:
+    """model.load_state_dict(state) after checking that the tensor names and shapes are the model's: a missing,
+    extra or wrong-shape tensor is one CsnError naming it (never torch's multi-line error)."""
+    want = model.state_dict()
+    missing = [k for k in want if k not in state]
+    extra = [k for k in state if k not in want]
+    wrong = [k for k in want if k in state and tuple(state[k].shape) != tuple(want[k].shape)]
+    if missing or extra or wrong:
+        if wrong:
+            k = wrong[0]
+            problem = f"holds {k} of shape {list(state[k].shape)} where the model has {list(want[k].shape)}"
+        elif missing:
+            problem = f"lacks {len(missing)} of the model's tensors (first: {missing[0]})"
+        else:
+            problem = f"holds {len(extra)} tensors the model does not have (first: {extra[0]})"
+        raise CsnError(f"{what} {problem}: it does not fit the model run.json describes (a modified checkpoint or "
+                       f"run.json); {fix}")
+    model.load_state_dict(state)
+
+
+def _plain(v: Any) -> Any:
+    """JSON-comparable form: tuples as lists, a square [n, n] image size as n."""
+    if isinstance(v, (list, tuple)):
+        v = list(v)
+        return v[0] if len(v) == 2 and v[0] == v[1] and all(isinstance(x, int) for x in v) else v
+    return v
+
+
+class ManifestEntry(Schema):
+    """One line of checkpoints/manifest.jsonl, checked strictly (a value of the wrong type is refused, never
+    reinterpreted; keys csn does not read are ignored)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, strict=True, allow_inf_nan=False)
+    step: int = Field(ge=0, lt=MAX_STEP)
+    epoch: float = Field(ge=0)
+    file: str = Field(min_length=1)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    metrics: dict = {}
 
 
 def _manifest_entry(d: object) -> Checkpoint:
-    """One manifest line, checked strictly (a value of the wrong type is an error, never reinterpreted)."""
     if not isinstance(d, dict):
         raise ValueError("not an object")
-    step, epoch, file, sha, metrics = d["step"], d["epoch"], d["file"], d["sha256"], d.get("metrics", {})
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError("step")
-    if isinstance(epoch, bool) or not isinstance(epoch, (int, float)) or not math.isfinite(epoch) or epoch < 0:
-        raise ValueError("epoch")
-    if not isinstance(file, str) or not file or not isinstance(sha, str) or not _SHA256_RE.match(sha):
-        raise ValueError("file/sha256")
-    if not isinstance(metrics, dict):
-        raise ValueError("metrics")
-    return Checkpoint(step, float(epoch), file, sha, dict(metrics))
+    e = ManifestEntry.model_validate(d)  # ValidationError is a ValueError
+    return Checkpoint(e.step, float(e.epoch), e.file, e.sha256, dict(e.metrics))
 
 
 def _plain_file_name(name: str) -> bool:
@@ -189,6 +345,9 @@ def read_manifest(ckpt_dir: str | Path) -> list[Checkpoint]:
             continue
         try:
             c = _manifest_entry(json.loads(line))
+        except ValidationError as e:
+            why = str(schema_error(e, ManifestEntry, "key")).rstrip(".")
+            raise CsnError(f"{path} line {i} is malformed ({why}); {fix}") from None
         except (json.JSONDecodeError, KeyError, TypeError, ValueError, RecursionError):
             raise CsnError(f"{path} line {i} is malformed; {fix}") from None
         if not _plain_file_name(c.file):
@@ -237,6 +396,9 @@ def select_checkpoints(ckpts: list[Checkpoint], spec: str | None) -> list[Checkp
                 hits = [c for c in ckpts if lo - 1e-9 <= c.epoch <= hi + 1e-9]
             elif tok.startswith("e"):
                 e = _selector_number(tok[1:])
+                if not -1e-9 <= e <= ckpts[-1].epoch + 1e-9:
+                    raise CsnError(f"checkpoint selector {tok!r} asks for epoch {e:g}, outside the checkpoints (epochs "
+                                   f"0 to {ckpts[-1].epoch:g}); use an epoch in that range, or 'first' / 'last'.")
                 hits = [min(ckpts, key=lambda c: abs(c.epoch - e))]
             else:
                 if not _STEP_RE.fullmatch(tok):

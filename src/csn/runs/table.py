@@ -19,6 +19,7 @@ from typing import Any
 import pandas as pd
 
 from csn.errors import CsnError
+from csn.runs.io import register_table
 from csn.runs.run import Run
 
 _TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -48,6 +49,7 @@ class TableSpec:
     batches of a checkpoint, shared by every row of that checkpoint whatever else its key says.
     replace_by: the columns whose rows a new computation replaces as a whole (default: the key), e.g. a
     checkpoint's stage in ablation: a sweep on another grid replaces the stage's rows, never mixes in.
+    fix: what to do about a damaged file of this table (default: delete it and run the analysis again).
     """
 
     name: str
@@ -61,6 +63,10 @@ class TableSpec:
     labels: Mapping[str, str] = field(default_factory=dict)
     row_scope: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     replace_by: tuple[str, ...] = ()
+    fix: str = ""
+
+    def __post_init__(self) -> None:
+        register_table(self.name, dict(self.columns), *([self.fix] if self.fix else []))  # read_table checks files by name
 
     def frame(self, rows: pd.DataFrame | Iterable[Mapping[str, Any]] | None = None) -> pd.DataFrame:
         """Rows in this table's column order and types (an empty table for None)."""
@@ -87,13 +93,8 @@ class ResumableTable:
         self.df: pd.DataFrame | None = None
 
     def load(self) -> ResumableTable:
-        """Read the table (None when it does not exist yet); a table without this spec's columns is refused."""
-        self.df = self.run.read(self.name)
-        if self.df is not None:
-            missing = [c for c in self.spec.columns if c not in self.df.columns]
-            if missing:
-                raise CsnError(f"{self.path} lacks columns {missing} (written by an older csn?); delete it and run the "
-                               "analysis again.")
+        """Read the table (None when it does not exist yet); a table without this spec's columns and types is refused."""
+        self.df = self.run.read(self.name, columns=dict(self.spec.columns))
         return self
 
     # -- the one compatibility rule ---------------------------------------------------------------

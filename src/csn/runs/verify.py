@@ -1,50 +1,172 @@
-"""`csn verify`'s logic: every file csn reads back from a run directory, checked without loading code."""
+"""`csn verify`'s logic: every file csn reads back from a run directory, checked without loading code.
+
+A run: run.json against its schema (RunInfo, the config included), the manifest (every line, steps
+within training), every checkpoint (sha256, safetensors header, tensor names and shapes against the
+model run.json describes), the optimizer state and cached models (sha256 sidecars, headers, shapes),
+every table against its declared schema, and no half-written files. An experiment or reproduction
+directory: every run inside it, and its own files (reproduce.json, claims.json, its tables).
+"""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+import torch
+
 from csn.errors import CsnError
-from csn.runs.io import read_table, sha256_file
-from csn.runs.run import damaged_checkpoint_fix, read_manifest
+from csn.runs.config import TrainConfig, build_model_for
+from csn.runs.io import SIDECAR, checksum_problem, read_table, tensor_shapes
+from csn.runs.run import check_run_path, damaged_checkpoint_fix, read_manifest, read_run_info
+
+EXPERIMENT_FILES = ("reproduce.json", "claims.json")
+"""JSON files an experiment or reproduction directory holds beside its runs."""
 
 
 def verify_run(path: str | Path) -> list[str]:
     """Problems found in a run directory (empty list = intact). Never loads weights as code."""
     path = Path(path)
-    problems: list[str] = []
-    try:
-        info = json.loads((path / "run.json").read_bytes().decode("utf-8"))
-    except (FileNotFoundError, NotADirectoryError):
+    if not (path / "run.json").is_file():
         return [f"{path}: no run.json; this is not a csn run."]
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-        info = None
-    if not isinstance(info, dict):
-        return [f"{path / 'run.json'}: corrupt JSON; restore it or re-create the run with `csn train --force`."]
+    try:
+        info = read_run_info(path)
+    except CsnError as e:
+        return [str(e)]
     try:
         ckpts = read_manifest(path / "checkpoints")
     except CsnError as e:
         return [str(e)]
+    problems: list[str] = []
+    fix = damaged_checkpoint_fix(path)
+    if ckpts and ckpts[-1].step > info["total_steps"]:
+        problems.append(f"the manifest lists step {ckpts[-1].step}, beyond the run's {info['total_steps']} training "
+                        f"steps (run.json); {fix}")
+    shapes = _model_shapes(info)
     for c in ckpts:
-        f = path / "checkpoints" / c.file
-        if not f.is_file():
-            problems.append(f"checkpoint {f.name} (step {c.step}) is missing; {damaged_checkpoint_fix(path)}")
-        elif sha256_file(f) != c.sha256:
-            problems.append(f"checkpoint {f.name} (step {c.step}) is corrupt (sha256 mismatch: truncated or modified since "
-                            f"it was written); {damaged_checkpoint_fix(path)}")
-    if ckpts and ckpts[-1].step != info.get("total_steps") and ckpts[-1].step > 0:
-        state = path / "checkpoints" / f"state-{ckpts[-1].step:08d}.safetensors"
-        if not state.is_file():
-            problems.append(f"optimizer state {state.name} of the last checkpoint is missing; the run cannot resume exactly.")
-    for t in sorted((path / "tables").glob("*.parquet")):
-        try:
-            read_table(t)
-        except CsnError as e:
-            problems.append(str(e))
-    for leftover in list(path.rglob(".*.tmp")):
-        problems.append(f"{leftover} is an unfinished temporary file from an interrupted write; it is ignored and can be deleted.")
+        problem = _tensor_file_problem(path / "checkpoints" / c.file, c.sha256, shapes)
+        if problem:
+            problems.append(f"checkpoint {c.file} (step {c.step}) {problem}; {fix}")
+    states = sorted((path / "checkpoints").glob("state-*.safetensors"))
+    if ckpts and ckpts[-1].step != info["total_steps"] and ckpts[-1].step > 0:
+        last = path / "checkpoints" / f"state-{ckpts[-1].step:08d}.safetensors"
+        states = sorted({*states, last})  # an unfinished run resumes from the state of its last checkpoint
+    momentum = {f"momentum.{i}": s for i, s in enumerate(shapes["__params__"])} if shapes else None
+    for state in states:
+        problem = _tensor_file_problem(state, None, momentum, subset=True)
+        if problem:
+            problems.append(f"optimizer state {state.name} {problem}; the run cannot resume exactly from it: restore "
+                            "the file or re-create the run with `csn train --force`.")
+    problems += _table_problems(path / "tables")
+    problems += [f"{p} is an unfinished temporary file from an interrupted write; it is ignored and can be deleted."
+                 for p in sorted(path.rglob(".*.tmp"))]
     return problems
 
 
-__all__ = ["verify_run"]
+def _model_shapes(info: dict) -> dict[str, list] | None:
+    """{tensor name: shape} of the model run.json describes (built on the meta device: nothing allocated),
+    plus '__params__': the parameter shapes in optimizer order; None if it cannot be built."""
+    try:
+        with torch.device("meta"):
+            model = build_model_for(TrainConfig.from_dict(info["config"]), info["data"])
+    except Exception:  # noqa: BLE001 - a model that cannot be built is reported by the analyses that need it
+        return None
+    shapes: dict[str, list] = {k: list(v.shape) for k, v in model.state_dict().items()}
+    shapes["__params__"] = [list(p.shape) for p in model.parameters()]
+    return shapes
+
+
+def _tensor_file_problem(f: Path, sha256: str | None, shapes: dict[str, list] | None, subset: bool = False) -> str | None:
+    """Why a safetensors file is not intact (checksum, header, names and shapes), or None.
+
+    shapes: the expected {name: shape} (None: not checked); subset=True: the file may hold fewer tensors."""
+    problem = checksum_problem(f, sha256)
+    if problem:
+        return problem
+    try:
+        have = tensor_shapes(f)
+    except ValueError as e:
+        return f"has a damaged header ({e})"
+    if shapes is None:
+        return None
+    want = {k: v for k, v in shapes.items() if k != "__params__"}
+    wrong = [k for k in have if k in want and have[k] != want[k]]
+    if wrong:
+        return f"holds {wrong[0]} of shape {have[wrong[0]]} where the model has {want[wrong[0]]}"
+    extra = [k for k in have if k not in want]
+    missing = [] if subset else [k for k in want if k not in have]
+    if extra or missing:
+        which = f"lacks {missing[0]}" if missing else f"holds {extra[0]}, which the model does not have"
+        return f"does not fit the model run.json describes ({which})"
+    return None
+
+
+def _table_problems(tables: Path) -> list[str]:
+    """Unreadable or mistyped tables, and cached tensors (tables/*.safetensors) failing their checksum."""
+    out: list[str] = []
+    for t in sorted(tables.glob("*.parquet")):
+        try:
+            read_table(t)
+        except CsnError as e:
+            out.append(str(e))
+    for f in sorted(tables.glob("*.safetensors")):
+        problem = _tensor_file_problem(f, None, None)
+        if problem:
+            out.append(f"{f} {problem}; delete it (and the table computed with it) and run the analysis again.")
+    for f in sorted(tables.glob("*" + SIDECAR)):
+        if not f.with_name(f.name.removesuffix(SIDECAR)).is_file():
+            out.append(f"{f} is the checksum of a file that is missing; delete it.")
+    return out
+
+
+def find_runs(path: str | Path) -> list[Path]:
+    """The run directories (holding run.json) at or below `path`, not looking inside runs."""
+    path = Path(path)
+    if (path / "run.json").is_file():
+        return [path]
+    found = []
+    for root, dirs, _ in os.walk(path):
+        dirs.sort()
+        for d in list(dirs):
+            if (Path(root, d) / "run.json").is_file():
+                found.append(Path(root, d))
+                dirs.remove(d)  # a run's own folders hold no runs
+    return found
+
+
+def verify_experiment(path: str | Path) -> list[str]:
+    """Problems with an experiment or reproduction directory's own files (its JSON files and tables)."""
+    path = Path(path)
+    out: list[str] = []
+    for name in EXPERIMENT_FILES:
+        f = path / name
+        if f.is_file():
+            try:
+                data = json.loads(f.read_bytes().decode("utf-8"))
+                if not isinstance(data, dict):
+                    raise ValueError
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                out.append(f"{f} is corrupt (not a JSON object); restore it or run the command that wrote it again.")
+    out += _table_problems(path)
+    out += [f"{p} is an unfinished temporary file from an interrupted write; it is ignored and can be deleted."
+            for p in sorted(path.glob(".*.tmp"))]
+    return out
+
+
+def verify_path(path: str | Path) -> dict[Path, list[str]]:
+    """{directory: problems} for a run, or for an experiment/reproduction directory (its own files under its
+    path, then every run inside it). CsnError when `path` holds no csn run at all."""
+    path = Path(path)
+    check_run_path(path, "the directory")
+    if not path.is_dir():
+        raise CsnError(f"{path} is not a directory; pass a run directory or an experiment directory holding runs.")
+    runs = find_runs(path)
+    if not runs:
+        raise CsnError(f"{path} holds no csn run (no run.json in it or below it); pass a run directory written by "
+                       "`csn train`, or an experiment or reproduction directory.")
+    if runs == [path]:
+        return {path: verify_run(path)}
+    return {path: verify_experiment(path), **{r: verify_run(r) for r in runs}}
+
+
+__all__ = ["verify_run", "verify_experiment", "verify_path", "find_runs"]

@@ -12,7 +12,6 @@ import contextlib
 import math
 import os
 import platform
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -20,27 +19,33 @@ from pathlib import Path
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 from csn import dist
 from csn._version import __version__
 from csn.core.progress import bar
-from csn.core.resources import check_disk_space, state_dict_bytes
+from csn.core.resources import check_disk_space, check_limit, env_limit, state_dict_bytes
 from csn.core.schedules import alpha_schedule, checkpoint_steps, lr_at
 from csn.data import BatchLoader
 from csn.data.loaders import folder_loader, shard_split, subset
 from csn.errors import CsnError, unknown
 from csn.runs.config import TrainConfig, build_model_for, data_info, load_data
-from csn.runs.io import save_tensors, write_json, write_table
+from csn.runs.io import load_tensors, save_tensors, write_json, write_table
 from csn.runs.lock import lock_holder, run_lock
-from csn.runs.run import Checkpoint, Run, read_manifest, write_manifest
+from csn.runs.run import Checkpoint, Run, check_run_path, delete_run_files, load_weights, read_manifest, write_manifest
+from csn.runs.table import TableSpec
 from csn.training.ddp import sync_batchnorm, wrap_ddp
 from csn.training.regularizer import SelectivityRegularizer
 
 AUGMENT = {"none": {}, "flip": {"flip": True}, "crop": {"crop_pad": 2}, "crop+flip": {"crop_pad": 2, "flip": True},
            "cifar": {"crop_pad": 4, "flip": True}, "imagenet": {}}
-LOG_COLUMNS = ["step", "epoch", "lr", "alpha", "train_loss", "train_acc", "reg_value", "reg_skipped", "time_s"]
-"""Columns of tables/training.parquet."""
+TRAINING = TableSpec(
+    "training", {"step": "int64", "epoch": "float64", "lr": "float64", "alpha": "float64", "train_loss": "float64",
+                 "train_acc": "float64", "reg_value": "float64", "reg_skipped": "int64", "time_s": "float64"},
+    key=("step",), fix="restore it from a backup or re-run the training (`csn train --force`, bitwise the same on CPU)")
+"""tables/training.parquet: one line per logged step (loss and accuracy averaged since the previous line)."""
+LOG_COLUMNS = list(TRAINING.columns)
+MAX_MODEL_ENV = "CSN_MAX_MODEL_GB"
+DEFAULT_MAX_MODEL_GB = 16.0
 EVAL_SUBSET_SEED = 2024
 """Seed of the fixed test subset that intermediate checkpoints are scored on (eval_samples)."""
 
@@ -123,11 +128,30 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     return out
 
 
-def _load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
-    for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
-        buf = tensors.get(f"momentum.{i}")
-        if buf is not None:
-            opt.state[p]["momentum_buffer"] = buf.to(device=p.device, dtype=p.dtype).clone()
+def _load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], what: str, fix: str) -> None:
+    params = [p for g in opt.param_groups for p in g["params"]]
+    names = {f"momentum.{i}": p for i, p in enumerate(params)}
+    for name, buf in tensors.items():
+        p = names.get(name)
+        if p is None or tuple(buf.shape) != tuple(p.shape):
+            where = "" if p is None else f" of shape {list(buf.shape)} where the parameter has {list(p.shape)}"
+            raise CsnError(f"{what} holds {name}{where}: it does not fit the model; {fix}")
+    for name, p in names.items():
+        if name in tensors:
+            opt.state[p]["momentum_buffer"] = tensors[name].to(device=p.device, dtype=p.dtype).clone()
+
+
+def _check_model_size(cfg: TrainConfig, info: dict) -> None:
+    """Refuse a model whose training state cannot reasonably fit, before allocating it: the model is built on
+    the meta device (no memory) and its weights, gradients and momentum (3 x 4 bytes a parameter) are
+    bounded by $CSN_MAX_MODEL_GB (default 16)."""
+    with torch.device("meta"):
+        skeleton = build_model_for(cfg, info)
+    n = sum(t.numel() for t in skeleton.state_dict().values())
+    check_limit(12 * n, env_limit(MAX_MODEL_ENV, DEFAULT_MAX_MODEL_GB, example="e.g. 64") * 1e9,
+                what=f"training model {cfg.model!r} at width {cfg.width:g} ({n:,} parameters and buffers: weights, "
+                     "gradients and momentum)",
+                raise_it=f"lower width, or set {MAX_MODEL_ENV} to raise it")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -142,26 +166,48 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, force: boo
     tables/training.parquet, and run.json. `stop_after_step` ends early (tests of resume).
     """
     out = Path(out)
-    with contextlib.ExitStack() as stack:
-        with dist.same_outcome():  # under torchrun: rank 0 checks and locks; every rank fails together
-            _prepare_dir(cfg, out, resume=resume, force=force)
-            if dist.is_main():
-                stack.enter_context(run_lock(out, "train"))
-                for debris in out.glob(".run.json.*.tmp"):  # a run killed while writing its first file
-                    debris.unlink(missing_ok=True)
-        # Set-up: a CsnError on any rank (bad data root, missing torchvision, missing optimizer state ...)
-        # is raised on every rank before the first collective of training, so no rank is left waiting.
-        with dist.same_outcome():
-            t = _Training(cfg, out, resume=resume)
-        t.start()
-        t.run(progress=progress, stop_after_step=stop_after_step)
+    # 1. Checks that touch nothing; 2. set-up (data, model, optimizer, schedules): a bad request fails in
+    # these two steps, before any file is written or deleted, so it leaves no run directory behind (and
+    # --force deletes nothing). Under torchrun rank 0 checks and every rank fails together.
+    with dist.same_outcome():
+        _check_out(cfg, out, resume=resume, force=force)
+    with dist.same_outcome():
+        t = _Training(cfg, out)
+    # 3. The run directory (--force: the old run's files deleted) and its writer lock; then the last checkpoint
+    # restored (--resume) and the disk checked. A fresh run that stops before its first checkpoint is complete
+    # removes what it wrote (and the folder, if it made it).
+    made = [p for p in (out, *out.parents) if not p.exists()] if dist.is_main() else []  # folders this call makes
+    try:
+        with contextlib.ExitStack() as stack:
+            with dist.same_outcome():
+                _prepare_dir(cfg, out, resume=resume, force=force)
+                if dist.is_main():
+                    stack.enter_context(run_lock(out, "train"))
+                    for debris in out.glob(".run.json.*.tmp"):  # a run killed while writing its first file
+                        debris.unlink(missing_ok=True)
+            fresh = not (out / "run.json").is_file()
+            with dist.same_outcome():
+                t.open(resume=resume)
+            try:
+                t.start()
+            except BaseException:
+                if dist.is_main() and fresh and not read_manifest(t.ckpt_dir):
+                    delete_run_files(out)
+                raise
+            t.run(progress=progress, stop_after_step=stop_after_step)
+    except BaseException:
+        for folder in made:  # innermost first; a folder something else wrote into stays
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
     return Run(out)
 
 
 class _Training:
     """The state of one training run and its steps (set-up, restore, one step, log, checkpoint)."""
 
-    def __init__(self, cfg: TrainConfig, out: Path, *, resume: bool) -> None:
+    def __init__(self, cfg: TrainConfig, out: Path) -> None:
+        """Set up data, model, optimizer and schedules; reads and writes nothing in `out`."""
         self.cfg, self.out, self.main = cfg, out, dist.is_main()
         if cfg.threads:
             torch.set_num_threads(int(cfg.threads))
@@ -169,6 +215,7 @@ class _Training:
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         self._setup_data()
+        _check_model_size(cfg, self.info)
         torch.manual_seed(cfg.seed)
         model = build_model_for(cfg, self.info).to(device)
         self.model, self.bn_mode = sync_batchnorm(model, device, cfg.sync_bn)
@@ -179,7 +226,11 @@ class _Training:
                                    weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
         self.step, self.logs = 0, []
         self.ckpt_dir = out / "checkpoints"
-        self.manifest: list[Checkpoint] = read_manifest(self.ckpt_dir) if resume else []
+        self.manifest: list[Checkpoint] = []
+
+    def open(self, *, resume: bool) -> None:
+        """With resume, restore the last checkpoint of the run directory; then check the disk (rank 0)."""
+        self.manifest = read_manifest(self.ckpt_dir) if resume else []
         if self.manifest:
             self._restore()
         if self.main:
@@ -205,6 +256,8 @@ class _Training:
         cfg = self.cfg
         self.total = int(round(cfg.epochs * self.steps_per_epoch))
         self.ckpt_steps = checkpoint_steps(cfg.checkpoints, self.steps_per_epoch, cfg.epochs)
+        lr_at(0, max(self.total, 1), self.steps_per_epoch, cfg.lr, cfg.lr_schedule, milestones=cfg.milestones,
+              gamma=cfg.gamma, warmup_epochs=cfg.warmup_epochs)  # the schedule is checked before training starts
         self.alphas = alpha_schedule(cfg.reg_schedule, cfg.reg_alpha, cfg.reg_window)
         self.alphas.validate(cfg.epochs)
         self.reg = None
@@ -215,18 +268,12 @@ class _Training:
         """Weights, momentum and logs of the last checkpoint (exact resume)."""
         last = self.manifest[-1]
         run = Run(self.out)
-        self.model.load_state_dict(run.load_state(last))
-        state_path = self.ckpt_dir / state_file(last.step)
+        fix = "the run cannot resume exactly: restart it with --force (bitwise the same on CPU)."
+        load_weights(self.model, run.load_state(last), f"checkpoint {self.ckpt_dir / last.file} (step {last.step})", fix)
         if last.step > 0:
-            if not state_path.is_file():
-                raise CsnError(f"optimizer state {state_path} is missing, so the run cannot resume exactly; restart it "
-                               "with --force.")
-            try:
-                state = load_file(str(state_path))
-            except Exception as e:  # written atomically, so only damage after the fact gets here
-                raise CsnError(f"optimizer state {state_path} cannot be read ({type(e).__name__}), so the run cannot "
-                               "resume exactly; restart it with --force.") from None
-            _load_optimizer_tensors(self.opt, state)
+            path = self.ckpt_dir / state_file(last.step)
+            state = load_tensors(path, what="optimizer state", fix=fix)
+            _load_optimizer_tensors(self.opt, state, f"optimizer state {path}", fix)
         self.step = last.step
         old = run.read("training")
         if old is not None:
@@ -355,13 +402,14 @@ class _Training:
         ckpt_dir = self.ckpt_dir
         digest = save_tensors(ckpt_dir / weights_file(step), self.model.state_dict(), metadata={"step": str(step)})
         if step > 0:
-            save_tensors(ckpt_dir / state_file(step), _optimizer_tensors(self.opt), metadata={"step": str(step)})
+            save_tensors(ckpt_dir / state_file(step), _optimizer_tensors(self.opt), metadata={"step": str(step)},
+                         checksum=True)
         entry = Checkpoint(step, step / self.steps_per_epoch, weights_file(step), digest, metrics)
         self.manifest[:] = sorted([c for c in self.manifest if c.step != step] + [entry], key=lambda c: c.step)
-        write_table(self.out / "tables" / "training.parquet", pd.DataFrame(self.logs, columns=LOG_COLUMNS))
+        write_table(self.out / "tables" / "training.parquet", TRAINING.frame(pd.DataFrame(self.logs, columns=LOG_COLUMNS)))
         write_manifest(ckpt_dir, self.manifest)
-        for old_state in ckpt_dir.glob("state-*.safetensors"):  # keep only the newest optimizer state
-            if old_state.name != state_file(step):
+        for old_state in ckpt_dir.glob("state-*.safetensors*"):  # keep only the newest optimizer state (+ checksum)
+            if not old_state.name.startswith(state_file(step)):
                 old_state.unlink(missing_ok=True)
 
     def _run_json(self) -> dict:
@@ -382,18 +430,21 @@ class _Training:
 # the run directory before training
 # ------------------------------------------------------------------------------------------------
 
-def _prepare_dir(cfg: TrainConfig, out: Path, *, resume: bool, force: bool) -> None:
-    """Refuse to overwrite a run unless --force; on --resume refuse a different config, showing the difference."""
+def _check_out(cfg: TrainConfig, out: Path, *, resume: bool, force: bool) -> bool:
+    """Refuse a run directory that cannot be used (nothing is written or deleted): a path that cannot be a
+    folder, an existing run without --resume/--force, a foreign folder, --force through a symbolic link,
+    --resume with another configuration. Returns whether `out` holds a run that --force will delete."""
     if not dist.is_main():
-        return
+        return False
+    check_run_path(out, "--out")
     # A run killed before it wrote run.json leaves only its lock file (and maybe run.json's temporary file):
     # that is not "an existing directory", so the same command, --resume or --force all start it afresh.
-    exists = out.exists() and any(not _is_debris(p) for p in out.iterdir())
+    exists = out.is_dir() and any(not _is_debris(p) for p in out.iterdir())
     if resume:
         if not (out / "run.json").is_file():
             if exists:
                 raise CsnError(f"{out} is not a csn run (no run.json); choose another --out or use --force to start over.")
-            return
+            return False
         run = Run(out)  # a corrupt run.json is reported by name
         diff = run.config.diff(cfg)
         if diff:
@@ -404,34 +455,39 @@ def _prepare_dir(cfg: TrainConfig, out: Path, *, resume: bool, force: bool) -> N
         if old_world != dist.world_size():
             raise CsnError(f"{out} was trained with world size {old_world} and is resumed with {dist.world_size()}; "
                            "resume with the same number of processes.")
-        return
+        return False
     if exists:
         if not force:
             raise CsnError(f"{out} already exists; pass --resume to continue it or --force to overwrite it.")
         if not (out / "run.json").is_file():
             raise CsnError(f"{out} exists and is not a csn run; refusing to delete it even with --force, choose another --out.")
+        if out.is_symlink():
+            raise CsnError(f"{out} is a symbolic link (to {os.path.realpath(out)}); --force never deletes through a "
+                           "link: pass the run directory itself as --out.")
     if out.exists():
         holder = lock_holder(out)
         if holder:
             raise CsnError(f"another csn process is writing in {out} (pid {holder}); wait for it to finish or stop it "
                            "before starting this run afresh.")
-        if exists:
-            _delete_run(out)
-        else:
-            for p in out.iterdir():
+    return exists
+
+
+def _prepare_dir(cfg: TrainConfig, out: Path, *, resume: bool, force: bool) -> None:
+    """Check `out` (_check_out), then with --force delete the old run's files (only the files csn wrote,
+    never through a symbolic link; a user's other files stay), and make the folder."""
+    if not dist.is_main():
+        return
+    if _check_out(cfg, out, resume=resume, force=force):
+        kept = delete_run_files(out)
+        if kept:
+            shown = ", ".join(str(p.relative_to(out)) for p in kept[:5]) + (", ..." if len(kept) > 5 else "")
+            print(f"note: --force deleted the files csn wrote in {out} and kept {len(kept)} other file(s) there: {shown}",
+                  file=sys.stderr)
+    elif out.is_dir() and not resume:
+        for p in out.iterdir():
+            if _is_debris(p):
                 p.unlink(missing_ok=True)  # only debris of a run killed before its first file
     out.mkdir(parents=True, exist_ok=True)
-
-
-def _delete_run(out: Path) -> None:
-    """Delete a run for --force so that a kill part-way leaves a state that is still recoverable: its results
-    first (tables, then the manifest), run.json last (so `--force` still recognises the run and finishes)."""
-    shutil.rmtree(out / "tables", ignore_errors=True)
-    (out / "checkpoints" / "manifest.jsonl").unlink(missing_ok=True)
-    for child in out.iterdir():
-        if child.name != "run.json":
-            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
-    shutil.rmtree(out)
 
 
 def _is_debris(p: Path) -> bool:

@@ -44,7 +44,8 @@ from csn.analysis.selectivity import (
     reduce_class_stats,
     selectivity_frame,
 )
-from csn.core.schema import CommaList, Int, Schema
+from csn.core.resources import check_limit, env_limit, human_bytes
+from csn.core.schema import CommaList, Int, Schema, Seed
 from csn.core.units import resolve_layers, split_batch, stages
 from csn.errors import CsnError, closest
 from csn.runs.run import Checkpoint, Run
@@ -62,6 +63,14 @@ ABLATION = TableSpec(
     labels={"bn_recalibrated": "BatchNorm statistics re-estimated from {} batches"})
 """tables/ablation.parquet: one row per (checkpoint, stage, order, n, draw)."""
 ABLATION_COLUMNS = list(ABLATION.columns)
+
+MAX_POINTS_ENV = "CSN_MAX_ABLATION_POINTS"
+DEFAULT_MAX_POINTS = 1_000_000
+"""The most points (table rows) one ablation request may hold, unless --max-points or $CSN_MAX_ABLATION_POINTS
+says more: the bound is checked in setup, before anything is allocated."""
+ROW_BYTES = 700
+"""Memory one point takes while a request runs (its key, its expected row and its table row: about 700 bytes,
+measured with tracemalloc on 100,000 points), for the estimate in the refusal."""
 
 _RANKING_COLUMNS = ("step", "layer", "unit", "csi", "split", "bn_recalibrated")
 """Columns of tables/selectivity.parquet the ranking needs (variant too, when the table has it)."""
@@ -102,7 +111,7 @@ class AblationOptions(Schema):
     score_split: Split = Field("test", description="Split the ablated network is scored on (top-1, top-5, loss).")
     mode: Literal["zero", "mean"] = Field("zero", description="zero: set ablated units to 0 (the study). mean: set "
                                           "them to their mean over the rank split.")
-    seed: Int = Field(0, description="Seed of the random draws (recorded in the table).", json_schema_extra={"metavar": "N"})
+    seed: Seed = Field(0, description="Seed of the random draws (recorded in the table).", json_schema_extra={"metavar": "N"})
     samples: Samples = Field(None, description="Score on a fixed seeded subset of N images of the score split "
                              "[default: all].", json_schema_extra={"metavar": "N|all"})
     naive: bool = Field(False, description="Reference protocol: a full forward pass per point (slow; gives the same "
@@ -112,6 +121,9 @@ class AblationOptions(Schema):
     max_elements: Int | None = Field(None, ge=1, description="Memory budget of one batched forward: masks x batch x "
                                      "largest per-image activation (default: 2^20 on CPU, 2^27 on accelerators).",
                                      json_schema_extra={"metavar": "N"})
+    max_points: Int | None = Field(None, ge=1, description="Refuse a request of more points (checkpoints x stages x "
+                                   f"grid x orders and draws) than this [default: ${MAX_POINTS_ENV} or "
+                                   f"{DEFAULT_MAX_POINTS:,}].", json_schema_extra={"metavar": "N"})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -267,8 +279,26 @@ class Ablation(Analysis):
         x0, _ = split_batch(next(iter(eval_loader(ctx.run, ctx.data, o.score_split, batch_size=1))))
         units = probe(skeleton, x0, layers).units
         counts = {s: grid.counts(min(units[layer] for layer in names), s) for s, names in stage_layers.items()}
+        self._check_size(ctx, counts, orders)
         self._plans[str(ctx.run.path.resolve())] = _Plan(stage_layers, units, counts, grid, orders,
                                                          ctx.split_size(o.score_split, o.samples))
+
+    def _check_size(self, ctx: Context, counts: dict[str, list[int]], orders: tuple[str, ...]) -> None:
+        """Refuse a request of more points than the bound (--max-points, $CSN_MAX_ABLATION_POINTS), with its
+        size, memory and work, before anything is allocated."""
+        o = self.options
+        per_order = {order: o.draws if order == "random" else 1 for order in orders}
+        per_ckpt = sum(len(c) * sum(per_order.values()) for c in counts.values())
+        points = per_ckpt * len(ctx.checkpoints)
+        limit = o.max_points or int(env_limit(MAX_POINTS_ENV, DEFAULT_MAX_POINTS, example="e.g. 5000000"))
+        images = ctx.split_size(o.score_split, o.samples)
+        shape = " + ".join(f"{k} x {len(c)} grid points" for k, c in counts.items())
+        check_limit(points, limit, show=lambda n: f"{n:,.0f} points",
+                    what=f"this ablation request ({len(ctx.checkpoints)} checkpoints x ({shape}) x "
+                         f"{sum(per_order.values()):,} orders and draws; about {human_bytes(points * ROW_BYTES)} of "
+                         f"rows and {points * images:.3g} image evaluations)",
+                    raise_it=f"fewer --draws, --checkpoints or --stages, a coarser --grid, or --max-points N or "
+                             f"{MAX_POINTS_ENV} to raise it")
 
     def settings(self, ctx: Context) -> dict[str, dict[str, Any]]:
         o = self.options

@@ -68,7 +68,6 @@ import pandas as pd
 import torch
 from pydantic import AfterValidator, Field
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 from csn.analysis.base import Analysis, AnalysisModel, Context, Samples, Split, note
 from csn.analysis.linearity.measures import (
@@ -80,7 +79,7 @@ from csn.core.schema import CommaList, Int, Schema
 from csn.data import DataSplits
 from csn.dist import is_dist
 from csn.errors import CsnError, unknown
-from csn.runs.io import save_tensors
+from csn.runs.io import load_tensors, save_tensors
 from csn.runs.run import Checkpoint, Run
 from csn.runs.table import TableSpec
 
@@ -155,14 +154,16 @@ def _fit_settings(epochs: int | None, lr: float | None) -> dict[str, Any]:
 def _load_linear_model(path: Path, fit: dict[str, Any], num_classes: int, num_features: int
                        ) -> tuple[torch.nn.Linear, dict]:
     """The cached classifier at `path`, refused when it was fit otherwise or for another input size."""
+    fix = "delete it (and tables/linearity.parquet) and run `csn linearity` again to refit."
+    tensors = load_tensors(path, what="the cached linear classifier", fix=fix)  # checked against its sha256 sidecar
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {})["csn_linear_model"])
-        tensors = load_file(str(path))
         weight, bias = tensors["weight"], tensors["bias"]
+        if tuple(bias.shape) != (num_classes,) or not isinstance(meta, dict):
+            raise ValueError
     except Exception:  # noqa: BLE001 - whatever fails to read it, the file is damaged
-        raise CsnError(f"{path} is unreadable or corrupt; delete it (and tables/linearity.parquet) and run "
-                       "`csn linearity` again to refit.") from None
+        raise CsnError(f"{path} is unreadable or corrupt; {fix}") from None
     if meta.get("fit") != fit or tuple(weight.shape) != (num_classes, num_features):
         raise CsnError(f"{path} was fit with {meta.get('fit')}, but this request asks for {fit}; pass the same "
                        "--fit-epochs, or delete it and tables/linearity.parquet to refit.")
@@ -199,7 +200,7 @@ def linear_model_for_run(run: Run, data: DataSplits, *, epochs: int | None = Non
             "train_examples": int(y.shape[0]), "test_examples": int(yt.shape[0]), "train_acc": train_acc,
             "test_acc": accuracy(layer, xt, yt), "dataset": data.name, "num_features": num_features}
     save_tensors(path, {"weight": layer.weight, "bias": layer.bias},
-                 metadata={"csn_linear_model": json.dumps(meta, sort_keys=True)})
+                 metadata={"csn_linear_model": json.dumps(meta, sort_keys=True)}, checksum=True)
     return layer, meta
 
 
