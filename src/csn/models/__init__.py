@@ -11,6 +11,7 @@ from csn.models.base import CsnModel
 from csn.models.resnet_cifar import CifarResNet
 from csn.models.resnet_imagenet import BasicBlock, Bottleneck, ImageNetResNet
 from csn.models.simple import MLP, VGG, SmallCNN
+from csn.models.vit import ViT
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "resnet8": lambda **kw: CifarResNet(1, **kw),
@@ -25,8 +26,9 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "vgg16-nobn": lambda **kw: VGG(batchnorm=False, **kw),
     "cnn": lambda **kw: SmallCNN(**kw),
     "mlp": lambda **kw: MLP(**kw),
+    "vit-tiny": lambda **kw: ViT(**kw),
 }
-_NEEDS_SIZE = {"vgg16", "vgg16-nobn", "mlp"}
+_NEEDS_SIZE = {"vgg16", "vgg16-nobn", "mlp", "vit-tiny"}
 
 
 def list_models() -> list[str]:
@@ -48,4 +50,4 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 3, width: 
     return _REGISTRY[name](num_classes=num_classes, in_channels=in_channels, width=width, **kwargs)
 
 
-__all__ = ["create_model", "list_models", "CsnModel", "CifarResNet", "ImageNetResNet", "VGG", "SmallCNN", "MLP"]
+__all__ = ["create_model", "list_models", "CsnModel", "CifarResNet", "ImageNetResNet", "VGG", "SmallCNN", "MLP", "ViT"]
