@@ -133,15 +133,16 @@ PRESETS: dict[str, dict] = {
     # Seconds on a CPU: tiny synthetic data, a small ResNet; for tests, CI and a first look.
     "smoke": dict(
         name="smoke", dataset="synthetic", synthetic=dict(num_train=512, num_test=256, num_classes=4, channels=1, size=12),
-        model="resnet8", width=0.5, epochs=2.0, batch_size=64, lr=0.05, checkpoints="0:1:0.25,1:end:0.5",
+        model="resnet8", width=0.5, epochs=2.0, batch_size=64, lr=0.05, checkpoints="steps:0:8:2,f0.5:end:f0.25",
         eval_batch_size=256, log_every=2, channels_last=False,
     ),
     # The embedded default: Fashion-MNIST with a CIFAR-style ResNet, sized for one 2-core CPU.
-    # Dense step-based early checkpoints resolve the selectivity peak within the first ~100 steps.
+    # Dense step-based early checkpoints resolve the selectivity peak within the first ~100 steps; the rest
+    # are fractions of training (on Fashion-MNIST, 469 steps per epoch: epochs 0.75, 1, 1.5, 2, 2.5, 3).
     "fmnist": dict(
         name="fmnist", dataset="fashion-mnist", model="resnet8", width=1.0, epochs=3.0, batch_size=128,
         lr=0.1, momentum=0.9, weight_decay=5e-4, lr_schedule="cosine", warmup_epochs=0.0, augment="none",
-        checkpoints="step=8,step=16,step=32,step=64,step=128,step=256,0.75:1:0.25,1:end:0.5",
+        checkpoints="step=8,step=16,step=32,step=64,step=128,step=256,f0.25,f0.3333,f0.5,f0.6667,f0.8333",
         eval_batch_size=1000, eval_samples=2000,
     ),
     # The study's recipe (SPEC "Training recipes"): ResNet-50 on an ImageNet folder, for GPUs under torchrun.
@@ -152,6 +153,12 @@ PRESETS: dict[str, dict] = {
         log_every=50,
     ),
 }
+
+
+def is_preset_checkpoints(spec: str | None) -> bool:
+    """True when a checkpoint spec is a preset's own: its points past the end of a shortened training are
+    dropped with a note, while a schedule the user wrote that points past the end stays an error."""
+    return spec is not None and "".join(spec.split()) in {"".join(p["checkpoints"].split()) for p in PRESETS.values()}
 
 
 def preset(name: str) -> TrainConfig:
@@ -242,5 +249,5 @@ def build_model_for(cfg: TrainConfig, info: dict):
                         width=cfg.width, image_size=info["image_size"])
 
 
-__all__ = ["TrainConfig", "PRESETS", "preset", "read_config_file", "load_config_file", "load_data", "data_info",
+__all__ = ["TrainConfig", "PRESETS", "preset", "is_preset_checkpoints", "read_config_file", "load_config_file", "load_data", "data_info",
            "build_model_for"]

@@ -30,7 +30,7 @@ from csn.core.schedules import alpha_schedule, checkpoint_steps, lr_at
 from csn.data import BatchLoader
 from csn.data.loaders import folder_loader, shard_split, subset
 from csn.errors import CsnError, unknown
-from csn.runs.config import TrainConfig, build_model_for, data_info, load_data
+from csn.runs.config import TrainConfig, build_model_for, data_info, is_preset_checkpoints, load_data
 from csn.runs.io import save_tensors, write_json, write_table
 from csn.runs.lock import lock_holder, run_lock
 from csn.runs.run import Checkpoint, Run, read_manifest, write_manifest
@@ -204,7 +204,10 @@ class _Training:
     def _setup_schedules(self) -> None:
         cfg = self.cfg
         self.total = int(round(cfg.epochs * self.steps_per_epoch))
-        self.ckpt_steps = checkpoint_steps(cfg.checkpoints, self.steps_per_epoch, cfg.epochs)
+        # a preset's schedule fits a shortened training (points past the end dropped, with a note); the user's must fit
+        self.ckpt_steps = checkpoint_steps(cfg.checkpoints, self.steps_per_epoch, cfg.epochs,
+                                           clip=True if is_preset_checkpoints(cfg.checkpoints) else None,
+                                           note=lambda m: print(m, file=sys.stderr) if self.main else None)
         self.alphas = alpha_schedule(cfg.reg_schedule, cfg.reg_alpha, cfg.reg_window)
         self.alphas.validate(cfg.epochs)
         self.reg = None
