@@ -1,4 +1,5 @@
-"""vit-tiny: shapes, read points and stages, the split forward, token units, ablation, regularizer, training."""
+"""vit-tiny: shapes, read points and stages, the split forward, token units, ablation, regularizer, training,
+and a run through train + selectivity + ablation + regularizer."""
 
 from __future__ import annotations
 
@@ -8,14 +9,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from csn.analysis import ablation as A
-from csn.analysis.ablation import ablate_units, ablation_sweep
+from csn.analysis.ablation import Ablation, ablate_units, ablation_sweep
+from csn.analysis.ablation.sweep import probe
+from csn.analysis.base import run_analysis
+from csn.analysis.selectivity import Selectivity
+from csn.core.trace import run_with_cache
+from csn.core.units import resolve_layers
 from csn.errors import CsnError
 from csn.models import ViT, create_model
 from csn.models.vit import Attention
 from csn.runs import Run
 from csn.training.regularizer import SelectivityRegularizer
-from csn.units import resolve_layers, run_with_cache
 from tests.conftest import tiny_config
 
 
@@ -54,10 +58,13 @@ def _data(n: int = 70, size: int = 8, k: int = 10, bs: int = 32, seed: int = 0):
 def test_registry_defaults_for_fashion_mnist():
     m = create_model("vit-tiny", num_classes=10, in_channels=1, image_size=28)
     assert isinstance(m, ViT)
-    assert (m.patch, m.dim, m.num_patches, len(m.blocks), m.pool) == (7, 64, 16, 6, "mean")
+    assert (m.patch, m.dim, m.num_patches, len(m.blocks), m.pool) == ((7, 7), 64, 16, 6, "mean")
     assert m.blocks[0].attn.heads == 4 and m.blocks[0].mlp.fc1.out_features == 128
-    assert m.csn_stages == {"stage1": ["blocks.0", "blocks.1"], "stage2": ["blocks.2", "blocks.3"],
-                            "stage3": ["blocks.4", "blocks.5"]}
+    assert isinstance(m.blocks[0].mlp.act, torch.nn.ReLU)
+    assert m.csn_stages == {"stage1": ["blocks.0.mlp.act", "blocks.1.mlp.act"],
+                            "stage2": ["blocks.2.mlp.act", "blocks.3.mlp.act"],
+                            "stage3": ["blocks.4.mlp.act", "blocks.5.mlp.act"]}
+    assert sum(p.numel() for p in m.parameters()) == 205_834
     assert m(_x(3, 28)).shape == (3, 10)
     assert create_model("vit-tiny", in_channels=1, image_size=28, width=2.0).dim == 128
     assert create_model("vit-tiny", in_channels=1, image_size=28, width=0.3).dim % 4 == 0  # heads divide the dim
@@ -75,6 +82,13 @@ def test_output_shape_and_deterministic_init(pool):
     assert a.embed(x).shape == (5, 16 + (pool == "cls"), 24)
 
 
+def test_non_square_images():
+    m = create_model("vit-tiny", num_classes=3, in_channels=3, image_size=[12, 20], width=0.25)
+    assert m.patch == (3, 5) and m.num_patches == 16
+    assert m(torch.randn(2, 3, 12, 20)).shape == (2, 3)
+    assert ViT(image_size=(12, 20), patch=(6, 4)).num_patches == 10
+
+
 def test_bad_sizes_are_csn_errors_naming_the_fix():
     with pytest.raises(CsnError, match="multiple of 4"):
         create_model("vit-tiny", in_channels=1, image_size=30)
@@ -87,7 +101,7 @@ def test_bad_sizes_are_csn_errors_naming_the_fix():
     with pytest.raises(CsnError, match="not divisible by 4 heads"):
         Attention(10, 4)
     assert ViT(image_size=28, heads=3).dim == 63  # width rounds the dim to a multiple of the heads
-    with pytest.raises(CsnError, match="image_size=32"):
+    with pytest.raises(CsnError, match=r"image_size=\(32, 32\)"):
         create_model("vit-tiny", in_channels=1, image_size=28)(_x(2, 32))
 
 
@@ -95,17 +109,26 @@ def test_bad_sizes_are_csn_errors_naming_the_fix():
 # read points, stages and the split forward
 # ------------------------------------------------------------------------------------------------
 
-def test_stage_read_points_are_block_modules_and_run_in_forward_order():
+def test_stage_read_points_are_post_relu_mlp_units_and_run_in_forward_order():
     m = _vit()
     modules = dict(m.named_modules())
     names = [n for ns in m.csn_stages.values() for n in ns]
-    assert names == [f"blocks.{i}" for i in range(6)]
+    assert names == [f"blocks.{i}.mlp.act" for i in range(6)]
     fired = []
-    handles = [modules[n].register_forward_hook(lambda _m, _i, o, n=n: fired.append((n, o.shape))) for n in names]
+    handles = [modules[n].register_forward_hook(lambda _m, _i, o, n=n: fired.append((n, o.shape, float(o.detach().min()))))
+               for n in names]
     m(_x())
     for h in handles:
         h.remove()
-    assert fired == [(n, (5, 16, 24)) for n in names]
+    assert [(n, s) for n, s, _ in fired] == [(n, (5, 16, 48)) for n in names]  # mlp_ratio 2 x dim 24
+    assert all(lo >= 0 for _, _, lo in fired)  # post-ReLU: CSI stays in [0, 1]
+
+
+def test_block_outputs_stay_readable_with_a_pattern():
+    m = _vit()
+    assert resolve_layers(m, "blocks.*") == [f"blocks.{i}" for i in range(6)]  # the residual stream, not the MLP units
+    assert resolve_layers(m, "blocks.*.mlp.act") == [n for ns in m.csn_stages.values() for n in ns]
+    assert resolve_layers(m) == [n for ns in m.csn_stages.values() for n in ns]
 
 
 @pytest.mark.parametrize("pool", ["mean", "cls"])
@@ -115,7 +138,7 @@ def test_forward_until_and_from_equal_forward_exactly(pool):
     ref = m(x)
     first_inputs = {}
     for stage, layers in m.csn_stages.items():
-        block = dict(m.named_modules())[layers[0]]
+        block = dict(m.named_modules())[layers[0].removesuffix(".mlp.act")]
         h_ = block.register_forward_pre_hook(lambda _m, inp, s=stage: first_inputs.setdefault(s, inp[0].clone()))
         m(x)
         h_.remove()
@@ -148,19 +171,18 @@ def test_units_are_hidden_features_averaged_over_tokens(pool):
     assert list(cache) == layers
     tokens = 16 + (pool == "cls")
     for n in layers:
-        assert raw[n].shape == (5, tokens, 24)
+        assert raw[n].shape == (5, tokens, 48)
         ref = raw[n].double().sum(dim=1) / tokens  # every token, class token included
-        assert cache[n].shape == (5, 24)
+        assert cache[n].shape == (5, 48)
         np.testing.assert_allclose(cache[n].detach().double().numpy(), ref.numpy(), rtol=0, atol=1e-6)
 
 
-def test_mlp_hidden_activations_are_readable_units():
+def test_block_outputs_are_units_too():
     m = _vit()
-    layers = resolve_layers(m, "blocks.*.mlp.act")
-    assert layers == [f"blocks.{i}.mlp.act" for i in range(6)]
+    layers = resolve_layers(m, "blocks.*")
     _, cache = run_with_cache(m, _x(), layers)
-    assert all(v.shape == (5, 48) for v in cache.values())  # mlp_ratio 2 x dim 24
-    assert all(float(v.detach().min()) >= -0.17 for v in cache.values())  # GELU's minimum is about -0.17
+    assert all(v.shape == (5, 24) for v in cache.values())  # dim 24, averaged over 16 tokens
+    assert any(float(v.detach().min()) < 0 for v in cache.values())  # the residual stream is signed
 
 
 # ------------------------------------------------------------------------------------------------
@@ -198,9 +220,9 @@ def test_ablate_units_zeroes_the_features_in_every_token():
 
 def _csi(model, layers, x, seed=0):
     """Random CSI with ties (rounded), shaped like each layer's units."""
-    probe = A._probe(model.eval(), x[:1], layers)
+    pr = probe(model.eval(), x[:1], layers)
     g = torch.Generator().manual_seed(seed)
-    return {layer: (torch.rand(probe.units[layer], generator=g) * 4).round() / 4 for layer in layers}
+    return {layer: (torch.rand(pr.units[layer], generator=g) * 4).round() / 4 for layer in layers}
 
 
 def _sweeps_agree(m: ViT, stage_layers: dict[str, list[str]], grid: str, max_masks: int | None, mode: str) -> None:
@@ -235,9 +257,9 @@ def test_fast_sweep_equals_naive(pool, grid, max_masks, mode):
     _sweeps_agree(m, {k: list(v) for k, v in m.csn_stages.items()}, grid, max_masks, mode)
 
 
-def test_fast_sweep_equals_naive_on_mlp_hidden_units():
+def test_fast_sweep_equals_naive_on_block_outputs():
     m = _vit()
-    stage_layers = {"early": ["blocks.0.mlp.act", "blocks.1.mlp.act"], "late": ["blocks.5.mlp.act"]}
+    stage_layers = {"early": ["blocks.0", "blocks.1"], "late": ["blocks.5"]}
     _sweeps_agree(m, stage_layers, "0,1,3,8", 3, "zero")
 
 
@@ -250,7 +272,7 @@ def test_regularizer_gives_finite_gradients():
     m = ViT(num_classes=4, in_channels=1, width=0.25, image_size=8).train()
     x, y = _x(32), torch.arange(32) % 4
     reg = SelectivityRegularizer(m, num_classes=4)
-    assert reg.layers == ["blocks.0", "blocks.1", "blocks.2", "blocks.3"]  # all stages but the last
+    assert reg.layers == [f"blocks.{i}.mlp.act" for i in range(4)]  # all stages but the last
     with reg:
         logits = m(x)
         r = reg.value(y)
@@ -265,18 +287,28 @@ def test_regularizer_gives_finite_gradients():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
 
 
-def test_short_training_run_writes_checkpoints(tmp_path):
+def test_train_selectivity_ablation_and_regularizer_on_a_run(tmp_path):
+    """The whole path on a ViT: a regularized training run, selectivity at every checkpoint, an ablation sweep."""
     from csn.training.loop import train
 
-    cfg = tiny_config(name="vit", model="vit-tiny", width=0.25, epochs=1.0, lr=0.05, warmup_epochs=0.25)
+    cfg = tiny_config(name="vit", model="vit-tiny", width=0.25, epochs=1.0, lr=0.05, warmup_epochs=0.25,
+                      reg_alpha=-1.0, reg_window="0:end")
     run = train(cfg, tmp_path / "vit", progress=False)
     ckpts = run.checkpoints
     assert ckpts[0].step == 0 and ckpts[-1].step == 8 and len(ckpts) >= 3  # 256 images / batch 32
-    assert all((run.ckpt_dir / c.file).is_file() for c in ckpts)
-    df = pd.read_parquet(run.table_path("training"))
-    assert np.isfinite(df["train_loss"]).all()
+    log = pd.read_parquet(run.table_path("training"))
+    assert np.isfinite(log["train_loss"]).all() and (log["alpha"] == -1.0).all()
+    assert np.isfinite(log["reg_value"]).all() and (log["reg_value"] >= 0).all()  # the regularizer ran at every step
     again = Run(tmp_path / "vit")
     first, last = again.load_model(0), again.load_model(ckpts[-1])
-    assert isinstance(last, ViT) and last.patch == 2 and last.dim == 16
+    assert isinstance(last, ViT) and last.patch == (2, 2) and last.dim == 16
     assert not torch.equal(first.blocks[0].attn.qkv.weight, last.blocks[0].attn.qkv.weight)
     assert last(_x(2)).shape == (2, 4)
+
+    sel = run_analysis(again, Selectivity(), progress=False).rows
+    assert set(sel["stage"]) == {"stage1", "stage2", "stage3"} and set(sel["step"]) == {c.step for c in ckpts}
+    assert set(sel["layer"]) == {f"blocks.{i}.mlp.act" for i in range(6)}
+    assert ((sel["csi"] >= 0) & (sel["csi"] <= 1)).all()  # post-ReLU units
+    abl = run_analysis(again, Ablation(draws=2, grid="f:0,0.5,1"), checkpoints="first,last", progress=False).rows
+    assert set(abl["stage"]) == {"stage1", "stage2", "stage3"} and set(abl["order"]) >= {"selective", "random"}
+    assert set(abl["step"]) == {0, 8} and abl["top1"].between(0, 1).all()

@@ -6,21 +6,30 @@ config file, overrides, the Python API) goes through the same pydantic validatio
 
 from __future__ import annotations
 
-import json
 import tomllib
 import typing
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field
+from pydantic import BeforeValidator, Field
 
-from csn.core.schema import CommaList, Float, Int, Schema
+from csn.core.schema import CommaList, Float, Int, Schema, set_override
+from csn.core.units import stages, stages_from_patterns
 from csn.data import DataSplits, load_dataset
 from csn.data.validate import require_every_class
 from csn.errors import CsnError, unknown
 from csn.models import create_model
 
 WHAT = "config key"
+
+
+def _layer_spec(v: Any) -> Any:
+    """layers: 'a.*,b.*' or ['a.*', 'b.*'] (one stage per pattern) or {stage: 'a,b' | [patterns]}."""
+    if isinstance(v, str):
+        return [p.strip() for p in v.split(",") if p.strip()]
+    if isinstance(v, dict):
+        return {k: ([p.strip() for p in x.split(",") if p.strip()] if isinstance(x, str) else x) for k, x in v.items()}
+    return v
 
 
 class TrainConfig(Schema):
@@ -37,8 +46,12 @@ class TrainConfig(Schema):
     synthetic: dict[str, Any] = {}
     augment: str = "none"
     # model
-    model: str = Field("resnet20", description="Model name, e.g. resnet20, resnet50, vgg16, cnn, mlp.")
+    model: str = Field("resnet20", description="Model name (resnet20, resnet50, vgg16, cnn, mlp, vit-tiny), "
+                       "'package.module:factory' (any importable nn.Module) or 'timm:NAME'.")
     width: Float = 1.0
+    layers: Annotated[list[str] | dict[str, list[str]] | None, BeforeValidator(_layer_spec)] = Field(
+        None, description="The model's read points as layer patterns: one stage per pattern ('layer1.*,layer2.*'), or "
+        "a table {stage = [patterns]}; default: the model's declared read points (csn_stages).")
     # optimisation
     epochs: Float = Field(5.0, description="Training length in epochs (fractions allowed).")
     batch_size: Int = 128
@@ -79,53 +92,17 @@ class TrainConfig(Schema):
         return cls.parse(d, what=WHAT)
 
     def override(self, pairs: list[str] | tuple[str, ...]) -> TrainConfig:
-        """Apply `key=value` overrides (values parsed as JSON where possible, else as strings; a text
-        field takes the text as typed, so name=1e5 is the name '1e5')."""
+        """Apply `key=value` overrides (csn.core.schema.set_override: values parsed as JSON where possible, else
+        as strings; a text field takes the text as typed, so name=1e5 is the name '1e5')."""
         d = self.to_dict()
         for p in pairs:
-            if "=" not in p:
-                raise CsnError(f"override {p!r} is not of the form key=value; write e.g. epochs=3.")
-            k, v = p.split("=", 1)
-            k = k.strip().replace("-", "_")
-            if k not in d:
-                raise unknown(WHAT, k, d)
-            d[k] = _parse_text(v) if _is_text_field(k) else _parse_value(v)
+            set_override(TrainConfig, d, p, WHAT)
         return TrainConfig.from_dict(d)
 
     def diff(self, other: TrainConfig, ignore: tuple[str, ...] = ("device", "threads", "workers")) -> dict:
         """Keys whose values differ: {key: (self, other)}."""
         a, b = self.to_dict(), other.to_dict()
         return {k: (a[k], b[k]) for k in a if a[k] != b[k] and k not in ignore}
-
-
-def _parse_value(v: str) -> Any:
-    v = v.strip()
-    if v.lower() in ("none", "null"):
-        return None
-    try:
-        return json.loads(v)
-    except (json.JSONDecodeError, RecursionError):
-        return v
-
-
-def _is_text_field(key: str) -> bool:
-    typ = TrainConfig.model_fields[key].annotation
-    return typ is str or typ == (str | None)
-
-
-def _parse_text(v: str) -> str | None:
-    """A `key=value` override of a text field: the text as typed; a JSON-quoted string is unquoted (how
-    CLI flags pass values), none/null is None."""
-    v = v.strip()
-    if v.lower() in ("none", "null"):
-        return None
-    if v.startswith('"'):
-        try:
-            out = json.loads(v)
-        except json.JSONDecodeError:
-            return v
-        return out if isinstance(out, str) else v
-    return v
 
 
 # ----------------------------------------------------------------------------- presets
@@ -244,9 +221,20 @@ def data_info(data: DataSplits) -> dict:
 
 
 def build_model_for(cfg: TrainConfig, info: dict):
-    """The config's model for a dataset described by data_info()."""
-    return create_model(cfg.model, num_classes=info["num_classes"], in_channels=info["in_channels"],
-                        width=cfg.width, image_size=info["image_size"])
+    """The config's model for a dataset described by data_info(), its read points (csn_stages) set from the
+    config's `layers` when given; a model with no read points at all is refused here, before any work."""
+    model = create_model(cfg.model, num_classes=info["num_classes"], in_channels=info["in_channels"],
+                         width=cfg.width, image_size=info["image_size"])
+    if cfg.layers is not None:
+        model.csn_stages = stages_from_patterns(model, cfg.layers)
+    else:
+        try:
+            stages(model)
+        except CsnError:
+            raise CsnError(f"model {cfg.model!r} declares no read points; give them as layer patterns, one stage per "
+                           "pattern, e.g. layers = ['blocks.0', 'blocks.1'] in the config's [train] table (or "
+                           "layers=... on the command line).") from None
+    return model
 
 
 __all__ = ["TrainConfig", "PRESETS", "preset", "is_preset_checkpoints", "read_config_file", "load_config_file", "load_data", "data_info",
