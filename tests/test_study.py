@@ -32,7 +32,7 @@ from csn.experiments.study import (
 from csn.runs.config import preset
 from csn.runs.run import Checkpoint, select_checkpoints
 
-FMNIST_SPE, FMNIST_EPOCHS = 469, 3  # Fashion-MNIST: 60,000 // 128 steps per epoch
+FMNIST_SPE, FMNIST_EPOCHS = 468, 3  # Fashion-MNIST: 60,000 // 128 steps per epoch (the last partial batch dropped)
 
 
 def _ckpts(steps: list[int], spe: int) -> list[Checkpoint]:
@@ -65,21 +65,24 @@ def test_fmnist_study_is_the_former_preset():
     assert st.selectivity == Study().selectivity
 
 
-def test_fmnist_times_resolve_to_the_former_epochs_on_fashion_mnist():
-    """On Fashion-MNIST (469 steps x 3 epochs): late onset epoch 1, early checkpoint = the one nearest epoch 0.125,
-    ablation checkpoints = the former selector e0.03,e0.125,last."""
+@pytest.mark.parametrize("spe", [FMNIST_SPE, 469])
+def test_fmnist_times_resolve_to_the_former_epochs_on_fashion_mnist(spe):
+    """On Fashion-MNIST (468 steps x 3 epochs; 469 too): the former checkpoint schedule, late onset epoch 1, early
+    checkpoint = the one nearest epoch 0.125, ablation checkpoints = the former selector e0.03,e0.125,last."""
     from csn.core.schedules import checkpoint_steps
 
     _, cfg = load_study("fmnist")
-    st, total = cfg.study, FMNIST_SPE * FMNIST_EPOCHS
-    steps = checkpoint_steps(cfg.train.checkpoints, FMNIST_SPE, FMNIST_EPOCHS)
-    ckpts = _ckpts(steps, FMNIST_SPE)
-    assert onset_epoch(st.late_onset, FMNIST_SPE, total) == 1.0
+    st, total = cfg.study, spe * FMNIST_EPOCHS
+    steps = checkpoint_steps(cfg.train.checkpoints, spe, FMNIST_EPOCHS)
+    former = "step=8,step=16,step=32,step=64,step=128,step=256,0.75:1:0.25,1:end:0.5"
+    assert steps == checkpoint_steps(former, spe, FMNIST_EPOCHS)
+    ckpts = _ckpts(steps, spe)
+    assert onset_epoch(st.late_onset, spe, total) == 1.0
     old = [c.step for c in select_checkpoints(ckpts, "e0.03,e0.125,last")]
-    assert select_times(ckpts, st.ablation_checkpoints, FMNIST_SPE, total) == old == [16, 64, 1407]
-    assert select_times(ckpts, (st.early_checkpoint,), FMNIST_SPE, total) == [64]
+    assert select_times(ckpts, st.ablation_checkpoints, spe, total) == old == [16, 64, total]
+    assert select_times(ckpts, (st.early_checkpoint,), spe, total) == [64]
     assert min(ckpts, key=lambda c: abs(c.epoch - 0.125)).step == 64  # the former early_epoch = 0.125
-    cond = Condition(onset_epoch(st.late_onset, FMNIST_SPE, total), st.alpha)
+    cond = Condition(onset_epoch(st.late_onset, spe, total), st.alpha)
     assert cond.name == "reg-from-1" and cond.apply(cfg.train, 0).reg_window == "1:end"
     # smoke: 8 steps x 2 epochs; the former e0.25,last and late onset 1.0
     _, smoke = load_study("smoke")
@@ -90,7 +93,7 @@ def test_fmnist_times_resolve_to_the_former_epochs_on_fashion_mnist():
 
 def test_times_transfer_across_dataset_sizes():
     _, cfg = load_study("fmnist")
-    spe = FMNIST_SPE // 8  # a dataset 8x smaller
+    spe = 469 // 8  # a dataset 8x smaller
     total = spe * 3
     assert onset_epoch(cfg.study.late_onset, spe, total) == pytest.approx(1.0, abs=1 / spe)
     ckpts = _ckpts(list(range(0, total, 4)) + [total], spe)
@@ -313,3 +316,22 @@ def test_a_shortened_preset_trains(tmp_path):
     res = CliRunner().invoke(cli, ["train", "--preset", "smoke", "--out", str(tmp_path / "u"), "--quiet", "epochs=0.5",
                                    "checkpoints=step=6"])
     assert res.exit_code == 2 and "after the end of training" in res.output
+
+
+def test_the_late_onset_matches_its_condition_name():
+    """An onset resolved from a fraction (0.3326... epochs) is named reg-from-0.332623: judge pairs them."""
+    from types import SimpleNamespace
+
+    from csn.experiments.judge import StudyRuns, _late_condition
+
+    def run(alpha):
+        return SimpleNamespace(config=SimpleNamespace(reg_alpha=alpha))
+
+    onset = 156 / 469
+    cond = Condition(onset, -1.0)
+    assert cond.name == "reg-from-0.332623"
+    found = StudyRuns({("baseline", 0): run(None), ("reg-from-0", 0): run(-1.0), (cond.name, 0): run(-1.0)})
+    conds, late = _late_condition(found, onset)
+    assert late == 0.332623 and [c.name for c in conds] == ["baseline", "reg-from-0", cond.name]
+    assert _late_condition(found, None)[1] == 0.332623  # inferred: the one nonzero onset
+    assert _late_condition(found, 2.0)[1] == 2.0  # no such condition: C4 then says one is missing

@@ -88,6 +88,10 @@ def _late_condition(found: StudyRuns, late_onset: float | None) -> tuple[list[Co
     late = [c for c in reg if onset_of(c) != 0]
     if late_onset is None and len(late) == 1:
         late_onset = onset_of(late[0])
+    elif late_onset is not None and late:  # names carry the onset to 6 digits (reg-from-0.332623)
+        near = min(late, key=lambda c: abs(onset_of(c) - late_onset))
+        if abs(onset_of(near) - late_onset) <= 1e-5 * max(1.0, abs(late_onset)):
+            late_onset = onset_of(near)
     conds = [Condition(None)]
     for c in reg:
         alpha = found.of(c)[0].config.reg_alpha
