@@ -573,3 +573,40 @@ def test_fuzz_idx_bytes_give_an_array_or_a_csn_error(tmp_path, head, raw, gz):
         assert "\n" not in str(e)
     else:
         assert arr.dtype.isnative and (arr.size * arr.itemsize <= len(raw))
+
+
+# ------------------------------------------------------------------------------------------------
+# ImageFolder trees: checked before torchvision reads anything (so also where it is not installed)
+# ------------------------------------------------------------------------------------------------
+
+def _tree(root: pathlib.Path, spec: dict[str, dict[str, int]]) -> pathlib.Path:
+    for split, classes in spec.items():
+        for c, n in classes.items():
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                (root / split / c / f"{i}.JPEG").write_bytes(b"")
+    return root
+
+
+@pytest.mark.parametrize("spec, match", [
+    ({"train": {"a": 1, "b": 1}}, r"val is missing or has no class folders"),
+    ({"train": {"a": 1, "b": 1}, "val": {"a": 1, "c": 1}}, r"different class folders \(b, c in one only\)"),
+    ({"train": {"a": 1}, "val": {"a": 1}}, "at least 2 classes"),
+    ({"train": {"a": 1, "b": 1}, "val": {"a": 1, "b": 0}}, r"val/b holds no image .*every class needs images"),
+    ({"train": {"a": 0, "b": 1}, "val": {"a": 1, "b": 1}}, r"train/a holds no image"),
+])
+def test_imagefolder_trees_are_checked_naming_the_folder(tmp_path, spec, match):
+    from csn.data.imagefolder import check_folders
+
+    with pytest.raises(CsnError, match=match):
+        check_folders(_tree(tmp_path / "img", spec))
+
+
+def test_imagefolder_classes_in_nested_folders(tmp_path):
+    from csn.data.imagefolder import check_folders
+
+    root = _tree(tmp_path / "img", {"train": {"b": 2, "a": 1}, "val": {"a": 1, "b": 1}})
+    (root / "val" / "b" / "0.JPEG").unlink()
+    (root / "val" / "b" / "deep").mkdir()
+    (root / "val" / "b" / "deep" / "x.png").write_bytes(b"")  # ImageFolder reads subfolders too
+    assert check_folders(root) == ["a", "b"]

@@ -297,7 +297,9 @@ def test_bad_imagefolder_root_fails_on_every_rank(tmp_path):
 @pytest.mark.skipif(__import__("importlib").util.find_spec("torchvision") is not None, reason="torchvision is installed")
 def test_missing_torchvision_fails_on_every_rank(tmp_path):
     for split in ("train", "val"):
-        (tmp_path / "img" / split / "a").mkdir(parents=True)
+        for c in ("a", "b"):
+            (tmp_path / "img" / split / c).mkdir(parents=True)
+            (tmp_path / "img" / split / c / "0.png").write_bytes(b"")  # the folders are checked before torchvision
     p = _torchrun(tmp_path, "-m", "csn", "train", "--preset", "imagenet-resnet50", "--data-root", "img", "--out", "r",
                   "--quiet", module=True, timeout=90)
     out = p.stdout + p.stderr

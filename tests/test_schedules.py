@@ -77,6 +77,46 @@ def test_step_segments():
     assert checkpoint_steps("step=7, step=end", 100, 1) == [0, 7, 100]
 
 
+def test_time_points_and_fraction_segments():
+    # single points: a step, a fraction of training (round(f * total)), an epoch, end
+    assert checkpoint_steps("step=3,f0.25,1.5,end", 10, 2) == [0, 3, 5, 15, 20]
+    assert checkpoint_steps("f0.5:end:f0.25", 8, 2) == [0, 8, 12, 16]
+    assert checkpoint_steps("f0:f0.5:f0.1", 10, 1) == [0, 1, 2, 3, 4, 5, 10]  # float accumulation safe
+    assert checkpoint_steps("F0.5:END:F0.5", 7, 2) == [0, 7, 14]  # case-insensitive
+    # fractions scale with the training: the same spec on a dataset 8x larger
+    assert checkpoint_steps("f0.25,f0.5", 80, 2) == [0, 40, 80, 160]
+
+
+def test_fmnist_preset_schedule_resolves_to_the_old_epoch_schedule_on_fashion_mnist():
+    """The fmnist preset's fractions give exactly the steps of its former epoch schedule on Fashion-MNIST
+    (60,000 // 128 = 468 steps x 3 epochs; and with 469)."""
+    from csn.runs.config import PRESETS
+
+    former = "step=8,step=16,step=32,step=64,step=128,step=256,0.75:1:0.25,1:end:0.5"
+    assert checkpoint_steps(former, 468, 3) == [0, 8, 16, 32, 64, 128, 256, 351, 468, 702, 936, 1170, 1404]
+    for spe in (468, 469):
+        assert checkpoint_steps(PRESETS["fmnist"]["checkpoints"], spe, 3) == checkpoint_steps(former, spe, 3)
+    assert checkpoint_steps(PRESETS["smoke"]["checkpoints"], 8, 2) == checkpoint_steps("0:1:0.25,1:end:0.5", 8, 2)
+
+
+def test_a_presets_schedule_is_clipped_with_a_note_a_users_is_an_error():
+    from csn.runs.config import PRESETS, is_preset_checkpoints
+
+    spec = PRESETS["fmnist"]["checkpoints"]
+    assert is_preset_checkpoints(spec) and is_preset_checkpoints(spec.replace(",", ", "))
+    assert not is_preset_checkpoints("step=8,step=128") and not is_preset_checkpoints(None)
+    notes: list[str] = []
+    steps = checkpoint_steps(spec, 469, 0.25, clip=True, note=notes.append)  # `csn train --preset fmnist epochs=0.25`
+    assert steps == [0, 8, 16, 29, 32, 39, 58, 64, 78, 97, 117]
+    assert len(notes) == 1 and "step=128, step=256" in notes[0] and "117 steps" in notes[0]
+    with pytest.raises(CsnError, match="'step=128' is after the end of training"):
+        checkpoint_steps("step=8,step=128", 469, 0.25)
+    quiet: list[str] = []
+    checkpoint_steps(None, 8, 1, note=quiet.append)  # the default schedule is clipped silently
+    checkpoint_steps("step=8", 469, 0.25, clip=True, note=quiet.append)  # nothing dropped: no note
+    assert quiet == []
+
+
 def test_mixed_spec():
     steps = checkpoint_steps("steps:log2:256,1:end:1", 469, 3)
     assert steps == [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 469, 938, 1407]
@@ -113,6 +153,14 @@ def test_mixed_spec():
         ("step=21", "after the end of training"),
         ("step=-1", "whole number"),
         ("0:1:1e-9", "more than the"),
+        ("4", "after the end of training"),
+        ("f1.5", "outside"),
+        ("f0.5:1:f0.1", "mixes fractions"),
+        ("f0.5:f0.2:f0.1", "after its stop"),
+        ("f0:f1:f0", "must be > 0"),
+        ("f0:f1:f1e-9", "more than the"),
+        ("fx", "not a number"),
+        ("-1", "negative epoch"),
     ],
 )
 def test_malformed_checkpoint_specs(spec, match):

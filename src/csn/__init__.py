@@ -9,6 +9,7 @@ and turn it all into one report.
     sel = csn.run_analysis(run, csn.Selectivity(layers=["layer2.*"]))     # tables/selectivity.parquet
     model = csn.create_model("resnet20", num_classes=10, in_channels=1)
     table = csn.class_selectivity(model, loader)                         # any nn.Module + DataLoader
+    csn.reproduce(config="study.toml")                                   # the whole study, judged
 """
 
 from csn._version import __version__  # noqa: E402
@@ -19,6 +20,9 @@ from csn.analysis.linearity import Linearity, linearity_measures  # noqa: E402
 from csn.analysis.selectivity import Selectivity, class_selectivity  # noqa: E402
 from csn.core.trace import TraceDict, run_with_cache  # noqa: E402
 from csn.errors import CsnError  # noqa: E402
+from csn.experiments.judge import judge  # noqa: E402
+from csn.experiments.reproduce import reproduce  # noqa: E402
+from csn.experiments.study import Study, load_study  # noqa: E402
 from csn.models import create_model, list_models  # noqa: E402
 from csn.runs.config import TrainConfig, load_config_file, preset  # noqa: E402
 from csn.runs.run import Run  # noqa: E402
@@ -29,5 +33,5 @@ __all__ = [
     "__version__", "CsnError", "Run", "TrainConfig", "preset", "load_config_file", "train", "create_model",
     "list_models", "run_analysis", "RunOptions", "Selectivity", "Ablation", "Linearity", "Cka", "class_selectivity",
     "ablation_sweep", "ablate_units", "linearity_measures", "cka", "TraceDict", "run_with_cache",
-    "SelectivityRegularizer",
+    "SelectivityRegularizer", "reproduce", "load_study", "Study", "judge",
 ]

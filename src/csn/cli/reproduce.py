@@ -1,27 +1,55 @@
-"""`csn reproduce`: the whole study in one command, ending in the claims table and a report."""
+"""`csn reproduce` (the whole study in one command, on any dataset and model) and `csn claims` (its verdicts,
+recomputed from the tables of a study folder)."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import click
 
 from csn import dist
 from csn.cli.options import CONTEXT, echo
+from csn.errors import CsnError
 from csn.experiments.claims import verdict_table
+from csn.experiments.judge import judge
 from csn.experiments.reproduce import reproduce as run
+from csn.experiments.study import Study, load_study, study_names, study_text, to_toml
 from csn.report.html import build_report
 
 
+def _print_config(name: str) -> None:
+    _, cfg = load_study(name)
+    head = [line[2:] if line.startswith("# ") else line[1:] for line in study_text(name).splitlines()
+            if line.startswith("#")]
+    header = "\n".join([f"csn study preset {name!r}, every key resolved; edit and run it with",
+                        f"  csn reproduce --config {name}.toml", ""] + head)
+    click.echo(to_toml(cfg, header), nl=False)
+
+
 @click.command(context_settings=CONTEXT)
-@click.option("--preset", default="fmnist", show_default=True,
-              help="smoke (about 3 min, CI and a first look), fmnist (the embedded default, <= 30 min on 2 CPU cores), "
-                   "imagenet (the study's ResNet-50 protocol, GPUs; needs --data-root).")
-@click.option("--out", type=click.Path(file_okay=False), help="Output directory [default: runs/reproduce-<preset>].")
-@click.option("--seeds", type=int, help="Baseline seeds (regularized conditions use min(seeds, preset's)).")
+@click.option("--preset", help=f"A shipped study: {', '.join(study_names())} [default: fmnist]. smoke takes about "
+              "3 min (CI, a first look), fmnist <= 30 min on 2 CPU cores, fmnist-vit the same study on a ViT, imagenet "
+              "the study's ResNet-50 protocol (GPUs; needs --data-root).")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), metavar="FILE",
+              help="A study file (TOML or YAML): [train] and [study] tables, optionally preset = NAME to start from.")
+@click.option("--print-config", metavar="NAME", help="Print a shipped study as TOML (every key) to start a study file "
+              "from, and exit.")
+@click.option("--dataset", help="Shortcut for train.dataset: idx (MNIST-format folder), npz (one .npz file), "
+              "imagefolder (train/ and val/ class folders), fashion-mnist, synthetic.")
+@click.option("--data-root", type=click.Path(), help="Shortcut for train.data_root: the dataset's folder or .npz file.")
+@click.option("--model", help="Shortcut for train.model: a csn model (resnet20, vit-tiny, ...), 'package.module:factory' "
+              "or 'timm:NAME'.")
+@click.option("--set", "sets", multiple=True, metavar="TABLE.KEY=VALUE",
+              help="Override one key, e.g. --set study.alpha=-2 --set train.width=0.5 --set study.ablation.draws=5 "
+                   "(repeatable).")
+@click.option("--out", type=click.Path(file_okay=False), help="Output directory [default: runs/reproduce-<study>].")
+@click.option("--seeds", type=int, help="Baseline seeds (regularized conditions use min(seeds, the study's)).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted reproduction (finished steps are skipped).")
 @click.option("--force", is_flag=True, help="Delete an existing reproduction in --out and start over.")
-@click.option("--data-root", type=click.Path(file_okay=False), help="Dataset directory (ImageNet folder for --preset imagenet).")
 @click.option("--quiet", is_flag=True, help="Only the step lines, no progress bars.")
-def reproduce(preset, out, seeds, resume, force, data_root, quiet) -> None:
+def reproduce(preset, config_file, print_config, dataset, data_root, model, sets, out, seeds, resume, force,
+              quiet) -> None:
     """Reproduce the study: train, measure, ablate, regularize, compare, judge, report.
 
     \b
@@ -31,18 +59,95 @@ def reproduce(preset, out, seeds, resume, force, data_root, quiet) -> None:
       3. ablation sweeps at early / peak / last checkpoints      7. CKA regularized vs baseline, matched checkpoints
       4. linearity measures at every checkpoint                  8. claims C1-C4 with verdicts, 9. the report
     Ends by printing the claims table and the report's path (OUT/report/index.html); the verdicts
-    and the thresholds behind them are also in OUT/claims.json.
+    and the thresholds behind them are also in OUT/claims.json (`csn claims OUT` recomputes them).
+
+    \b
+    A study file (csn reproduce --print-config fmnist > study.toml to start one):
+      preset = "fmnist"                  # optional: start from a shipped study
+      [train]                            # the keys of `csn train` configs, or preset = NAME + keys
+      model = "resnet20"                 # a csn model, "package.module:factory" (any nn.Module) or "timm:NAME"
+      layers = ["layer1.*", "layer2.*"]  # read points, one stage per pattern [default: the model's own]
+      [study]
+      seeds = 2
+      late_onset = "f0.3333"             # times: step=64 (steps), 1.5 (epochs), f0.33 (fraction), end
+      [study.ablation]
+      draws = 5
+    Times: the shipped studies count the early phase in steps and the rest in fractions of training.
+
+    \b
+    Examples:
+      csn reproduce                                         # the fmnist study (ResNet-8 on Fashion-MNIST)
+      csn reproduce --dataset idx --data-root ~/mnist       # the same study on an MNIST-format folder
+      csn reproduce --preset fmnist-vit --seeds 2           # on a Vision Transformer
+      csn reproduce --config study.toml --set study.alpha=-2 --set train.width=0.5
     """
+    if print_config:
+        _print_config(print_config)
+        return
     dist.init_from_env()  # under torchrun: DDP training, sharded analyses, rank 0 writes and reports
     progress = not quiet
 
     def report_of(out_dir):
         return build_report([out_dir], out=out_dir / "report", progress=progress)
 
-    report, verdicts = run(preset, out, seeds=seeds, resume=resume, force=force, data_root=data_root, progress=progress,
-                           report=report_of)
+    report, verdicts = run(preset, out, config=config_file, dataset=dataset, data_root=data_root, model=model,
+                           sets=sets, seeds=seeds, resume=resume, force=force, progress=progress, report=report_of)
     echo(verdict_table(verdicts))
     echo(f"report: {report}")
 
 
-COMMANDS = [reproduce]
+@click.command(context_settings=CONTEXT)
+@click.argument("study_dir", type=click.Path(file_okay=False), metavar="DIR")
+@click.option("--early-checkpoint", metavar="TIME", help="The early checkpoint of C2/C3 (step=64, 0.125 epochs, "
+              "f0.05) [default: the study's, from DIR/reproduce.json, else step=64].")
+@click.option("--late-onset", type=float, metavar="EPOCHS", help="The late condition's onset in epochs, when DIR "
+              "holds several reg-from-X conditions [default: the study's, else the one nonzero onset].")
+@click.option("--report/--no-report", "with_report", default=True, show_default=True,
+              help="Also rebuild DIR/report/index.html with the verdicts.")
+def claims(study_dir, early_checkpoint, late_onset, with_report) -> None:
+    """Recompute the four verdicts of a study from its tables; write DIR/claims.json (and the report).
+
+    \b
+    DIR holds runs named <condition>-s<seed> (baseline-s0, reg-from-0-s0, reg-from-1-s0, ...), as
+    `csn reproduce` and `csn experiment regularize --onsets 0,1` write them; finished runs only are used.
+    Each claim needs its tables, and is inconclusive (saying what is missing) without them:
+      C1  tables/selectivity.parquet of the baseline runs      (csn selectivity DIR/baseline-s*)
+      C2  tables/ablation.parquet of the baseline runs, at the early and the last checkpoint
+      C3  tables/linearity.parquet of the baseline runs        (csn linearity DIR/baseline-s*)
+      C4  the regularized runs and the baseline with the same seeds, and their selectivity tables
+    So an interrupted reproduction, or a study assembled by hand, can be judged.
+    """
+    out = Path(study_dir)
+    if not out.is_dir():
+        raise CsnError(f"{out} is not a folder; pass the folder of a reproduction (or of `csn experiment regularize`).")
+    early, late, name, study, epochs, judged = _study_of(out)
+    verdicts = judge(out, early=early_checkpoint or early, late_onset=late_onset if late_onset is not None else late,
+                     total_epochs=epochs, judge=judged, name=name, study=study)
+    echo(verdict_table(verdicts))
+    echo(f"claims: {out / 'claims.json'}")
+    if with_report:
+        echo(f"report: {build_report([out], out=out / 'report', progress=False)}")
+
+
+def _study_of(out: Path) -> tuple[str, float | None, str, dict, float | None, bool]:
+    """(early checkpoint, late onset epoch, name, study dict, training epochs, judge) of a study folder: from its
+    reproduce.json (this version's, or the earlier one with early_epoch), else the study defaults."""
+    path = out / "reproduce.json"
+    default = Study()
+    if not path.is_file():
+        return default.early_checkpoint, None, out.name, {}, None, True
+    try:
+        rec = json.loads(path.read_text())
+        st = rec.get("reproduce_preset", {})
+        epochs = rec.get("train_config", {}).get("epochs")
+        name = rec.get("settings", {}).get("study") or st.get("name") or out.name
+        if "early_checkpoint" in st:
+            return (st["early_checkpoint"], rec.get("resolved", {}).get("late_onset_epoch"), name, st, epochs,
+                    bool(st.get("judge", True)))
+        return str(st["early_epoch"]), float(st["late_onset"]), name, st, epochs, bool(st.get("judge", True))
+    except (json.JSONDecodeError, OSError, KeyError, TypeError, ValueError, AttributeError):
+        raise CsnError(f"{path} is unreadable or not a csn reproduction record; fix or delete it (then pass "
+                       "--early-checkpoint, and --late-onset if needed).") from None
+
+
+COMMANDS = [reproduce, claims]

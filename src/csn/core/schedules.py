@@ -15,12 +15,18 @@ Checkpoints
         BOUND itself is only included when it is a power of B). BOUND may be ``end``.
     ``steps:START:STOP:EVERY``
         steps START, START+EVERY, ... up to and including STOP (whole numbers; STOP may be ``end``).
-    ``step=N``
-        the single step N (``step=end`` is the final step).
+    ``fSTART:fSTOP:fEVERY``
+        the same in fractions of training (``f0.5:end:f0.25``): points f become step ``round(f * total_steps)``.
+    a single point in training (:func:`parse_time`)
+        ``step=N`` (``step=end`` is the final step), ``fF`` (a fraction of training), ``E`` (an epoch)
+        or ``end``.
 
-    Example: ``steps:log2:256,1:end:1``. The result always contains step 0 (initialization) and
-    the final step. Segments reaching beyond training are errors, except in the default schedule
-    (:data:`DEFAULT_CHECKPOINTS`), which is clipped to the training length.
+    Example: ``steps:log2:256,1:end:1``; the fmnist preset's ``step=8,...,step=256,f0.25,f0.3333,...``.
+    The result always contains step 0 (initialization) and the final step. Segments reaching beyond
+    training are errors, except in the default schedule (:data:`DEFAULT_CHECKPOINTS`), which is
+    clipped to the training length, and where the caller asks for clipping (a preset's schedule, so
+    that a shortened preset just works: ``checkpoint_steps(..., clip=True, note=print)`` drops the
+    points past the end and says so in one line).
 
 Learning rate
     :func:`lr_at` with schedules ``constant``, ``step`` (x gamma at each milestone epoch) and
@@ -37,7 +43,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from numbers import Integral, Real
 
 from csn.errors import CsnError, unknown
@@ -76,8 +82,9 @@ _STUDY_TOKEN_RE = re.compile(rf"({_NUM})\*({_NUM})", re.ASCII)
 _WINDOW_TOKEN_RE = re.compile(rf"({_NUM})@({_NUM}):({_NUM}|end)", re.ASCII | re.IGNORECASE)
 
 _CKPT_FORMS = (
-    "segments are START:STOP:EVERY in epochs (e.g. 0:1:0.125 or 3:end:1), steps:log2:BOUND, "
-    "steps:START:STOP:EVERY in steps, or step=N, separated by commas"
+    "segments are START:STOP:EVERY in epochs (e.g. 0:1:0.125 or 3:end:1), fSTART:fSTOP:fEVERY in fractions of "
+    "training (f0.5:end:f0.25), steps:log2:BOUND, steps:START:STOP:EVERY in steps, or single points step=N, fF, "
+    "an epoch or end, separated by commas"
 )
 _STUDY_FORM = "VALUE*EPOCHS tokens separated by spaces, e.g. '0*5 -20*15' (alpha 0 for 5 epochs, then -20 for 15)"
 _TOL = 1e-9
@@ -238,7 +245,10 @@ def _too_many(seg: str, n: float, fix: str) -> CsnError:
     return CsnError(f"checkpoint segment {seg!r} asks for {count} checkpoints, more than the {MAX_CHECKPOINTS:,} allowed; {fix}.")
 
 
-def _epoch_segment(seg: str, fields: list[str], spe: int, epochs: float, total: int, clip: bool) -> list[int]:
+def _epoch_segment(seg: str, fields: list[str], spe: int, epochs: float, total: int,
+                   clip: list[str] | None) -> list[int]:
+    """START:STOP:EVERY in epochs. clip: None = past the end is an error, else a list that collects the
+    segments whose points past the end were dropped."""
     where = f"checkpoint segment {seg!r}"
     fix = "write epochs as numbers such as 1, 0.25 or 1e-1 (START:STOP:EVERY, STOP may be 'end')"
     start = _parse_float(fields[0], where, fix)
@@ -253,12 +263,14 @@ def _epoch_segment(seg: str, fields: list[str], spe: int, epochs: float, total: 
     if not stop_is_end and start > stop:
         raise CsnError(f"{where} starts at epoch {start:g}, after its stop {stop:g}; write START:STOP:EVERY with START <= STOP.")
     if _beyond(start, epochs):
-        if clip:
+        if clip is not None:
+            clip.append(seg)
             return []
         raise CsnError(f"{where} starts at epoch {start:g}, after the end of training ({length}); start it earlier or train longer.")
     if not stop_is_end and _beyond(stop, epochs):
-        if not clip:
+        if clip is None:
             raise CsnError(f"{where} stops at epoch {stop:g}, after the end of training ({length}); use 'end' or a stop <= {epochs:g}.")
+        clip.append(seg)
         stop = epochs
     q = max(0.0, (stop - start) / every)
     if not math.isfinite(q) or q + 1 > MAX_CHECKPOINTS:
@@ -267,7 +279,46 @@ def _epoch_segment(seg: str, fields: list[str], spe: int, epochs: float, total: 
     return [min(total, round((start + k * every) * spe)) for k in range(n)]
 
 
-def _steps_segment(seg: str, fields: list[str], total: int, clip: bool) -> list[int]:
+def _fraction_segment(seg: str, fields: list[str], total: int) -> list[int]:
+    """fSTART:fSTOP:fEVERY in fractions of training (STOP may be 'end'); never past the end."""
+    where = f"checkpoint segment {seg!r}"
+    fix = "write fractions of training as f0.25 (fSTART:fSTOP:fEVERY, each with its 'f'; fSTOP may be 'end')"
+    stop_is_end = fields[1].strip().lower() == "end"
+    if not all(f.strip().lower().startswith("f") for f in (fields[0], fields[2]) + (() if stop_is_end else (fields[1],))):
+        raise CsnError(f"{where} mixes fractions of training with epochs; {fix}.")
+    start, every = (_parse_float(fields[i].strip()[1:], where, fix) for i in (0, 2))
+    stop = 1.0 if stop_is_end else _parse_float(fields[1].strip()[1:], where, fix)
+    for v in (start, stop):
+        if not 0 <= v <= 1:
+            raise CsnError(f"{where} has a fraction of training outside [0, 1] (f{_fmt(v)}); {fix}.")
+    if every <= 0:
+        raise CsnError(f"{where} has interval f{_fmt(every)}; the interval fEVERY must be > 0.")
+    if start > stop:
+        raise CsnError(f"{where} starts at f{_fmt(start)}, after its stop f{_fmt(stop)}; write fSTART:fSTOP:fEVERY with START <= STOP.")
+    q = (stop - start) / every
+    if not math.isfinite(q) or q + 1 > MAX_CHECKPOINTS:
+        raise _too_many(seg, q + 1, "use a larger interval")
+    return [min(total, round((start + k * every) * total)) for k in range(math.floor(q + _TOL) + 1)]
+
+
+def _point_segment(seg: str, spe: int, epochs: float, total: int, clip: list[str] | None) -> list[int]:
+    """One point in training (parse_time): step=N, fF, an epoch, or end; step=end is the final step."""
+    low = seg.lower()
+    if not (low in ("end", "step=end") or low.startswith(("step=", "f")) or _NUM_RE.fullmatch(low)):
+        raise CsnError(f"checkpoint segment {seg!r} has an unknown form; {_CKPT_FORMS}.")
+    point = TimePoint("end", 0.0) if low == "step=end" else parse_time(seg, "checkpoint segment")
+    n = point.step(spe, total)
+    if n > total:
+        if clip is not None:
+            clip.append(seg)
+            return []
+        at = f"epoch {_fmt(point.value)}" if point.unit == "epoch" else f"step {n}"
+        raise CsnError(f"checkpoint segment {seg!r} is after the end of training ({at}; training is {epochs:g} epochs = "
+                       f"{total} steps); use a point <= {total} steps, a fraction such as f0.5, or end.")
+    return [n]
+
+
+def _steps_segment(seg: str, fields: list[str], total: int, clip: list[str] | None) -> list[int]:
     where = f"checkpoint segment {seg!r}"
     length = f"training is {total} steps"
     kind = fields[1].strip().lower() if len(fields) > 1 else ""
@@ -278,8 +329,9 @@ def _steps_segment(seg: str, fields: list[str], total: int, clip: bool) -> list[
         bound_is_end = fields[2].strip().lower() == "end"
         bound = total if bound_is_end else _parse_int(fields[2], where, "write the bound in whole steps or 'end', e.g. steps:log2:512")
         if bound > total:
-            if not clip:
+            if clip is None:
                 raise CsnError(f"{where} goes up to step {bound}, after the end of training ({length}); use 'end' or a bound <= {total}.")
+            clip.append(seg)
             bound = total
         out, p = [0], 1
         while p <= bound:
@@ -297,12 +349,14 @@ def _steps_segment(seg: str, fields: list[str], total: int, clip: bool) -> list[
         if not stop_is_end and start > stop:
             raise CsnError(f"{where} starts at step {start}, after its stop {stop}; write steps:START:STOP:EVERY with START <= STOP.")
         if start > total:
-            if clip:
+            if clip is not None:
+                clip.append(seg)
                 return []
             raise CsnError(f"{where} starts at step {start}, after the end of training ({length}); start it earlier or train longer.")
         if stop > total:
-            if not clip:
+            if clip is None:
                 raise CsnError(f"{where} stops at step {stop}, after the end of training ({length}); use 'end' or a stop <= {total}.")
+            clip.append(seg)
             stop = total
         n = (stop - start) // every + 1
         if n > MAX_CHECKPOINTS:
@@ -311,7 +365,8 @@ def _steps_segment(seg: str, fields: list[str], total: int, clip: bool) -> list[
     raise CsnError(f"checkpoint segment {seg!r} is not a valid steps segment; write steps:log2:BOUND or steps:START:STOP:EVERY.")
 
 
-def checkpoint_steps(spec: str | None, steps_per_epoch: int, epochs: float, *, clip: bool | None = None) -> list[int]:
+def checkpoint_steps(spec: str | None, steps_per_epoch: int, epochs: float, *, clip: bool | None = None,
+                     note: Callable[[str], None] | None = None) -> list[int]:
     """Resolve a checkpoint spec to the sorted, unique optimizer steps at which to save.
 
     Args:
@@ -319,9 +374,11 @@ def checkpoint_steps(spec: str | None, steps_per_epoch: int, epochs: float, *, c
             ``None`` means :data:`DEFAULT_CHECKPOINTS`.
         steps_per_epoch: optimizer steps per epoch (>= 1).
         epochs: training length in epochs (float allowed); total steps = ``round(epochs * steps_per_epoch)``.
-        clip: if True, segments reaching past the end of training are truncated instead of being an
-            error. ``None`` (the default) clips only the default schedule, so that it fits any training
+        clip: if True, points past the end of training are dropped (segments truncated) instead of being
+            an error. ``None`` (the default) clips only the default schedule, so that it fits any training
             length; user specs that reach past training are errors.
+        note: called with one line naming the segments that lost points when clip=True dropped some (a
+            preset's schedule on a shortened training); the default schedule is clipped silently.
 
     Returns:
         Sorted unique steps in ``[0, total_steps]``, always including 0 (initialization) and
@@ -337,32 +394,32 @@ def checkpoint_steps(spec: str | None, steps_per_epoch: int, epochs: float, *, c
         spec = DEFAULT_CHECKPOINTS
     if not isinstance(spec, str):
         raise CsnError(f"the checkpoint spec must be a string, got {type(spec).__name__}; pass e.g. {DEFAULT_CHECKPOINTS!r}.")
+    is_default = "".join(spec.split()).lower() == DEFAULT_CHECKPOINTS
     if clip is None:
-        clip = "".join(spec.split()).lower() == DEFAULT_CHECKPOINTS
+        clip = is_default
     if not spec.strip():
         raise CsnError(f"the checkpoint spec is empty; pass segments such as {DEFAULT_CHECKPOINTS!r} ({_CKPT_FORMS}).")
     points = {0, total}
+    dropped: list[str] | None = [] if clip else None
     for raw in spec.split(","):
         seg = raw.strip()
         if not seg:
             raise CsnError(f"the checkpoint spec {spec!r} has an empty segment; remove the extra comma ({_CKPT_FORMS}).")
-        low = seg.lower()
-        if low.startswith("step="):
-            value = low[5:].strip()
-            n = total if value == "end" else _parse_int(value, f"checkpoint segment {seg!r}", "write step=N with a whole number N, or step=end")
-            if n > total:
-                if clip:
-                    continue
-                raise CsnError(f"checkpoint segment {seg!r} is after the end of training ({total} steps); use a step <= {total} or step=end.")
-            points.add(n)
-            continue
-        fields = low.split(":")
+        fields = seg.lower().split(":")
         if fields[0].strip() == "steps":
-            points.update(_steps_segment(seg, fields, total, clip))
+            points.update(_steps_segment(seg, fields, total, dropped))
+        elif len(fields) == 1:
+            points.update(_point_segment(seg, spe, epochs, total, dropped))
+        elif len(fields) == 3 and fields[0].strip().startswith("f"):
+            points.update(_fraction_segment(seg, fields, total))
         elif len(fields) == 3:
-            points.update(_epoch_segment(seg, fields, spe, epochs, total, clip))
+            points.update(_epoch_segment(seg, fields, spe, epochs, total, dropped))
         else:
             raise CsnError(f"checkpoint segment {seg!r} has an unknown form; {_CKPT_FORMS}.")
+    if dropped and note is not None and not is_default:
+        note(f"note: checkpoint segment{'s' if len(dropped) > 1 else ''} {', '.join(dropped)} of the preset's schedule "
+             f"reach{'' if len(dropped) > 1 else 'es'} past the end of training ({epochs:g} epochs = {total} steps); "
+             "the points past the end are dropped.")
     return sorted(points)
 
 

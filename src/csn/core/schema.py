@@ -7,7 +7,9 @@ become one-line CsnErrors that name the key, what it expects and what was given 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+import typing
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
@@ -67,7 +69,7 @@ def schema_error(err: ValidationError, model: type[BaseModel], what: str = "opti
     key = ".".join(loc) or "value"
     kind, value = first.get("type", ""), first.get("input")
     if kind == "extra_forbidden":
-        return unknown(what, key, list(model.model_fields))
+        return unknown(what, key, [".".join(loc[:-1] + [f]) for f in _nested_model(model, loc[:-1]).model_fields])
     name = f"--{loc[0].replace('_', '-')}" if flags and loc else f"{what} {key!r}"
     if kind == "missing":
         return CsnError(f"{name} is required; give it a value.")
@@ -106,6 +108,71 @@ def _hint(model: type[BaseModel], loc: list[str]) -> str:
     field = model.model_fields.get(loc[0]) if len(loc) == 1 else None
     extra = field.json_schema_extra if field is not None and isinstance(field.json_schema_extra, dict) else {}
     return f" ({extra['range_hint']})" if extra.get("range_hint") else ""
+def _schema_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model class an annotation holds (itself, or inside Optional/Annotated), else None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _schema_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _nested_model(model: type[BaseModel], path: Sequence[str]) -> type[BaseModel]:
+    """The model class of the nested table at `path` (['ablation'] of a Study: AblationOptions)."""
+    for part in path:
+        field = model.model_fields.get(part)
+        inner = _schema_in(field.annotation) if field is not None else None
+        if inner is None:
+            return model
+        model = inner
+    return model
+
+
+def parse_override(text: str, *, text_field: bool) -> Any:
+    """The value of a `key=value` override: parsed as JSON where possible (numbers, lists, true/false), else the
+    text; none/null is None. A text field takes the text as typed (name=1e5 is the name '1e5'), a JSON-quoted
+    string unquoted (how CLI flags pass values)."""
+    v = text.strip()
+    if v.lower() in ("none", "null"):
+        return None
+    if text_field:
+        if v.startswith('"'):
+            try:
+                out = json.loads(v)
+            except json.JSONDecodeError:
+                return v
+            return out if isinstance(out, str) else v
+        return v
+    try:
+        return json.loads(v)
+    except (json.JSONDecodeError, RecursionError):
+        return v
+
+
+def set_override(model: type[BaseModel], data: dict[str, Any], pair: str, what: str = "config key") -> None:
+    """Apply one `key=value` override to `data` (the plain dict of a `model`); the key may be dotted into
+    nested tables (ablation.draws=5). An unknown key names the closest valid one."""
+    if "=" not in pair:
+        raise CsnError(f"override {pair!r} is not of the form key=value; write e.g. epochs=3.")
+    key, text = pair.split("=", 1)
+    parts = [p.strip().replace("-", "_") for p in key.split(".")]
+    node, cls = data, model
+    for i, part in enumerate(parts):
+        if part not in cls.model_fields:
+            raise unknown(what, ".".join(parts[: i + 1]), [".".join(parts[:i] + [f]) for f in cls.model_fields])
+        if i == len(parts) - 1:
+            break
+        inner = _schema_in(cls.model_fields[part].annotation)
+        if inner is None:
+            raise CsnError(f"{what} {'.'.join(parts[: i + 1])!r} is a value, not a table; write "
+                           f"{'.'.join(parts[: i + 1])}=VALUE.")
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node, cls = node[part], inner
+    annotation = cls.model_fields[parts[-1]].annotation
+    node[parts[-1]] = parse_override(text, text_field=annotation is str or annotation == (str | None))
 
 
 def _show(value: Any) -> str:
@@ -157,4 +224,5 @@ MAX_SEED = 2**63 - 1
 Seed = Annotated[int, NoBool, Field(ge=0, lt=MAX_SEED + 1)]
 
 
-__all__ = ["Schema", "schema_error", "NoBool", "CommaList", "AllIsNone", "Int", "Float", "Seed", "MAX_SEED"]
+__all__ = ["Schema", "schema_error", "parse_override", "set_override", "NoBool", "CommaList", "AllIsNone", "Int", "Float",
+           "Seed", "MAX_SEED"]

@@ -80,6 +80,32 @@ def broadcast_units(values: Tensor, t: Tensor) -> Tensor:
 # read points and stages
 # ------------------------------------------------------------------------------------------------
 
+def stages_from_patterns(model: nn.Module, spec: Sequence[str] | dict[str, Sequence[str]]) -> dict[str, list[str]]:
+    """{stage: [module names]} from layer patterns: a list gives one stage per pattern (named after the
+    pattern without its trailing '.*', else stage1, stage2, ...), a mapping names the stages itself.
+
+    What a run's `layers` key turns into (csn_stages of the model it builds), so the analyses and the
+    regularizer of any model use the same read points.
+    """
+    if isinstance(spec, dict):
+        named = {str(k): list(v) for k, v in spec.items()}
+    else:
+        names = [p[:-2] if p.endswith(".*") else p for p in spec]
+        plain = all(n and not any(c in n for c in "*?[]") for n in names) and len(set(names)) == len(names)
+        named = {(n if plain else f"stage{i + 1}"): [p] for i, (n, p) in enumerate(zip(names, spec))}
+    if not named or any(not v for v in named.values()):
+        raise CsnError("layers needs at least one pattern per stage, e.g. layers = ['layer1.*', 'layer2.*'] or "
+                       "layers = {early = ['blocks.0', 'blocks.1'], late = ['blocks.5']}.")
+    out = {stage: resolve_layers(model, pats) for stage, pats in named.items()}
+    seen: dict[str, str] = {}
+    for stage, layers in out.items():
+        for layer in layers:
+            if layer in seen:
+                raise CsnError(f"layer {layer!r} is in stages {seen[layer]!r} and {stage!r}; give each read point one stage.")
+            seen[layer] = stage
+    return out
+
+
 def stages(model: nn.Module) -> dict[str, list[str]]:
     """The model's declared read points grouped by stage: {stage: [module names]}.
 
@@ -132,11 +158,11 @@ def resolve_layers(model: nn.Module, patterns: Sequence[str] | str | None = None
             hits = [pat]
         else:
             hits = [n for n in names if fnmatch.fnmatchcase(n, pat)]
-            # 'layer2.*' should mean the blocks of layer2 (the read points), not every submodule.
-            if declared and any(h in declared for h in hits):
-                hits = [h for h in hits if h in declared]
-            else:
-                hits = [h for h in hits if "." not in h[len(pat.rstrip("*").rstrip(".")) + 1:]] or hits
+            # 'layer2.*' means the modules one level below layer2 (its blocks), not every submodule; among
+            # those, the declared read points when some are (VGG's 'features.*': its ReLUs). 'blocks.*' of a
+            # ViT whose read points sit deeper (blocks.0.mlp.act) therefore names the block outputs.
+            top = [h for h in hits if "." not in h[len(pat.rstrip("*").rstrip(".")) + 1:]] or hits
+            hits = [h for h in top if h in declared] or top
         if not hits:
             near = closest(pat, names, n=8)
             raise CsnError(f"layer pattern {pat!r} matches no module; available names (closest first): {', '.join(near)}.")
@@ -212,7 +238,8 @@ def eval_mode(*models: nn.Module | None) -> Iterator[None]:
 
 
 __all__ = [
-    "first_tensor", "replace_first", "unit_activations", "unit_dim", "broadcast_units", "stages", "default_layers",
+    "first_tensor", "replace_first", "unit_activations", "unit_dim", "broadcast_units", "stages", "stages_from_patterns",
+    "default_layers",
     "resolve_layers", "stage_of", "relu_modules", "split_batch", "batch_inputs", "to_device", "model_device",
     "eval_mode",
 ]

@@ -22,6 +22,34 @@ def _torchvision():
     return datasets, transforms
 
 
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+"""What torchvision's ImageFolder reads as images."""
+
+
+def check_folders(root: Path) -> list[str]:
+    """The class names of an ImageFolder tree, checked before anything is read: train/ and val/ hold the same
+    class folders (at least 2), each with at least one image; else one CsnError naming the folder and the fix."""
+    layout = f"expected {root}/train/<class>/<images> and {root}/val/<class>/<images>"
+    classes = {}
+    for split in ("train", "val"):
+        d = root / split
+        if not d.is_dir() or not any(p.is_dir() for p in d.iterdir()):
+            raise CsnError(f"{d} is missing or has no class folders; {layout}.")
+        classes[split] = sorted(p.name for p in d.iterdir() if p.is_dir())
+    if classes["train"] != classes["val"]:
+        only = sorted(set(classes["train"]) ^ set(classes["val"]))
+        raise CsnError(f"{root}/train and {root}/val have different class folders ({', '.join(only[:5])} in one only); "
+                       "give every class a folder in both.")
+    if len(classes["train"]) < 2:
+        raise CsnError(f"{root}/train has one class folder; a classifier needs at least 2 classes.")
+    for split in ("train", "val"):
+        for c in classes[split]:
+            if not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in (root / split / c).rglob("*")):
+                raise CsnError(f"{root / split / c} holds no image ({', '.join(IMAGE_EXTENSIONS)}); every class needs "
+                               "images in train/ and in val/ (class selectivity averages over every class).")
+    return classes["train"]
+
+
 def imagefolder(data_root: str | None, image_size: int = 224, resize: int = 256) -> DataSplits:
     """Train/val ImageFolders under data_root (data_root/train/<class>/*.JPEG, data_root/val/<class>/*.JPEG).
 
@@ -33,10 +61,7 @@ def imagefolder(data_root: str | None, image_size: int = 224, resize: int = 256)
     if not data_root:
         raise CsnError("the imagefolder dataset needs --data-root DIR holding train/ and val/ class folders.")
     root = Path(data_root)
-    for split in ("train", "val"):
-        d = root / split
-        if not d.is_dir() or not any(p.is_dir() for p in d.iterdir()):
-            raise CsnError(f"{d} is missing or has no class folders; expected {root}/train/<class>/<images> and {root}/val/<class>/<images>.")
+    check_folders(root)
     datasets, transforms = _torchvision()
     norm = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     train_tf = transforms.Compose([transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(),
@@ -44,8 +69,6 @@ def imagefolder(data_root: str | None, image_size: int = 224, resize: int = 256)
     eval_tf = transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(image_size), transforms.ToTensor(), norm])
     train = datasets.ImageFolder(str(root / "train"), transform=train_tf)
     test = datasets.ImageFolder(str(root / "val"), transform=eval_tf)
-    if train.classes != test.classes:
-        raise CsnError(f"{root}/train and {root}/val have different class folders; make them match.")
     train_eval = copy.copy(train)  # the same file list (no second scan), read without augmentation for analyses
     train_eval.transform = eval_tf
     return DataSplits("imagefolder", train, test, len(train.classes), 3, image_size, list(train.classes),

@@ -30,11 +30,18 @@ THRESHOLDS: dict[str, float] = {
     "c2_min_gap": 0.02,
     # ... and at least this much more negative than at the last checkpoint (the gap shrinks).
     "c2_min_shrink": 0.02,
-    # C3: a linearity measure 'falls' if its early value exceeds its last value by at least this much.
+    # C3: a linearity measure 'falls' if its early value exceeds its last value by at least this much ...
     "c3_min_drop": 0.05,
+    # ... and it is 'near linear' early if its early value (mean over seeds) is at least its level below
+    # (added before any verdict was computed with it: "close to a linear regime" is a level, not only a trend;
+    # agreement-type measures and the mu_Y share, SPEC "Linearity (C3)"). A measure shows C3 when both hold.
+    "c3_min_level_linearized_agreement_init": 0.9,
+    "c3_min_level_relu_same_as_init": 0.9,
+    "c3_min_level_mu_y_share": 0.9,
     # C4: regularizing from step 0 must cost at least this much final test accuracy (absolute) ...
     "c4_min_harm": 0.005,
-    # ... more than this many standard errors of the difference ...
+    # ... more than this many standard errors of the paired difference (the harm is the mean over seeds of the
+    # per-seed difference baseline - condition, seeds shared by both; its SE is that of the differences) ...
     "c4_min_harm_se": 2.0,
     # ... and the late onset must cost at most this share of the early onset's cost.
     "c4_max_late_share": 0.5,
@@ -139,72 +146,99 @@ def claim_c2(summary: pd.DataFrame, early_step_by_run: dict, late_step_by_run: d
                    {"stages": per_stage})
 
 
+def _c3_measure(d: pd.DataFrame, early_step_by_run: dict, level: float) -> dict | None:
+    """One measure's early and last values over seeds, whether it is near linear early and whether it falls."""
+    early, late = [], []
+    for run, g in d.groupby("run"):
+        g = g.sort_values("step")
+        ge = g[g["step"] == early_step_by_run.get(run)]
+        if ge.empty:
+            continue
+        early.append(float(ge["value"].iloc[0]))
+        late.append(float(g["value"].iloc[-1]))
+    if not early:
+        return None
+    e, l_ = float(np.mean(early)), float(np.mean(late))
+    near, falls = e >= level, e - l_ >= THRESHOLDS["c3_min_drop"]
+    return dict(early=e, early_se=standard_error(early), late=l_, late_se=standard_error(late), level=level,
+                near_linear=bool(near), falls=bool(falls), shows=bool(near and falls), seeds=len(early))
+
+
 def claim_c3(lin: pd.DataFrame, early_step_by_run: dict) -> Verdict:
-    """C3 from linearity tables (columns run, step, measure, value): do linearity measures fall after the early phase?"""
+    """C3 from linearity tables (columns run, step, measure, value): is each measure near linear at the early
+    checkpoint (its declared level), and does it fall afterwards?"""
     t = THRESHOLDS
-    rule = (f"a measure falls when its early value exceeds its last value by >= {t['c3_min_drop']} (mean over seeds); "
-            f"reproduced if most of {', '.join(C3_MEASURES)} fall, not reproduced if none does")
-    stat = "linearity measures at the early checkpoint vs the last checkpoint"
+    levels = ", ".join(f"{m} >= {t['c3_min_level_' + m]:g}" for m in C3_MEASURES)
+    rule = (f"per measure (means over seeds): near linear early ({levels}) and falling (early - last >= "
+            f"{t['c3_min_drop']}); reproduced if most measures show both, not reproduced if none does")
+    stat = "linearity measures at the early checkpoint (level) vs the last checkpoint (fall), per measure"
     if lin is None or lin.empty:
         return Verdict("C3", INCONCLUSIVE, stat, rule, "no linearity table was found.")
     vals, parts = {}, []
     for m in C3_MEASURES:
-        d = lin[lin["measure"] == m]
-        if d.empty:
+        v = _c3_measure(lin[lin["measure"] == m], early_step_by_run, t["c3_min_level_" + m])
+        if v is None:
             continue
-        early, late = [], []
-        for run, g in d.groupby("run"):
-            g = g.sort_values("step")
-            s = early_step_by_run.get(run)
-            ge = g[g["step"] == s]
-            if ge.empty:
-                continue
-            early.append(float(ge["value"].iloc[0]))
-            late.append(float(g["value"].iloc[-1]))
-        if not early:
-            continue
-        e, l_ = float(np.mean(early)), float(np.mean(late))
-        vals[m] = dict(early=e, early_se=standard_error(early), late=l_, late_se=standard_error(late), falls=bool(e - l_ >= t["c3_min_drop"]))
-        parts.append(f"{m}: {_fmt(e)} early -> {_fmt(l_)} last")
+        vals[m] = v
+        parts.append(f"{m}: {_fmt(v['early'])} early ({'near linear' if v['near_linear'] else 'below'} "
+                     f"{v['level']:g}) -> {_fmt(v['late'])} last ({'falls' if v['falls'] else 'does not fall'})")
     if not vals:
         return Verdict("C3", INCONCLUSIVE, stat, rule, "the linearity table holds none of the measures.")
-    verdict = _majority(v["falls"] for v in vals.values())
+    verdict = _majority(v["shows"] for v in vals.values())
     return Verdict("C3", verdict, stat, rule, "; ".join(parts) + ".", {"measures": vals})
 
 
+def _paired(per_seed: pd.DataFrame, cond: pd.DataFrame) -> dict:
+    """Baseline - condition final accuracy over the seeds both have: mean, SE of the differences, the seeds."""
+    base = per_seed[per_seed["onset"].isna()].set_index("seed")["final_test_acc"]
+    other = cond.set_index("seed")["final_test_acc"]
+    seeds = sorted(set(base.index) & set(other.index))
+    diff = np.array([float(base[s]) - float(other[s]) for s in seeds], dtype=float)
+    return dict(harm=float(diff.mean()) if len(diff) else math.nan, se=standard_error(diff) if len(diff) > 1 else math.nan,
+                seeds=[int(s) for s in seeds], per_seed=[float(x) for x in diff])
+
+
 def claim_c4(per_seed: pd.DataFrame, late_onset: float) -> Verdict:
-    """C4 from the regularization experiment's per-seed table (condition, onset, seed, final_test_acc, final_csi)."""
+    """C4 from the regularization experiment's per-seed table (condition, onset, seed, final_test_acc, final_csi),
+    conditions paired by seed (same initialization and data order)."""
     t = THRESHOLDS
-    rule = (f"regularizing from 0 costs >= {t['c4_min_harm']} accuracy and > {t['c4_min_harm_se']:g} SE; the late onset "
-            f"costs <= {t['c4_max_late_share']:.0%} of that; the regularizer must lower final CSI by >= "
-            f"{t['c4_min_csi_reduction']:.0%}, else inconclusive")
-    stat = "final test accuracy per condition (mean ± SE over seeds), and final mean CSI of regularized stages"
+    rule = (f"paired by seed: regularizing from 0 costs >= {t['c4_min_harm']} accuracy (mean of per-seed differences) "
+            f"and > {t['c4_min_harm_se']:g} SE of those differences; the late onset costs <= {t['c4_max_late_share']:.0%} "
+            f"of that; the regularizer must lower final CSI by >= {t['c4_min_csi_reduction']:.0%}, else inconclusive")
+    stat = "final test accuracy: baseline - condition per seed, mean ± SE over paired seeds; final mean CSI of regularized stages"
     if per_seed is None or per_seed.empty:
         return Verdict("C4", INCONCLUSIVE, stat, rule, "no regularization runs were found.")
-    base = per_seed[per_seed["onset"].isna()]
-    early = per_seed[per_seed["onset"] == 0]
-    late = per_seed[per_seed["onset"] == late_onset]
-    if base.empty or early.empty or late.empty:
+    conds = {"baseline": per_seed[per_seed["onset"].isna()], "from0": per_seed[per_seed["onset"] == 0],
+             "late": per_seed[per_seed["onset"] == late_onset]}
+    if any(d.empty for d in conds.values()):
         return Verdict("C4", INCONCLUSIVE, stat, rule, "a condition is missing (baseline, from 0, late onset).")
-    acc = {k: float(d["final_test_acc"].mean()) for k, d in (("baseline", base), ("from0", early), ("late", late))}
-    se = {k: standard_error(d["final_test_acc"]) for k, d in (("baseline", base), ("from0", early), ("late", late))}
-    harm_early, harm_late = acc["baseline"] - acc["from0"], acc["baseline"] - acc["late"]
-    se_diff = math.sqrt(np.nan_to_num(se["baseline"]) ** 2 + np.nan_to_num(se["from0"]) ** 2)
-    csi = {k: float(d["final_csi"].mean()) if "final_csi" in d else float("nan") for k, d in (("baseline", base), ("from0", early), ("late", late))}
-    eta = {k: float(d["final_eta2"].mean()) if "final_eta2" in d else float("nan") for k, d in (("baseline", base), ("from0", early), ("late", late))}
-    values = dict(acc=acc, acc_se=se, harm_early=harm_early, harm_late=harm_late, se_diff=se_diff, final_csi=csi, final_eta2=eta,
-                  seeds={"baseline": len(base), "from0": len(early), "late": len(late)})
-    observed = (f"final accuracy baseline {_fmt(acc['baseline'], 4)} (±{_fmt(se['baseline'], 4)}), regularized from 0 "
-                f"{_fmt(acc['from0'], 4)} (±{_fmt(se['from0'], 4)}), from epoch {late_onset:g} {_fmt(acc['late'], 4)} "
-                f"(±{_fmt(se['late'], 4)}); final CSI {_fmt(csi['baseline'])} / {_fmt(csi['from0'])} / {_fmt(csi['late'])}, "
-                f"eta² {_fmt(eta['baseline'])} / {_fmt(eta['from0'])} / {_fmt(eta['late'])}")
+    early, late = _paired(per_seed, conds["from0"]), _paired(per_seed, conds["late"])
+    paired = [s for s in early["seeds"] if s in set(late["seeds"])]
+
+    def mean(k: str, col: str, seeds: list[int]) -> float:
+        d = conds[k][conds[k]["seed"].isin(seeds)]
+        return float(d[col].mean()) if col in d and len(d) else math.nan
+
+    acc = {k: float(d["final_test_acc"].mean()) for k, d in conds.items()}
+    se = {k: standard_error(d["final_test_acc"]) for k, d in conds.items()}
+    csi = {k: mean(k, "final_csi", early["seeds"]) for k in conds}
+    eta = {k: mean(k, "final_eta2", early["seeds"]) for k in conds}
+    values = dict(acc=acc, acc_se_unpaired=se, harm_early=early["harm"], harm_early_se=early["se"],
+                  harm_late=late["harm"], harm_late_se=late["se"], paired_seeds=paired, from0=early, late=late,
+                  final_csi=csi, final_eta2=eta, seeds={k: len(d) for k, d in conds.items()})
+    observed = (f"paired over seeds {', '.join(map(str, early['seeds'])) or 'none'}: regularizing from 0 costs "
+                f"{_fmt(early['harm'], 4)} (±{_fmt(early['se'], 4)} paired SE), from epoch {late_onset:g} "
+                f"{_fmt(late['harm'], 4)} (±{_fmt(late['se'], 4)}); final accuracy baseline {_fmt(acc['baseline'], 4)} "
+                f"(±{_fmt(se['baseline'], 4)} unpaired), from 0 {_fmt(acc['from0'], 4)} (±{_fmt(se['from0'], 4)}), late "
+                f"{_fmt(acc['late'], 4)} (±{_fmt(se['late'], 4)}); final CSI {_fmt(csi['baseline'])} / {_fmt(csi['from0'])} "
+                f"/ {_fmt(csi['late'])}, eta² {_fmt(eta['baseline'])} / {_fmt(eta['from0'])} / {_fmt(eta['late'])}")
     reduced = not math.isnan(csi["baseline"]) and csi["from0"] <= (1 - t["c4_min_csi_reduction"]) * csi["baseline"]
     if not reduced:
         return Verdict("C4", INCONCLUSIVE, stat, rule, observed + "; the regularizer did not lower selectivity enough to test the claim.", values)
-    if min(len(base), len(early)) < 2:
-        return Verdict("C4", INCONCLUSIVE, stat, rule, observed + "; fewer than 2 seeds per condition.", values)
-    harmed = harm_early >= t["c4_min_harm"] and harm_early > t["c4_min_harm_se"] * se_diff
-    late_cheap = harm_late <= t["c4_max_late_share"] * harm_early
+    if len(early["seeds"]) < 2 or len(late["seeds"]) < 1:
+        return Verdict("C4", INCONCLUSIVE, stat, rule, observed + "; fewer than 2 paired seeds.", values)
+    harmed = early["harm"] >= t["c4_min_harm"] and early["harm"] > t["c4_min_harm_se"] * early["se"]
+    late_cheap = late["harm"] <= t["c4_max_late_share"] * early["harm"]
     verdict = REPRODUCED if harmed and late_cheap else NOT_REPRODUCED
     return Verdict("C4", verdict, stat, rule, observed + ".", values)
 

@@ -40,7 +40,9 @@ class Condition:
         if self.onset is None:
             reg = dict(reg_alpha=None, reg_window=None, reg_schedule=None)
         else:
-            reg = dict(reg_alpha=self.alpha, reg_window=f"{self.onset:g}:end", reg_schedule=None)
+            # the exact epoch (an onset resolved from steps or fractions is step / steps_per_epoch: 0.3326...)
+            onset = f"{self.onset:g}" if float(f"{self.onset:g}") == self.onset else repr(float(self.onset))
+            reg = dict(reg_alpha=self.alpha, reg_window=f"{onset}:end", reg_schedule=None)
         return cfg.replace(seed=seed, name=run_name(self.name, seed), **reg)
 
 

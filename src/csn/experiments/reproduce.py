@@ -3,8 +3,8 @@
 Baseline and regularized runs (from step 0 and from a later onset, same seeds) -> selectivity at
 every checkpoint -> ablation sweeps of the baseline runs at an early, a peak and the last checkpoint
 -> linearity -> CKA regularized vs baseline at matched checkpoints -> claims C1-C4. Each step skips
-work whose outputs exist. A `Study` holds the options objects of every analysis: it is declared
-before any result is seen.
+work whose outputs exist. The study (csn.experiments.study: a shipped preset or a study file) holds the
+options objects of every analysis: it is declared before any result is seen.
 """
 
 from __future__ import annotations
@@ -17,78 +17,26 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
-from pydantic import Field
+import torch
 
 from csn import dist
-from csn.analysis.ablation import Ablation, AblationOptions, summarize_ablation
+from csn.analysis.ablation import Ablation
 from csn.analysis.base import run_analysis
-from csn.analysis.cka import Cka, CkaOptions
-from csn.analysis.linearity import Linearity, LinearityOptions
-from csn.analysis.selectivity import Selectivity, SelectivityOptions
-from csn.core.schema import Float, Int, Schema
-from csn.errors import CsnError, unknown
+from csn.analysis.cka import Cka
+from csn.analysis.linearity import Linearity
+from csn.analysis.selectivity import Selectivity
+from csn.core.schedules import total_steps
+from csn.errors import CsnError
 from csn.experiments import claims as C
-from csn.experiments.regularize import Condition, condition_table, final_per_run, job
-from csn.experiments.runner import Job, is_complete, run_jobs
-from csn.runs.config import preset as train_preset
-from csn.runs.io import write_json, write_table
-from csn.runs.naming import parse_run_name, run_name
+from csn.experiments.judge import judge
+from csn.experiments.regularize import Condition, job
+from csn.experiments.runner import Job, run_jobs
+from csn.experiments.study import StudyConfig, load_study, onset_epoch, select_times
+from csn.runs.config import TrainConfig, load_data
+from csn.runs.io import write_json
+from csn.runs.naming import run_name
 from csn.runs.run import Run
-
-MAX_SEEDS = 100
-SEEDS_HINT = "each seed is one training run per condition plus its analyses: 100 seeds already means hundreds of runs"
-
-
-class Study(Schema):
-    """Everything `csn reproduce` does for one preset; declared before any result is seen."""
-
-    name: str
-    train_preset: str
-    overrides: list[str] = []
-    seeds: Int = Field(3, ge=1, le=MAX_SEEDS, description="Baseline seeds.", json_schema_extra={"range_hint": SEEDS_HINT})
-    reg_seeds: Int = Field(2, ge=1, le=MAX_SEEDS, description="Seeds per regularized condition.",
-                           json_schema_extra={"range_hint": SEEDS_HINT})
-    alpha: Float = Field(-1.0, description="Regularizer strength (alpha < 0 suppresses).")
-    late_onset: Float = Field(1.0, description="Epochs; after the early selectivity peak.")
-    early_epoch: Float = Field(0.125, description="The 'early' checkpoint of C2/C3 (nearest checkpoint).")
-    selectivity: SelectivityOptions = SelectivityOptions()
-    ablation: AblationOptions = AblationOptions()
-    ablation_checkpoints: str = "e0.03,e0.125,last"
-    linearity: LinearityOptions = LinearityOptions()
-    cka: CkaOptions = CkaOptions(samples=2000)
-    parallel: Int = Field(2, ge=1, description="Training runs at once.")
-    judge: bool = Field(True, description="False: too small to test the claims; verdicts are reported as inconclusive.")
-
-
-STUDIES: dict[str, Study] = {
-    "smoke": Study(
-        name="smoke", train_preset="smoke", seeds=2, reg_seeds=2, alpha=-3.0, late_onset=1.0, early_epoch=0.25,
-        ablation=AblationOptions(draws=2, grid="f:0,0.25,0.5,1"), ablation_checkpoints="e0.25,last",
-        linearity=LinearityOptions(samples=128), cka=CkaOptions(samples=128), parallel=2, judge=False,
-    ),
-    "fmnist": Study(
-        name="fmnist", train_preset="fmnist", seeds=3, reg_seeds=2, alpha=-1.0, late_onset=1.0, early_epoch=0.125,
-        ablation=AblationOptions(draws=3, orders=("selective", "random"), grid="f:0,0.0625,0.125,0.25,0.5,1",
-                                 samples=1000),
-        ablation_checkpoints="e0.03,e0.125,last", linearity=LinearityOptions(samples=1000),
-        cka=CkaOptions(samples=1000), parallel=2,
-    ),
-    "imagenet": Study(
-        name="imagenet", train_preset="imagenet-resnet50", seeds=5, reg_seeds=5, alpha=-20.0, late_onset=5.0,
-        early_epoch=2.0, ablation=AblationOptions(draws=3), ablation_checkpoints="0:10,last",
-        # the softmax-regression fit needs in-memory data
-        linearity=LinearityOptions(samples=10000, measures=("linearized", "relu")),
-        cka=CkaOptions(samples=10000), parallel=1,
-    ),
-}
-
-
-def get_study(name: str) -> Study:
-    """A reproduce preset by name."""
-    if name not in STUDIES:
-        raise unknown("reproduce preset", name, STUDIES)
-    return STUDIES[name]
+from csn.training.loop import make_loader
 
 
 @dataclass
@@ -101,16 +49,22 @@ class Step:
 
 
 class Reproduction:
-    """The pipeline's state: the study, where it writes, which runs it makes."""
+    """The pipeline's state: the study, where it writes, which runs it makes, its times resolved on the data."""
 
-    def __init__(self, study: Study, out: Path, *, seeds: int | None = None, data_root: str | None = None,
+    def __init__(self, cfg: StudyConfig, out: Path, *, name: str = "study", seeds: int | None = None,
                  progress: bool = True) -> None:
+        study = cfg.study
         if seeds is not None:
             study = study.replace(seeds=seeds, reg_seeds=min(study.reg_seeds, seeds))
-        self.study, self.out, self.progress = study, Path(out), progress
-        over = list(study.overrides) + ([f"data_root={json.dumps(data_root)}"] if data_root else [])
-        self.base = train_preset(study.train_preset).override(over)
-        self.conds = [Condition(None), Condition(0.0, study.alpha), Condition(study.late_onset, study.alpha)]
+        self.name, self.study, self.out, self.progress = name, study, Path(out), progress
+        self.base = cfg.train
+        self.steps_per_epoch, self.total = training_length(self.base)
+        self.late_epoch = onset_epoch(study.late_onset, self.steps_per_epoch, self.total)
+        self.conds = [Condition(None), Condition(0.0, study.alpha), Condition(self.late_epoch, study.alpha)]
+
+    @property
+    def config(self) -> StudyConfig:
+        return StudyConfig(train=self.base, study=self.study)
 
     # ------------------------------------------------------------------ runs
     def baseline_jobs(self) -> list[Job]:
@@ -136,8 +90,8 @@ class Reproduction:
                          progress=progress)
 
         def ablation() -> None:
-            run_analysis(self.runs(self.baseline_jobs()), Ablation(st.ablation), checkpoints=st.ablation_checkpoints,
-                         progress=progress)
+            for spec, runs in self._ablation_checkpoints().items():
+                run_analysis(runs, Ablation(st.ablation), checkpoints=spec, progress=progress)
 
         def linearity() -> None:
             run_analysis(self.runs(self.baseline_jobs()), Linearity(st.linearity), progress=progress)
@@ -156,72 +110,60 @@ class Reproduction:
             Step("claims", lambda: dist.on_main(self.write_claims), 0.01),  # reads tables, writes files: rank 0
         ]
 
+    def _ablation_checkpoints(self) -> dict[str, list[Run]]:
+        """The baseline runs grouped by the checkpoint steps the study's ablation times select on them."""
+        groups: dict[str, list[Run]] = {}
+        for run in self.runs(self.baseline_jobs()):
+            steps = select_times(run.checkpoints, self.study.ablation_checkpoints, int(run.info["steps_per_epoch"]),
+                                 int(run.info["total_steps"]))
+            groups.setdefault(",".join(map(str, steps)), []).append(run)
+        return groups
+
     # ------------------------------------------------------------------ claims
-    def _early_last_steps(self, runs: list[Run]) -> tuple[dict, dict]:
-        early, last = {}, {}
-        for run in runs:
-            ck = run.checkpoints
-            early[str(run.path)] = min(ck, key=lambda c: abs(c.epoch - self.study.early_epoch)).step
-            last[str(run.path)] = ck[-1].step
-        return early, last
-
-    def _stacked(self, runs: list[Run], table: str) -> pd.DataFrame | None:
-        frames = []
-        for run in runs:
-            df = run.read(table)
-            if df is not None and not df.empty:
-                frames.append(df.assign(run=str(run.path)))
-        return pd.concat(frames, ignore_index=True) if frames else None
-
-    def compute_claims(self) -> list[C.Verdict]:
-        base_runs = self.runs(self.baseline_jobs())
-        early, last = self._early_last_steps(base_runs)
-        c1 = C.claim_c1(self._stacked(base_runs, "selectivity"), self.base.epochs)
-        abl = self._stacked(base_runs, "ablation")
-        gaps = summarize_ablation(abl).gaps if abl is not None else None  # per (run, step, stage)
-        c2 = C.claim_c2(gaps, early, last)
-        c3 = C.claim_c3(self._stacked(base_runs, "linearity"), early)
-        all_runs = {}
-        for j in self.baseline_jobs()[: self.study.reg_seeds] + self.reg_jobs():
-            if is_complete(j.out):
-                all_runs[(parse_run_name(j.cfg.name)[0], j.cfg.seed)] = Run(j.out)
-        per_seed = final_per_run(all_runs, self.conds) if all_runs else None
-        if per_seed is not None:
-            write_table(self.out / "regularize_runs.parquet", per_seed)
-            write_table(self.out / "regularize.parquet", condition_table(per_seed))
-        c4 = C.claim_c4(per_seed, self.study.late_onset)
-        verdicts = [c1, c2, c3, c4]
-        if not self.study.judge:
-            for v in verdicts:
-                v.observed = (f"preset {self.study.name} is too small to test the claim (the rule alone gives "
-                              f"'{v.verdict}'): {v.observed}")
-                v.verdict = C.INCONCLUSIVE
-        return verdicts
-
     def write_claims(self) -> list[C.Verdict]:
-        verdicts = self.compute_claims()
-        write_json(self.out / "claims.json", {
-            "preset": self.study.name, "thresholds": C.THRESHOLDS, "reproduce_preset": self.study.to_dict(),
-            "claims": [v.to_dict() for v in verdicts],
-        })
-        return verdicts
+        """C1-C4 from the runs' tables (csn.experiments.judge), written to claims.json."""
+        return judge(self.out, early=self.study.early_checkpoint, late_onset=self.late_epoch,
+                     total_epochs=self.base.epochs, judge=self.study.judge, name=self.name, study=self.study.to_dict())
+
+    def record(self) -> dict:
+        """What reproduce.json holds: the study, the training config, and the study's times on this data."""
+        return {"settings": {"study": self.name, "dataset": self.base.dataset, "model": self.base.model,
+                             "seeds": self.study.seeds, "reg_seeds": self.study.reg_seeds},
+                "reproduce_preset": self.study.to_dict(), "train_config": self.base.to_dict(),
+                "resolved": {"steps_per_epoch": self.steps_per_epoch, "total_steps": self.total,
+                             "late_onset_step": round(self.late_epoch * self.steps_per_epoch),
+                             "late_onset_epoch": self.late_epoch}}
 
 
-def reproduce(preset: str = "fmnist", out: str | Path | None = None, *, seeds: int | None = None, resume: bool = False,
-              force: bool = False, data_root: str | None = None, progress: bool = True,
+def training_length(cfg: TrainConfig) -> tuple[int, int]:
+    """(steps per epoch, total steps) a training of `cfg` will take: its data loaded as the training loop loads it."""
+    data = load_data(cfg)
+    spe = len(make_loader(data.train, cfg, train=True, device=torch.device("cpu")))
+    if spe == 0:
+        raise CsnError(f"the training split ({len(data.train)} examples) is smaller than one batch ({cfg.batch_size}); "
+                       "lower batch_size.")
+    return spe, total_steps(spe, cfg.epochs)
+
+
+def reproduce(preset: str | None = None, out: str | Path | None = None, *, config: str | Path | None = None,
+              dataset: str | None = None, data_root: str | None = None, model: str | None = None,
+              sets: tuple[str, ...] | list[str] = (), seeds: int | None = None, resume: bool = False,
+              force: bool = False, progress: bool = True,
               report: Callable[[Path], Path] | None = None) -> tuple[Path, list[C.Verdict]]:
     """Run (or resume) the whole study; return the report path and the verdicts.
 
+    The study is a shipped preset (default fmnist) or a study file (config), with the shortcuts dataset,
+    data_root, model and `train.KEY=VALUE` / `study.KEY=VALUE` overrides (csn.experiments.study.load_study).
     report(out) -> the report's index.html, run as the last step (the CLI passes csn.report's
     build_report; this layer does not draw). Under torchrun every step runs on every process
     (training with DDP, analyses sharded over the evaluation split) and rank 0 alone writes; the
     step lines and the result are rank 0's.
     """
     with dist.same_outcome():  # a bad request fails on every rank together
-        study = get_study(preset)
-        out = Path(out) if out else Path("runs") / f"reproduce-{preset}"
-        rep = Reproduction(study, out, seeds=seeds, data_root=data_root, progress=progress)
-    dist.on_main(_prepare, rep, preset, resume=resume, force=force, data_root=data_root)
+        name, cfg = load_study(preset, config, dataset=dataset, data_root=data_root, model=model, sets=sets)
+        out = Path(out) if out else Path("runs") / f"reproduce-{name}"
+        rep = Reproduction(cfg, out, name=name, seeds=seeds, progress=progress)
+    dist.on_main(_prepare, rep, resume=resume, force=force)
     steps = rep.steps()
     index = out / "report" / "index.html"
     if report is not None:
@@ -247,9 +189,9 @@ def _run_steps(steps: list[Step]) -> None:
         print(f"done in {_hms(time.perf_counter() - t0)}", file=sys.stderr)
 
 
-def _prepare(rep: Reproduction, preset: str, *, resume: bool, force: bool, data_root: str | None) -> None:
-    """Check (and with force empty) the output folder; record the settings in reproduce.json."""
-    st, out = rep.study, rep.out
+def _prepare(rep: Reproduction, *, resume: bool, force: bool) -> None:
+    """Check (and with force empty) the output folder; record the study in reproduce.json."""
+    out = rep.out
     if out.exists() and any(out.iterdir()):
         if force:
             if not (out / "reproduce.json").is_file():
@@ -260,14 +202,22 @@ def _prepare(rep: Reproduction, preset: str, *, resume: bool, force: bool, data_
         elif not (out / "reproduce.json").is_file():
             raise CsnError(f"{out} is not a csn reproduction (no reproduce.json); choose another --out.")
     out.mkdir(parents=True, exist_ok=True)
-    settings = {"preset": preset, "seeds": st.seeds, "reg_seeds": st.reg_seeds, "data_root": data_root}
-    old = out / "reproduce.json"
+    record, old = rep.record(), out / "reproduce.json"
     if old.is_file():
         prev = json.loads(old.read_text())
-        if prev.get("settings") != settings:
-            raise CsnError(f"{out} was started with {prev.get('settings')}, now {settings}; resume with the same settings "
-                           "or use another --out.")
-    write_json(old, {"settings": settings, "reproduce_preset": st.to_dict(), "train_config": rep.base.to_dict()})
+        was, now = _comparable(prev), _comparable(record)
+        if was != now:
+            diff = [k for k in now if was.get(k) != now[k]] or ["the study"]
+            raise CsnError(f"{out} was started with a different study ({', '.join(diff)} differ); resume with the same "
+                           "settings or use another --out.")
+    write_json(old, record)
+
+
+def _comparable(record: dict) -> dict:
+    """The parts of reproduce.json a resumed reproduction must share (not how many runs train at once, devices)."""
+    study = {k: v for k, v in record.get("reproduce_preset", {}).items() if k != "parallel"}
+    train = {k: v for k, v in record.get("train_config", {}).items() if k not in ("device", "threads", "workers")}
+    return {"study": study, "train": train, "seeds": record.get("settings", {}).get("seeds")}
 
 
 def _hms(s: float) -> str:
@@ -275,4 +225,4 @@ def _hms(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-__all__ = ["Study", "STUDIES", "get_study", "Step", "Reproduction", "reproduce"]
+__all__ = ["Step", "Reproduction", "training_length", "reproduce"]

@@ -7,10 +7,12 @@ from collections.abc import Callable
 from torch import nn
 
 from csn.errors import CsnError, unknown
+from csn.models import external
 from csn.models.base import CsnModel
 from csn.models.resnet_cifar import CifarResNet
 from csn.models.resnet_imagenet import BasicBlock, Bottleneck, ImageNetResNet
 from csn.models.simple import MLP, VGG, SmallCNN
+from csn.models.vit import ViT
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "resnet8": lambda **kw: CifarResNet(1, **kw),
@@ -25,12 +27,13 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "vgg16-nobn": lambda **kw: VGG(batchnorm=False, **kw),
     "cnn": lambda **kw: SmallCNN(**kw),
     "mlp": lambda **kw: MLP(**kw),
+    "vit-tiny": lambda **kw: ViT(**kw),
 }
-_NEEDS_SIZE = {"vgg16", "vgg16-nobn", "mlp"}
+_NEEDS_SIZE = {"vgg16", "vgg16-nobn", "mlp", "vit-tiny"}
 
 
 def list_models() -> list[str]:
-    """Names accepted by create_model."""
+    """Names accepted by create_model (besides 'package.module:factory' and 'timm:NAME')."""
     return sorted(_REGISTRY)
 
 
@@ -38,14 +41,24 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 3, width: 
                  image_size: int | tuple[int, int] | list[int] | None = None, **kwargs) -> nn.Module:
     """Build a model by name; every csn model declares its read points in `csn_stages`.
 
-    image_size (an int for square images, else (H, W)) is passed to the models that need it (VGG, MLP)."""
-    if name not in _REGISTRY:
-        raise unknown("model", name, _REGISTRY)
-    if not width > 0:
+    name: a registered name (list_models()), 'package.module:factory' (any importable callable returning
+    an nn.Module; it gets those of num_classes, in_channels, image_size, width its signature names), or
+    'timm:NAME' (a timm model, untrained; needs the optional timm package). image_size (an int for
+    square images, else (H, W)) is passed to the models that need it (VGG, MLP, ViT)."""
+    if not isinstance(width, (int, float)) or not width > 0:
         raise CsnError(f"model width must be positive, got {width}.")
+    if isinstance(name, str) and name.startswith("timm:"):
+        return external.check_output(external.timm_model(name[5:], num_classes, in_channels, width, image_size),
+                                     name, num_classes, in_channels, image_size)
+    if isinstance(name, str) and ":" in name:
+        model = external.factory_model(name, num_classes=num_classes, in_channels=in_channels, width=width,
+                                       image_size=image_size, **kwargs)
+        return external.check_output(model, name, num_classes, in_channels, image_size)
+    if name not in _REGISTRY:
+        raise unknown("model", name, list(_REGISTRY) + ["package.module:factory", "timm:NAME"])
     if name in _NEEDS_SIZE and image_size is not None:
         kwargs["image_size"] = image_size
     return _REGISTRY[name](num_classes=num_classes, in_channels=in_channels, width=width, **kwargs)
 
 
-__all__ = ["create_model", "list_models", "CsnModel", "CifarResNet", "ImageNetResNet", "VGG", "SmallCNN", "MLP"]
+__all__ = ["create_model", "list_models", "CsnModel", "CifarResNet", "ImageNetResNet", "VGG", "SmallCNN", "MLP", "ViT"]

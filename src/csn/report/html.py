@@ -846,8 +846,8 @@ def _thresholds(claim_rows: list[dict], thresholds: dict | None) -> dict | None:
     return thresholds
 
 
-PROTOCOL_KEYS = ("seeds", "reg_seeds", "alpha", "late_onset", "early_epoch", "ablation_checkpoints", "ablation.draws",
-                 "linearity.samples", "cka.samples")
+PROTOCOL_KEYS = ("seeds", "reg_seeds", "alpha", "late_onset", "early_checkpoint", "early_epoch", "ablation_checkpoints",
+                 "ablation.draws", "linearity.samples", "cka.samples")
 """The settings of a reproduction (reproduce.json) shown in the configuration section."""
 
 
@@ -865,6 +865,7 @@ def _protocol(experiment: Path | None) -> list[dict]:
                 value = value.get(part) if isinstance(value, dict) else None
             if value is not None:
                 keep[key] = value
+        keep.update(rp.get("resolved", {}))  # the study's times on this dataset (steps per epoch, late onset step)
         return [_table(["setting", "value"], [[k, v] for k, v in {**settings, **keep}.items()],
                        "The reproduction's protocol (reproduce.json).", cls="config narrow")]
     except (json.JSONDecodeError, OSError, AttributeError):

@@ -6,21 +6,30 @@ config file, overrides, the Python API) goes through the same pydantic validatio
 
 from __future__ import annotations
 
-import json
 import tomllib
 import typing
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, model_validator
+from pydantic import BeforeValidator, Field, model_validator
 
-from csn.core.schema import CommaList, Float, Int, Schema, Seed
+from csn.core.schema import CommaList, Float, Int, Schema, Seed, set_override
+from csn.core.units import stages, stages_from_patterns
 from csn.data import DataSplits, load_dataset
 from csn.data.validate import require_every_class
 from csn.errors import CsnError, unknown
 from csn.models import create_model
 
 WHAT = "config key"
+
+
+def _layer_spec(v: Any) -> Any:
+    """layers: 'a.*,b.*' or ['a.*', 'b.*'] (one stage per pattern) or {stage: 'a,b' | [patterns]}."""
+    if isinstance(v, str):
+        return [p.strip() for p in v.split(",") if p.strip()]
+    if isinstance(v, dict):
+        return {k: ([p.strip() for p in x.split(",") if p.strip()] if isinstance(x, str) else x) for k, x in v.items()}
+    return v
 
 
 class TrainConfig(Schema):
@@ -37,8 +46,12 @@ class TrainConfig(Schema):
     synthetic: dict[str, Any] = {}
     augment: str = "none"
     # model
-    model: str = Field("resnet20", description="Model name, e.g. resnet20, resnet50, vgg16, cnn, mlp.")
+    model: str = Field("resnet20", description="Model name (resnet20, resnet50, vgg16, cnn, mlp, vit-tiny), "
+                       "'package.module:factory' (any importable nn.Module) or 'timm:NAME'.")
     width: Float = Field(1.0, gt=0)
+    layers: Annotated[list[str] | dict[str, list[str]] | None, BeforeValidator(_layer_spec)] = Field(
+        None, description="The model's read points as layer patterns: one stage per pattern ('layer1.*,layer2.*'), or "
+        "a table {stage = [patterns]}; default: the model's declared read points (csn_stages).")
     # optimisation
     epochs: Float = Field(5.0, gt=0, description="Training length in epochs (fractions allowed).")
     batch_size: Int = Field(128, ge=1)
@@ -79,17 +92,11 @@ class TrainConfig(Schema):
         return cls.parse(d, what=WHAT)
 
     def override(self, pairs: list[str] | tuple[str, ...]) -> TrainConfig:
-        """Apply `key=value` overrides (values parsed as JSON where possible, else as strings; a text
-        field takes the text as typed, so name=1e5 is the name '1e5')."""
+        """Apply `key=value` overrides (csn.core.schema.set_override: values parsed as JSON where possible, else
+        as strings; a text field takes the text as typed, so name=1e5 is the name '1e5')."""
         d = self.to_dict()
         for p in pairs:
-            if "=" not in p:
-                raise CsnError(f"override {p!r} is not of the form key=value; write e.g. epochs=3.")
-            k, v = p.split("=", 1)
-            k = k.strip().replace("-", "_")
-            if k not in d:
-                raise unknown(WHAT, k, d)
-            d[k] = _parse_text(v) if _is_text_field(k) else _parse_value(v)
+            set_override(TrainConfig, d, p, WHAT)
         return TrainConfig.from_dict(d)
 
     @model_validator(mode="after")
@@ -105,50 +112,21 @@ class TrainConfig(Schema):
         return {k: (a[k], b[k]) for k in a if a[k] != b[k] and k not in ignore}
 
 
-def _parse_value(v: str) -> Any:
-    v = v.strip()
-    if v.lower() in ("none", "null"):
-        return None
-    try:
-        return json.loads(v)
-    except (json.JSONDecodeError, RecursionError):
-        return v
-
-
-def _is_text_field(key: str) -> bool:
-    typ = TrainConfig.model_fields[key].annotation
-    return typ is str or typ == (str | None)
-
-
-def _parse_text(v: str) -> str | None:
-    """A `key=value` override of a text field: the text as typed; a JSON-quoted string is unquoted (how
-    CLI flags pass values), none/null is None."""
-    v = v.strip()
-    if v.lower() in ("none", "null"):
-        return None
-    if v.startswith('"'):
-        try:
-            out = json.loads(v)
-        except json.JSONDecodeError:
-            return v
-        return out if isinstance(out, str) else v
-    return v
-
-
 # ----------------------------------------------------------------------------- presets
 PRESETS: dict[str, dict] = {
     # Seconds on a CPU: tiny synthetic data, a small ResNet; for tests, CI and a first look.
     "smoke": dict(
         name="smoke", dataset="synthetic", synthetic=dict(num_train=512, num_test=256, num_classes=4, channels=1, size=12),
-        model="resnet8", width=0.5, epochs=2.0, batch_size=64, lr=0.05, checkpoints="0:1:0.25,1:end:0.5",
+        model="resnet8", width=0.5, epochs=2.0, batch_size=64, lr=0.05, checkpoints="steps:0:8:2,f0.5:end:f0.25",
         eval_batch_size=256, log_every=2, channels_last=False,
     ),
     # The embedded default: Fashion-MNIST with a CIFAR-style ResNet, sized for one 2-core CPU.
-    # Dense step-based early checkpoints resolve the selectivity peak within the first ~100 steps.
+    # Dense step-based early checkpoints resolve the selectivity peak within the first ~100 steps; the rest
+    # are fractions of training (on Fashion-MNIST, 469 steps per epoch: epochs 0.75, 1, 1.5, 2, 2.5, 3).
     "fmnist": dict(
         name="fmnist", dataset="fashion-mnist", model="resnet8", width=1.0, epochs=3.0, batch_size=128,
         lr=0.1, momentum=0.9, weight_decay=5e-4, lr_schedule="cosine", warmup_epochs=0.0, augment="none",
-        checkpoints="step=8,step=16,step=32,step=64,step=128,step=256,0.75:1:0.25,1:end:0.5",
+        checkpoints="step=8,step=16,step=32,step=64,step=128,step=256,f0.25,f0.3333,f0.5,f0.6667,f0.8333",
         eval_batch_size=1000, eval_samples=2000,
     ),
     # The study's recipe (SPEC "Training recipes"): ResNet-50 on an ImageNet folder, for GPUs under torchrun.
@@ -159,6 +137,12 @@ PRESETS: dict[str, dict] = {
         log_every=50,
     ),
 }
+
+
+def is_preset_checkpoints(spec: str | None) -> bool:
+    """True when a checkpoint spec is a preset's own: its points past the end of a shortened training are
+    dropped with a note, while a schedule the user wrote that points past the end stays an error."""
+    return spec is not None and "".join(spec.split()) in {"".join(p["checkpoints"].split()) for p in PRESETS.values()}
 
 
 def preset(name: str) -> TrainConfig:
@@ -286,10 +270,21 @@ def data_info(data: DataSplits) -> dict:
 
 
 def build_model_for(cfg: TrainConfig, info: dict):
-    """The config's model for a dataset described by data_info()."""
-    return create_model(cfg.model, num_classes=info["num_classes"], in_channels=info["in_channels"],
-                        width=cfg.width, image_size=info["image_size"])
+    """The config's model for a dataset described by data_info(), its read points (csn_stages) set from the
+    config's `layers` when given; a model with no read points at all is refused here, before any work."""
+    model = create_model(cfg.model, num_classes=info["num_classes"], in_channels=info["in_channels"],
+                         width=cfg.width, image_size=info["image_size"])
+    if cfg.layers is not None:
+        model.csn_stages = stages_from_patterns(model, cfg.layers)
+    else:
+        try:
+            stages(model)
+        except CsnError:
+            raise CsnError(f"model {cfg.model!r} declares no read points; give them as layer patterns, one stage per "
+                           "pattern, e.g. layers = ['blocks.0', 'blocks.1'] in the config's [train] table (or "
+                           "layers=... on the command line).") from None
+    return model
 
 
-__all__ = ["TrainConfig", "PRESETS", "preset", "read_config_file", "load_config_file", "load_data", "data_info",
+__all__ = ["TrainConfig", "PRESETS", "preset", "is_preset_checkpoints", "read_config_file", "load_config_file", "load_data", "data_info",
            "build_model_for"]

@@ -28,7 +28,7 @@ from csn.core.schedules import alpha_schedule, checkpoint_steps, lr_at
 from csn.data import BatchLoader
 from csn.data.loaders import folder_loader, shard_split, subset
 from csn.errors import CsnError, unknown
-from csn.runs.config import TrainConfig, build_model_for, data_info, load_data
+from csn.runs.config import TrainConfig, build_model_for, data_info, is_preset_checkpoints, load_data
 from csn.runs.io import load_tensors, save_tensors, write_json, write_table
 from csn.runs.lock import lock_holder, run_lock
 from csn.runs.run import Checkpoint, Run, check_run_path, delete_run_files, load_weights, read_manifest, write_manifest
@@ -255,7 +255,10 @@ class _Training:
     def _setup_schedules(self) -> None:
         cfg = self.cfg
         self.total = int(round(cfg.epochs * self.steps_per_epoch))
-        self.ckpt_steps = checkpoint_steps(cfg.checkpoints, self.steps_per_epoch, cfg.epochs)
+        # a preset's schedule fits a shortened training (points past the end dropped, with a note); the user's must fit
+        self.ckpt_steps = checkpoint_steps(cfg.checkpoints, self.steps_per_epoch, cfg.epochs,
+                                           clip=True if is_preset_checkpoints(cfg.checkpoints) else None,
+                                           note=lambda m: print(m, file=sys.stderr) if self.main else None)
         lr_at(0, max(self.total, 1), self.steps_per_epoch, cfg.lr, cfg.lr_schedule, milestones=cfg.milestones,
               gamma=cfg.gamma, warmup_epochs=cfg.warmup_epochs)  # the schedule is checked before training starts
         self.alphas = alpha_schedule(cfg.reg_schedule, cfg.reg_alpha, cfg.reg_window)

@@ -1,0 +1,153 @@
+"""`csn claims DIR`: the four verdicts of a study, (re)computed from the tables of its runs.
+
+What a study folder needs: run folders named `<condition>-s<seed>` (`baseline-s0`, `reg-from-0-s0`,
+`reg-from-1-s0`, as `csn reproduce` and `csn experiment regularize` write them), each a finished run
+(its last checkpoint saved). Each claim reads what it needs and is inconclusive, saying what is missing,
+when the tables are not there:
+
+- C1: tables/selectivity.parquet of the baseline runs;
+- C2: tables/ablation.parquet of the baseline runs (at the early checkpoint and the last);
+- C3: tables/linearity.parquet of the baseline runs (at the early checkpoint and the last);
+- C4: the final checkpoints of the baseline and regularized runs, paired by seed, and their selectivity
+  tables (the regularizer must have lowered the final CSI of the regularized stages).
+
+Unfinished runs are left out (listed in claims.json). The early checkpoint and the late onset come from
+the study (reproduce.json, written by `csn reproduce`), else from the caller.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from csn.analysis.ablation import summarize_ablation
+from csn.core.schedules import TimePoint, parse_time
+from csn.errors import CsnError
+from csn.experiments import claims as C
+from csn.experiments.regularize import Condition, condition_table, final_per_run
+from csn.experiments.runner import is_complete
+from csn.experiments.study import nearest
+from csn.runs.io import write_json, write_table
+from csn.runs.naming import condition_order, onset_of, parse_run_name
+from csn.runs.run import Run
+
+
+@dataclass
+class StudyRuns:
+    """The finished runs of a study folder by (condition, seed), in condition then seed order."""
+
+    runs: dict[tuple[str, int], Run]
+    unfinished: list[str] = field(default_factory=list)
+
+    def of(self, condition: str) -> list[Run]:
+        return [r for (c, _), r in self.runs.items() if c == condition]
+
+    @property
+    def conditions(self) -> list[str]:
+        return list(dict.fromkeys(c for c, _ in self.runs))
+
+
+def find_runs(out: Path) -> StudyRuns:
+    """Every `<condition>-s<seed>` run folder under `out` (baseline, reg-from-X), finished ones kept."""
+    found, unfinished = [], []
+    for p in sorted(Path(out).iterdir()) if Path(out).is_dir() else []:
+        cond, seed = parse_run_name(p.name)
+        if seed is None or not (p / "run.json").is_file() or (cond != "baseline" and onset_of(cond) is None):
+            continue
+        (found if is_complete(p) else unfinished).append((cond, seed, p))
+    found.sort(key=lambda t: (condition_order(t[0]), t[1]))
+    return StudyRuns({(c, s): Run(p) for c, s, p in found}, [p.name for _, _, p in sorted(unfinished)])
+
+
+def _stacked(runs: list[Run], table: str) -> pd.DataFrame | None:
+    frames = []
+    for run in runs:
+        df = run.read(table)
+        if df is not None and not df.empty:
+            frames.append(df.assign(run=str(run.path)))
+    return pd.concat(frames, ignore_index=True) if frames else None
+
+
+def _early_last_steps(runs: list[Run], early: TimePoint) -> tuple[dict, dict]:
+    """Per baseline run: the checkpoint nearest to the early point, and the last checkpoint."""
+    first, last = {}, {}
+    for run in runs:
+        ck = run.checkpoints
+        spe, total = int(run.info["steps_per_epoch"]), int(run.info["total_steps"])
+        first[str(run.path)] = nearest(ck, early.step(spe, total)).step
+        last[str(run.path)] = ck[-1].step
+    return first, last
+
+
+def _late_condition(found: StudyRuns, late_onset: float | None) -> tuple[list[Condition], float | None]:
+    """Baseline, from-0 and late conditions present (alpha from the runs' configs); the late onset in epochs."""
+    reg = [c for c in found.conditions if c != "baseline"]
+    late = [c for c in reg if onset_of(c) != 0]
+    if late_onset is None and len(late) == 1:
+        late_onset = onset_of(late[0])
+    elif late_onset is not None and late:  # names carry the onset to 6 digits (reg-from-0.332623)
+        near = min(late, key=lambda c: abs(onset_of(c) - late_onset))
+        if abs(onset_of(near) - late_onset) <= 1e-5 * max(1.0, abs(late_onset)):
+            late_onset = onset_of(near)
+    conds = [Condition(None)]
+    for c in reg:
+        alpha = found.of(c)[0].config.reg_alpha
+        conds.append(Condition(onset_of(c), float("nan") if alpha is None else float(alpha)))
+    return conds, late_onset
+
+
+def _c4_runs(found: StudyRuns, conds: list[Condition]) -> dict[tuple[str, int], Run]:
+    """Baseline runs whose seed a regularized condition shares, and the regularized runs whose seed the
+    baseline has: the runs C4 pairs by seed."""
+    base = {s for c, s in found.runs if c == "baseline"}
+    reg = {s for c, s in found.runs if c != "baseline"}
+    names = {c.name for c in conds}
+    return {(c, s): r for (c, s), r in found.runs.items() if c in names and s in (reg if c == "baseline" else base)}
+
+
+def judge(out: str | Path, *, early: str | TimePoint, late_onset: float | None = None, total_epochs: float | None = None,
+          judge: bool = True, name: str = "study", study: dict | None = None) -> list[C.Verdict]:
+    """Compute C1-C4 from the runs' tables under `out`, write regularize*.parquet and claims.json; return the verdicts.
+
+    early: the early checkpoint (a point in training); late_onset: the late condition's onset in epochs (default:
+    the one regularized condition with a nonzero onset); judge=False reports every verdict as inconclusive
+    (a study too small to test the claims), saying what the rule alone gave."""
+    out = Path(out)
+    found = find_runs(out)
+    base_runs = found.of("baseline")
+    if not found.runs:
+        raise CsnError(f"{out} holds no finished runs named <condition>-s<seed> (baseline-s0, reg-from-0-s0, ...); "
+                       "pass the folder of a reproduction or of `csn experiment regularize`.")
+    early = early if isinstance(early, TimePoint) else parse_time(early, "early checkpoint")
+    first, last = _early_last_steps(base_runs, early)
+    epochs = total_epochs if total_epochs is not None else (base_runs[0].config.epochs if base_runs else math.nan)
+    c1 = C.claim_c1(_stacked(base_runs, "selectivity"), epochs)
+    abl = _stacked(base_runs, "ablation")
+    c2 = C.claim_c2(summarize_ablation(abl).gaps if abl is not None else None, first, last)
+    c3 = C.claim_c3(_stacked(base_runs, "linearity"), first)
+    conds, late_onset = _late_condition(found, late_onset)
+    runs4 = _c4_runs(found, conds)
+    per_seed = final_per_run(runs4, conds) if runs4 else None
+    if per_seed is not None:
+        write_table(out / "regularize_runs.parquet", per_seed)
+        write_table(out / "regularize.parquet", condition_table(per_seed))
+    c4 = C.claim_c4(per_seed, late_onset if late_onset is not None else math.nan)
+    verdicts = [c1, c2, c3, c4]
+    if not judge:
+        for v in verdicts:
+            v.observed = (f"preset {name} is too small to test the claim (the rule alone gives '{v.verdict}'): "
+                          f"{v.observed}")
+            v.verdict = C.INCONCLUSIVE
+    write_json(out / "claims.json", {
+        "preset": name, "thresholds": C.THRESHOLDS, "reproduce_preset": study or {},
+        "claims": [v.to_dict() for v in verdicts],
+        "runs": {"baseline": [r.name for r in base_runs], "c4": [r.name for r in runs4.values()],
+                 "unfinished": found.unfinished, "early_checkpoint": str(early), "late_onset_epoch": late_onset},
+    })
+    return verdicts
+
+
+__all__ = ["StudyRuns", "find_runs", "judge"]
