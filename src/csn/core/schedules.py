@@ -861,7 +861,7 @@ class AlphaWindows:
             resolved.append((a, b, w.alpha, str(w)))
         resolved.sort(key=lambda r: r[0])
         merged: list[tuple[int, int, float]] = []
-        for (a0, b0, _, w0), (a1, _, _, w1) in zip(resolved, resolved[1:]):
+        for (_, b0, _, w0), (a1, _, _, w1) in zip(resolved, resolved[1:]):
             if b0 > a1:
                 raise CsnError(f"alpha windows {w0} and {w1} overlap (steps from {a1} to {b0}); make them disjoint.")
         for a, b, alpha, _ in resolved:
