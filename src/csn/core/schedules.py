@@ -846,15 +846,12 @@ class AlphaWindows:
         resolved = []
         for w in self.windows:
             span = f"alpha {_fmt(w.alpha)} window {w.start}:{w.end}"
-            if _point_beyond(w.start, total, epochs):
+            if _point_beyond(w.start, total, epochs) or first_step_at(w.start, spe, total) >= total:
                 raise CsnError(f"{span} starts at or after the end of training ({length}), so it would never apply; "
                                "start it earlier or train longer.")
             if _point_beyond(w.end, total, epochs):
                 raise CsnError(f"{span} ends after the end of training ({length}); end it by then or use 'end'.")
             a, b = first_step_at(w.start, spe, total), min(total, first_step_at(w.end, spe, total))
-            if a >= total:
-                raise CsnError(f"{span} starts at or after the end of training ({length}; it starts at step {a}), so "
-                               "it would never apply; start it earlier or train longer.")
             if b <= a:
                 raise CsnError(f"{span} covers no optimizer step (it resolves to steps [{a}, {b}) with {spe} steps per "
                                "epoch); make it longer or write it in steps (step=N).")
