@@ -233,7 +233,8 @@ def verdicts(per_seed: pd.DataFrame, rules: Mapping[str, float] = WINDOW_RULES) 
         s = family_statistics(rows, rules)
         promote = alpha > 0
         verdict, why = (judge_promotion if promote else judge_suppression)(s, rules)
-        observed = (f"{s['n_windows']} window(s), {s['n_seeds']} seeds; ρ = {_num(s['rho'], '.2f')} {_ci_text(s['rho_ci'], '.2f')}; "
+        trend = (f"ρ = {_num(s['rho'], '.2f')} {_ci_text(s['rho_ci'], '.2f')}" if s["n_windows"] > 1 else "no trend (one window)")
+        observed = (f"{s['n_windows']} window(s), {s['n_seeds']} seeds; {trend}; "
                     f"earliest window {s['earliest_window']}: harm {_num(s['earliest_harm'])} {_ci_text(s['earliest_harm_ci'])}, "
                     f"early accuracy change {_num(s['earliest_gap'])} {_ci_text(s['earliest_gap_ci'])}, CSI at its end "
                     f"{_num(-s['earliest_csi_reduction'], '+.0%')} vs baseline; {why}")

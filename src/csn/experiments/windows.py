@@ -411,11 +411,12 @@ def measure_selectivity(plan: Plan, jobs: list[tuple[WindowCondition, int, Job]]
             if dist.is_main():
                 print(msg, file=sys.stderr, flush=True)
 
+    data = load_data(plan.base)  # every run of the experiment reads the same data: load it once
     pbar = bar(jobs, desc="selectivity", unit="run", progress=progress and dist.is_main())
     for cond, _seed, job in pbar:
         run = Run(job.out)
         layers = None if cond.alpha == 0 else _layers_of(run, cond)
-        run_analysis(run, Selectivity(layers=layers, samples=plan.samples),
+        run_analysis(run, Selectivity(layers=layers, samples=plan.samples), data=data,
                      checkpoints=",".join(map(str, plan.selectivity_steps(cond))), progress=False, log=log)
 
 
@@ -431,8 +432,7 @@ def _layers_of(run: Run, cond: WindowCondition) -> list[str]:
 def run_windows(plan: Plan, *, progress: bool = True) -> dict[str, pd.DataFrame]:
     """Train every (condition, seed) (finished runs skipped, partial ones resumed), measure selectivity, write
     the tables; returns them by name. Under torchrun the runs train with DDP one after the other and rank 0 writes."""
-    with dist.same_outcome():
-        dist.on_main(check_existing, plan)
+    dist.on_main(check_existing, plan)  # an error on rank 0 is raised on every rank
     jobs = plan.jobs()
     t0 = time.perf_counter()
     run_jobs([j for _, _, j in jobs], parallel=plan.parallel, progress=progress, desc="windows runs")

@@ -784,8 +784,7 @@ def windows_section(rep: _Report) -> Section | None:
                                    f"selectivity {wall.get('selectivity', 0):.0f} s ({info.get('parallel', '?')} runs at a "
                                    f"time; {len(info.get('conditions', []))} conditions x {len(info.get('seeds', []))} seeds)."))
         return sec
-    near = [] if exp is None else sorted({p for d in (exp, exp.parent) for p in d.iterdir() if p.is_dir() and p != exp
-                                         and (p / "windows_verdicts.parquet").is_file()})
+    near = [] if exp is None else _windows_nearby(exp)
     if not near:
         rep.omit("How early is early", "no critical-period map: run `csn experiment windows --preset fmnist` (or "
                                        "`--preset smoke` for a first look).")
@@ -800,6 +799,18 @@ def windows_section(rep: _Report) -> Section | None:
             sec.items.append(_note(f"its report is not built yet: run `csn report {d}`."))
         sec.items += _windows_verdict_items(read_table(d / "windows_verdicts.parquet"), {})
     return sec
+
+
+def _windows_nearby(exp: Path) -> list[Path]:
+    """Critical-period maps inside an experiment directory or beside it (e.g. runs/windows-fmnist next to
+    runs/reproduce-fmnist); folders that cannot be read are passed over."""
+    found = set()
+    for d in (exp, exp.parent):
+        try:
+            found |= {p for p in d.iterdir() if p != exp and (p / "windows_verdicts.parquet").is_file()}
+        except OSError:
+            continue
+    return sorted(found)
 
 
 def _windows_verdict_items(v: pd.DataFrame | None, info: dict) -> list[dict]:
