@@ -118,16 +118,20 @@ WINDOW_PRESETS: dict[str, WindowsPreset] = {
         grids=[WindowGrid(alphas=[-3.0], windows="step=0:step=4,step=4:step=8,1:1.5"),
                WindowGrid(alphas=[3.0], windows="step=0:step=4", stages=["layer3"])],
     ),
-    # Fashion-MNIST, ResNet-8, 3 epochs (the fmnist training preset): five 20-step windows over the first 100 steps
-    # (the early phase: SPEC, the stage-1/2 CSI peak comes within ~60 steps) and one late window of the same length
-    # at epoch 1.5, at two suppression strengths on the default stage set; each stage alone in the earliest window
-    # at the stronger strength; promotion in the earliest and the late window. 3 seeds.
+    # Fashion-MNIST, ResNet-8, 3 epochs (the fmnist training preset, 468 steps per epoch). The early phase (SPEC: the
+    # stage-1/2 CSI peak comes within ~60 steps) is covered by five 40-step windows starting every 16 steps (steps
+    # 0-104), plus one late window of the same length at epoch 1.5. Strengths from a pilot (seed 0, 2,000 test images,
+    # live-unit mean CSI of stages 1-2 at the window's end vs the baseline at that step): in a 20-step window even
+    # alpha -10 (-73 %), -20 (-78 %) or -30 (-77 %) stay under -80 %; in a 40-step window alpha -3 gives -74 % and
+    # alpha -10 -84 %. So: alpha -10 (>= 80 % inside the window) and -20 (stronger) on the default stages (1-2); each
+    # stage alone in the earliest window at -20; promotion at alpha +3 (+62-83 % CSI in 20 steps) in the earliest
+    # and the late window. 3 seeds: 18 conditions x 3 = 54 runs.
     "fmnist": WindowsPreset(
         name="fmnist", train_preset="fmnist", seeds=[0, 1, 2], samples=2000, run_seconds=140.0, checkpoint_seconds=1.5,
-        grids=[WindowGrid(alphas=[-1.0, -5.0], windows="step=0:step=20,step=20:step=40,step=40:step=60,"
-                                                     "step=60:step=80,step=80:step=100,step=702:step=722"),
-               WindowGrid(alphas=[-5.0], windows="step=0:step=20", stages=["each"]),
-               WindowGrid(alphas=[1.0], windows="step=0:step=20,step=702:step=722")],
+        grids=[WindowGrid(alphas=[-10.0, -20.0], windows="step=0:step=40,step=16:step=56,step=32:step=72,"
+                                                       "step=48:step=88,step=64:step=104,step=702:step=742"),
+               WindowGrid(alphas=[-20.0], windows="step=0:step=40", stages=["each"]),
+               WindowGrid(alphas=[3.0], windows="step=0:step=40,step=702:step=742")],
     ),
 }
 
