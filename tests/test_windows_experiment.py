@@ -185,3 +185,20 @@ def test_figures_draw_from_frames_alone(experiment, tmp_path):
     assert np.isfinite(gaps["mean"]).all() and set(gaps["condition"]) == set(table["condition"]) - {"baseline"}
     figs = windows_figures(table, curves, gaps, tmp_path / "figs")
     assert len(figs) == 5 and all(f.png.stat().st_size > 1000 for f in figs)
+
+
+def test_a_damaged_map_is_named_not_shown(experiment, tmp_path):
+    from csn.errors import CsnError
+    from csn.experiments.windows import read_map
+
+    out, _, _ = experiment
+    copy = tmp_path / "map"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("*.safetensors", "report"))
+    (copy / "windows_verdicts.parquet").write_bytes(b"not parquet")
+    with pytest.raises(CsnError, match="windows_verdicts.parquet"):
+        read_map(copy)
+    pd.read_parquet(out / "windows.parquet").drop(columns="harm_mean").to_parquet(copy / "windows.parquet")
+    with pytest.raises(CsnError, match=r"lacks columns \['harm_mean'\]"):
+        read_map(copy)
+    html = build_report([copy], progress=False).read_text()
+    assert "the map&#39;s tables cannot be shown" in html and "run the same" in html

@@ -50,6 +50,11 @@ WINDOW_RULES: dict[str, float] = {
 SUPPRESSION_QUESTION = "early windows harm more than late ones"
 PROMOTION_QUESTION = "early promotion changes accuracy (final, or at the end of the window)"
 
+VERDICT_COLUMNS = ("kind", "alpha", "stage_set", "question", "verdict", "n_windows", "n_seeds", "windows", "rho", "rho_lo",
+                   "rho_hi", "earliest_window", "earliest_harm", "earliest_harm_lo", "earliest_harm_hi", "earliest_gap",
+                   "earliest_gap_lo", "earliest_gap_hi", "earliest_csi_reduction", "observed", "rule")
+"""Columns of windows_verdicts.parquet (one row per alpha and stage set)."""
+
 PER_SEED_COLUMNS = ("alpha", "stage_set", "window", "start_step", "end_step", "seed", "harm", "early_gap",
                     "csi_reduction_end")
 """What the statistic reads from the per-seed table (one row per regularized condition and seed)."""
@@ -247,7 +252,7 @@ def verdicts(per_seed: pd.DataFrame, rules: Mapping[str, float] = WINDOW_RULES) 
                     "earliest_gap": s["earliest_gap"], "earliest_gap_lo": s["earliest_gap_ci"][0],
                     "earliest_gap_hi": s["earliest_gap_ci"][1], "earliest_csi_reduction": s["earliest_csi_reduction"],
                     "observed": observed, "rule": promotion_rule(rules) if promote else suppression_rule(rules)})
-    return pd.DataFrame(out)
+    return pd.DataFrame(out, columns=list(VERDICT_COLUMNS))
 
 
 def condition_intervals(per_seed: pd.DataFrame, rules: Mapping[str, float] = WINDOW_RULES) -> pd.DataFrame:
@@ -262,5 +267,5 @@ def condition_intervals(per_seed: pd.DataFrame, rules: Mapping[str, float] = WIN
 
 
 __all__ = ["WINDOW_RULES", "HOLDS", "DOES_NOT_HOLD", "INCONCLUSIVE", "SUPPRESSION_QUESTION", "PROMOTION_QUESTION",
-           "PER_SEED_COLUMNS", "suppression_rule", "promotion_rule", "paired", "bootstrap_indices", "ci", "spearman",
+           "PER_SEED_COLUMNS", "VERDICT_COLUMNS", "suppression_rule", "promotion_rule", "paired", "bootstrap_indices", "ci", "spearman",
            "family_statistics", "judge_suppression", "judge_promotion", "verdicts", "condition_intervals"]

@@ -20,6 +20,7 @@ end of training (the baseline at every window boundary). Tables written to the e
 
 from __future__ import annotations
 
+import json
 import statistics
 import sys
 import time
@@ -46,7 +47,7 @@ from csn.experiments import window_stats as ws
 from csn.experiments.runner import Job, is_complete, run_jobs
 from csn.runs.config import TrainConfig, build_model_for, data_info, load_data
 from csn.runs.config import preset as train_preset
-from csn.runs.io import write_json, write_table
+from csn.runs.io import read_table, write_json, write_table
 from csn.runs.naming import run_name
 from csn.runs.run import Run
 from csn.training.loop import make_loader
@@ -604,6 +605,41 @@ def gap_curves(acc: pd.DataFrame) -> pd.DataFrame:
     return out[cols]
 
 
+MAP_TABLES: dict[str, tuple[str, ...]] = {
+    "windows": ("condition", "kind", "alpha", "window", "start_step", "end_step", "stage_set", "stages", "seeds",
+                "harm_mean", "harm_se_paired", "harm_se_unpaired", "harm_lo", "harm_hi", "final_test_acc_mean",
+                "final_test_acc_se", "early_gap_mean", "early_gap_se", "csi_end_mean", "base_csi_end_mean",
+                "eta2_end_mean", "base_eta2_end_mean", "csi_final_mean", "base_csi_final_mean", "final_test_acc_per_seed"),
+    "windows_verdicts": ws.VERDICT_COLUMNS,
+    "windows_accuracy": ("condition", "seed", "step", "epoch", "test_acc", "base_test_acc", "gap"),
+    "windows_selectivity": ("condition", "seed", "step", "epoch", "stage", "csi_mean", "eta2_mean", "n_units", "n_dead"),
+}
+"""The experiment-level tables of a map and the columns the report reads from each."""
+
+
+def read_map(root: str | Path) -> dict[str, Any]:
+    """A map's tables (by name) and windows.json ('info'), checked: a missing, unreadable or incomplete file is one
+    CsnError naming it and the fix."""
+    root = Path(root)
+    fix = "run the same `csn experiment windows` command again to rewrite it"
+    out: dict[str, Any] = {}
+    for name, cols in MAP_TABLES.items():
+        path = root / f"{name}.parquet"
+        if not path.is_file():
+            raise CsnError(f"{path} is missing; {fix}.")
+        df = read_table(path)
+        missing = [c for c in cols if c not in df.columns]
+        if missing:
+            raise CsnError(f"{path} lacks columns {missing}; {fix}.")
+        out[name] = df
+    try:
+        info = json.loads((root / "windows.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise CsnError(f"{root / 'windows.json'} is missing or corrupt; {fix}.") from None
+    out["info"] = info if isinstance(info, dict) else {}
+    return out
+
+
 # ------------------------------------------------------------------------------------------------
 # text for the terminal (and the closing note)
 # ------------------------------------------------------------------------------------------------
@@ -643,4 +679,4 @@ def heatmap_text(table: pd.DataFrame) -> str:
 __all__ = ["BASELINE", "WINDOW_PRESETS", "WindowGrid", "WindowsPreset", "WindowsOptions", "WindowCondition", "Plan",
            "get_windows_preset", "parse_seeds", "stage_sets", "grid_conditions", "make_plan", "plan_text",
            "check_existing", "measure_selectivity", "run_windows", "build_tables", "condition_table", "verdict_text",
-           "heatmap_text", "run_seconds", "trajectories", "gap_curves"]
+           "heatmap_text", "run_seconds", "trajectories", "gap_curves", "MAP_TABLES", "read_map"]

@@ -39,7 +39,7 @@ from csn.core.stats import band, standard_error
 from csn.errors import CsnError
 from csn.experiments.claims import THRESHOLDS
 from csn.experiments.regularize import condition_curves, regularized_stages
-from csn.experiments.windows import gap_curves, trajectories
+from csn.experiments.windows import gap_curves, read_map, trajectories
 from csn.report import fig_ablation as fa
 from csn.report import fig_cka as fc
 from csn.report import fig_linearity as fl
@@ -769,19 +769,21 @@ def windows_section(rep: _Report) -> Section | None:
             "minus the condition's, same seed (after Achille, Rovere & Soatto 2019, critical learning periods).")
     if exp is not None and (exp / "windows.parquet").is_file():
         sec = Section("windows", title, lead)
-        table = read_table(exp / "windows.parquet")
-        verdicts = read_table(exp / "windows_verdicts.parquet") if (exp / "windows_verdicts.parquet").is_file() else None
-        info = json.loads((exp / "windows.json").read_text()) if (exp / "windows.json").is_file() else {}
-        sel, acc = (read_table(exp / f"{n}.parquet") if (exp / f"{n}.parquet").is_file() else None
-                    for n in ("windows_selectivity", "windows_accuracy"))
+        try:
+            m = read_map(exp)
+        except CsnError as e:
+            sec.items.append(_note(f"the map's tables cannot be shown: {e}"))
+            return sec
+        table, verdicts, info, sel, acc = (m[k] for k in ("windows", "windows_verdicts", "info", "windows_selectivity",
+                                                          "windows_accuracy"))
         sec.items += _windows_verdict_items(verdicts, info)
         sec.items += rep.draw("the critical-period map figures", lambda: windows_figures(
             table, trajectories(sel, table), gap_curves(acc), rep.out_dir))
         sec.items.append(_windows_condition_table(table))
         wall = info.get("wall_seconds", {})
         if wall:
-            sec.items.append(_note(f"Wall time of the last `csn experiment windows` call: training {wall.get('training', 0):.0f} s, "
-                                   f"selectivity {wall.get('selectivity', 0):.0f} s ({info.get('parallel', '?')} runs at a "
+            sec.items.append(_note(f"Wall time of the last `csn experiment windows` call: training {_g(wall.get('training'))} s, "
+                                   f"selectivity {_g(wall.get('selectivity'))} s ({info.get('parallel', '?')} runs at a "
                                    f"time; {len(info.get('conditions', []))} conditions x {len(info.get('seeds', []))} seeds)."))
         return sec
     near = [] if exp is None else _windows_nearby(exp)
@@ -797,7 +799,10 @@ def windows_section(rep: _Report) -> Section | None:
             sec.items.append({"kind": "link", "href": rep.rel(page), "text": f"the map's report ({d.name}/report/index.html)"})
         else:
             sec.items.append(_note(f"its report is not built yet: run `csn report {d}`."))
-        sec.items += _windows_verdict_items(read_table(d / "windows_verdicts.parquet"), {})
+        try:
+            sec.items += _windows_verdict_items(read_map(d)["windows_verdicts"], {})
+        except CsnError as e:
+            sec.items.append(_note(f"its tables cannot be shown: {e}"))
     return sec
 
 
@@ -831,7 +836,7 @@ def _windows_verdict_items(v: pd.DataFrame | None, info: dict) -> list[dict]:
              f"α > 0: {v[v['kind'] == 'promote']['rule'].iloc[0]}" if (v["kind"] == "promote").any() else None]
     items.append({"kind": "list", "title": "Rules", "entries": [r for r in rules if r]})
     if info.get("rules"):
-        items.append(_note("Thresholds: " + ", ".join(f"{k} = {val:g}" for k, val in info["rules"].items()) + "."))
+        items.append(_note("Thresholds: " + ", ".join(f"{k} = {val}" for k, val in dict(info["rules"]).items()) + "."))
     return items
 
 
