@@ -33,6 +33,7 @@ def report(paths, out, title, quiet) -> None:
       - ablation curves, areas and selective-vs-random gaps               (csn ablate)
       - linearity measures                                                (csn linearity)
       - accuracy and selectivity per regularization onset                 (csn experiment regularize)
+      - how early is early: the critical-period map, its verdicts         (csn experiment windows)
       - CKA heatmaps and curves                                           (csn cka)
     A section whose table is missing is replaced by a note naming the command that makes it.
     The page works offline and opened from disk: PNG figures beside it, no network resources.

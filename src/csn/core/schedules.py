@@ -37,6 +37,10 @@ Alpha windows (selectivity regularizer, ``loss = CE - alpha * R``)
     string (``"0*5 -20*15"``, :func:`parse_study_string`), from ``--reg-alpha/--reg-window``
     (:func:`parse_window`), or from the canonical string ``str(schedule)``
     (``"-20@5:end"``, :func:`parse_alpha_windows`); :func:`alpha_schedule` dispatches.
+    :class:`AlphaWindows` holds windows in any time unit (``--reg-window step=0:step=64,f0.5:end``,
+    :func:`alpha_windows`); the training loop resolves them to optimizer steps (:class:`StepWindows`)
+    once the training length is known: a window [a, b) is on from the first step >= a to the first
+    step >= b (for epoch windows the same steps as ``AlphaSchedule.alpha_at(step / steps_per_epoch)``).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ import math
 import re
 from collections.abc import Callable, Iterable, Sequence
 from numbers import Integral, Real
+from typing import NamedTuple
 
 from csn.errors import CsnError, unknown
 
@@ -753,3 +758,192 @@ def alpha_schedule(spec: str | None = None, alpha: float | str | None = None, wi
                 return parse_alpha_windows(text)
             return parse_study_string(text)
     return parse_window(alpha, window)
+
+
+# --------------------------------------------------------------------------------------------
+# alpha windows in any time unit (steps, epochs, fractions of training), resolved to steps
+# --------------------------------------------------------------------------------------------
+
+WINDOW_FORMS = ("write START:END with points in epochs (0.25), steps (step=64), fractions of training (f0.1) or "
+                "'end', e.g. 0:0.25, step=0:step=64, f0:f0.1 or 1:end; separate several windows with commas")
+
+
+class AlphaWindow(NamedTuple):
+    """The regularizer at strength `alpha` from time point `start` up to, not including, `end`."""
+
+    start: TimePoint
+    end: TimePoint
+    alpha: float
+
+    def __str__(self) -> str:
+        return f"{_fmt(self.alpha)}@{self.start}:{self.end}"
+
+
+def parse_window_points(text: str, what: str = "--reg-window") -> list[tuple[TimePoint, TimePoint]]:
+    """``'0:0.25,step=64:step=128,f0.5:end'`` -> [(start, end), ...], in the order written.
+
+    Each window is START:END with points as :func:`parse_time` reads them. A window starting at
+    'end', or starting at or after its end when both points are in the same unit, is a CsnError;
+    windows in different units are checked once they are resolved to steps (:meth:`AlphaWindows.resolve`).
+    """
+    if not isinstance(text, str):
+        raise CsnError(f"{what} must be text START:END, got {text!r}; {WINDOW_FORMS}.")
+    tokens = [t.strip() for t in text.split(",")]
+    if not any(tokens) or not all(tokens):
+        raise CsnError(f"{what} {text!r} has an empty window; {WINDOW_FORMS}.")
+    out = []
+    for tok in tokens:
+        fields = tok.split(":")
+        if len(fields) != 2:
+            raise CsnError(f"{what} {tok!r} is not START:END; {WINDOW_FORMS}.")
+        start, end = parse_time(fields[0], f"{what} {tok!r} start"), parse_time(fields[1], f"{what} {tok!r} end")
+        if start.unit == "end":
+            raise CsnError(f"{what} {tok!r} starts at the end of training, so it would never apply; start it earlier.")
+        if start.unit == end.unit and start.value >= end.value:
+            raise CsnError(f"{what} {tok!r} starts at or after its end; write START:END with START < END, or START:end.")
+        out.append((start, end))
+    return out
+
+
+def first_step_at(point: TimePoint, steps_per_epoch: int, total: int) -> int:
+    """The first optimizer step >= `point`: a step as written; for an epoch e the least step i with
+    i / steps_per_epoch >= e, for a fraction f the least i with i / total >= f (so an epoch window
+    switches exactly where ``AlphaSchedule.alpha_at(step / steps_per_epoch)`` does); 'end' is `total`.
+
+    The point must lie within training in its own unit (checked by the caller).
+    """
+    if point.unit == "end":
+        return int(total)
+    if point.unit == "step":
+        return int(point.value)
+    denom = steps_per_epoch if point.unit == "epoch" else total
+    i = max(0, math.ceil(point.value * denom))
+    while i > 0 and (i - 1) / denom >= point.value:
+        i -= 1
+    while i / denom < point.value:
+        i += 1
+    return i
+
+
+class StepWindows:
+    """Alpha per optimizer step: windows ``(start_step, end_step, alpha)``, on for start <= step < end.
+
+    Step i is the update from checkpoint step i to i + 1 (training.parquet logs it at step i + 1), so
+    the checkpoint at ``end_step`` holds the weights after the window's last regularized update.
+    """
+
+    __slots__ = ("windows",)
+
+    def __init__(self, windows: Iterable[tuple[int, int, float]] = ()) -> None:
+        self.windows: tuple[tuple[int, int, float], ...] = tuple((int(s), int(e), float(a)) for s, e, a in windows)
+
+    @property
+    def is_zero(self) -> bool:
+        """True if alpha is 0 at every step (no regularization)."""
+        return not self.windows
+
+    def alpha_at(self, step: int) -> float:
+        """Alpha of the update at optimizer step `step` (0-based)."""
+        for s, e, a in self.windows:
+            if s <= step < e:
+                return a
+        return 0.0
+
+    def to_json(self) -> list[dict]:
+        """[{start_step, end_step, alpha}, ...] (recorded in run.json)."""
+        return [{"start_step": s, "end_step": e, "alpha": a} for s, e, a in self.windows]
+
+    def __repr__(self) -> str:
+        return f"StepWindows({list(self.windows)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, StepWindows) and self.windows == other.windows
+
+    def __hash__(self) -> int:
+        return hash(self.windows)
+
+
+class AlphaWindows:
+    """Alpha windows as written (time points in steps, epochs, fractions or 'end'); alpha-0 windows are
+    dropped. :meth:`resolve` turns them into :class:`StepWindows` once the training length is known."""
+
+    __slots__ = ("windows",)
+
+    def __init__(self, windows: Iterable[AlphaWindow] = ()) -> None:
+        self.windows: tuple[AlphaWindow, ...] = tuple(w for w in windows if w.alpha != 0)
+
+    @classmethod
+    def from_schedule(cls, schedule: AlphaSchedule) -> AlphaWindows:
+        """The windows of an epoch-based :class:`AlphaSchedule` (study string or canonical form)."""
+        return cls(AlphaWindow(TimePoint("epoch", s), TimePoint("end", 0.0) if e is None else TimePoint("epoch", e), a)
+                   for s, e, a in schedule.windows)
+
+    @property
+    def is_zero(self) -> bool:
+        """True if no window has alpha != 0."""
+        return not self.windows
+
+    def __str__(self) -> str:
+        return ",".join(map(str, self.windows)) if self.windows else "none"
+
+    def __repr__(self) -> str:
+        return f"AlphaWindows({str(self)!r})"
+
+    def resolve(self, steps_per_epoch: int, total_steps: int, epochs: float | None = None) -> StepWindows:
+        """Optimizer steps of every window in a training of `total_steps` steps, `steps_per_epoch` per epoch
+        (`epochs`: the configured length, default total / steps_per_epoch).
+
+        A window [a, b) is on from the first step >= a to the first step >= b (:func:`first_step_at`); an
+        end in the training's last fraction of a step is clipped to the last step. CsnError for a window
+        starting at or after the end of training, ending after it, covering no step, or overlapping another.
+        """
+        spe, total = int(steps_per_epoch), int(total_steps)
+        epochs = total / spe if epochs is None else float(epochs)
+        length = f"training is {epochs:g} epochs = {total} steps"
+        resolved = []
+        for w in self.windows:
+            span = f"alpha {_fmt(w.alpha)} window {w.start}:{w.end}"
+            if _point_beyond(w.start, total, epochs) or first_step_at(w.start, spe, total) >= total:
+                raise CsnError(f"{span} starts at or after the end of training ({length}), so it would never apply; "
+                               "start it earlier or train longer.")
+            if _point_beyond(w.end, total, epochs):
+                raise CsnError(f"{span} ends after the end of training ({length}); end it by then or use 'end'.")
+            a, b = first_step_at(w.start, spe, total), min(total, first_step_at(w.end, spe, total))
+            if b <= a:
+                raise CsnError(f"{span} covers no optimizer step (it resolves to steps [{a}, {b}) with {spe} steps per "
+                               "epoch); make it longer or write it in steps (step=N).")
+            resolved.append((a, b, w.alpha, str(w)))
+        resolved.sort(key=lambda r: r[0])
+        merged: list[tuple[int, int, float]] = []
+        for (_, b0, _, w0), (a1, _, _, w1) in zip(resolved, resolved[1:]):
+            if b0 > a1:
+                raise CsnError(f"alpha windows {w0} and {w1} overlap (steps from {a1} to {b0}); make them disjoint.")
+        for a, b, alpha, _ in resolved:
+            if merged and merged[-1][1] == a and merged[-1][2] == alpha:
+                merged[-1] = (merged[-1][0], b, alpha)
+            else:
+                merged.append((a, b, alpha))
+        return StepWindows(merged)
+
+
+def _point_beyond(point: TimePoint, total: int, epochs: float) -> bool:
+    """Whether a time point lies after the end of training in its own unit (fractions never do)."""
+    if point.unit == "step":
+        return point.value > total
+    if point.unit == "epoch":
+        return _beyond(point.value, epochs)
+    return False
+
+
+def alpha_windows(spec: str | None = None, alpha: float | str | None = None, window: str | None = None) -> AlphaWindows:
+    """:class:`AlphaWindows` from whichever form the user gave: ``alpha`` + ``window`` (one or more
+    comma-separated START:END windows in any time unit, :func:`parse_window_points`), or ``spec`` (the
+    study string or the canonical epoch form, as :func:`alpha_schedule` reads it), or nothing (no windows)."""
+    if alpha is not None and window is not None and (spec is None or (isinstance(spec, str) and not spec.strip())):
+        a = _real(alpha, "--reg-alpha")
+        return AlphaWindows(AlphaWindow(s, e, a) for s, e in parse_window_points(window))
+    return AlphaWindows.from_schedule(alpha_schedule(spec, alpha, window))
+
+
+__all__ += ["WINDOW_FORMS", "AlphaWindow", "AlphaWindows", "StepWindows", "alpha_windows", "first_step_at",
+            "parse_window_points"]

@@ -42,12 +42,14 @@ from csn.core.stats import band, standard_error
 from csn.errors import CsnError
 from csn.experiments.claims import THRESHOLDS
 from csn.experiments.regularize import condition_curves, regularized_stages
+from csn.experiments.windows import gap_curves, read_map, trajectories
 from csn.report import fig_ablation as fa
 from csn.report import fig_cka as fc
 from csn.report import fig_linearity as fl
 from csn.report import fig_selectivity as fs
 from csn.report import style
 from csn.report.fig_regularize import regularize_figures
+from csn.report.fig_windows import windows_figures
 from csn.runs.io import atomic_path, read_table, write_text
 from csn.runs.naming import condition_order, onset_of, parse_run_name
 from csn.runs.run import Run
@@ -685,6 +687,8 @@ def regularization_section(rep: _Report) -> Section | None:
     reg_table = None
     if rep.experiment is not None and (rep.experiment / "regularize.parquet").is_file():
         reg_table = read_table(rep.experiment / "regularize.parquet")
+    elif rep.experiment is not None and (rep.experiment / "windows.parquet").is_file():
+        return None  # a critical-period map: its windows are shown in "How early is early"
     if not any(_is_regularized(c) for c in rep.conds) and reg_table is None:
         rep.omit("Regularization", "no regularized runs: run `csn experiment regularize --preset fmnist --alpha -2 "
                                    "--onsets 0,1` (or `csn reproduce`).")
@@ -755,6 +759,115 @@ def _existing_figures(rep: _Report, names: Sequence[str]) -> list[dict]:
         items.append({"kind": "figure", "src": rep.rel(dst), "svg": None,
                       "caption": f"{n.replace('_', ' ')} as drawn by the experiment."})
     return items
+
+
+# ------------------------------------------------------------------------------------------------
+# the critical-period map (csn experiment windows)
+# ------------------------------------------------------------------------------------------------
+
+def windows_section(rep: _Report) -> Section | None:
+    """"How early is early": the map's verdicts, figures and per-condition table for a windows experiment; for
+    another experiment (e.g. a reproduction), links to the maps found in it or beside it."""
+    exp = rep.experiment
+    title = "How early is early: the critical-period map"
+    lead = ("The selectivity regularizer only inside a window [start, end) of training (α < 0 suppresses, α > 0 "
+            "promotes), every condition with the baseline's seeds; paired harm = the baseline's final test accuracy "
+            "minus the condition's, same seed (after Achille, Rovere & Soatto 2019, critical learning periods).")
+    if exp is not None and (exp / "windows.parquet").is_file():
+        sec = Section("windows", title, lead)
+        try:
+            m = read_map(exp)
+        except CsnError as e:
+            sec.items.append(_note(f"the map's tables cannot be shown: {e}"))
+            return sec
+        table, verdicts, info, sel, acc = (m[k] for k in ("windows", "windows_verdicts", "info", "windows_selectivity",
+                                                          "windows_accuracy"))
+        sec.items += _windows_verdict_items(verdicts, info)
+        sec.items += rep.draw("the critical-period map figures", lambda: windows_figures(
+            table, trajectories(sel, table), gap_curves(acc), rep.out_dir))
+        sec.items.append(_windows_condition_table(table))
+        wall = info.get("wall_seconds", {})
+        if wall:
+            sec.items.append(_note(f"Wall time of the last `csn experiment windows` call: training {_g(wall.get('training'))} s, "
+                                   f"selectivity {_g(wall.get('selectivity'))} s ({info.get('parallel', '?')} runs at a "
+                                   f"time; {len(info.get('conditions', []))} conditions x {len(info.get('seeds', []))} seeds)."))
+        return sec
+    near = [] if exp is None else _windows_nearby(exp)
+    if not near:
+        rep.omit("How early is early", "no critical-period map: run `csn experiment windows --preset fmnist` (or "
+                                       "`--preset smoke` for a first look).")
+        return None
+    sec = Section("windows", title, lead + " Maps found with this experiment:")
+    for d in near:
+        sec.items.append(_sub(d.name))
+        page = d / "report" / "index.html"
+        if page.is_file():
+            sec.items.append({"kind": "link", "href": rep.rel(page), "text": f"the map's report ({d.name}/report/index.html)"})
+        else:
+            sec.items.append(_note(f"its report is not built yet: run `csn report {d}`."))
+        try:
+            sec.items += _windows_verdict_items(read_map(d)["windows_verdicts"], {})
+        except CsnError as e:
+            sec.items.append(_note(f"its tables cannot be shown: {e}"))
+    return sec
+
+
+def _windows_nearby(exp: Path) -> list[Path]:
+    """Critical-period maps inside an experiment directory or beside it (e.g. runs/windows-fmnist next to
+    runs/reproduce-fmnist); folders that cannot be read are passed over."""
+    found = set()
+    for d in (exp, exp.parent):
+        try:
+            found |= {p for p in d.iterdir() if p != exp and (p / "windows_verdicts.parquet").is_file()}
+        except OSError:
+            continue
+    return sorted(found)
+
+
+def _windows_verdict_items(v: pd.DataFrame | None, info: dict) -> list[dict]:
+    """The verdict table per (alpha, stage set) and the declared rules in words."""
+    if v is None or v.empty:
+        return [_note("no verdicts: the map has no regularized condition, or was run with --no-selectivity.")]
+    pts = lambda x: _f(100 * x, 2) if _isnum(x) else "–"  # noqa: E731 - accuracy in points
+    rows = [[_g(r["alpha"]), r["stage_set"], r["question"], r["verdict"], f"{_f(r['rho'], 2)} [{_f(r['rho_lo'], 2)}, "
+             f"{_f(r['rho_hi'], 2)}]", r["earliest_window"], f"{pts(r['earliest_harm'])} [{pts(r['earliest_harm_lo'])}, "
+             f"{pts(r['earliest_harm_hi'])}]", f"{pts(r['earliest_gap'])} [{pts(r['earliest_gap_lo'])}, "
+             f"{pts(r['earliest_gap_hi'])}]", f"{-100 * r['earliest_csi_reduction']:+.0f} %" if _isnum(
+                 r["earliest_csi_reduction"]) else "–", r["n_seeds"]] for r in v.to_dict("records")]
+    items = [_table(["α", "stages", "question", "verdict", "ρ(start, harm) [CI]", "earliest window",
+                     "its harm, points [CI]", "its early Δacc, points [CI]", "CSI at its end vs baseline", "seeds"],
+                    rows, "Verdict per (α, stage set) by the rules declared before the map was run "
+                          "(csn.experiments.window_stats.WINDOW_RULES).", numeric=(0, 4, 6, 7, 8, 9))]
+    rules = [f"α < 0: {v[v['kind'] == 'suppress']['rule'].iloc[0]}" if (v["kind"] == "suppress").any() else None,
+             f"α > 0: {v[v['kind'] == 'promote']['rule'].iloc[0]}" if (v["kind"] == "promote").any() else None]
+    items.append({"kind": "list", "title": "Rules", "entries": [r for r in rules if r]})
+    if info.get("rules"):
+        items.append(_note("Thresholds: " + ", ".join(f"{k} = {val}" for k, val in dict(info["rules"]).items()) + "."))
+    return items
+
+
+def _windows_condition_table(t: pd.DataFrame) -> dict:
+    """Per condition: paired harm with both SEs and its CI, the early gap, CSI/eta² at the window end and the end."""
+    pts = lambda x: _f(100 * x, 2) if _isnum(x) else "–"  # noqa: E731
+    rows = []
+    for r in t.to_dict("records"):
+        reg = r["alpha"] != 0
+        rows.append([r["condition"], _g(r["alpha"]), f"[{r['start_step']}, {r['end_step']})" if reg else "–",
+                     r["stages"] or "–", r["seeds"], _pm(r["final_test_acc_mean"], r["final_test_acc_se"], 4),
+                     _pm(100 * r["harm_mean"], 100 * r["harm_se_paired"], 2) if reg else "–",
+                     pts(r["harm_se_unpaired"]) if reg else "–",
+                     f"[{pts(r.get('harm_lo'))}, {pts(r.get('harm_hi'))}]" if reg else "–",
+                     _pm(100 * r["early_gap_mean"], 100 * r["early_gap_se"], 2) if reg else "–",
+                     f"{_f(r['csi_end_mean'])} / {_f(r['base_csi_end_mean'])}" if reg else "–",
+                     f"{_f(r['eta2_end_mean'])} / {_f(r['base_eta2_end_mean'])}" if reg else "–",
+                     f"{_f(r['csi_final_mean'])} / {_f(r['base_csi_final_mean'])}" if reg else "–",
+                     r["final_test_acc_per_seed"]])
+    return _table(["condition", "α", "window (steps)", "stages", "seeds", "final test acc", "paired harm, points (± paired "
+                   "SE)", "unpaired SE", "harm CI", "Δacc at window end", "CSI at window end (cond / base)",
+                   "η² at window end (cond / base)", "CSI at the end (cond / base)", "final acc per seed"], rows,
+                  "Per condition, over seeds: harm = baseline − condition final test accuracy of the same seed (the "
+                  "paired SE beside the unpaired one); CSI and η² are means over the live units of the regularized "
+                  "stages.", numeric=(1, 4, 5, 6, 7, 9, 10, 11, 12))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -877,7 +990,7 @@ def _sections(rep: _Report, extra: list[dict], progress: bool) -> list[Section]:
     builders = [("configuration", lambda: config_section(rep, extra)), ("training", lambda: training_section(rep)),
                 ("selectivity", lambda: selectivity_section(rep)), ("ablation", lambda: ablation_section(rep)),
                 ("linearity", lambda: linearity_section(rep)), ("regularization", lambda: regularization_section(rep)),
-                ("cka", lambda: cka_section(rep))]
+                ("how early is early", lambda: windows_section(rep)), ("cka", lambda: cka_section(rep))]
     sections: list[Section] = []
     pbar = bar(builders, desc="report", unit="section", progress=progress, file=sys.stderr)
     for what, fn in pbar:

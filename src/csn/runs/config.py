@@ -73,7 +73,8 @@ class TrainConfig(Schema):
     # selectivity regularizer: loss = ce - alpha * R
     reg_alpha: Float | None = Field(None, description="Selectivity regularizer strength (loss = ce - alpha*R; < 0 "
                                     "suppresses).")
-    reg_window: str | None = Field(None, description="Epoch window START:END for --reg-alpha, e.g. 5:end.")
+    reg_window: str | None = Field(None, description="Window(s) START:END for --reg-alpha in epochs, steps (step=64), "
+                                   "fractions (f0.1) or end, e.g. 5:end or step=0:step=64,1:2 (comma-separated).")
     reg_schedule: str | None = Field(None, description="Study-style alpha string, e.g. '0*5 -20*15' (alpha*epochs ...).")
     reg_layers: Annotated[list[str], CommaList] | None = Field(
         None, description="Layers to regularize (patterns); default every stage but the last.",

@@ -24,7 +24,7 @@ from csn import dist
 from csn._version import __version__
 from csn.core.progress import bar
 from csn.core.resources import check_disk_space, check_limit, env_limit, state_dict_bytes
-from csn.core.schedules import alpha_schedule, checkpoint_steps, lr_at
+from csn.core.schedules import alpha_windows, checkpoint_steps, lr_at
 from csn.data import BatchLoader
 from csn.data.loaders import folder_loader, shard_split, subset
 from csn.errors import CsnError, unknown
@@ -261,8 +261,9 @@ class _Training:
                                            note=lambda m: print(m, file=sys.stderr) if self.main else None)
         lr_at(0, max(self.total, 1), self.steps_per_epoch, cfg.lr, cfg.lr_schedule, milestones=cfg.milestones,
               gamma=cfg.gamma, warmup_epochs=cfg.warmup_epochs)  # the schedule is checked before training starts
-        self.alphas = alpha_schedule(cfg.reg_schedule, cfg.reg_alpha, cfg.reg_window)
-        self.alphas.validate(cfg.epochs)
+        # alpha windows in steps, epochs or fractions, resolved to optimizer steps now that the length is known
+        self.alphas = alpha_windows(cfg.reg_schedule, cfg.reg_alpha, cfg.reg_window).resolve(
+            self.steps_per_epoch, self.total, cfg.epochs)
         self.reg = None
         if not self.alphas.is_zero:
             self.reg = SelectivityRegularizer(self.model, cfg.reg_layers, num_classes=self.info["num_classes"])
@@ -348,7 +349,7 @@ class _Training:
                    warmup_epochs=cfg.warmup_epochs)
         for g in self.opt.param_groups:
             g["lr"] = lr
-        alpha = self.alphas.alpha_at(step / spe)
+        alpha = self.alphas.alpha_at(step)
         use_reg = self.reg is not None and alpha != 0.0
         if use_reg:
             self.reg.attach()
@@ -421,6 +422,8 @@ class _Training:
                "torch_version": torch.__version__, "python": platform.python_version(), "device": str(self.device),
                "world_size": dist.world_size(), "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total,
                "checkpoint_steps": self.ckpt_steps, "host": platform.node(), "pid": os.getpid()}
+        if not self.alphas.is_zero:
+            out["reg_steps"] = self.alphas.to_json()  # the regularizer's windows as optimizer steps [start, end)
         if dist.is_dist():
             import torch.distributed as tdist
 
