@@ -123,7 +123,7 @@ PRESETS: dict[str, dict] = {
     ),
     # The embedded default: Fashion-MNIST with a CIFAR-style ResNet, sized for one 2-core CPU.
     # Dense step-based early checkpoints resolve the selectivity peak within the first ~100 steps; the rest
-    # are fractions of training (on Fashion-MNIST, 469 steps per epoch: epochs 0.75, 1, 1.5, 2, 2.5, 3).
+    # are fractions of training (on Fashion-MNIST, 468 steps per epoch: epochs 0.75, 1, 1.5, 2, 2.5, 3).
     "fmnist": dict(
         name="fmnist", dataset="fashion-mnist", model="resnet8", width=1.0, epochs=3.0, batch_size=128,
         lr=0.1, momentum=0.9, weight_decay=5e-4, lr_schedule="cosine", warmup_epochs=0.0, augment="none",
