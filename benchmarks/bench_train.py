@@ -44,12 +44,12 @@ def hand_loop(cfg, data, steps: int) -> tuple[float, float]:
     return time.perf_counter() - t0, time.process_time() - c0
 
 
-def csn_loop(cfg) -> tuple[float, float]:
-    """csn's loop with the preset's dense checkpoints (everything included); returns (wall, CPU) seconds."""
+def csn_loop(cfg) -> tuple[float, float, int]:
+    """csn's loop with the preset's dense checkpoints (everything included); (wall, CPU) seconds, checkpoints."""
     with tempfile.TemporaryDirectory() as d:
         t0, c0 = time.perf_counter(), time.process_time()
-        train(cfg, f"{d}/run", progress=False)
-        return time.perf_counter() - t0, time.process_time() - c0
+        run = train(cfg, f"{d}/run", progress=False)
+        return time.perf_counter() - t0, time.process_time() - c0, len(run.checkpoints)
 
 
 def main() -> None:
@@ -71,7 +71,7 @@ def main() -> None:
         ours.append(csn_loop(cfg))
     h, hc = statistics.median(x[0] for x in hand), statistics.median(x[1] for x in hand)
     w, wc = statistics.median(o[0] for o in ours), statistics.median(o[1] for o in ours)
-    ckpts = len(__import__("csn.training.schedules", fromlist=["x"]).checkpoint_steps(cfg.checkpoints, len(data.train) // cfg.batch_size, args.epochs))
+    ckpts = ours[-1][2]
     print(f"preset {args.preset}: model {cfg.model} width {cfg.width}, batch {cfg.batch_size}, {steps} steps, "
           f"{ckpts} checkpoints (eval on {cfg.eval_samples or 'all'} test images each, full split at the end), {args.threads} threads")
     print(f"hand-written loop: {images / h:.0f} img/s   csn train (everything, incl. checkpoints): {images / w:.0f} img/s")
