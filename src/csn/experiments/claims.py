@@ -123,6 +123,13 @@ def claim_c1(sel: pd.DataFrame, total_epochs: float) -> Verdict:
     return Verdict("C1", verdict, stat, rule, "; ".join(parts) + ".", {"stages": per_stage})
 
 
+def _nanmean(values) -> float:
+    """Mean of the finite values; NaN (without numpy's warning) when there are none, e.g. a run without ablation rows."""
+    a = np.asarray(values, dtype=np.float64)
+    a = a[~np.isnan(a)]
+    return float(a.mean()) if a.size else float("nan")
+
+
 def claim_c2(summary: pd.DataFrame, early_step_by_run: dict, late_step_by_run: dict) -> Verdict:
     """C2 from ablation summaries: columns run, step, stage, gap (selective area - mean random area), gap_se."""
     t = THRESHOLDS
@@ -136,8 +143,8 @@ def claim_c2(summary: pd.DataFrame, early_step_by_run: dict, late_step_by_run: d
         early = [float(g[(g["run"] == r) & (g["step"] == s)]["gap"].mean()) for r, s in early_step_by_run.items()]
         late = [float(g[(g["run"] == r) & (g["step"] == s)]["gap"].mean()) for r, s in late_step_by_run.items()]
         draw_se = [float(g[(g["run"] == r) & (g["step"] == s)]["gap_se"].mean()) for r, s in early_step_by_run.items()]
-        e, l_ = float(np.nanmean(early)), float(np.nanmean(late))
-        se = math.sqrt(np.nanmean(np.square(draw_se)) / max(len(early), 1) + (standard_error(early) ** 2 if len(early) > 1 else 0.0))
+        e, l_ = _nanmean(early), _nanmean(late)
+        se = math.sqrt(_nanmean(np.square(draw_se)) / max(len(early), 1) + (standard_error(early) ** 2 if len(early) > 1 else 0.0))
         shows = e < -t["c2_min_gap"] and e < l_ - t["c2_min_shrink"] and abs(e) > 2 * se
         per_stage[stage] = dict(shows=bool(shows), gap_early=e, gap_late=l_, gap_early_se=se, seeds=len(early))
         parts.append(f"{stage}: gap {_fmt(e)} (±{_fmt(se)}) early vs {_fmt(l_)} last")
