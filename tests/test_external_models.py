@@ -60,6 +60,18 @@ def not_a_module():
 
 def ten_classes():
     return Net(10, 1)
+
+
+class Picky(Net):
+    """A forward that needs real tensors (.item()): fine on a CPU, impossible on the meta device."""
+
+    def forward(self, x):
+        assert x.abs().sum().item() >= 0
+        return super().forward(x)
+
+
+def picky(num_classes, in_channels):
+    return Picky(num_classes, in_channels)
 '''
 
 STUB_TIMM = '''
@@ -231,3 +243,13 @@ def test_block_patterns_on_a_csn_model_with_deeper_read_points():
     vgg.add_module("features", nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU()))
     assert resolve_layers(vgg, "features.*") == ["features.0", "features.1"]
     assert torch.is_tensor(vit(torch.zeros(1, 1, 8, 8)))
+
+
+def test_a_model_whose_forward_needs_real_tensors_trains(factory_module, tmp_path):
+    """The size check builds a skeleton on the meta device; the start-up forward check runs on the real model only."""
+    from csn.training.loop import train
+
+    run = train(tiny_config(model="mynets:picky", width=1.0, layers=["features.1", "features.3"], epochs=1.0),
+                tmp_path / "p",
+                progress=False)
+    assert run.checkpoints[-1].metrics["test_acc"] >= 0
