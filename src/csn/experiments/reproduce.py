@@ -204,7 +204,12 @@ def _prepare(rep: Reproduction, *, resume: bool, force: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     record, old = rep.record(), out / "reproduce.json"
     if old.is_file():
-        prev = json.loads(old.read_text())
+        try:
+            prev = json.loads(old.read_bytes().decode("utf-8"))
+        except (OSError, ValueError, RecursionError):
+            prev = None
+        if not isinstance(prev, dict):
+            raise CsnError(f"{old} is unreadable or corrupt; start over with --force, or restore the file.")
         was, now = _comparable(prev), _comparable(record)
         if was != now:
             diff = [k for k in now if was.get(k) != now[k]] or ["the study"]

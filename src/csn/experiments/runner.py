@@ -43,8 +43,10 @@ def is_complete(out: str | Path) -> bool:
     """True when the run directory holds its final checkpoint."""
     out = Path(out)
     try:
-        info = json.loads((out / "run.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        info = json.loads((out / "run.json").read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError):  # ValueError: JSON or UTF-8 decoding
+        return False
+    if not isinstance(info, dict):
         return False
     ckpts = read_manifest(out / "checkpoints")
     return bool(ckpts) and ckpts[-1].step == info.get("total_steps")

@@ -484,8 +484,8 @@ def load_claims(experiment: Path | None) -> tuple[list[dict] | None, dict | None
         return None, None, None
     path = experiment / "claims.json"
     try:
-        obj = json.loads(path.read_text())
-    except (json.JSONDecodeError, OSError):
+        obj = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, OSError, RecursionError):
         raise CsnError(f"{path} is unreadable or corrupt; delete it and re-run `csn reproduce --resume` to rewrite it.") from None
     if isinstance(obj, list):
         return obj, None, path
@@ -969,7 +969,7 @@ def _protocol(experiment: Path | None) -> list[dict]:
     if experiment is None or not (experiment / "reproduce.json").is_file():
         return []
     try:
-        rp = json.loads((experiment / "reproduce.json").read_text())
+        rp = json.loads((experiment / "reproduce.json").read_bytes().decode("utf-8"))
         settings, study = rp.get("settings", {}), rp.get("reproduce_preset", {})
         keep = {}
         for key in PROTOCOL_KEYS:
@@ -981,7 +981,7 @@ def _protocol(experiment: Path | None) -> list[dict]:
         keep.update(rp.get("resolved", {}))  # the study's times on this dataset (steps per epoch, late onset step)
         return [_table(["setting", "value"], [[k, v] for k, v in {**settings, **keep}.items()],
                        "The reproduction's protocol (reproduce.json).", cls="config narrow")]
-    except (json.JSONDecodeError, OSError, AttributeError):
+    except (ValueError, OSError, AttributeError, RecursionError):
         return [_note(f"{experiment / 'reproduce.json'} could not be read.")]
 
 
