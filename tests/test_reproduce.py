@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from csn.cli import main as cli
 from csn.experiments.claims import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, THRESHOLDS
+from csn.experiments.reproduce import _delete_reproduction
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +71,26 @@ def test_existing_reproduction_needs_resume_and_resume_skips_done_work(smoke):
     assert (out / "baseline-s0" / "checkpoints" / "manifest.jsonl").read_text() == before
     res = CliRunner().invoke(cli, ["reproduce", "--preset", "smok", "--out", str(out)])
     assert res.exit_code == 2 and "closest: 'smoke'" in res.output
+
+
+def _fake_reproduction(root: Path) -> Path:
+    out = root / "study"
+    for rel in ("reproduce.json", "claims.json", "regularize.parquet", "report/index.html", "report/c1.png",
+                "baseline-s0/run.json", "baseline-s0/checkpoints/manifest.jsonl",
+                "baseline-s0/checkpoints/step-00000000.safetensors", "baseline-s0/tables/selectivity.parquet",
+                "notes.txt", "baseline-s0/mine.txt"):
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_text("{}")
+    return out
+
+
+def test_force_deletes_only_what_csn_wrote_and_never_through_a_link(tmp_path):
+    out = _fake_reproduction(tmp_path)
+    link = tmp_path / "link"
+    link.symlink_to(out)
+    res = CliRunner().invoke(cli, ["reproduce", "--preset", "smoke", "--out", str(link), "--force", "--quiet"])
+    assert res.exit_code == 2 and "symbolic link" in res.output, res.output
+    assert (out / "baseline-s0" / "checkpoints" / "step-00000000.safetensors").is_file()  # untouched
+    _delete_reproduction(out)
+    left = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert left == ["baseline-s0/mine.txt", "notes.txt"]

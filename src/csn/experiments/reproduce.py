@@ -10,7 +10,6 @@ options objects of every analysis: it is declared before any result is seen.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -35,7 +34,7 @@ from csn.experiments.study import StudyConfig, load_study, onset_epoch, select_t
 from csn.runs.config import TrainConfig, load_data
 from csn.runs.io import write_json
 from csn.runs.naming import run_name
-from csn.runs.run import Run
+from csn.runs.run import Run, delete_run_files
 from csn.training.loop import make_loader
 
 
@@ -189,6 +188,24 @@ def _run_steps(steps: list[Step]) -> None:
         print(f"done in {_hms(time.perf_counter() - t0)}", file=sys.stderr)
 
 
+REPRODUCTION_LAYOUT: dict[str, tuple[str, ...]] = {"report": ("index.html", "*.png", "*.svg"),
+                                                   ".": ("claims.json", "*.parquet", "reproduce.json")}
+"""The files `csn reproduce` writes beside its runs (reproduce.json is deleted last: sorted by name)."""
+
+
+def _delete_reproduction(out: Path) -> None:
+    """--force: delete the runs' files and the reproduction's own, never through a link, never a user's files."""
+    if out.is_symlink():
+        raise CsnError(f"{out} is a symbolic link; csn never deletes through a link: pass the directory itself.")
+    for d in sorted(p for p in out.iterdir() if p.is_dir() and not p.is_symlink() and (p / "run.json").is_file()):
+        delete_run_files(d)
+        if not any(d.iterdir()):
+            d.rmdir()
+    kept = delete_run_files(out, REPRODUCTION_LAYOUT)  # every file left below out: the user's
+    if kept:
+        print(f"note: --force kept {len(kept)} file(s) csn did not write in {out} (e.g. {kept[0]}).", file=sys.stderr)
+
+
 def _prepare(rep: Reproduction, *, resume: bool, force: bool) -> None:
     """Check (and with force empty) the output folder; record the study in reproduce.json."""
     out = rep.out
@@ -196,7 +213,7 @@ def _prepare(rep: Reproduction, *, resume: bool, force: bool) -> None:
         if force:
             if not (out / "reproduce.json").is_file():
                 raise CsnError(f"{out} exists and is not a csn reproduction; refusing to delete it, choose another --out.")
-            shutil.rmtree(out)
+            _delete_reproduction(out)
         elif not resume:
             raise CsnError(f"{out} already holds a reproduction; pass --resume to continue it or --force to start over.")
         elif not (out / "reproduce.json").is_file():

@@ -220,25 +220,26 @@ of interrupted writes). `csn train --force` deletes these and nothing else, in t
 run.json last, so a deletion stopped part-way still leaves a directory --force recognizes)."""
 
 
-def delete_run_files(path: str | Path) -> list[Path]:
-    """Delete the files csn wrote in run directory `path` (RUN_LAYOUT), never following a symbolic link, and
-    the layout's folders once empty. Returns the other files found there, which are kept (a user's own files)."""
+def delete_run_files(path: str | Path, layout: dict[str, tuple[str, ...]] = RUN_LAYOUT) -> list[Path]:
+    """Delete the files csn wrote in run directory `path` (`layout`: RUN_LAYOUT, or an experiment's), never
+    following a symbolic link, and the layout's folders once empty. Returns the other files found there, which
+    are kept (a user's own files)."""
     path = Path(path)
     if path.is_symlink():
-        raise CsnError(f"{path} is a symbolic link; csn never deletes through a link: pass the run directory itself.")
-    linked = [path / d for d in RUN_LAYOUT if d != "." and (path / d).is_symlink()]
+        raise CsnError(f"{path} is a symbolic link; csn never deletes through a link: pass the directory itself.")
+    linked = [path / d for d in layout if d != "." and (path / d).is_symlink()]
     if linked:
         raise CsnError(f"{linked[0]} is a symbolic link; csn never deletes through a link: remove the link yourself or "
                        "choose another directory.")
     ours: list[Path] = []
-    for folder, patterns in RUN_LAYOUT.items():
+    for folder, patterns in layout.items():
         d = path / folder
         if d.is_dir():
             found = {p for pattern in (*patterns, ".*.tmp") for p in d.glob(pattern)}
             ours += sorted(p for p in found if p.is_file() and not p.is_symlink())  # a link is not a file csn wrote
     for p in ours:
         p.unlink(missing_ok=True)
-    for folder in RUN_LAYOUT:
+    for folder in layout:
         d = path / folder
         if folder != "." and d.is_dir() and not any(d.iterdir()):
             d.rmdir()
