@@ -202,3 +202,18 @@ def test_a_damaged_map_is_named_not_shown(experiment, tmp_path):
         read_map(copy)
     html = build_report([copy], progress=False).read_text()
     assert "the map&#39;s tables cannot be shown" in html and "run the same" in html
+
+
+def test_a_shortened_training_preset_drops_its_late_checkpoints_with_a_note(tmp_path):
+    """As `csn train` does: the preset's checkpoints past the end of a shortened training are dropped (a note), and
+    each condition's schedule is written as the remaining steps; the estimate scales with the training length."""
+    res = CliRunner().invoke(cli, ["experiment", "windows", "--preset", "smoke", "--windows", "step=0:step=2",
+                                   "--alphas", "-3", "--stages", "default", "--dry-run", "--out", str(tmp_path / "m"),
+                                   "epochs=0.5"])
+    assert res.exit_code == 0, res.output
+    assert "of the preset's schedule reaches past the end of training" in res.stderr
+    assert "2 conditions x 2 seeds" in res.stderr and "x 2 s per run" in res.stderr  # 6 s declared for 2 epochs
+    plan = make_plan(WindowsOptions(preset="smoke", windows="step=0:step=2", alphas=[-3.0], stages=["default"]),
+                     ["epochs=0.5"])
+    assert plan.checkpoints(plan.conditions[1]).startswith("step=0,")
+    assert max(plan.base_steps) == plan.total

@@ -45,7 +45,7 @@ from csn.core.units import resolve_layers, stage_of, stages
 from csn.errors import CsnError, unknown
 from csn.experiments import window_stats as ws
 from csn.experiments.runner import Job, is_complete, run_jobs
-from csn.runs.config import TrainConfig, build_model_for, data_info, load_data
+from csn.runs.config import TrainConfig, build_model_for, data_info, is_preset_checkpoints, load_data
 from csn.runs.config import preset as train_preset
 from csn.runs.io import read_table, write_json, write_table
 from csn.runs.naming import run_name
@@ -274,13 +274,14 @@ class Plan:
     samples: int | None
     selectivity: bool
     base_steps: list[int] = field(default_factory=list)  # checkpoint steps of the training preset
+    base_spec: str = ""  # its schedule as written (as steps when a shortened training dropped some points)
 
     def checkpoints(self, cond: WindowCondition) -> str:
         """The condition's checkpoint schedule: the preset's plus its window's boundaries (the baseline: every
         condition's boundaries), as step=N segments; extra checkpoints never change training."""
         conds = self.conditions if cond.alpha == 0 else [cond]
         extra = sorted({s for c in conds if c.alpha != 0 for s in (c.start_step, c.end_step)} - set(self.base_steps))
-        return ",".join([self.base.checkpoints] + [f"step={s}" for s in extra])
+        return ",".join([self.base_spec or self.base.checkpoints] + [f"step={s}" for s in extra])
 
     def jobs(self) -> list[tuple[WindowCondition, int, Job]]:
         out = []
@@ -299,11 +300,13 @@ class Plan:
 
     def estimate(self) -> dict[str, float]:
         """Seconds: training (runs left x cost per run / runs at once) and selectivity (checkpoints x cost); the
-        cost per run is the median measured on finished runs here, else the preset's declared one."""
+        cost per run is the median measured on finished runs here, else the preset's declared one (scaled by epochs)."""
         jobs = self.jobs()
         todo = [j for _, _, j in jobs if not is_complete(j.out)]
         measured = [d for _, _, j in jobs if is_complete(j.out) and (d := run_seconds(j.out)) is not None]
-        per_run = statistics.median(measured) if measured else self.preset.run_seconds
+        preset_epochs = train_preset(self.preset.train_preset).override(list(self.preset.overrides)).epochs
+        declared = self.preset.run_seconds * self.base.epochs / preset_epochs  # scaled to a shortened training
+        per_run = statistics.median(measured) if measured else declared
         n_ckpt = sum(len(self.selectivity_steps(c)) for c, _, _ in jobs) if self.selectivity else 0
         return {"runs": len(jobs), "runs_todo": len(todo), "run_seconds": per_run, "measured_runs": len(measured),
                 "training_s": len(todo) * per_run / max(1, min(self.parallel, max(1, len(todo)))),
@@ -346,9 +349,21 @@ def make_plan(opts: WindowsOptions, overrides: Sequence[str] = ()) -> Plan:
     _refuse_duplicates(conds)
     seeds = opts.seeds if opts.seeds is not None else list(pre.seeds)
     root = Path(opts.out) if opts.out else Path("runs") / f"windows-{pre.name}"
+    base_steps, base_spec = _base_schedule(base, spe)
     return Plan(pre, base, conds, seeds, spe, total, root, opts.parallel or pre.parallel,
-                opts.samples if "samples" in given else pre.samples, opts.selectivity,
-                checkpoint_steps(base.checkpoints, spe, base.epochs))
+                opts.samples if "samples" in given else pre.samples, opts.selectivity, base_steps, base_spec)
+
+
+def _base_schedule(base: TrainConfig, spe: int) -> tuple[list[int], str]:
+    """The training preset's checkpoint steps and schedule; a preset's points past the end of a shortened training
+    are dropped with a note (as `csn train` does), the schedule then written as its remaining steps."""
+    try:
+        return checkpoint_steps(base.checkpoints, spe, base.epochs), base.checkpoints
+    except CsnError:
+        if not is_preset_checkpoints(base.checkpoints):
+            raise
+    steps = checkpoint_steps(base.checkpoints, spe, base.epochs, clip=True, note=lambda m: print(m, file=sys.stderr))
+    return steps, ",".join(f"step={s}" for s in steps)
 
 
 def _refuse_duplicates(conds: list[WindowCondition]) -> None:
