@@ -4,6 +4,7 @@ of a changed experiment, one-line errors, and the report section (and its link f
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -14,7 +15,8 @@ from click.testing import CliRunner
 
 from csn.cli import main as cli
 from csn.experiments import window_stats as ws
-from csn.experiments.windows import WindowsOptions, make_plan
+from csn.errors import CsnError
+from csn.experiments.windows import WindowsOptions, make_plan, parse_seeds
 from csn.report.html import build_report
 from csn.runs.run import Run
 from csn.training.loop import train
@@ -217,3 +219,10 @@ def test_a_shortened_training_preset_drops_its_late_checkpoints_with_a_note(tmp_
                      ["epochs=0.5"])
     assert plan.checkpoints(plan.conditions[1]).startswith("step=0,")
     assert max(plan.base_steps) == plan.total
+
+
+@pytest.mark.parametrize("seeds, message", [("100000", "more than 100"), ("0,99999999999999999999", "out of [0, 2**63)"),
+                                            ("0,0", "repeat a seed"), ("x", "not a count")])
+def test_seeds_are_bounded_before_anything_is_planned(seeds, message):
+    with pytest.raises(CsnError, match=re.escape(message)):
+        parse_seeds(seeds)

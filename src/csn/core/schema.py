@@ -222,7 +222,10 @@ Float = Annotated[float, NoBool]
 MAX_SEED = 2**63 - 1
 """Seeds are stored as int64 (tables, torch generators): 0 <= seed < 2**63."""
 Seed = Annotated[int, NoBool, Field(ge=0, lt=MAX_SEED + 1)]
+MAX_SEEDS = 100
+"""The most seeds one experiment or study takes (each is a training run per condition plus its analyses)."""
+SEEDS_HINT = "each seed is one training run per condition plus its analyses: 100 seeds already means hundreds of runs"
 
 
 __all__ = ["Schema", "schema_error", "parse_override", "set_override", "NoBool", "CommaList", "AllIsNone", "Int", "Float",
-           "Seed", "MAX_SEED"]
+           "Seed", "MAX_SEED", "MAX_SEEDS", "SEEDS_HINT"]

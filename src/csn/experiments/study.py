@@ -36,7 +36,7 @@ from csn.analysis.cka import CkaOptions
 from csn.analysis.linearity import LinearityOptions
 from csn.analysis.selectivity import SelectivityOptions
 from csn.core.schedules import TIME_FORMS, TimePoint, parse_time
-from csn.core.schema import Float, Int, Schema, set_override
+from csn.core.schema import MAX_SEEDS, SEEDS_HINT, Float, Int, Schema, set_override
 from csn.errors import CsnError, unknown
 from csn.runs.config import TrainConfig, read_config_file
 from csn.runs.config import preset as train_preset
@@ -74,9 +74,6 @@ def _times(v: Any) -> tuple[str, ...]:
 Time = Annotated[str, BeforeValidator(_time)]
 Times = Annotated[tuple[str, ...], BeforeValidator(_times)]
 
-
-MAX_SEEDS = 100
-SEEDS_HINT = "each seed is one training run per condition plus its analyses: 100 seeds already means hundreds of runs"
 
 class Study(Schema):
     """Everything `csn reproduce` does besides training one run: declared before any result is seen.

@@ -40,7 +40,7 @@ from csn.analysis.base import Samples, run_analysis
 from csn.analysis.selectivity import Selectivity, summarize
 from csn.core.progress import bar
 from csn.core.schedules import AlphaWindow, AlphaWindows, checkpoint_steps, parse_window_points, total_steps
-from csn.core.schema import CommaList, Float, Int, Schema
+from csn.core.schema import MAX_SEED, MAX_SEEDS, SEEDS_HINT, CommaList, Float, Int, Schema
 from csn.core.units import resolve_layers, stage_of, stages
 from csn.errors import CsnError, unknown
 from csn.experiments import window_stats as ws
@@ -68,12 +68,16 @@ def parse_seeds(value: Any) -> list[int]:
             n = int(text)
             if n < 1:
                 raise ValueError
+            if n > MAX_SEEDS:
+                raise CsnError(f"seeds {n} are more than {MAX_SEEDS} ({SEEDS_HINT}); give fewer.")
             return list(range(n))
         vals = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
         raise CsnError(f"seeds {text!r} are not a count or a comma-separated list of integers; write e.g. 3 or 0,1,2.") from None
-    if not vals or len(set(vals)) != len(vals) or min(vals) < 0:
-        raise CsnError(f"seeds {text!r} repeat a seed, are negative or are empty; give distinct integers >= 0.")
+    if not vals or len(set(vals)) != len(vals) or min(vals) < 0 or max(vals) > MAX_SEED:
+        raise CsnError(f"seeds {text!r} repeat a seed, are out of [0, 2**63) or are empty; give distinct integers >= 0.")
+    if len(vals) > MAX_SEEDS:
+        raise CsnError(f"seeds {len(vals)} are more than {MAX_SEEDS} ({SEEDS_HINT}); give fewer.")
     return vals
 
 
