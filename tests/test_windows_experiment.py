@@ -14,8 +14,8 @@ import pytest
 from click.testing import CliRunner
 
 from csn.cli import main as cli
-from csn.experiments import window_stats as ws
 from csn.errors import CsnError
+from csn.experiments import window_stats as ws
 from csn.experiments.windows import WindowsOptions, make_plan, parse_seeds
 from csn.report.html import build_report
 from csn.runs.run import Run
