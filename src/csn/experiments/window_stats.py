@@ -119,7 +119,8 @@ def ci(samples: np.ndarray, rules: Mapping[str, float] = WINDOW_RULES) -> tuple[
 def spearman(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Spearman rank correlation of x [W] with each row of y [..., W] (ties get average ranks).
 
-    A row whose values are all equal has no order: its rho is defined as 0 (no trend).
+    A row whose values are all equal has no order: its rho is defined as 0 (no trend). A row holding a NaN has
+    no rho (NaN), so a missing value never reads as "no trend".
     """
     y = np.atleast_2d(np.asarray(y, dtype=np.float64))
     rx = pd.Series(np.asarray(x, dtype=np.float64)).rank(method="average").to_numpy()
@@ -128,7 +129,8 @@ def spearman(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     ry = ry - ry.mean(axis=1, keepdims=True)
     den = np.sqrt((rx**2).sum() * (ry**2).sum(axis=1))
     num = (ry * rx).sum(axis=1)
-    return np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
+    rho = np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
+    return np.where(np.isnan(y).any(axis=1) | np.isnan(rx).any(), np.nan, rho)
 
 
 def _matrix(rows: pd.DataFrame, value: str, seeds: list[int]) -> np.ndarray:

@@ -96,7 +96,7 @@ Seeds = Annotated[list[Int], BeforeValidator(_seeds_field)]
 class WindowGrid(Schema):
     """A grid of conditions: every alpha x window x stage set."""
 
-    alphas: Annotated[list[Float], CommaList]
+    alphas: Annotated[list[Float], CommaList] = Field(min_length=1)
     windows: str
     stages: Annotated[list[str], CommaList] = ["default"]
 
@@ -154,8 +154,10 @@ class WindowsOptions(Schema):
     preset: str = Field("fmnist", description="Windows preset: smoke (seconds; tests and a first look) or fmnist (the "
                         "map on Fashion-MNIST, about 80 minutes on 2 CPU cores).")
     alphas: Annotated[list[Float], CommaList] | None = Field(
-        None, description="Regularizer strengths, comma-separated (loss = ce - alpha*R: < 0 suppresses, > 0 promotes) "
-        "[default: the preset's conditions].", json_schema_extra={"metavar": "A,..."})
+        None, min_length=1, description="Regularizer strengths, comma-separated (loss = ce - alpha*R: < 0 suppresses, "
+        "> 0 promotes) [default: the preset's conditions]. Giving --alphas, --windows or --stages replaces the preset's "
+        "grids by ONE grid (the options given, the preset's first grid for the others).",
+        json_schema_extra={"metavar": "A,..."})
     windows: str | None = Field(None, description="Windows START:END, comma-separated, in epochs (0.25), steps (step=64), "
                                 "fractions of training (f0.1) or end, e.g. step=0:step=20,1:2 [default: the preset's].",
                                 json_schema_extra={"metavar": "S:E,..."})
