@@ -21,7 +21,7 @@ import pytest
 import csn.experiments.runner as runner
 from csn.runs import read_table
 from csn.runs.verify import verify_run
-from tests.test_reliability import child_env, commands, compare, csn_argv, snapshot
+from tests.test_reliability import child_env, commands, compare, csn_argv, interruptible, snapshot
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="walks /proc (Linux)")
 
@@ -80,7 +80,7 @@ def _started(root: Path) -> list[str]:
 
 def _start(argv: list[str], log: Path) -> subprocess.Popen:
     return subprocess.Popen(argv, stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=child_env(), cwd=log.parent,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=interruptible)
 
 
 def _wait_for_training(p: subprocess.Popen, root: Path, log: Path, workers: int = 2, timeout: float = 300) -> None:

@@ -78,6 +78,12 @@ def child_env() -> dict[str, str]:
     return env
 
 
+def interruptible() -> None:
+    """preexec_fn of a child the test interrupts: SIGINT as a terminal delivers it. A shell starts background jobs
+    with SIGINT ignored and children inherit that, so a suite started with `&` would see Ctrl-C ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def csn_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "csn", *args]
 
@@ -443,7 +449,7 @@ def test_sigint_train_exits_130_and_resumes_identically(harness):
     log = work / "log.txt"
     with open(log, "wb") as f:
         p = subprocess.Popen(cmd.argv(run_dir, resume=False), stdout=f, stderr=subprocess.STDOUT, env=child_env(),
-                             cwd=work)
+                             cwd=work, preexec_fn=interruptible)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and p.poll() is None:  # wait until training is under way
             m = run_dir / "checkpoints" / MANIFEST
