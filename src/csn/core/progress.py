@@ -23,4 +23,10 @@ def bar(iterable: Iterable[Any] | None = None, *, progress: bool = True, **kwarg
     return tqdm(iterable, **kwargs)
 
 
-__all__ = ["NO_PROGRESS_ENV", "progress_enabled", "bar"]
+def hms(seconds: float) -> str:
+    """A duration for people: '12m05s', or '1h03m' from an hour on."""
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+__all__ = ["NO_PROGRESS_ENV", "progress_enabled", "bar", "hms"]

@@ -24,6 +24,7 @@ from csn.analysis.base import run_analysis
 from csn.analysis.cka import Cka
 from csn.analysis.linearity import Linearity
 from csn.analysis.selectivity import Selectivity
+from csn.core.progress import hms
 from csn.core.schedules import total_steps
 from csn.errors import CsnError
 from csn.experiments import claims as C
@@ -179,13 +180,13 @@ def _run_steps(steps: list[Step]) -> None:
     t0, done_w = time.perf_counter(), 0.0
     for i, step in enumerate(steps, 1):
         elapsed = time.perf_counter() - t0
-        eta = f", about {_hms(elapsed / done_w * (total_w - done_w))} left" if done_w > 0.05 * total_w and elapsed > 5 else ""
+        eta = f", about {hms(elapsed / done_w * (total_w - done_w))} left" if done_w > 0.05 * total_w and elapsed > 5 else ""
         if main:
-            print(f"[{i}/{len(steps)}] {step.name} (elapsed {_hms(elapsed)}{eta})", file=sys.stderr, flush=True)
+            print(f"[{i}/{len(steps)}] {step.name} (elapsed {hms(elapsed)}{eta})", file=sys.stderr, flush=True)
         step.fn()
         done_w += step.weight
     if main:
-        print(f"done in {_hms(time.perf_counter() - t0)}", file=sys.stderr)
+        print(f"done in {hms(time.perf_counter() - t0)}", file=sys.stderr)
 
 
 REPRODUCTION_LAYOUT: dict[str, tuple[str, ...]] = {"report": ("index.html", "*.png", "*.svg"),
@@ -240,11 +241,6 @@ def _comparable(record: dict) -> dict:
     study = {k: v for k, v in record.get("reproduce_preset", {}).items() if k != "parallel"}
     train = {k: v for k, v in record.get("train_config", {}).items() if k not in ("device", "threads", "workers")}
     return {"study": study, "train": train, "seeds": record.get("settings", {}).get("seeds")}
-
-
-def _hms(s: float) -> str:
-    s = int(round(s))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 __all__ = ["Step", "Reproduction", "training_length", "reproduce"]

@@ -38,7 +38,7 @@ from csn import dist
 from csn._version import __version__
 from csn.analysis.base import Samples, run_analysis
 from csn.analysis.selectivity import Selectivity, summarize
-from csn.core.progress import bar
+from csn.core.progress import bar, hms
 from csn.core.schedules import AlphaWindow, AlphaWindows, checkpoint_steps, parse_window_points, total_steps
 from csn.core.schema import MAX_SEED, MAX_SEEDS, SEEDS_HINT, CommaList, Float, Int, Schema
 from csn.core.units import resolve_layers, stage_of, stages
@@ -382,11 +382,6 @@ def _refuse_duplicates(conds: list[WindowCondition]) -> None:
         seen[key] = c.name
 
 
-def _hms(s: float) -> str:
-    s = int(round(s))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
 def plan_text(plan: Plan) -> str:
     """The plan as printed before anything starts: conditions x seeds, what each condition does, the estimate."""
     e, b = plan.estimate(), plan.base
@@ -403,7 +398,7 @@ def plan_text(plan: Plan) -> str:
            else f"declared for preset {plan.preset.name}")
     sel = (f" + selectivity at {e['checkpoints']} checkpoints x {plan.preset.checkpoint_seconds:g} s"
            if plan.selectivity else "")
-    lines.append(f"  estimated time: about {_hms(e['training_s'] + e['selectivity_s'])} ({e['runs_todo']} runs x "
+    lines.append(f"  estimated time: about {hms(e['training_s'] + e['selectivity_s'])} ({e['runs_todo']} runs x "
                  f"{e['run_seconds']:.0f} s per run, {src}, {plan.parallel} at a time{sel})")
     return "\n".join(lines)
 
