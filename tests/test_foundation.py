@@ -221,6 +221,19 @@ def test_existing_output_and_resume_with_other_config(tmp_path):
     train(cfg, tmp_path / "r", force=True, progress=False)
 
 
+def test_resume_accepts_the_same_checkpoint_steps_written_another_way(tmp_path):
+    # The presets' schedules moved from epoch segments to fractions (same steps): older runs still resume.
+    train(tiny_config(epochs=1.0, checkpoints="0:end:0.5"), tmp_path / "r", progress=False, stop_after_step=2)
+    spe = Run(tmp_path / "r").info["steps_per_epoch"]
+    same = tiny_config(epochs=1.0, checkpoints="f0.5,end")
+    assert tiny_config(epochs=1.0, checkpoints="0:end:0.5").diff(same, steps_per_epoch=spe) == {}
+    assert "checkpoints" in tiny_config(epochs=1.0, checkpoints="0:end:0.5").diff(same)  # text differs, no steps given
+    run = train(same, tmp_path / "r", resume=True, progress=False)
+    assert [c.step for c in run.checkpoints] == [0, spe // 2, spe]
+    with pytest.raises(CsnError, match="checkpoints: 'f0.5,end' in the run, 'f0.25,end' now"):
+        train(tiny_config(epochs=1.0, checkpoints="f0.25,end"), tmp_path / "r", resume=True, progress=False)
+
+
 # ----------------------------------------------------------------------------- config and CLI
 def test_config_overrides_and_files(tmp_path):
     cfg = preset("fmnist").override(["epochs=2", "width=1.5", "milestones=[1,2]", "reg_layers=layer1.0,layer1.1"])

@@ -413,7 +413,7 @@ def check_existing(plan: Plan) -> None:
     for cond, _seed, job in plan.jobs():
         if not (job.out / "run.json").is_file():
             continue
-        diff = Run(job.out).config.diff(job.cfg)
+        diff = Run(job.out).config.diff(job.cfg, steps_per_epoch=plan.steps_per_epoch)
         if diff:
             k, (a, b) = next(iter(diff.items()))
             why = (" (the baseline needs a checkpoint at every window's start and end, so new windows need a new "

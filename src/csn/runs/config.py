@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator, Field, model_validator
 
+from csn.core.schedules import checkpoint_steps
 from csn.core.schema import CommaList, Float, Int, Schema, Seed, set_override
 from csn.core.units import stages, stages_from_patterns
 from csn.data import DataSplits, load_dataset
@@ -107,10 +108,22 @@ class TrainConfig(Schema):
                            "momentum (e.g. momentum=0.9) or nesterov=false.")
         return self
 
-    def diff(self, other: TrainConfig, ignore: tuple[str, ...] = ("device", "threads", "workers")) -> dict:
-        """Keys whose values differ: {key: (self, other)}."""
+    def diff(self, other: TrainConfig, ignore: tuple[str, ...] = ("device", "threads", "workers"),
+             steps_per_epoch: int | None = None) -> dict:
+        """Keys whose values differ: {key: (self, other)}. Given the run's steps per epoch, two checkpoint
+        schedules written differently that name the same steps (``1:end:0.5`` and ``f0.3333,f0.5,...``) are the
+        same schedule."""
         a, b = self.to_dict(), other.to_dict()
-        return {k: (a[k], b[k]) for k in a if a[k] != b[k] and k not in ignore}
+        out = {k: (a[k], b[k]) for k in a if a[k] != b[k] and k not in ignore}
+        if "checkpoints" in out and steps_per_epoch and self.epochs == other.epochs:
+            try:
+                same = (checkpoint_steps(self.checkpoints, steps_per_epoch, self.epochs)
+                        == checkpoint_steps(other.checkpoints, steps_per_epoch, other.epochs))
+            except CsnError:
+                same = False
+            if same:
+                del out["checkpoints"]
+        return out
 
 
 # ----------------------------------------------------------------------------- presets

@@ -452,7 +452,7 @@ def _check_out(cfg: TrainConfig, out: Path, *, resume: bool, force: bool) -> boo
                 raise CsnError(f"{out} is not a csn run (no run.json); choose another --out or use --force to start over.")
             return False
         run = Run(out)  # a corrupt run.json is reported by name
-        diff = run.config.diff(cfg)
+        diff = run.config.diff(cfg, steps_per_epoch=run.info["steps_per_epoch"])
         if diff:
             shown = "; ".join(f"{k}: {a!r} in the run, {b!r} now" for k, a, b in ((k, *v) for k, v in diff.items()))
             raise CsnError(f"cannot resume {out} with a different configuration ({shown}); resume with the same settings "
