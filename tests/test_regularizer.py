@@ -101,6 +101,40 @@ def test_one_class_batch_is_skipped_and_counted():
     assert reg.skipped == 1
 
 
+def test_masked_present_classes_match_naive_reference():
+    # The GPU path (classes present masked, nothing read on the host) against the independent reference, on
+    # batches where most classes are absent; CPU tensors take the indexed path, so call the formula directly.
+    from csn.core.stats import batch_class_sums, csi_from_means
+
+    g = torch.Generator().manual_seed(7)
+    for k, n, u in ((10, 12, 5), (50, 9, 4), (3, 6, 3)):
+        acts = torch.rand(n, u, generator=g, dtype=torch.float64) + 0.1
+        y = torch.randint(0, k, (n,), generator=g)
+        if len(set(y.tolist())) < 2:
+            y[0], y[1] = 0, 1
+        sums, counts = batch_class_sums(acts, y, k)
+        for use_sums in (False, True):
+            vals = sums if use_sums else sums / counts.clamp_min(1).unsqueeze(1)
+            got = csi_from_means(vals, 1e-7, present=counts > 0).csi
+            torch.testing.assert_close(got, _naive_csi(acts, y, use_sums), rtol=1e-12, atol=1e-12)
+
+
+def test_value_nowait_equals_value_and_is_zero_without_two_classes():
+    model = _mlp()
+    reg = SelectivityRegularizer(model, ["relu1", "relu2"], num_classes=4)
+    x = torch.randn(8, 1, 6, 6, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 3, 0, 1, 2, 2])
+    with reg:
+        model(x)
+        r, counted = reg.value_nowait(y)
+        assert bool(counted) and torch.equal(r, reg.value(y))
+        r1, counted1 = reg.value_nowait(torch.zeros(8, dtype=torch.long))  # one class: R is 0, its gradient 0
+        assert not bool(counted1) and float(r1) == 0.0
+        (r1 + 0 * sum(p.sum() for p in model.parameters())).backward()  # R adds nothing to any gradient
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+
+
 def test_hooks_off_when_detached_and_defaults():
     model = create_model("resnet8", num_classes=4, in_channels=1, width=0.25)
     assert default_reg_layers(model) == ["layer1.0", "layer2.0"]  # every stage but the last

@@ -28,7 +28,15 @@ from torch import Tensor, nn
 from csn.analysis.base import Analysis, Context, Samples, Split, nonfinite_error
 from csn.core.progress import bar
 from csn.core.schema import CommaList, Schema
-from csn.core.stats import EPS, STUDY_EPS, VARIANTS, ClassNames, ClassStats, check_labels, csi_from_means
+from csn.core.stats import (
+    EPS,
+    STUDY_EPS,
+    VARIANTS,
+    ClassNames,
+    ClassStats,
+    DeferredLabelCheck,
+    csi_from_means,
+)
 from csn.core.trace import TraceDict
 from csn.core.units import eval_mode, model_device, resolve_layers, split_batch, stage_of, to_device
 from csn.dist import all_reduce_tensors, is_main, same_outcome
@@ -68,14 +76,15 @@ def collect_class_stats(
     dev = torch.device(device) if device is not None else model_device(model)
     stats = {name: ClassStats(num_classes) for name in names}
     n_batches = 0
+    labels = DeferredLabelCheck(num_classes)
     k_seen = 0
     total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
     with eval_mode(model), torch.no_grad(), TraceDict(model, names) as cache, \
             bar(total=total, desc=desc or "class statistics", leave=False, unit="batch", progress=progress) as pbar:
         for batch in loader:
             x, y = split_batch(batch)
-            y = check_labels(y, num_classes)
-            if y.numel():
+            y = labels.take(y)  # no GPU sync per batch: labels out of range are reported after the pass
+            if num_classes is None and y.numel():
                 k_seen = max(k_seen, int(y.max()) + 1)
             cache.clear()
             model(to_device(x, dev))
@@ -91,6 +100,7 @@ def collect_class_stats(
                 stats[name].update(acts, y.to(acts.device), validate=False)
             n_batches += 1
             pbar.update(1)
+    labels.check()
     if n_batches == 0 or any(s.sums is None for s in stats.values()):
         raise CsnError("the evaluation data yielded no examples; pass a non-empty loader of (inputs, labels) batches.")
     if num_classes is None:

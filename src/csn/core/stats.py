@@ -47,20 +47,30 @@ class CSI(NamedTuple):
     mu_rest: Tensor
 
 
-def csi_from_means(means: Tensor, eps: float = EPS) -> CSI:
+def csi_from_means(means: Tensor, eps: float = EPS, present: Tensor | None = None) -> CSI:
     """CSI of every unit from class means [..., K, U] (K >= 2); differentiable, the only CSI formula in csn.
 
     mu_rest is the mean over the K-1 classes other than the preferred one (ties: the first maximum
     is preferred, the other tied classes count in mu_rest). Negative-valued layers are not clipped.
+    present [K] (bool): use only these classes, without reading the mask on the host (no GPU sync); the
+    result equals that of means[..., present, :] where 2 or more are present, and is finite otherwise.
     """
     if means.dim() < 2:
         raise CsnError(f"class means must be shaped [..., classes, units], got shape {tuple(means.shape)}.")
     k = means.shape[-2]
     if k < 2:
         raise CsnError(f"CSI needs the means of at least 2 classes, got {k}; evaluate on data that contains several classes.")
-    mu_max, pref = means.max(dim=-2)
-    is_pref = torch.zeros_like(means, dtype=torch.bool).scatter_(-2, pref.unsqueeze(-2), True)
-    mu_rest = means.masked_fill(is_pref, 0).sum(dim=-2) / (k - 1)
+    if present is None:
+        mu_max, pref = means.max(dim=-2)
+        is_pref = torch.zeros_like(means, dtype=torch.bool).scatter_(-2, pref.unsqueeze(-2), True)
+        mu_rest = means.masked_fill(is_pref, 0).sum(dim=-2) / (k - 1)
+    else:
+        absent = ~present.to(device=means.device, dtype=torch.bool).unsqueeze(-1)
+        mu_max, pref = means.masked_fill(absent, -math.inf).max(dim=-2)
+        mu_max = torch.where(present.any(), mu_max, 0.0)  # no class present: finite, and unused
+        is_pref = torch.zeros_like(means, dtype=torch.bool).scatter_(-2, pref.unsqueeze(-2), True)
+        others = (present.sum() - 1).clamp_min(1).to(means.dtype)
+        mu_rest = means.masked_fill(is_pref | absent, 0).sum(dim=-2) / others
     csi = (mu_max - mu_rest) / (mu_max + mu_rest + eps)
     return CSI(csi, pref, mu_max, mu_rest)
 
@@ -224,6 +234,36 @@ def check_labels(labels: Any, num_classes: int | None) -> Tensor:
     return labels.long()
 
 
+class DeferredLabelCheck:
+    """check_labels for a stream of batches without waiting for a GPU on every batch.
+
+    `take(labels)` checks dtype and shape at once; labels on the CPU (or without num_classes) are checked
+    in full at once too; labels on another device are returned clamped into [0, num_classes) (so nothing
+    indexes out of range) while their smallest and largest values are kept there. `check()`, after the
+    stream and before its results are used, raises check_labels's error for any label seen out of range.
+    """
+
+    def __init__(self, num_classes: int | None) -> None:
+        self.num_classes = num_classes
+        self._lo: Tensor | None = None
+        self._hi: Tensor | None = None
+
+    def take(self, labels: Any) -> Tensor:
+        labels = torch.as_tensor(labels)
+        if labels.device.type == "cpu" or self.num_classes is None:
+            return check_labels(labels, self.num_classes)
+        check_labels(labels[:0], self.num_classes)  # dtype and shape only: no values read
+        if labels.numel():
+            lo, hi = labels.min().long(), labels.max().long()
+            self._lo = lo if self._lo is None else torch.minimum(self._lo, lo)
+            self._hi = hi if self._hi is None else torch.maximum(self._hi, hi)
+        return labels.long().clamp(0, self.num_classes - 1)
+
+    def check(self) -> None:
+        if self._lo is not None:
+            check_labels(torch.stack([self._lo, self._hi]).cpu(), self.num_classes)
+
+
 def batch_class_sums(acts: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
     """Differentiable per-class sums [K, U] and counts [K] of a batch (index_add, no Python loops).
 
@@ -254,16 +294,36 @@ def batch_csi(
     the global sums/counts under DDP (use a differentiable all_reduce, e.g.
     csn.distributed.all_reduce_with_grad) so the result is the CSI of the global batch.
     """
+    csi, present = batch_csi_nowait(acts, labels, num_classes, eps, class_sums, reduce=reduce)
+    return csi if int(present) >= 2 else None
+
+
+def batch_csi_nowait(
+    acts: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    eps: float = EPS,
+    class_sums: bool = False,
+    *,
+    reduce: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """batch_csi without waiting for the device (for training loops on GPUs): (CSI [U], the number of classes
+    present as a 0-d tensor). The CSI is batch_csi's where 2 or more classes are present, and finite (zeros, to
+    be discarded) otherwise. On the CPU, where reading the mask costs nothing, the classes present are selected
+    by indexing, which keeps CPU results bitwise those of earlier versions; on other devices they are masked
+    (the same values to float rounding: the sum over classes then runs over masked zeros too)."""
     sums, counts = batch_class_sums(acts, labels, num_classes)
     if reduce is not None:
         sums, counts = reduce(sums, counts)
     present = counts > 0
-    if int(present.sum()) < 2:
-        return None
-    vals = sums[present]
-    if not class_sums:
-        vals = vals / counts[present].unsqueeze(1)
-    return csi_from_means(vals, eps).csi
+    n = present.sum()
+    if sums.device.type == "cpu":
+        if int(n) < 2:
+            return sums.new_zeros(sums.shape[1]), n
+        vals = sums[present]
+        return csi_from_means(vals if class_sums else vals / counts[present].unsqueeze(1), eps).csi, n
+    vals = sums if class_sums else sums / counts.clamp_min(1).unsqueeze(1)
+    return csi_from_means(vals, eps, present=present).csi, n
 
 
 def standard_error(values: Iterable[float]) -> float:
@@ -288,5 +348,5 @@ def band(series: Iterable[pd.Series | None]) -> pd.DataFrame | None:
 
 __all__ = [
     "EPS", "STUDY_EPS", "VARIANTS", "CSI", "csi_from_means", "ClassStats", "check_labels", "batch_class_sums",
-    "batch_csi", "standard_error", "band",
+    "batch_csi", "batch_csi_nowait", "DeferredLabelCheck", "standard_error", "band",
 ]

@@ -317,7 +317,9 @@ class _Training:
         # Window statistics stay on the device (no host sync per step): [sum of loss * n, correct], sum of R.
         self.window = torch.zeros(2, dtype=torch.float64, device=self.device)
         self.window_reg = torch.zeros((), dtype=torch.float64, device=self.device)
-        self.window_n, self.n_reg = 0, 0
+        self.n_reg = torch.zeros((), dtype=torch.long, device=self.device)  # steps whose R counted, in the window
+        self.reg_skipped = torch.zeros((), dtype=torch.long, device=self.device)  # batches with < 2 classes, in all
+        self.window_n = 0
         self.t0 = time.perf_counter()
         try:
             while self.step < self.total:
@@ -358,7 +360,7 @@ class _Training:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.amp and self.device.type == "cuda"):
             logits = self.ddp_model(x)
             loss = F.cross_entropy(logits.float(), y)
-            r = self.reg.value(y) if use_reg else None
+            r, counted = self.reg.value_nowait(y) if use_reg else (None, None)
         total_loss = loss - alpha * r if r is not None else loss
         self.opt.zero_grad(set_to_none=True)
         total_loss.backward()
@@ -368,9 +370,10 @@ class _Training:
             self.window[0] += loss.detach().double() * len(y)
             self.window[1] += (logits.argmax(1) == y).sum()
             self.window_n += len(y)
-            if r is not None:
+            if r is not None:  # no GPU sync: batches with < 2 classes add 0 and are not counted
                 self.window_reg += r.detach().double()
-                self.n_reg += 1
+                self.n_reg += counted
+                self.reg_skipped += ~counted
         return lr, alpha
 
     def _log(self, lr: float, alpha: float) -> None:
@@ -379,17 +382,19 @@ class _Training:
         sums = torch.cat([w, w.new_tensor([self.window_n])]) if dist.is_dist() else w
         w_loss, w_correct, w_n = (dist.all_reduce_(sums).tolist() + [self.window_n])[:3]
         train_loss = w_loss / w_n
+        n_reg = int(self.n_reg)
         if not math.isfinite(train_loss):
             raise CsnError(f"training diverged by step {self.step} (mean loss {train_loss} over the last "
                            f"{self.cfg.log_every} steps or fewer); lower the learning rate or alpha.")
         self.logs.append({"step": self.step, "epoch": self.step / self.steps_per_epoch, "lr": lr, "alpha": alpha,
                           "train_loss": train_loss, "train_acc": w_correct / w_n,
-                          "reg_value": (float(self.window_reg) / self.n_reg) if self.n_reg else float("nan"),
-                          "reg_skipped": self.reg.skipped if self.reg is not None else 0,
+                          "reg_value": (float(self.window_reg) / n_reg) if n_reg else float("nan"),
+                          "reg_skipped": int(self.reg_skipped),
                           "time_s": time.perf_counter() - self.t0})
         w.zero_()
         self.window_reg.zero_()
-        self.window_n, self.n_reg = 0, 0
+        self.n_reg.zero_()
+        self.window_n = 0
 
     def save_checkpoint(self, step: int, train_metrics: dict) -> None:
         """Score the model (every rank its shard), then rank 0 writes weights, optimizer state, logs, manifest."""

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from csn.core.stats import EPS, batch_csi
+from csn.core.stats import EPS, batch_csi_nowait
 from csn.core.trace import TraceDict
 from csn.core.units import resolve_layers, stage_of, stages
 from csn.dist import all_reduce_with_grad
@@ -74,23 +74,38 @@ class SelectivityRegularizer:
     def __exit__(self, *exc) -> None:
         self.detach()
 
-    def stage_values(self, labels: Tensor) -> dict[str, Tensor] | None:
-        """Mean batch CSI per regularized stage for the last forward pass; None if < 2 classes present."""
+    def _stage_tensors(self, labels: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """Mean batch CSI per regularized stage, and the number of classes present (a 0-d tensor; no GPU sync)."""
         if not self._trace:
             raise RuntimeError("SelectivityRegularizer has no activations: attach it and run the model first.")
         k = self.num_classes or int(labels.max()) + 1
         per_stage: dict[str, list[Tensor]] = {}
+        present = labels.new_zeros(())
         for name in self.layers:
-            csi = batch_csi(self._trace[name], labels, k, self.eps, self.class_sums, reduce=_global_sums)
-            if csi is None:
-                self.skipped += 1
-                return None
+            csi, present = batch_csi_nowait(self._trace[name], labels, k, self.eps, self.class_sums,
+                                            reduce=_global_sums)
             per_stage.setdefault(self.stage[name], []).append(csi)
-        return {s: torch.cat(v).mean() for s, v in per_stage.items()}
+        return {s: torch.cat(v).mean() for s, v in per_stage.items()}, present
+
+    def stage_values(self, labels: Tensor) -> dict[str, Tensor] | None:
+        """Mean batch CSI per regularized stage for the last forward pass; None if < 2 classes present."""
+        vals, present = self._stage_tensors(labels)
+        if int(present) < 2:
+            self.skipped += 1
+            return None
+        return vals
 
     def value(self, labels: Tensor) -> Tensor | None:
-        """R for the last forward pass: mean over stages of the stage's mean unit CSI."""
+        """R for the last forward pass: mean over stages of the stage's mean unit CSI; None if < 2 classes present."""
         vals = self.stage_values(labels)
         if vals is None:
             return None
         return torch.stack(list(vals.values())).mean()
+
+    def value_nowait(self, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """(R, counted) as device tensors, without waiting for the GPU (for training loops): R where 2 or more
+        classes are present (counted True), else 0, whose gradient is 0, as skipping the term."""
+        vals, present = self._stage_tensors(labels)
+        r = torch.stack(list(vals.values())).mean()
+        counted = present >= 2
+        return torch.where(counted, r, torch.zeros_like(r)), counted
