@@ -13,6 +13,8 @@ Run it on one GPU, or under torchrun on several (batch is per GPU; the global ba
 SyncBatchNorm as csn uses it by default, in both loops):
 
     python benchmarks/bench_gpu.py
+    python benchmarks/bench_gpu.py --model resnet8 --image-size 28 --channels 1 --classes 10 --batch 128 \
+        --eval-batch 1000     # the fmnist preset's model and batch on Fashion-MNIST-shaped data
     torchrun --standalone --nproc_per_node=8 benchmarks/bench_gpu.py [--batch 256] [--steps 80]
 
 Without CUDA it prints what it would run and exits 0. Rank 0 prints the exact command line, the
@@ -68,6 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--eval-batch", type=int, default=250, help="evaluation batch per GPU for the CSI pass")
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--classes", type=int, default=1000)
+    ap.add_argument("--channels", type=int, default=3, help="input channels (1: Fashion-MNIST-shaped data)")
     ap.add_argument("--warmup", type=int, default=20, help="steps excluded from timing (cudnn autotuning, allocator)")
     ap.add_argument("--steps", type=int, default=80, help="timed training steps per measurement")
     ap.add_argument("--eval-batches", type=int, default=20, help="batches per GPU in the CSI / plain eval passes")
@@ -88,21 +91,23 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------------------------
 
 def make_data(args, device: torch.device, world: int):
-    """DataSplits with GPU-resident uint8 images (ImageNet mean/std); the same on every rank (seeded)."""
+    """DataSplits with GPU-resident uint8 images (ImageNet mean/std with 3 channels, else 0.5/0.25); the same on
+    every rank (seeded)."""
     from csn.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD
     from csn.data.tensors import DataSplits, TensorSplit
 
     g = torch.Generator(device=device).manual_seed(0)
-    s = args.image_size
+    s, c = args.image_size, args.channels
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if c == 3 else ((0.5,) * c, (0.25,) * c)
 
     def split(n: int) -> TensorSplit:
-        x = torch.randint(0, 256, (n, 3, s, s), dtype=torch.uint8, device=device, generator=g)
+        x = torch.randint(0, 256, (n, c, s, s), dtype=torch.uint8, device=device, generator=g)
         y = torch.randint(0, args.classes, (n,), device=device, generator=g)
-        return TensorSplit(x, y, IMAGENET_MEAN, IMAGENET_STD)
+        return TensorSplit(x, y, mean, std)
 
     train = split(args.pool * args.batch * world)  # `pool` global batches per epoch
     test = split(args.eval_batches * args.eval_batch * world)
-    return DataSplits("synthetic-imagenet", train, test, args.classes, 3, s, [str(k) for k in range(args.classes)])
+    return DataSplits(f"synthetic-{c}x{s}x{s}", train, test, args.classes, c, s, [str(k) for k in range(args.classes)])
 
 
 def csn_config(args, world: int, reg: bool):
@@ -159,7 +164,8 @@ def hand_rate(args, data, world: int) -> float:
 
     device = _device()
     torch.manual_seed(0)
-    model = create_model(args.model, num_classes=args.classes, in_channels=3, image_size=args.image_size).to(device)
+    model = create_model(args.model, num_classes=args.classes, in_channels=args.channels,
+                         image_size=args.image_size).to(device)
     if world > 1 and args.sync_bn and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if args.channels_last:
@@ -203,7 +209,8 @@ def eval_passes(args, data, world: int) -> tuple[float, float]:
 
     device = _device()
     torch.manual_seed(0)
-    model = create_model(args.model, num_classes=args.classes, in_channels=3, image_size=args.image_size).to(device)
+    model = create_model(args.model, num_classes=args.classes, in_channels=args.channels,
+                         image_size=args.image_size).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.eval()
@@ -291,8 +298,9 @@ def main(argv=None) -> int:
               f"{'ok' if ok['train_ratio'] else 'MISSED'}")
         print(f"csn train + regularizer: {r:8.0f} img/s   overhead {o / r:.3f} (target <= {TARGETS['reg_overhead']}) "
               f"{'ok' if ok['reg_overhead'] else 'MISSED'}")
-        print(f"one ImageNet epoch ({IMAGENET_TRAIN:,} images) at csn's rate: {res['imagenet_epoch_min']:.1f} min "
-              f"(90 epochs: {90 * res['imagenet_epoch_min'] / 60:.1f} h; data loading from disk not included)")
+        if args.image_size == 224:
+            print(f"one ImageNet epoch ({IMAGENET_TRAIN:,} images) at csn's rate: {res['imagenet_epoch_min']:.1f} min "
+                  f"(90 epochs: {90 * res['imagenet_epoch_min'] / 60:.1f} h; data loading from disk not included)")
         print(f"plain eval pass       : {res['plain_eval_img_s']:9.0f} img/s   CSI pass {res['csi_img_s']:.0f} img/s   "
               f"overhead {res['csi_overhead']:.3f} (target <= {TARGETS['csi_overhead']}) {'ok' if ok['csi_overhead'] else 'MISSED'}")
         print("\nFor benchmarks/RESULTS.md:\n")
