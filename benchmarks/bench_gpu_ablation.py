@@ -154,7 +154,7 @@ def main(argv=None) -> int:
     if not args.skip_naive:
         sweep(True, warm)
     fast, fast_s = timed(lambda: sweep(False), dev)
-    distinct = {k: v for k, v in fast.attrs.get("distinct_masks", {}).items()}
+    distinct = dict(fast.attrs.get("distinct_masks", {}))
     res = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (script check)",
            "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
            "command": " ".join([Path(sys.executable).name, *sys.argv]), "model": args.model,
