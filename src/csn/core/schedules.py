@@ -34,8 +34,7 @@ Learning rate
 
 Alpha windows (selectivity regularizer, ``loss = CE - alpha * R``)
     :class:`AlphaSchedule` maps a (fractional) epoch to alpha. It is built from the study's compact
-    string (``"0*5 -20*15"``, :func:`parse_study_string`), from ``--reg-alpha/--reg-window``
-    (:func:`parse_window`), or from the canonical string ``str(schedule)``
+    string (``"0*5 -20*15"``, :func:`parse_study_string`) or the canonical string ``str(schedule)``
     (``"-20@5:end"``, :func:`parse_alpha_windows`); :func:`alpha_schedule` dispatches.
     :class:`AlphaWindows` holds windows in any time unit (``--reg-window step=0:step=64,f0.5:end``,
     :func:`alpha_windows`); the training loop resolves them to optimizer steps (:class:`StepWindows`)
@@ -66,7 +65,6 @@ __all__ = [
     "parse_alpha_windows",
     "parse_milestones",
     "parse_study_string",
-    "parse_window",
     "total_steps",
     "warmup_steps",
 ]
@@ -595,37 +593,12 @@ class AlphaSchedule:
         """True if alpha is 0 at every epoch (no regularization)."""
         return not self._windows
 
-    @property
-    def active_from(self) -> float | None:
-        """First epoch with alpha != 0, or None for the zero schedule."""
-        return self._windows[0][0] if self._windows else None
-
     def alpha_at(self, epoch: float) -> float:
         """Alpha at training progress ``epoch`` (fractional epochs; step / steps_per_epoch)."""
         for s, e, a in self._windows:
             if epoch >= s and (e is None or epoch < e):
                 return a
         return 0.0
-
-    def validate(self, total_epochs: float) -> None:
-        """Raise CsnError if a window starts at/after the end of training or ends after it.
-
-        Windows ending at ``end`` (None) are only checked for their start.
-        """
-        t = _real(total_epochs, "total_epochs")
-        if t <= 0:
-            raise CsnError(f"total_epochs is {t:g}; pass the training length in epochs (> 0).")
-        for s, e, a in self._windows:
-            span = f"{_fmt(s)}:{'end' if e is None else _fmt(e)}"
-            if s >= t:
-                raise CsnError(
-                    f"alpha {_fmt(a)} window {span} starts at or after the end of training ({t:g} epochs), so it would never apply; "
-                    f"start it before epoch {t:g} or train longer."
-                )
-            if e is not None and _beyond(e, t):
-                raise CsnError(
-                    f"alpha {_fmt(a)} window {span} ends after the end of training ({t:g} epochs); end it by epoch {t:g} or use 'end'."
-                )
 
     def __str__(self) -> str:
         if not self._windows:
@@ -676,38 +649,6 @@ def parse_study_string(s: str) -> AlphaSchedule:
     return AlphaSchedule(windows)
 
 
-def parse_window(alpha: float | str | None, window: str | None) -> AlphaSchedule:
-    """Explicit form: ``--reg-alpha -20 --reg-window 5:end`` -> alpha -20 from epoch 5 to the end.
-
-    ``window`` is ``START:END`` in epochs (fractional allowed), END a number or ``end``; the window
-    covers ``START <= epoch < END``. Neither given -> the zero schedule; only one given, START >= END,
-    or bad numbers -> CsnError.
-    """
-    if alpha is None and window is None:
-        return AlphaSchedule()
-    if alpha is None or window is None:
-        missing = "--reg-alpha" if alpha is None else "--reg-window"
-        raise CsnError(
-            f"{missing} is missing: --reg-alpha and --reg-window are needed together; give both "
-            f"(e.g. --reg-alpha -20 --reg-window 5:end) or neither."
-        )
-    a = _real(alpha, "--reg-alpha")
-    if not isinstance(window, str):
-        raise CsnError(f"--reg-window must be a string START:END, got {window!r}; pass e.g. 5:end.")
-    fields = window.split(":")
-    if len(fields) != 2:
-        raise CsnError(f"--reg-window {window!r} is not START:END; pass epochs like 5:end or 0:2.5.")
-    fix = "pass epochs like 5:end or 0:2.5"
-    start = _parse_float(fields[0], f"--reg-window {window!r}", fix)
-    end_txt = fields[1].strip().lower()
-    end = None if end_txt == "end" else _parse_float(fields[1], f"--reg-window {window!r}", fix)
-    if start < 0:
-        raise CsnError(f"--reg-window {window!r} starts at a negative epoch; start at 0 or later.")
-    if end is not None and start >= end:
-        raise CsnError(f"--reg-window {window!r} starts at or after its end; write START:END with START < END, or START:end.")
-    return AlphaSchedule([(start, end, a)])
-
-
 def parse_alpha_windows(s: str) -> AlphaSchedule:
     """Parse the canonical form written by ``str(AlphaSchedule)``: ``"none"`` or ``ALPHA@START:END,...``.
 
@@ -734,30 +675,19 @@ def parse_alpha_windows(s: str) -> AlphaSchedule:
     return AlphaSchedule(windows)
 
 
-def alpha_schedule(spec: str | None = None, alpha: float | str | None = None, window: str | None = None) -> AlphaSchedule:
-    """Build an :class:`AlphaSchedule` from whichever form the user gave.
-
-    - ``spec``: the study string (``"0*5 -20*15"``) or the canonical form (``"-20@5:end"``,
-      ``"none"``); an empty/blank spec counts as not given.
-    - ``alpha`` + ``window``: the explicit form (see :func:`parse_window`).
-    - nothing: the zero schedule (no regularization).
-
-    Giving ``spec`` together with ``alpha``/``window`` is a CsnError.
-    """
-    if spec is not None:
-        if not isinstance(spec, str):
-            raise CsnError(f"the alpha schedule must be a string, got {type(spec).__name__}; write {_STUDY_FORM}.")
-        text = spec.strip()
-        if text:
-            if alpha is not None or window is not None:
-                raise CsnError(
-                    "an alpha schedule string was given together with --reg-alpha/--reg-window; use one form, "
-                    "e.g. '0*5 -20*15' or --reg-alpha -20 --reg-window 5:end."
-                )
-            if text.lower() == "none" or "@" in text:
-                return parse_alpha_windows(text)
-            return parse_study_string(text)
-    return parse_window(alpha, window)
+def alpha_schedule(spec: str | None = None) -> AlphaSchedule:
+    """An :class:`AlphaSchedule` from the study string (``"0*5 -20*15"``) or the canonical form (``"-20@5:end"``,
+    ``"none"``); None or a blank spec is the zero schedule (no regularization)."""
+    if spec is None:
+        return AlphaSchedule()
+    if not isinstance(spec, str):
+        raise CsnError(f"the alpha schedule must be a string, got {type(spec).__name__}; write {_STUDY_FORM}.")
+    text = spec.strip()
+    if not text:
+        return AlphaSchedule()
+    if text.lower() == "none" or "@" in text:
+        return parse_alpha_windows(text)
+    return parse_study_string(text)
 
 
 # --------------------------------------------------------------------------------------------
@@ -938,11 +868,19 @@ def _point_beyond(point: TimePoint, total: int, epochs: float) -> bool:
 def alpha_windows(spec: str | None = None, alpha: float | str | None = None, window: str | None = None) -> AlphaWindows:
     """:class:`AlphaWindows` from whichever form the user gave: ``alpha`` + ``window`` (one or more
     comma-separated START:END windows in any time unit, :func:`parse_window_points`), or ``spec`` (the
-    study string or the canonical epoch form, as :func:`alpha_schedule` reads it), or nothing (no windows)."""
-    if alpha is not None and window is not None and (spec is None or (isinstance(spec, str) and not spec.strip())):
-        a = _real(alpha, "--reg-alpha")
-        return AlphaWindows(AlphaWindow(s, e, a) for s, e in parse_window_points(window))
-    return AlphaWindows.from_schedule(alpha_schedule(spec, alpha, window))
+    study string or the canonical epoch form, :func:`alpha_schedule`), or nothing (no windows). Giving only
+    one of ``alpha`` and ``window``, or ``spec`` with them, is a CsnError."""
+    if alpha is None and window is None:
+        return AlphaWindows.from_schedule(alpha_schedule(spec))
+    if isinstance(spec, str) and spec.strip():
+        raise CsnError("an alpha schedule string was given together with --reg-alpha/--reg-window; use one form, "
+                       "e.g. '0*5 -20*15' or --reg-alpha -20 --reg-window 5:end.")
+    if alpha is None or window is None:
+        missing = "--reg-alpha" if alpha is None else "--reg-window"
+        raise CsnError(f"{missing} is missing: --reg-alpha and --reg-window are needed together; give both "
+                       "(e.g. --reg-alpha -20 --reg-window 5:end) or neither.")
+    a = _real(alpha, "--reg-alpha")
+    return AlphaWindows(AlphaWindow(s, e, a) for s, e in parse_window_points(window))
 
 
 __all__ += ["WINDOW_FORMS", "AlphaWindow", "AlphaWindows", "StepWindows", "alpha_windows", "first_step_at",
