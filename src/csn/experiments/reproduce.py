@@ -16,8 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from csn import dist
 from csn.analysis.ablation import Ablation
 from csn.analysis.base import run_analysis
@@ -25,18 +23,16 @@ from csn.analysis.cka import Cka
 from csn.analysis.linearity import Linearity
 from csn.analysis.selectivity import Selectivity
 from csn.core.progress import hms
-from csn.core.schedules import total_steps
 from csn.errors import CsnError
 from csn.experiments import claims as C
 from csn.experiments.judge import judge
 from csn.experiments.regularize import Condition, job
 from csn.experiments.runner import Job, run_jobs
 from csn.experiments.study import StudyConfig, load_study, onset_epoch, select_times
-from csn.runs.config import TrainConfig, load_data
 from csn.runs.io import write_json
 from csn.runs.naming import run_name
 from csn.runs.run import Run, delete_run_files
-from csn.training.loop import make_loader
+from csn.training.loop import training_length
 
 
 @dataclass
@@ -133,16 +129,6 @@ class Reproduction:
                 "resolved": {"steps_per_epoch": self.steps_per_epoch, "total_steps": self.total,
                              "late_onset_step": round(self.late_epoch * self.steps_per_epoch),
                              "late_onset_epoch": self.late_epoch}}
-
-
-def training_length(cfg: TrainConfig) -> tuple[int, int]:
-    """(steps per epoch, total steps) a training of `cfg` will take: its data loaded as the training loop loads it."""
-    data = load_data(cfg)
-    spe = len(make_loader(data.train, cfg, train=True, device=torch.device("cpu")))
-    if spe == 0:
-        raise CsnError(f"the training split ({len(data.train)} examples) is smaller than one batch ({cfg.batch_size}); "
-                       "lower batch_size.")
-    return spe, total_steps(spe, cfg.epochs)
 
 
 def reproduce(preset: str | None = None, out: str | Path | None = None, *, config: str | Path | None = None,
@@ -243,4 +229,4 @@ def _comparable(record: dict) -> dict:
     return {"study": study, "train": train, "seeds": record.get("settings", {}).get("seeds")}
 
 
-__all__ = ["Step", "Reproduction", "training_length", "reproduce"]
+__all__ = ["Step", "Reproduction", "reproduce"]

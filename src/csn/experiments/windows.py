@@ -39,7 +39,7 @@ from csn._version import __version__
 from csn.analysis.base import Samples, run_analysis
 from csn.analysis.selectivity import Selectivity, summarize
 from csn.core.progress import bar, hms
-from csn.core.schedules import AlphaWindow, AlphaWindows, checkpoint_steps, parse_window_points, total_steps
+from csn.core.schedules import AlphaWindow, AlphaWindows, checkpoint_steps, parse_window_points
 from csn.core.schema import MAX_SEED, MAX_SEEDS, SEEDS_HINT, CommaList, Float, Int, Schema
 from csn.core.units import resolve_layers, stage_of, stages
 from csn.errors import CsnError, unknown
@@ -50,7 +50,7 @@ from csn.runs.config import preset as train_preset
 from csn.runs.io import read_table, write_json, write_table
 from csn.runs.naming import run_name
 from csn.runs.run import Run
-from csn.training.loop import make_loader
+from csn.training.loop import training_length
 from csn.training.regularizer import default_reg_layers
 
 BASELINE = "baseline"
@@ -337,11 +337,7 @@ def make_plan(opts: WindowsOptions, overrides: Sequence[str] = ()) -> Plan:
         raise CsnError("the training config already has a regularizer (reg_alpha/reg_window/reg_schedule); the windows "
                        "experiment sets it per condition, so drop those overrides.")
     data = load_data(base)
-    spe = len(make_loader(data.train, base, train=True, device=torch.device("cpu")))
-    if spe < 1:
-        raise CsnError(f"the training split ({len(data.train)} examples) is smaller than one batch ({base.batch_size}); "
-                       "lower batch_size.")
-    total = total_steps(spe, base.epochs)
+    spe, total = training_length(base, data)
     model = build_model_for(base, data_info(data))
     grids = list(pre.grids)
     if given & {"alphas", "windows", "stages"}:

@@ -24,7 +24,7 @@ from csn import dist
 from csn._version import __version__
 from csn.core.progress import bar
 from csn.core.resources import check_disk_space, check_limit, env_limit, state_dict_bytes
-from csn.core.schedules import alpha_windows, checkpoint_steps, lr_at
+from csn.core.schedules import alpha_windows, checkpoint_steps, lr_at, total_steps
 from csn.data import BatchLoader
 from csn.data.loaders import folder_loader, shard_split, subset
 from csn.errors import CsnError, unknown
@@ -72,6 +72,22 @@ def make_loader(split, cfg: TrainConfig, *, train: bool, device: torch.device, s
                            channels_last=cfg.channels_last and device.type != "mps")
     return folder_loader(split, batch_size=cfg.batch_size if train else cfg.eval_batch_size, train=train, device=device,
                          seed=cfg.seed, workers=cfg.workers, channels_last=cfg.channels_last)
+
+
+def _steps_per_epoch(loader, data, cfg: TrainConfig) -> int:
+    """The training loader's length; a training split smaller than one batch is a CsnError."""
+    if len(loader) == 0:
+        raise CsnError(f"the training split ({len(data.train)} examples) is smaller than one batch ({cfg.batch_size}); "
+                       "lower batch_size.")
+    return len(loader)
+
+
+def training_length(cfg: TrainConfig, data=None) -> tuple[int, int]:
+    """(steps per epoch, total steps) that a training of `cfg` takes, its data (loaded here unless given) read as
+    the training loop reads it: for plans made before training (reproduce, the windows experiment)."""
+    data = load_data(cfg) if data is None else data
+    spe = _steps_per_epoch(make_loader(data.train, cfg, train=True, device=torch.device("cpu")), data, cfg)
+    return spe, total_steps(spe, cfg.epochs)
 
 
 def evaluate(model: torch.nn.Module, loader, device: torch.device, *, amp: bool = False, max_samples: int | None = None,
@@ -247,10 +263,7 @@ class _Training:
         sub_split = subset(data.test, cfg.eval_samples, seed=EVAL_SUBSET_SEED)
         if sub_split is not data.test:
             self.sub_loader = make_loader(sub_split, cfg, train=False, device=device, shard=sharded)
-        self.steps_per_epoch = len(self.train_loader)
-        if self.steps_per_epoch == 0:
-            raise CsnError(f"the training split ({len(data.train)} examples) is smaller than one batch ({cfg.batch_size}); "
-                           "lower batch_size.")
+        self.steps_per_epoch = _steps_per_epoch(self.train_loader, data, cfg)
 
     def _setup_schedules(self) -> None:
         cfg = self.cfg
@@ -506,4 +519,4 @@ def _is_debris(p: Path) -> bool:
     return p.name == ".lock" or (p.name.startswith(".run.json.") and p.name.endswith(".tmp"))
 
 
-__all__ = ["train", "make_loader", "evaluate", "eval_sums", "state_file", "weights_file", "AUGMENT", "LOG_COLUMNS"]
+__all__ = ["train", "make_loader", "training_length", "evaluate", "eval_sums", "state_file", "weights_file", "AUGMENT", "LOG_COLUMNS"]
