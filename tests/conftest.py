@@ -27,6 +27,15 @@ def tiny_config(**kw):
     return TrainConfig.from_dict(d)
 
 
+@pytest.fixture()
+def one_thread():
+    """Tiny models run fastest (and without thread contention on shared cores) on one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_run_master(tmp_path_factory) -> Path:
     """A tiny run trained once per test session (do not modify; copy it with `tiny_run`)."""

@@ -37,13 +37,7 @@ def ablate_run(run, **kw):
     return df.sort_values(["step", "stage", "order", "draw", "n"], kind="stable").reset_index(drop=True)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest (and without thread contention on shared cores) on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(n=70, c=1, size=8, k=10, bs=32, seed=0):

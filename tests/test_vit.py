@@ -22,14 +22,7 @@ from csn.runs import Run
 from csn.training.regularizer import SelectivityRegularizer
 from tests.conftest import tiny_config
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest (and without thread contention on shared cores) on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _vit(pool: str = "mean", seed: int = 0, **kw) -> ViT:
