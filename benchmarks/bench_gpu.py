@@ -13,7 +13,7 @@ Run it on one GPU, or under torchrun on several (batch is per GPU; the global ba
 SyncBatchNorm as csn uses it by default, in both loops):
 
     python benchmarks/bench_gpu.py
-    python benchmarks/bench_gpu.py --model resnet8 --image-size 28 --channels 1 --classes 10 --batch 128 \
+    python benchmarks/bench_gpu.py --model resnet8 --image-size 28 --channels 1 --classes 10 --batch 128 \\
         --eval-batch 1000     # the fmnist preset's model and batch on Fashion-MNIST-shaped data
     torchrun --standalone --nproc_per_node=8 benchmarks/bench_gpu.py [--batch 256] [--steps 80]
 

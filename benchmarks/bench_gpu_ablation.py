@@ -18,7 +18,7 @@ What it does, on one GPU (or the CPU with --cpu and a small model, to check the 
      pass takes the longer of the two).
 
     python benchmarks/bench_gpu_ablation.py                          # ResNet-50, 1000 images, 224x224
-    python benchmarks/bench_gpu_ablation.py --cpu --model resnet8 --image-size 32 --classes 10 --images 64 \
+    python benchmarks/bench_gpu_ablation.py --cpu --model resnet8 --image-size 32 --classes 10 --images 64 \\
         --eval-batch 32 --decode-images 0                            # check the script on a CPU
 """
 
