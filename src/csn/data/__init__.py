@@ -1,5 +1,6 @@
-"""Datasets: Fashion-MNIST and any MNIST-format IDX directory, a .npz file, synthetic data, ImageFolder
-(torchvision). The in-memory readers (IDX, npz, synthetic) check what they read through one function,
+"""Datasets: Fashion-MNIST, fmnist-pairs (100 classes of Fashion-MNIST pairs, csn.data.pairs) and any
+MNIST-format IDX directory, a .npz file, synthetic data, ImageFolder (torchvision). The in-memory readers
+(IDX, fmnist-pairs, npz, synthetic) check what they read through one function,
 `csn.data.validate.validate_splits` (its docstring lists the rules)."""
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ from csn.data.idx import (
 )
 from csn.data.imagefolder import imagefolder
 from csn.data.npz import load_npz
+from csn.data.pairs import PAIRS_NAME, fmnist_pairs
 from csn.data.synthetic import SYNTHETIC_KEYS, synthetic
 from csn.data.tensors import BatchLoader, DataSplits, TensorSplit, random_crop_flip
 from csn.data.validate import MAX_DATA_ENV, validate_splits
 from csn.errors import CsnError, unknown
 
-DATASETS = ("fashion-mnist", "idx", "npz", "synthetic", "imagefolder")
+DATASETS = ("fashion-mnist", PAIRS_NAME, "idx", "npz", "synthetic", "imagefolder")
 
 
 def _no_options(name: str, kwargs: dict, valid: tuple[str, ...] = (), kind: str = "option") -> None:
@@ -33,14 +35,19 @@ def _no_options(name: str, kwargs: dict, valid: tuple[str, ...] = (), kind: str 
 def load_dataset(name: str, data_root: str | None = None, **kwargs) -> DataSplits:
     """Load a dataset by name.
 
-    'fashion-mnist' (data_root optional), 'idx' (data_root: a directory of the four MNIST-format IDX
-    files; classes, channels and image size are read from them), 'npz' (data_root: a .npz file with
-    x_train, y_train, x_test, y_test; option layout='NHWC'/'NCHW'), 'synthetic' (options: SYNTHETIC_KEYS),
-    'imagefolder' (data_root with train/ and val/ class folders).
+    'fashion-mnist' (data_root optional), 'fmnist-pairs' (100 classes: two Fashion-MNIST images side by
+    side, label 10*a + b; data_root optional as for 'fashion-mnist'; cached, see csn.data.pairs), 'idx'
+    (data_root: a directory of the four MNIST-format IDX files; classes, channels and image size are read
+    from them), 'npz' (data_root: a .npz file with x_train, y_train, x_test, y_test; option
+    layout='NHWC'/'NCHW'), 'synthetic' (options: SYNTHETIC_KEYS), 'imagefolder' (data_root with train/ and
+    val/ class folders).
     """
     if name in ("fashion-mnist", "fmnist"):
         _no_options(name, kwargs)
         return idx_splits("fashion-mnist", fashion_mnist_root(data_root), list(FASHION_MNIST_CLASSES), apt_hint=True)
+    if name == PAIRS_NAME:
+        _no_options(name, kwargs)
+        return fmnist_pairs(data_root)
     if name == "idx":
         _no_options(name, kwargs)
         if not data_root:
@@ -65,6 +72,7 @@ __all__ = [
     "BatchLoader",
     "DataSplits",
     "TensorSplit",
+    "fmnist_pairs",
     "idx_splits",
     "load_dataset",
     "load_idx_dir",

@@ -98,7 +98,10 @@ def find_idx_file(root: Path, stem: str) -> Path | None:
     return None
 
 
-def _idx_paths(root: Path, apt_hint: bool) -> dict[str, Path]:
+def idx_paths(root: str | Path, apt_hint: bool = False) -> dict[str, Path]:
+    """{key of IDX_FILES: path} of the four standard IDX files under root (plain or .gz); a missing one is a
+    CsnError naming it (and `apt-get install dataset-fashion-mnist` when apt_hint)."""
+    root = Path(root)
     found = {key: find_idx_file(root, stem) for key, stem in IDX_FILES.items()}
     missing = [IDX_FILES[k] for k, p in found.items() if p is None]
     if missing:
@@ -127,7 +130,7 @@ def idx_splits(name: str, root: str | Path, class_names: list[str] | None = None
     `class_names` are used when they match the number of classes, else the classes are named 0..K-1.
     """
     root = Path(root)
-    paths = _idx_paths(root, apt_hint)
+    paths = idx_paths(root, apt_hint)
     arrays = {key: read_idx(p) for key, p in paths.items()}
     sources = {key: str(p) for key, p in paths.items()}
     train_x, test_x = to_nchw(arrays["train_images"], arrays["test_images"], sources,
