@@ -240,8 +240,8 @@ def read_cache(path: str | Path) -> tuple[dict[str, np.ndarray] | None, str | No
 
 
 def _cached(path: Path, build: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """The cache file's arrays, else built (a note when a bad cache file is replaced) and written to it (a note
-    when that fails: the built arrays are used all the same)."""
+    """The cache file's arrays, else built and written to it; one note on stderr: built and cached, or a bad
+    cache file is rebuilt, or the cache cannot be written (the built arrays are used all the same)."""
     arrays, problem = read_cache(path)
     if arrays is not None:
         return arrays
@@ -250,8 +250,9 @@ def _cached(path: Path, build: Callable[[], dict[str, np.ndarray]]) -> dict[str,
     arrays = build()
     try:
         write_cache(path, arrays)
-        note(f"{PAIRS_NAME}: built and cached in {path} ({path.stat().st_size / 1e6:.0f} MB; ${CACHE_ENV} moves the "
-             "cache).")
+        if not problem:
+            note(f"{PAIRS_NAME}: built and cached in {path} ({path.stat().st_size / 1e6:.0f} MB; ${CACHE_ENV} moves "
+                 "the cache).")
     except OSError as e:
         note(f"cannot write the {PAIRS_NAME} cache {path} ({e.strerror or e}); using the pairs built in memory "
              f"(set {CACHE_ENV} to a writable directory to cache them).")
