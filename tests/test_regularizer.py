@@ -15,7 +15,7 @@ from csn.training.regularizer import SelectivityRegularizer, default_reg_layers
 from tests.conftest import tiny_config
 
 
-def _naive_csi(acts: torch.Tensor, labels: torch.Tensor, use_sums: bool) -> torch.Tensor:
+def _naive_csi(acts: torch.Tensor, labels: torch.Tensor, use_sums: bool, eps: float = 1e-7) -> torch.Tensor:
     """Independent float64 reference: loop over classes present, then over units."""
     classes = sorted(set(labels.tolist()))
     out = []
@@ -26,7 +26,7 @@ def _naive_csi(acts: torch.Tensor, labels: torch.Tensor, use_sums: bool) -> torc
             vals.append(sum(col) if use_sums else sum(col) / len(col))
         top = max(vals)
         rest = (sum(vals) - top) / (len(vals) - 1)
-        out.append((top - rest) / (top + rest + 1e-7))
+        out.append((top - rest) / (top + rest + eps))
     return torch.tensor(out, dtype=torch.float64)
 
 
@@ -41,12 +41,13 @@ def test_value_matches_naive_reference_on_unbalanced_batch_sums_and_means():
     y = torch.tensor([0] * 10 + [1] * 3 + [3] * 10)  # class 2 absent, unbalanced
     layers = ["relu1", "relu2"]
     for use_sums in (False, True):
-        reg = SelectivityRegularizer(model, layers, num_classes=4, class_sums=use_sums)
+        reg = SelectivityRegularizer(model, layers, num_classes=4, statistic="sums" if use_sums else "means")
         with reg:
             model(x)
             stage_vals = reg.stage_values(y)
             acts = {k: v.detach() for k, v in reg.activations.items()}
-        expected = {f"hidden{i}": _naive_csi(acts[f"relu{i}"], y, use_sums).mean() for i in (1, 2)}
+        eps = 1e-6 if use_sums else 1e-7  # class sums default to the study's eps
+        expected = {f"hidden{i}": _naive_csi(acts[f"relu{i}"], y, use_sums, eps).mean() for i in (1, 2)}
         assert set(stage_vals) == set(expected)
         for s in expected:
             assert abs(float(stage_vals[s]) - float(expected[s])) < 1e-10
@@ -54,7 +55,7 @@ def test_value_matches_naive_reference_on_unbalanced_batch_sums_and_means():
     with SelectivityRegularizer(model, layers, num_classes=4) as a:
         model(x)
         ra = float(a.value(y))
-    with SelectivityRegularizer(model, layers, num_classes=4, class_sums=True) as b:
+    with SelectivityRegularizer(model, layers, num_classes=4, statistic="sums") as b:
         model(x)
         rb = float(b.value(y))
     assert abs(ra - rb) > 1e-3

@@ -9,12 +9,13 @@ from __future__ import annotations
 import tomllib
 import typing
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, model_validator
+from pydantic import BeforeValidator, Field, computed_field, model_validator
 
 from csn.core.schedules import checkpoint_steps
 from csn.core.schema import CommaList, Float, Int, Schema, Seed, set_override
+from csn.core.stats import EPS, STUDY_EPS, STUDY_GROUP
 from csn.core.units import stages, stages_from_patterns
 from csn.data import DataSplits, load_dataset
 from csn.data.validate import require_every_class
@@ -31,6 +32,27 @@ def _layer_spec(v: Any) -> Any:
     if isinstance(v, dict):
         return {k: ([p.strip() for p in x.split(",") if p.strip()] if isinstance(x, str) else x) for k, x in v.items()}
     return v
+
+
+def _reg_group(v: Any) -> Any:
+    """reg_group: 'batch', or a whole number of images >= 2 (also written as text, '32', or as 32.0)."""
+    if v is None or v == "batch" and isinstance(v, str):
+        return v
+    n = v
+    if isinstance(v, str):
+        try:
+            n = int(v)
+        except ValueError:
+            n = None
+    elif isinstance(v, float) and v.is_integer():
+        n = int(v)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise ValueError("expects 'batch' or a number of images per group >= 2 (the study's: 32)")
+    return n
+
+
+RESOLVED = "reg_resolved"
+"""The computed key of TrainConfig that records what the regularizer runs (recomputed when read back)."""
 
 
 class TrainConfig(Schema):
@@ -80,6 +102,17 @@ class TrainConfig(Schema):
     reg_layers: Annotated[list[str], CommaList] | None = Field(
         None, description="Layers to regularize (patterns); default every stage but the last.",
         json_schema_extra={"multiple": True})
+    reg_mode: Literal["csn", "study"] = Field(
+        "csn", description="Regularizer statistic: csn (class means over the global batch) or study (the study's: "
+        "class sums in groups of 32 images per process, eps 1e-6).")
+    reg_statistic: Literal["means", "sums"] | None = Field(
+        None, description="Class means or class sums in the batch CSI [default: the mode's: csn means, study sums].")
+    reg_group: Annotated[int | str | None, BeforeValidator(_reg_group)] = Field(
+        None, description="batch (the global batch, all-reduced) or N >= 2: CSI within groups of N consecutive images "
+        "of each process's batch, never all-reduced [default: the mode's: csn batch, study 32].",
+        json_schema_extra={"metavar": "batch|N"})
+    reg_reduce: Literal["mean", "sum"] = Field(
+        "mean", description="R = mean over the regularized stages (the study's) or their sum (alpha in full per stage).")
     # execution
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1.")
     channels_last: bool = True
@@ -100,6 +133,36 @@ class TrainConfig(Schema):
         for p in pairs:
             set_override(TrainConfig, d, p, WHAT)
         return TrainConfig.from_dict(d)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_recorded_resolution(cls, data: Any) -> Any:
+        """reg_resolved is recorded (run.json), never read: it is recomputed from the keys."""
+        if isinstance(data, dict) and RESOLVED in data:
+            data = {k: v for k, v in data.items() if k != RESOLVED}
+        return data
+
+    @model_validator(mode="after")
+    def _reg_mode_agrees(self) -> TrainConfig:
+        if self.reg_mode == "study" and self.reg_statistic not in (None, "sums"):
+            raise CsnError(f"config key 'reg_statistic' is {self.reg_statistic!r} but reg_mode 'study' uses class sums; "
+                           "drop reg_statistic, or set reg_mode=csn to choose the statistic.")
+        if self.reg_mode == "study" and self.reg_group not in (None, STUDY_GROUP):
+            raise CsnError(f"config key 'reg_group' is {self.reg_group!r} but reg_mode 'study' uses groups of "
+                           f"{STUDY_GROUP}; drop reg_group, or for the study's statistic with other groups set "
+                           f"reg_mode=csn reg_statistic=sums reg_group={self.reg_group}.")
+        return self
+
+    @computed_field  # recorded in run.json with the config
+    @property
+    def reg_resolved(self) -> dict[str, Any]:
+        """What the regularizer runs: statistic, group, eps and reduce, with reg_mode's defaults filled in (eps follows
+        the statistic: 1e-7 with class means, the study's 1e-6 with class sums)."""
+        study = self.reg_mode == "study"
+        statistic = self.reg_statistic or ("sums" if study else "means")
+        group = self.reg_group if self.reg_group is not None else (STUDY_GROUP if study else "batch")
+        return {"statistic": statistic, "group": group, "eps": STUDY_EPS if statistic == "sums" else EPS,
+                "reduce": self.reg_reduce}
 
     @model_validator(mode="after")
     def _nesterov_needs_momentum(self) -> TrainConfig:

@@ -34,7 +34,7 @@ from csn.runs.lock import lock_holder, run_lock
 from csn.runs.run import Checkpoint, Run, check_run_path, delete_run_files, load_weights, read_manifest, write_manifest
 from csn.runs.table import TableSpec
 from csn.training.ddp import sync_batchnorm, wrap_ddp
-from csn.training.regularizer import SelectivityRegularizer
+from csn.training.regularizer import SelectivityRegularizer, check_group_fits
 
 AUGMENT = {"none": {}, "flip": {"flip": True}, "crop": {"crop_pad": 2}, "crop+flip": {"crop_pad": 2, "flip": True},
            "cifar": {"crop_pad": 4, "flip": True}, "imagenet": {}}
@@ -279,7 +279,9 @@ class _Training:
             self.steps_per_epoch, self.total, cfg.epochs)
         self.reg = None
         if not self.alphas.is_zero:
-            self.reg = SelectivityRegularizer(self.model, cfg.reg_layers, num_classes=self.info["num_classes"])
+            reg = cfg.reg_resolved  # statistic, group, eps, reduce (reg_mode's defaults filled in)
+            check_group_fits(reg["group"], cfg.batch_size, dist.world_size())  # groups are per process
+            self.reg = SelectivityRegularizer(self.model, cfg.reg_layers, num_classes=self.info["num_classes"], **reg)
 
     def _restore(self) -> None:
         """Weights, momentum and logs of the last checkpoint (exact resume)."""
