@@ -257,7 +257,8 @@ def test_reproduce_on_an_idx_folder_writes_claims_and_report(idx_study):
     claims = json.loads((out / "claims.json").read_text())
     assert [c["claim"] for c in claims["claims"]] == ["C1", "C2", "C3", "C4"]
     assert all(c["verdict"] == INCONCLUSIVE and "too small" in c["observed"] for c in claims["claims"])
-    assert claims["runs"]["baseline"] == ["baseline-s0"] and claims["runs"]["early_checkpoint"] == "step=2"
+    assert claims["runs"]["baseline"] == ["baseline-s0"] and "selectivity_peak_step" in claims["runs"]
+    assert claims["rules_version"] == 2 and claims["rules_declared"] == "2026-12-05"
     rec = json.loads((out / "reproduce.json").read_text())
     assert rec["train_config"]["dataset"] == "idx" and rec["settings"]["study"] == "tiny"
     assert rec["resolved"] == {"steps_per_epoch": 4, "total_steps": 8, "late_onset_step": 4, "late_onset_epoch": 1.0}
@@ -290,7 +291,7 @@ def test_csn_claims_on_an_interrupted_study(idx_study, tmp_path):
     (copy / "baseline-s0" / "tables" / "linearity.parquet").unlink()
     manifest = copy / "reg-from-1-s0" / "checkpoints" / "manifest.jsonl"
     manifest.write_text("".join(manifest.read_text().splitlines(keepends=True)[:-1]))  # its last checkpoint lost
-    res = CliRunner().invoke(cli, ["claims", str(copy), "--early-checkpoint", "step=2"])
+    res = CliRunner().invoke(cli, ["claims", str(copy)])
     assert res.exit_code == 0, res.output
     data = json.loads((copy / "claims.json").read_text())
     by = {c["claim"]: c for c in data["claims"]}

@@ -1,5 +1,6 @@
-"""The critical-period map's declared statistic: paired harm, Spearman rho, bootstrap CIs over seeds, and the
-verdicts on hand-made tables with known trends (against naive float64 references where it computes a number)."""
+"""The critical-period map's declared statistics (rule set 2): paired harm, t intervals over seeds, the three
+suppression and two promotion verdicts on hand-made tables, Spearman rho as a description (against naive float64
+references where it computes a number)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import pandas as pd
 import pytest
 
 from csn.experiments import window_stats as W
-from csn.experiments.window_stats import DOES_NOT_HOLD, HOLDS, INCONCLUSIVE, WINDOW_RULES
+from csn.experiments.window_stats import DOES_NOT_HOLD, HOLDS, INCONCLUSIVE
 
-STARTS = [0, 20, 40, 60, 80, 700]
+STARTS = [0, 234, 468, 702, 936, 1170]  # six equal windows tiling 1,404 steps; the last three are late
+TOTAL = 1404
 
 
 # ------------------------------------------------------------------------------------------------
@@ -41,13 +43,6 @@ def _naive_spearman(x: list[float], y: list[float]) -> float:
     return num / den if den > 0 else 0.0
 
 
-def _naive_quantile(v: list[float], q: float) -> float:
-    s = sorted(v)
-    h = (len(s) - 1) * q
-    lo = math.floor(h)
-    return s[lo] + (h - lo) * (s[min(lo + 1, len(s) - 1)] - s[lo])
-
-
 def _naive_se(v: list[float]) -> float:
     m = math.fsum(v) / len(v)
     return math.sqrt(math.fsum((a - m) ** 2 for a in v) / (len(v) - 1)) / math.sqrt(len(v))
@@ -61,7 +56,8 @@ def _table(harm: list[list[float]], *, alpha: float = -1.0, stage_set: str = "de
     for w, (start, hs) in enumerate(zip(starts, harm)):
         for s, h in zip(seeds, hs):
             rows.append(dict(condition=f"a{alpha:+g}_w{start}_{stage_set}", alpha=alpha, stage_set=stage_set,
-                             window=f"step={start}:step={start + 20}", start_step=start, end_step=start + 20, seed=s,
+                             window=f"step={start}:step={start + 234}", start_step=start, end_step=start + 234,
+                             start_fraction=start / TOTAL, seed=s,
                              harm=h, early_gap=(gap[w][s] if gap else -h), csi_reduction_end=csi_reduction))
     return pd.DataFrame(rows)
 
@@ -100,93 +96,72 @@ def test_paired_and_unpaired_se_against_reference():
     assert p["harm_se_paired"] < p["harm_se_unpaired"] / 3  # pairing removes the seed-to-seed noise
 
 
-def test_family_statistics_against_a_naive_bootstrap():
-    harm = _jitter([0.02, 0.015, 0.01, 0.004, 0.002, 0.001], seeds=4, scale=0.004, seed=7)
-    s = W.family_statistics(_table(harm))
-    idx = W.bootstrap_indices(4)
-    assert idx.shape == (int(WINDOW_RULES["bootstrap_resamples"]), 4)
-    rhos, early = [], []
-    for row in idx.tolist():
-        means = [math.fsum(hw[i] for i in row) / len(row) for hw in harm]
-        rhos.append(_naive_spearman([float(v) for v in STARTS], means))
-        early.append(means[0])
-    tail = (1 - WINDOW_RULES["confidence"]) / 2
-    assert s["rho_ci"][0] == pytest.approx(_naive_quantile(rhos, tail), abs=1e-12)
-    assert s["rho_ci"][1] == pytest.approx(_naive_quantile(rhos, 1 - tail), abs=1e-12)
-    assert s["earliest_harm_ci"][0] == pytest.approx(_naive_quantile(early, tail), abs=1e-15)
-    assert s["earliest_harm_ci"][1] == pytest.approx(_naive_quantile(early, 1 - tail), abs=1e-15)
-    assert s["rho"] == pytest.approx(_naive_spearman([float(v) for v in STARTS], [math.fsum(h) / 4 for h in harm]))
-    assert s["earliest_harm"] == pytest.approx(math.fsum(harm[0]) / 4, abs=1e-15)
-    # seeded: the same numbers every time
-    assert W.family_statistics(_table(harm)) == s
+def _verdicts(harm, **kw) -> dict[str, dict]:
+    v = W.verdicts(_table(harm, **kw))
+    return {r["question"]: r for r in v.to_dict("records")}
 
 
-# ------------------------------------------------------------------------------------------------
-# verdicts on tables with known trends
-# ------------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("trend, harm, verdict", [
-    ("early windows harm more", [0.03, 0.02, 0.012, 0.006, 0.003, 0.0], HOLDS),
-    ("late windows harm more", [0.005, 0.008, 0.012, 0.02, 0.025, 0.03], DOES_NOT_HOLD),
-    ("flat at zero", [0.0, 0.0, 0.0, 0.0, 0.0, 0.0], DOES_NOT_HOLD),
-])
-def test_suppression_verdicts_on_known_trends(trend, harm, verdict):
-    v = W.verdicts(_table(_jitter(harm)))
-    assert len(v) == 1 and v["verdict"].iloc[0] == verdict, (trend, v["observed"].iloc[0])
-    assert v["kind"].iloc[0] == "suppress" and v["question"].iloc[0] == W.SUPPRESSION_QUESTION
-    assert v["rule"].iloc[0] == W.suppression_rule()
+def test_suppression_early_harms_more_and_late_costs_little():
+    harm = _jitter([0.012, 0.006, 0.003, 0.0, 0.0005, -0.0005], seeds=5, scale=0.0007)
+    v = _verdicts(harm)
+    assert v[W.Q_EARLIEST]["verdict"] == HOLDS and v[W.Q_MORE]["verdict"] == HOLDS and v[W.Q_LITTLE]["verdict"] == HOLDS
+    h = np.asarray(harm)  # [windows, seeds]
+    contrast = (h[0] - h[3:].mean(axis=0)).tolist()
+    m = math.fsum(contrast) / 5
+    assert v[W.Q_MORE]["estimate"] == pytest.approx(m, abs=1e-15)
+    assert v[W.Q_MORE]["lo"] == pytest.approx(m - 2.776 * _naive_se(contrast), rel=1e-3)
+    assert v[W.Q_MORE]["mde"] > 0 and "MDE" in v[W.Q_MORE]["observed"] and v[W.Q_MORE]["rules_version"] == 2
 
 
-def test_flat_but_harmful_is_inconclusive():
-    rng = np.random.default_rng(5)
-    harm = [[0.01 + 0.004 * rng.standard_normal() for _ in range(3)] for _ in STARTS]  # no order in the means
-    v = W.verdicts(_table(harm)).iloc[0]
-    assert v["verdict"] == INCONCLUSIVE and v["rho_lo"] < 0 < v["rho_hi"], v["observed"]
+def test_suppression_every_window_the_same_is_not_early_harms_more():
+    v = _verdicts(_jitter([0.008] * 6, seeds=5, scale=0.0007, seed=2))
+    assert v[W.Q_EARLIEST]["verdict"] == HOLDS
+    assert v[W.Q_MORE]["verdict"] == DOES_NOT_HOLD  # the contrast lies below the minimal effect
+    assert v[W.Q_LITTLE]["verdict"] == DOES_NOT_HOLD  # the late windows cost 0.8 points, above 'little'
 
 
-@pytest.mark.parametrize("kw, reason", [
-    (dict(seeds=[0, 1]), "fewer than 3"),
-    (dict(csi_reduction=0.3), "did not take"),
-    (dict(csi_reduction=float("nan")), "no selectivity was measured"),
-])
-def test_suppression_preconditions(kw, reason):
-    harm = _jitter([0.03, 0.02, 0.012, 0.006, 0.003, 0.0], seeds=len(kw.get("seeds", [0, 1, 2])))
-    v = W.verdicts(_table(harm, **kw)).iloc[0]
-    assert v["verdict"] == INCONCLUSIVE and reason in v["observed"]
+def test_suppression_nothing_harms_and_noise_is_inconclusive():
+    v = _verdicts(_jitter([0.0] * 6, seeds=5, scale=0.0005, seed=3))
+    assert v[W.Q_EARLIEST]["verdict"] == DOES_NOT_HOLD and v[W.Q_LITTLE]["verdict"] == HOLDS
+    v = _verdicts(_jitter([0.01, 0.0, 0.0, 0.0, 0.0, 0.0], seeds=3, scale=0.01, seed=4))
+    assert v[W.Q_EARLIEST]["verdict"] == INCONCLUSIVE
 
 
-def test_two_windows_are_too_few_for_a_trend():
-    v = W.verdicts(_table(_jitter([0.03, 0.0]), starts=[0, 700])).iloc[0]
-    assert v["verdict"] == INCONCLUSIVE and "windows, fewer than 3" in v["observed"]
+def test_suppression_gates():
+    harm = _jitter([0.012, 0.006, 0.003, 0.0, 0.0005, -0.0005], seeds=5, scale=0.0007)
+    weak = _verdicts(harm, csi_reduction=0.3)
+    assert all(r["verdict"] == INCONCLUSIVE and "did not take" in r["observed"] for r in weak.values())
+    two = _verdicts([row[:2] for row in harm])
+    assert all(r["verdict"] == INCONCLUSIVE and "fewer than 3" in r["observed"] for r in two.values())
+    early_only = W.verdicts(_table(harm[:2], starts=STARTS[:2]))
+    rows = {r["question"]: r for r in early_only.to_dict("records")}
+    assert rows[W.Q_EARLIEST]["verdict"] == HOLDS
+    assert rows[W.Q_MORE]["verdict"] == INCONCLUSIVE and "no late window" in rows[W.Q_MORE]["observed"]
 
 
-def test_promotion_verdicts():
-    up = dict(alpha=1.0, csi_reduction=-0.5, starts=[0, 700])
-    # final accuracy unchanged, but the accuracy at the window's end clearly higher
-    v = W.verdicts(_table(_jitter([0.0, 0.0]), gap=_jitter([0.02, 0.0]), **up)).iloc[0]
-    assert v["kind"] == "promote" and v["verdict"] == HOLDS and "early accuracy changed" in v["observed"]
-    v = W.verdicts(_table(_jitter([0.0, 0.0], scale=0.0002), gap=_jitter([0.0, 0.0], scale=0.0002), **up)).iloc[0]
-    assert v["verdict"] == DOES_NOT_HOLD
-    v = W.verdicts(_table(_jitter([0.0, 0.0]), **{**up, "csi_reduction": -0.05})).iloc[0]
-    assert v["verdict"] == INCONCLUSIVE and "promotion did not take" in v["observed"]
+def test_promotion_changes_final_and_window_end_accuracy():
+    final_harm = _jitter([0.007], seeds=5, scale=0.0005)  # promotion lowers final accuracy by 0.7 points
+    gap = [[0.06 + 0.005 * k for k in range(5)]]  # +6 points at the window's end
+    v = _verdicts(final_harm, alpha=3.0, starts=[0], gap=gap, csi_reduction=-0.9)
+    assert v[W.Q_PROMOTE_FINAL]["verdict"] == HOLDS and v[W.Q_PROMOTE_FINAL]["estimate"] == pytest.approx(-0.007, abs=1e-3)
+    assert v[W.Q_PROMOTE_END]["verdict"] == HOLDS
+    flat = _verdicts(_jitter([0.0], seeds=5, scale=0.0003), alpha=3.0, starts=[0], gap=[[0.0003, -0.0002, 0.0, 0.0001,
+                                                                                          -0.0001]], csi_reduction=-0.9)
+    assert flat[W.Q_PROMOTE_FINAL]["verdict"] == DOES_NOT_HOLD and flat[W.Q_PROMOTE_END]["verdict"] == DOES_NOT_HOLD
+    weak = _verdicts(final_harm, alpha=3.0, starts=[0], gap=gap, csi_reduction=-0.1)
+    assert all(r["verdict"] == INCONCLUSIVE for r in weak.values())
 
 
-def test_families_are_judged_apart_and_baseline_rows_ignored():
-    a = _table(_jitter([0.03, 0.02, 0.012, 0.006, 0.003, 0.0]), alpha=-5.0)
-    b = _table(_jitter([0.0] * 6), alpha=-1.0)
-    c = _table(_jitter([0.02]), stage_set="layer3", starts=[0], alpha=-5.0)
-    base = pd.DataFrame([dict(alpha=0.0, stage_set="", window="", start_step=0, end_step=0, seed=s, harm=0.0,
-                              early_gap=0.0, csi_reduction_end=float("nan")) for s in range(3)])
-    v = W.verdicts(pd.concat([a, b, c, base], ignore_index=True)).set_index(["alpha", "stage_set"])
-    assert len(v) == 3
-    assert v.loc[(-5.0, "default"), "verdict"] == HOLDS and v.loc[(-1.0, "default"), "verdict"] == DOES_NOT_HOLD
-    assert v.loc[(-5.0, "layer3"), "verdict"] == INCONCLUSIVE  # one window: no trend
-    with pytest.raises(ValueError, match="lacks columns"):
-        W.verdicts(a.drop(columns="harm"))
-
-
-def test_condition_intervals_cover_the_mean():
-    t = _table(_jitter([0.03, 0.0], scale=0.003), starts=[0, 700])
+def test_condition_intervals_are_t_intervals():
+    harm = _jitter([0.01, 0.0], seeds=4, scale=0.001, seed=5)
+    t = _table(harm, starts=STARTS[:2])
     ci = W.condition_intervals(t).set_index("condition")
-    for name, g in t.groupby("condition"):
-        assert ci.loc[name, "harm_lo"] <= g["harm"].mean() <= ci.loc[name, "harm_hi"]
+    h = harm[0]
+    m = math.fsum(h) / 4
+    assert ci["harm_lo"].iloc[0] == pytest.approx(m - 3.182 * _naive_se(h), rel=1e-3)
+    assert ci["harm_hi"].iloc[0] == pytest.approx(m + 3.182 * _naive_se(h), rel=1e-3)
+
+
+def test_verdicts_refuse_a_table_without_the_columns():
+    with pytest.raises(ValueError, match="start_fraction"):
+        W.verdicts(_table([[0.01, 0.01, 0.01]]).drop(columns=["start_fraction"]))

@@ -14,7 +14,7 @@ from csn.errors import CsnError
 from csn.experiments.claims import verdict_table
 from csn.experiments.judge import judge
 from csn.experiments.reproduce import reproduce as run
-from csn.experiments.study import Study, load_study, study_names, study_text, to_toml
+from csn.experiments.study import load_study, study_names, study_text, to_toml
 from csn.report.html import build_report
 
 
@@ -98,13 +98,11 @@ def reproduce(preset, config_file, print_config, dataset, data_root, model, sets
 
 @click.command(context_settings=CONTEXT)
 @click.argument("study_dir", type=click.Path(file_okay=False), metavar="DIR")
-@click.option("--early-checkpoint", metavar="TIME", help="The early checkpoint of C2/C3 (step=64, 0.125 epochs, "
-              "f0.05) [default: the study's, from DIR/reproduce.json, else step=64].")
 @click.option("--late-onset", type=float, metavar="EPOCHS", help="The late condition's onset in epochs, when DIR "
               "holds several reg-from-X conditions [default: the study's, else the one nonzero onset].")
 @click.option("--report/--no-report", "with_report", default=True, show_default=True,
               help="Also rebuild DIR/report/index.html with the verdicts.")
-def claims(study_dir, early_checkpoint, late_onset, with_report) -> None:
+def claims(study_dir, late_onset, with_report) -> None:
     """Recompute the four verdicts of a study from its tables; write DIR/claims.json (and the report).
 
     \b
@@ -112,7 +110,7 @@ def claims(study_dir, early_checkpoint, late_onset, with_report) -> None:
     `csn reproduce` and `csn experiment regularize --onsets 0,1` write them; finished runs only are used.
     Each claim needs its tables, and is inconclusive (saying what is missing) without them:
       C1  tables/selectivity.parquet of the baseline runs      (csn selectivity DIR/baseline-s*)
-      C2  tables/ablation.parquet of the baseline runs, at the early and the last checkpoint
+      C2  tables/ablation.parquet of the baseline runs, at each run's selectivity peak and last checkpoint
       C3  tables/linearity.parquet of the baseline runs        (csn linearity DIR/baseline-s*)
       C4  the regularized runs and the baseline with the same seeds, and their selectivity tables
     So an interrupted reproduction, or a study assembled by hand, can be judged.
@@ -120,34 +118,30 @@ def claims(study_dir, early_checkpoint, late_onset, with_report) -> None:
     out = Path(study_dir)
     if not out.is_dir():
         raise CsnError(f"{out} is not a folder; pass the folder of a reproduction (or of `csn experiment regularize`).")
-    early, late, name, study, epochs, judged = _study_of(out)
-    verdicts = judge(out, early=early_checkpoint or early, late_onset=late_onset if late_onset is not None else late,
-                     total_epochs=epochs, judge=judged, name=name, study=study)
+    late, name, study, judged = _study_of(out)
+    verdicts = judge(out, late_onset=late_onset if late_onset is not None else late, judge=judged, name=name,
+                     study=study)
     echo(verdict_table(verdicts))
     echo(f"claims: {out / 'claims.json'}")
     if with_report:
         echo(f"report: {build_report([out], out=out / 'report', progress=False)}")
 
 
-def _study_of(out: Path) -> tuple[str, float | None, str, dict, float | None, bool]:
-    """(early checkpoint, late onset epoch, name, study dict, training epochs, judge) of a study folder: from its
-    reproduce.json (this version's, or the earlier one with early_epoch), else the study defaults."""
+def _study_of(out: Path) -> tuple[float | None, str, dict, bool]:
+    """(late onset epoch, name, study dict, judge) of a study folder: from its reproduce.json (this version's, or
+    an earlier one's), else the study defaults."""
     path = out / "reproduce.json"
-    default = Study()
     if not path.is_file():
-        return default.early_checkpoint, None, out.name, {}, None, True
+        return None, out.name, {}, True
     try:
         rec = json.loads(path.read_text())
         st = rec.get("reproduce_preset", {})
-        epochs = rec.get("train_config", {}).get("epochs")
         name = rec.get("settings", {}).get("study") or st.get("name") or out.name
-        if "early_checkpoint" in st:
-            return (st["early_checkpoint"], rec.get("resolved", {}).get("late_onset_epoch"), name, st, epochs,
-                    bool(st.get("judge", True)))
-        return str(st["early_epoch"]), float(st["late_onset"]), name, st, epochs, bool(st.get("judge", True))
+        late = rec.get("resolved", {}).get("late_onset_epoch", st.get("late_onset"))
+        return (None if late is None else float(late)), name, st, bool(st.get("judge", True))
     except (json.JSONDecodeError, OSError, KeyError, TypeError, ValueError, AttributeError):
         raise CsnError(f"{path} is unreadable or not a csn reproduction record; fix or delete it (then pass "
-                       "--early-checkpoint, and --late-onset if needed).") from None
+                       "--late-onset if needed).") from None
 
 
 COMMANDS = [reproduce, claims]

@@ -6,13 +6,14 @@ What a study folder needs: run folders named `<condition>-s<seed>` (`baseline-s0
 when the tables are not there:
 
 - C1: tables/selectivity.parquet of the baseline runs;
-- C2: tables/ablation.parquet of the baseline runs (at the early checkpoint and the last);
-- C3: tables/linearity.parquet of the baseline runs (at the early checkpoint and the last);
+- C2: tables/ablation.parquet of the baseline runs (at the run's selectivity peak and its last checkpoint);
+- C3: tables/linearity.parquet of the baseline runs (at the run's selectivity peak and its last checkpoint);
 - C4: the final checkpoints of the baseline and regularized runs, paired by seed, and their selectivity
   tables (the regularizer must have lowered the final CSI of the regularized stages).
 
-Unfinished runs are left out (listed in claims.json). The early checkpoint and the late onset come from
-the study (reproduce.json, written by `csn reproduce`), else from the caller.
+Unfinished runs are left out (listed in claims.json). The early checkpoint of C2 and C3 is each baseline run's
+own selectivity peak (claims.peak_step, from its selectivity table); the late onset comes from the study
+(reproduce.json, written by `csn reproduce`), else from the caller.
 """
 
 from __future__ import annotations
@@ -24,12 +25,10 @@ from pathlib import Path
 import pandas as pd
 
 from csn.analysis.ablation import summarize_ablation
-from csn.core.schedules import TimePoint, parse_time
 from csn.errors import CsnError
 from csn.experiments import claims as C
 from csn.experiments.regularize import Condition, condition_table, final_per_run
 from csn.experiments.runner import is_complete
-from csn.experiments.study import nearest
 from csn.runs.io import write_json, write_table
 from csn.runs.naming import condition_order, onset_of, parse_run_name
 from csn.runs.run import Run
@@ -71,15 +70,16 @@ def _stacked(runs: list[Run], table: str) -> pd.DataFrame | None:
     return pd.concat(frames, ignore_index=True) if frames else None
 
 
-def _early_last_steps(runs: list[Run], early: TimePoint) -> tuple[dict, dict]:
-    """Per baseline run: the checkpoint nearest to the early point, and the last checkpoint."""
-    first, last = {}, {}
+def _peak_end_steps(runs: list[Run]) -> tuple[dict, dict]:
+    """Per baseline run: its selectivity peak (claims.peak_step; the early checkpoint of C2 and C3) and its last
+    checkpoint. A run without a selectivity table has no peak."""
+    peak, last = {}, {}
     for run in runs:
-        ck = run.checkpoints
-        spe, total = int(run.info["steps_per_epoch"]), int(run.info["total_steps"])
-        first[str(run.path)] = nearest(ck, early.step(spe, total)).step
-        last[str(run.path)] = ck[-1].step
-    return first, last
+        step = C.peak_step(run.read("selectivity"), int(run.info["total_steps"]))
+        if step is not None:
+            peak[str(run.path)] = step
+        last[str(run.path)] = run.checkpoints[-1].step
+    return peak, last
 
 
 def _late_condition(found: StudyRuns, late_onset: float | None) -> tuple[list[Condition], float | None]:
@@ -108,26 +108,25 @@ def _c4_runs(found: StudyRuns, conds: list[Condition]) -> dict[tuple[str, int], 
     return {(c, s): r for (c, s), r in found.runs.items() if c in names and s in (reg if c == "baseline" else base)}
 
 
-def judge(out: str | Path, *, early: str | TimePoint, late_onset: float | None = None, total_epochs: float | None = None,
-          judge: bool = True, name: str = "study", study: dict | None = None) -> list[C.Verdict]:
+def judge(out: str | Path, *, late_onset: float | None = None, judge: bool = True, name: str = "study",
+          study: dict | None = None) -> list[C.Verdict]:
     """Compute C1-C4 from the runs' tables under `out`, write regularize*.parquet and claims.json; return the verdicts.
 
-    early: the early checkpoint (a point in training); late_onset: the late condition's onset in epochs (default:
-    the one regularized condition with a nonzero onset); judge=False reports every verdict as inconclusive
-    (a study too small to test the claims), saying what the rule alone gave."""
+    The early checkpoint of C2 and C3 is each baseline run's selectivity peak (claims.peak_step); late_onset: the
+    late condition's onset in epochs (default: the one regularized condition with a nonzero onset); judge=False
+    reports every verdict as inconclusive (a study too small to test the claims), saying what the rule alone gave."""
     out = Path(out)
     found = find_runs(out)
     base_runs = found.of("baseline")
     if not found.runs:
         raise CsnError(f"{out} holds no finished runs named <condition>-s<seed> (baseline-s0, reg-from-0-s0, ...); "
                        "pass the folder of a reproduction or of `csn experiment regularize`.")
-    early = early if isinstance(early, TimePoint) else parse_time(early, "early checkpoint")
-    first, last = _early_last_steps(base_runs, early)
-    epochs = total_epochs if total_epochs is not None else (base_runs[0].config.epochs if base_runs else math.nan)
-    c1 = C.claim_c1(_stacked(base_runs, "selectivity"), epochs)
+    peak, last = _peak_end_steps(base_runs)
+    total = int(base_runs[0].info["total_steps"]) if base_runs else 0
+    c1 = C.claim_c1(_stacked(base_runs, "selectivity"), total)
     abl = _stacked(base_runs, "ablation")
-    c2 = C.claim_c2(summarize_ablation(abl).gaps if abl is not None else None, first, last)
-    c3 = C.claim_c3(_stacked(base_runs, "linearity"), first)
+    c2 = C.claim_c2(summarize_ablation(abl).gaps if abl is not None else None, peak, last)
+    c3 = C.claim_c3(_stacked(base_runs, "linearity"), peak, last)
     conds, late_onset = _late_condition(found, late_onset)
     runs4 = _c4_runs(found, conds)
     per_seed = final_per_run(runs4, conds) if runs4 else None
@@ -142,10 +141,11 @@ def judge(out: str | Path, *, early: str | TimePoint, late_onset: float | None =
                           f"{v.observed}")
             v.verdict = C.INCONCLUSIVE
     write_json(out / "claims.json", {
-        "preset": name, "thresholds": C.THRESHOLDS, "reproduce_preset": study or {},
+        "preset": name, "rules_version": C.RULES_VERSION, "rules_declared": C.RULES_DECLARED,
+        "thresholds": C.THRESHOLDS, "reproduce_preset": study or {},
         "claims": [v.to_dict() for v in verdicts],
         "runs": {"baseline": [r.name for r in base_runs], "c4": [r.name for r in runs4.values()],
-                 "unfinished": found.unfinished, "early_checkpoint": str(early), "late_onset_epoch": late_onset},
+                 "unfinished": found.unfinished, "selectivity_peak_step": peak, "late_onset_epoch": late_onset},
     })
     return verdicts
 

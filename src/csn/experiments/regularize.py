@@ -13,6 +13,7 @@ import pandas as pd
 from csn import dist
 from csn.analysis.base import run_analysis
 from csn.analysis.selectivity import Selectivity
+from csn.core.schedules import lr_at
 from csn.core.stats import band, standard_error
 from csn.core.units import stage_of
 from csn.errors import CsnError
@@ -87,14 +88,32 @@ def train_conditions(base: TrainConfig, conds: list[Condition], seeds: list[int]
     return dict(zip(keys, runs))
 
 
+def dose(run: Run) -> dict[str, float]:
+    """How much regularization a run received: reg_steps = optimizer steps with alpha != 0 (run.json's reg_steps),
+    reg_mean_lr = the mean learning rate over those steps, reg_mean_abs_alpha = the mean |alpha| over them (0 and
+    NaN for a baseline)."""
+    cfg, info = run.config, run.info
+    windows = [(int(w["start_step"]), int(w["end_step"]), float(w["alpha"])) for w in info.get("reg_steps") or []]
+    steps = [(t, a) for s, e, a in windows for t in range(s, e) if a != 0]
+    if not steps:
+        return {"reg_steps": 0, "reg_mean_lr": math.nan, "reg_mean_abs_alpha": math.nan}
+    total, spe = int(info["total_steps"]), int(info["steps_per_epoch"])
+    lrs = [lr_at(t, total, spe, cfg.lr, cfg.lr_schedule, milestones=cfg.milestones, gamma=cfg.gamma,
+                 warmup_epochs=cfg.warmup_epochs) for t, _ in steps]
+    return {"reg_steps": len(steps), "reg_mean_lr": float(np.mean(lrs)),
+            "reg_mean_abs_alpha": float(np.mean([abs(a) for _, a in steps]))}
+
+
 def final_per_run(runs: dict[tuple[str, int], Run], conds: list[Condition], reg_stages: list[str] | None = None) -> pd.DataFrame:
-    """One row per (condition, seed): final test accuracy, and mean CSI / eta^2 of regularized stages at the end."""
+    """One row per (condition, seed): final test accuracy, the dose (csn.experiments.regularize.dose), and mean CSI /
+    eta^2 of the regularized stages at the end."""
     by_name = {c.name: c for c in conds}
     rows = []
     for (name, seed), run in runs.items():
         last = run.checkpoints[-1]
         row = {"condition": name, "onset": by_name[name].onset, "alpha": by_name[name].alpha, "seed": seed,
-               "run": str(run.path), "final_epoch": last.epoch, "final_test_acc": last.metrics.get("test_acc")}
+               "run": str(run.path), "final_epoch": last.epoch, "final_test_acc": last.metrics.get("test_acc"),
+               **dose(run)}
         sel = run.read("selectivity")
         if sel is not None and not sel.empty:
             final = sel[sel["step"] == sel["step"].max()]

@@ -118,8 +118,8 @@ class Reproduction:
     # ------------------------------------------------------------------ claims
     def write_claims(self) -> list[C.Verdict]:
         """C1-C4 from the runs' tables (csn.experiments.judge), written to claims.json."""
-        return judge(self.out, early=self.study.early_checkpoint, late_onset=self.late_epoch,
-                     total_epochs=self.base.epochs, judge=self.study.judge, name=self.name, study=self.study.to_dict())
+        return judge(self.out, late_onset=self.late_epoch, judge=self.study.judge, name=self.name,
+                     study=self.study.to_dict())
 
     def record(self) -> dict:
         """What reproduce.json holds: the study, the training config, and the study's times on this data."""

@@ -11,7 +11,7 @@ test accuracy at every checkpoint; CSI and eta² of the regularized stages at th
 end of training (the baseline at every window boundary). Tables written to the experiment directory:
 
     windows_runs.parquet         one row per (condition, seed)
-    windows.parquet              one row per condition: paired harm (mean, paired SE, unpaired SE, bootstrap CI)
+    windows.parquet              one row per condition: paired harm (mean, paired SE, unpaired SE, 95 % t interval)
     windows_verdicts.parquet     one row per (alpha, stage set): the statistic and the verdict
     windows_accuracy.parquet     test accuracy at every checkpoint, and its paired gap to the baseline
     windows_selectivity.parquet  mean CSI / eta² per stage at the measured checkpoints
@@ -475,7 +475,8 @@ def _record(plan: Plan, t_train: float, t_sel: float) -> dict:
             "conditions": [{"name": c.name, "kind": c.kind, "alpha": c.alpha, "window": c.window,
                             "start_step": c.start_step, "end_step": c.end_step, "stage_set": c.stage_set,
                             "stages": list(c.stages)} for c in plan.conditions],
-            "rules": ws.WINDOW_RULES, "suppression_rule": ws.suppression_rule(), "promotion_rule": ws.promotion_rule(),
+            "rules": ws.WINDOW_RULES, "rules_version": ws.RULES_VERSION, "rules_declared": ws.RULES_DECLARED,
+            "suppression_rule": ws.suppression_rule(), "promotion_rule": ws.promotion_rule(),
             "wall_seconds": {"training": round(t_train, 1), "selectivity": round(t_sel, 1)}, "parallel": plan.parallel,
             "estimate": plan.estimate(), "csn_version": __version__, "torch_version": torch.__version__}
 
@@ -533,7 +534,8 @@ def _seed_row(plan: Plan, cond: WindowCondition, seed: int, run: Run, acc: dict,
     final, base_final = acc[plan.total]["test_acc"], base_acc[plan.total]["test_acc"]
     end = cond.end_step if cond.alpha != 0 else plan.total
     row = {"condition": cond.name, "kind": cond.kind, "alpha": cond.alpha, "window": cond.window,
-           "start_step": cond.start_step, "end_step": cond.end_step, "start_epoch": cond.start_step / plan.steps_per_epoch,
+           "start_step": cond.start_step, "end_step": cond.end_step, "start_fraction": cond.start_step / plan.total,
+           "start_epoch": cond.start_step / plan.steps_per_epoch,
            "end_epoch": cond.end_step / plan.steps_per_epoch, "stage_set": cond.stage_set, "stages": "+".join(cond.stages),
            "seed": seed, "run": str(run.path), "final_test_acc": final, "base_final_test_acc": base_final,
            "harm": base_final - final, "end_test_acc": acc.get(end, {}).get("test_acc", float("nan")),
@@ -553,7 +555,7 @@ AGGREGATE = ("final_test_acc", "early_gap", "csi_end", "base_csi_end", "csi_redu
 
 
 def condition_table(per_seed: pd.DataFrame) -> pd.DataFrame:
-    """Per condition: paired harm (mean, paired SE, unpaired SE, bootstrap CI), and mean/SE over seeds of accuracy,
+    """Per condition: paired harm (mean, paired SE, unpaired SE, t interval), and mean/SE over seeds of accuracy,
     the early accuracy gap, and CSI/eta² of the regularized stages at the window's end and the end of training."""
     rows = []
     for _, g in per_seed.groupby("condition", sort=False):

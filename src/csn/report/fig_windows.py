@@ -1,5 +1,5 @@
 """Figures of the critical-period map (`csn experiment windows`): paired harm over window x alpha, harm vs window
-start with bootstrap CI bands, CSI / eta² trajectories per condition with the window shaded, and the paired
+start with t-interval bands, CSI / eta² trajectories per condition with the window shaded, and the paired
 test-accuracy gap at every checkpoint.
 
 Frames in, figures out: windows.parquet (the per-condition table) and the curves of
@@ -78,7 +78,7 @@ def harm_heatmap(table: pd.DataFrame, out_dir: str | Path, *, name: str = "windo
 
 
 def harm_vs_start(table: pd.DataFrame, out_dir: str | Path, *, name: str = "windows_harm") -> style.Figure:
-    """Paired harm vs window start, one line per alpha with its bootstrap CI band, one panel per stage set."""
+    """Paired harm vs window start, one line per alpha with its t-interval band (95 %, over seeds), one panel per stage set."""
     reg = table[table["alpha"] != 0]
     sets = list(dict.fromkeys(reg["stage_set"]))
     fig, axes = _grid(len(sets))
@@ -101,7 +101,7 @@ def harm_vs_start(table: pd.DataFrame, out_dir: str | Path, *, name: str = "wind
         ax.set_title(f"stages {_set_label(g)}", fontsize=9)
         ax.legend(fontsize=8)
     return style.save(fig, out_dir, name, "Paired harm (baseline − condition final test accuracy, points) versus the "
-                      "window's start; bands (or bars) are the declared bootstrap confidence intervals over seeds. "
+                      "window's start; bands (or bars) are 95 % t intervals over seeds. "
                       "Early windows harming more = a line falling to the right.")
 
 

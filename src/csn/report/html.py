@@ -829,15 +829,15 @@ def _windows_verdict_items(v: pd.DataFrame | None, info: dict) -> list[dict]:
     if v is None or v.empty:
         return [_note("no verdicts: the map has no regularized condition, or was run with --no-selectivity.")]
     pts = lambda x: _f(100 * x, 2) if _isnum(x) else "–"  # noqa: E731 - accuracy in points
-    rows = [[_g(r["alpha"]), r["stage_set"], r["question"], r["verdict"], f"{_f(r['rho'], 2)} [{_f(r['rho_lo'], 2)}, "
-             f"{_f(r['rho_hi'], 2)}]", r["earliest_window"], f"{pts(r['earliest_harm'])} [{pts(r['earliest_harm_lo'])}, "
-             f"{pts(r['earliest_harm_hi'])}]", f"{pts(r['earliest_gap'])} [{pts(r['earliest_gap_lo'])}, "
-             f"{pts(r['earliest_gap_hi'])}]", f"{-100 * r['earliest_csi_reduction']:+.0f} %" if _isnum(
-                 r["earliest_csi_reduction"]) else "–", r["n_seeds"]] for r in v.to_dict("records")]
-    items = [_table(["α", "stages", "question", "verdict", "ρ(start, harm) [CI]", "earliest window",
-                     "its harm, points [CI]", "its early Δacc, points [CI]", "CSI at its end vs baseline", "seeds"],
-                    rows, "Verdict per (α, stage set) by the rules declared before the map was run "
-                          "(csn.experiments.window_stats.WINDOW_RULES).", numeric=(0, 4, 6, 7, 8, 9))]
+    rows = [[_g(r["alpha"]), r["stage_set"], r["question"], r["verdict"], f"{pts(r['estimate'])} [{pts(r['lo'])}, "
+             f"{pts(r['hi'])}]", pts(r["minimal"]), pts(r["mde"]), _f(r["rho"], 2),
+             f"{100 * r['csi_change']:+.0f} %" if _isnum(r["csi_change"]) else "–", r["n_seeds"]]
+            for r in v.to_dict("records")]
+    items = [_table(["α", "stages", "question", "verdict", "estimate, points [95 % CI]", "minimal effect", "MDE",
+                     "ρ(start, harm)", "CSI at the earliest window's end vs baseline", "seeds"],
+                    rows, "Verdicts per (α, stage set) by the rules declared before the map was run "
+                          "(csn.experiments.window_stats.WINDOW_RULES; ρ is a description, not a verdict).",
+                    numeric=(0, 4, 5, 6, 7, 8, 9))]
     rules = [f"α < 0: {v[v['kind'] == 'suppress']['rule'].iloc[0]}" if (v["kind"] == "suppress").any() else None,
              f"α > 0: {v[v['kind'] == 'promote']['rule'].iloc[0]}" if (v["kind"] == "promote").any() else None]
     items.append({"kind": "list", "title": "Rules", "entries": [r for r in rules if r]})

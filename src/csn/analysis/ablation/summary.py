@@ -17,7 +17,8 @@ _KEY_CANDIDATES = ("run", "step", "epoch", "stage", "mode", "rank_split", "score
 class AblationSummary:
     """curves: the rows plus top1_norm/top5_norm (accuracy / unablated accuracy); areas: trapezoid area
     under top1_norm vs fraction per (step, stage, order, draw); gaps: per (step, stage) the
-    selective-minus-random area (negative = ablating selective units hurts more) with its spread over draws."""
+    selective-minus-random area (negative = ablating selective units hurts more) with its spread over draws,
+    and the grid's largest fraction (max_fraction)."""
 
     curves: pd.DataFrame
     areas: pd.DataFrame
@@ -66,10 +67,10 @@ def _gaps(areas: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
         row.update(selective_area=s, random_area=r_mean, random_area_std=r_std,
                    least_area=float(lst.iloc[0]) if len(lst) else float("nan"),
                    gap=s - r_mean, gap_std=r_std, gap_se=r_std / math.sqrt(len(rnd)) if len(rnd) > 1 else float("nan"),
-                   draws=len(rnd))
+                   draws=len(rnd), max_fraction=float(g["max_fraction"].max()))
         rows.append(row)
     return pd.DataFrame(rows, columns=keys + ["selective_area", "random_area", "random_area_std", "least_area",
-                                             "gap", "gap_std", "gap_se", "draws"])
+                                             "gap", "gap_std", "gap_se", "draws", "max_fraction"])
 
 
 def summarize_ablation(df: pd.DataFrame) -> AblationSummary:
