@@ -19,6 +19,7 @@ from pydantic import Field
 from csn import dist
 from csn.analysis.base import Analysis, RunOptions
 from csn.core.schema import Int, Schema
+from csn.models.external import set_trust_code
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -128,6 +129,8 @@ class ExecOptions(Schema):
     device: str = Field("auto", description="auto (this process's GPU if any, else the CPU), cpu, cuda, cuda:1.")
     threads: Int | None = Field(None, ge=1, description="CPU threads for torch.", json_schema_extra={"metavar": "N"})
     quiet: bool = Field(False, description="No progress bars.")
+    trust_code: bool = Field(False, description="Build runs whose run.json names the model as 'package.module:factory' "
+                             "(code named by data: csn imports and runs it); only the command line can grant this.")
 
 
 class PlotOptions(Schema):
@@ -146,7 +149,17 @@ def start(exec_opts: ExecOptions) -> torch.device:
     dist.init_from_env()
     if exec_opts.threads:
         torch.set_num_threads(exec_opts.threads)
+    trust_code_for_command(exec_opts.trust_code)
     return dist.resolve_device(exec_opts.device)
+
+
+def trust_code_for_command(enabled: bool) -> None:
+    """--trust-code for the running command: code named by data (a run's 'package.module:factory') may be built
+    until the command ends (the previous setting is restored when its click context closes)."""
+    restore = set_trust_code(enabled)
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        ctx.call_on_close(restore)
 
 
 def run_options(values: dict[str, Any], exec_opts: ExecOptions) -> RunOptions:
@@ -181,4 +194,4 @@ def rel(p: str | Path) -> str:
 
 
 __all__ = ["CONTEXT", "from_schema", "build", "take", "flag", "ExecOptions", "PlotOptions", "start", "run_options",
-           "analysis_options", "analysis_request", "echo", "rel"]
+           "analysis_options", "analysis_request", "echo", "rel", "trust_code_for_command"]

@@ -10,6 +10,7 @@ import click
 from csn import dist
 from csn.cli.options import CONTEXT, from_schema
 from csn.errors import CsnError
+from csn.models.external import require_trust
 from csn.runs.config import TrainConfig, load_config_file
 from csn.runs.config import preset as get_preset
 from csn.runs.run import Run
@@ -28,8 +29,10 @@ SHORTCUTS = ("dataset", "data_root", "model", "epochs", "seed", "checkpoints", "
 @click.option("--force", is_flag=True, help="Overwrite an existing run directory.")
 @from_schema(TrainConfig, include=SHORTCUTS)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--trust-code", is_flag=True, help="Let a model named as 'package.module:factory' in --config's file "
+              "(or in run.json with --resume) be imported and run; code typed here (--model, model=) needs no flag.")
 @click.argument("overrides", nargs=-1)
-def train(preset, config_file, out, resume, force, quiet, overrides, **flags) -> None:
+def train(preset, config_file, out, resume, force, quiet, trust_code, overrides, **flags) -> None:
     """Train a classifier with dense early checkpoints into a run directory.
 
     OVERRIDES are key=value pairs for any config key (e.g. width=2 lr_schedule=cosine); unknown keys
@@ -46,9 +49,11 @@ def train(preset, config_file, out, resume, force, quiet, overrides, **flags) ->
     dist.init_from_env()
     if resume and force:
         raise CsnError("--resume and --force contradict each other; pass only one.")
+    source = "the preset"
     if resume and out and not preset and not config_file and Path(out, "run.json").is_file():
-        cfg = Run(out).config
+        cfg, source = Run(out).config, str(Path(out, "run.json"))
     elif config_file:
+        source = f"config file {config_file}"
         cfg = load_config_file(config_file)
         if preset:
             raise CsnError("pass either --preset or --config, not both (a config file may name its preset).")
@@ -58,6 +63,9 @@ def train(preset, config_file, out, resume, force, quiet, overrides, **flags) ->
         cfg = TrainConfig()
     given = {k: (list(v) if isinstance(v, tuple) else v) for k, v in flags.items() if v is not None and v != ()}
     cfg = cfg.override([f"{k}={json.dumps(v)}" for k, v in given.items()] + list(overrides))
+    typed = "model" in given or any(o.split("=", 1)[0].strip().replace("-", "_") == "model" for o in overrides)
+    if not typed:  # a model typed on the command line is explicit; one named by a file needs --trust-code
+        require_trust(cfg.model, trust_code, source)
     if "seed" in given and not out and cfg.seed != 0:
         cfg = cfg.replace(name=f"{cfg.name}-s{cfg.seed}")
     out_dir = Path(out) if out else Path("runs") / _run_folder_name(cfg.name)

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import click
 
-from csn.cli.options import CONTEXT
-from csn.runs.verify import verify_path
+from csn.cli.options import CONTEXT, trust_code_for_command
+from csn.runs.verify import untrusted_model, verify_path
 
 
 @click.command(context_settings=CONTEXT)
 @click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False))
-def verify(runs) -> None:
+@click.option("--trust-code", is_flag=True, help="Build the models that run.json names as 'package.module:factory' "
+              "(code named by data) to check the checkpoints' tensors against them.")
+def verify(runs, trust_code) -> None:
     """Check run directories, or experiment and reproduction directories (every run inside them and their own
     files): run.json against its schema, the manifest, every checkpoint's sha256, header and tensor shapes,
     the optimizer state and cached models (sha256 sidecars), every table against its schema, no half-written
@@ -18,6 +20,7 @@ def verify(runs) -> None:
 
     Exits with status 1 if anything is wrong and says, per problem, what to do.
     """
+    trust_code_for_command(trust_code)
     bad = 0
     for r in runs:
         results = verify_path(r)
@@ -31,6 +34,10 @@ def verify(runs) -> None:
                     click.echo(f"  - {p}")
             else:
                 click.echo(f"{where}: ok")
+            code = untrusted_model(where) if (where / "run.json").is_file() else None
+            if code:
+                click.echo(f"  note: run.json names the model {code!r} (code named by data); its checkpoints were "
+                           "checked (sha256, headers) but not against the model: pass --trust-code to build it.")
     if bad:
         raise SystemExit(1)
 

@@ -9,6 +9,7 @@ from torch import nn
 from csn.errors import CsnError, unknown
 from csn.models import external
 from csn.models.base import CsnModel
+from csn.models.external import require_trust, trusting_code
 from csn.models.resnet_cifar import CifarResNet
 from csn.models.resnet_imagenet import BasicBlock, Bottleneck, ImageNetResNet
 from csn.models.simple import MLP, VGG, SmallCNN
@@ -51,9 +52,8 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 3, width: 
         return external.check_output(external.timm_model(name[5:], num_classes, in_channels, width, image_size),
                                      name, num_classes, in_channels, image_size)
     if isinstance(name, str) and ":" in name:
-        model = external.factory_model(name, num_classes=num_classes, in_channels=in_channels, width=width,
-                                       image_size=image_size, **kwargs)
-        return external.check_output(model, name, num_classes, in_channels, image_size)
+        return external.factory_model(name, num_classes=num_classes, in_channels=in_channels, width=width,
+                                      image_size=image_size, **kwargs)
     if name not in _REGISTRY:
         raise unknown("model", name, list(_REGISTRY) + ["package.module:factory", "timm:NAME"])
     if name in _NEEDS_SIZE and image_size is not None:
@@ -61,4 +61,4 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 3, width: 
     return _REGISTRY[name](num_classes=num_classes, in_channels=in_channels, width=width, **kwargs)
 
 
-__all__ = ["create_model", "list_models", "CsnModel", "CifarResNet", "ImageNetResNet", "VGG", "SmallCNN", "MLP", "ViT"]
+__all__ = ["create_model", "list_models", "trusting_code", "require_trust", "CsnModel", "CifarResNet", "ImageNetResNet", "VGG", "SmallCNN", "MLP", "ViT"]

@@ -21,6 +21,7 @@ from csn.data import DataSplits, load_dataset
 from csn.data.validate import require_every_class
 from csn.errors import CsnError, unknown
 from csn.models import create_model
+from csn.models.external import require_trust, trusting_code
 
 WHAT = "config key"
 
@@ -363,5 +364,15 @@ def build_model_for(cfg: TrainConfig, info: dict):
     return model
 
 
+def check_model(cfg: TrainConfig, info: dict, *, trust_code: bool, where: str) -> None:
+    """Before any run starts: refuse code named by data without trust (require_trust; `where` names the file that
+    names the model, e.g. 'study file study.toml'), then build the model for the data described by data_info()
+    and run its start-up checks (one forward pass, read points), so that a bad model is one CsnError now, not
+    in a worker after other runs have started. The model is built inside trusting_code(trust_code)."""
+    require_trust(cfg.model, trust_code, where)
+    with trusting_code(trust_code):
+        build_model_for(cfg, info)
+
+
 __all__ = ["TrainConfig", "PRESETS", "preset", "is_preset_checkpoints", "read_config_file", "load_config_file", "load_data", "data_info",
-           "build_model_for"]
+           "build_model_for", "check_model"]

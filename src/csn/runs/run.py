@@ -21,6 +21,7 @@ from pydantic import ConfigDict, Field, ValidationError, model_validator
 from csn.core.schema import Int, Schema, Seed, schema_error
 from csn.data import DataSplits
 from csn.errors import CsnError
+from csn.models.external import require_trust
 from csn.runs.config import TrainConfig, build_model_for, data_info, load_data
 from csn.runs.io import SIDECAR, load_tensors, read_table, write_table, write_text
 
@@ -165,7 +166,10 @@ class Run:
                             fix=damaged_checkpoint_fix(self.path))
 
     def build_model(self) -> torch.nn.Module:
-        """The run's architecture, freshly initialized (weights not loaded)."""
+        """The run's architecture, freshly initialized (weights not loaded). A model run.json names as
+        'package.module:factory' is code named by data: built only where code is trusted (--trust-code, or
+        `with csn.models.trusting_code():`), else one CsnError before any of it runs."""
+        require_trust(self.config.model, None, str(self.path / "run.json"))
         return build_model_for(self.config, self.info["data"])
 
     def load_model(self, ckpt: Checkpoint | int | None = None, device: str | torch.device = "cpu") -> torch.nn.Module:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from csn.errors import CsnError
+from csn.models.external import code_trusted, names_code
 from csn.runs.config import TrainConfig, build_model_for
 from csn.runs.io import SIDECAR, checksum_problem, read_table, tensor_shapes
 from csn.runs.run import check_run_path, damaged_checkpoint_fix, read_manifest, read_run_info
@@ -66,6 +67,8 @@ def verify_run(path: str | Path) -> list[str]:
 def _model_shapes(info: dict) -> dict[str, list] | None:
     """{tensor name: shape} of the model run.json describes (built on the meta device: nothing allocated),
     plus '__params__': the parameter shapes in optimizer order; None if it cannot be built."""
+    if names_code(info["config"].get("model")) and not code_trusted():
+        return None  # code named by data is built only with --trust-code (untrusted_model says so)
     try:
         with torch.device("meta"):
             model = build_model_for(TrainConfig.from_dict(info["config"]), info["data"])
@@ -74,6 +77,16 @@ def _model_shapes(info: dict) -> dict[str, list] | None:
     shapes: dict[str, list] = {k: list(v.shape) for k, v in model.state_dict().items()}
     shapes["__params__"] = [list(p.shape) for p in model.parameters()]
     return shapes
+
+
+def untrusted_model(path: str | Path) -> str | None:
+    """The model of the run at `path` when it is code named by data that verify did not build (no --trust-code),
+    so its checkpoints were checked (sha256, headers) but not against the model; else None."""
+    try:
+        model = read_run_info(path)["config"].get("model")
+    except CsnError:
+        return None
+    return model if names_code(model) and not code_trusted() else None
 
 
 def _tensor_file_problem(f: Path, sha256: str | None, shapes: dict[str, list] | None, subset: bool = False) -> str | None:
@@ -169,4 +182,4 @@ def verify_path(path: str | Path) -> dict[Path, list[str]]:
     return {path: verify_experiment(path), **{r: verify_run(r) for r in runs}}
 
 
-__all__ = ["verify_run", "verify_experiment", "verify_path", "find_runs"]
+__all__ = ["verify_run", "verify_experiment", "verify_path", "find_runs", "untrusted_model"]

@@ -1,0 +1,206 @@
+"""Hostile input, third round (issue 26): code named by data, memory after a raised limit, paths, rows with
+provenance, a report while an analysis writes, file modes, and messages that named the wrong cause.
+
+Every case is a command that ends in one `error:` line and exit status 2 (1 for `csn verify` findings), with
+nothing half-written and no traceback; every hostile file is generated here (tests/test_hostile.py's style).
+"""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from csn.errors import CsnError
+from csn.models import trusting_code
+from csn.runs.config import check_model, data_info, load_data
+from tests.conftest import tiny_config
+from tests.test_hostile import SMOKE, listing, refused
+
+# ============================================================================ 1. code named by data
+FACTORIES = '''
+import pathlib, sys
+import torch
+from torch import nn
+
+pathlib.Path(__file__).with_name("imported.txt").write_text("the module's top-level code ran")
+
+
+class Net(nn.Module):
+    def __init__(self, num_classes, in_channels):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(in_channels, 4, 3, padding=1), nn.ReLU(),
+                                      nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(4, num_classes)
+        self.csn_stages = {"a": ["features.1"], "b": ["features.3"]}
+
+    def forward(self, x):
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+def build(num_classes, in_channels, width=1.0):
+    return Net(num_classes, in_channels)
+
+
+def exits():
+    sys.exit(0)
+
+
+def asks():
+    return Net(4, int(input("channels? ")))
+
+
+def debugs():
+    breakpoint()
+    return Net(4, 1)
+
+
+def pdb_debugs():
+    import pdb
+    pdb.set_trace()
+    return Net(4, 1)
+
+
+def interrupts():
+    raise KeyboardInterrupt
+
+
+def three():
+    return 3
+
+
+def four_classes():
+    return Net(4, 1)
+
+
+class NotAModule:
+    pass
+
+
+instance = Net(4, 1)
+'''
+
+
+@pytest.fixture()
+def factories(tmp_path, monkeypatch):
+    """A module `hostile_nets` on sys.path whose import leaves imported.txt beside it (so a test can tell
+    whether csn ran its top-level code)."""
+    d = tmp_path / "code"
+    d.mkdir()
+    (d / "hostile_nets.py").write_text(textwrap.dedent(FACTORIES))
+    monkeypatch.syspath_prepend(str(d))
+    sys.modules.pop("hostile_nets", None)
+    yield d
+    sys.modules.pop("hostile_nets", None)
+
+
+def test_code_named_by_a_config_file_needs_trust_code(tmp_path, monkeypatch, factories):
+    """A config file naming 'package.module:factory' runs nothing without --trust-code (the module is not even
+    imported); the file cannot grant it; with the flag on the command line it trains."""
+    monkeypatch.chdir(tmp_path)
+    Path("c.toml").write_text('preset = "smoke"\nmodel = "hostile_nets:build"\nepochs = 0.25\ntrust_code = true\n')
+    assert "unknown config key 'trust_code'" in refused(["train", "--config", "c.toml", "--out", "r", "--quiet"])
+    Path("c.toml").write_text('preset = "smoke"\nmodel = "hostile_nets:build"\nepochs = 0.25\n')
+    msg = refused(["train", "--config", "c.toml", "--out", "r", "--quiet"])
+    assert msg == ("error: config file c.toml names the model 'hostile_nets:build', Python code csn would import and "
+                   "run; if you trust it, pass --trust-code on the command line (a file can never grant it; in Python: "
+                   "`with csn.models.trusting_code(): ...`)."), msg
+    Path("this.toml").write_text('preset = "smoke"\nmodel = "this:s"\n')  # importing `this` prints the Zen of Python
+    assert "names the model 'this:s', Python code" in refused(["train", "--config", "this.toml", "--out", "r"])
+    assert "this" not in sys.modules or sys.modules["this"] is not None
+    assert not (factories / "imported.txt").exists() and not Path("r").exists()
+    out = refused(["train", "--config", "c.toml", "--out", "r", "--quiet", "--threads", "1", "--trust-code"], code=0)
+    assert "run written to r" in out and (factories / "imported.txt").exists()
+
+
+def test_code_typed_on_the_command_line_is_explicit(tmp_path, monkeypatch, factories):
+    monkeypatch.chdir(tmp_path)
+    out = refused([*SMOKE, "--out", "r", "--model", "hostile_nets:build", "epochs=0.25", "width=1"], code=0)
+    assert "run written to r" in out
+    out = refused([*SMOKE, "--out", "r2", "model=hostile_nets:build", "epochs=0.25", "width=1"], code=0)
+    assert "run written to r2" in out
+
+
+@pytest.mark.parametrize("spec, pattern", [
+    ("sys:exit", r"model 'sys:exit': sys\.exit is a built-in function, not a Python function or nn\.Module class"),
+    ("builtins:input", r"builtins\.input is a built-in function"),
+    ("builtins:breakpoint", r"builtins\.breakpoint is a built-in function"),
+    ("builtins:dict", r"builtins\.dict is the class dict, which is no nn\.Module"),
+    ("hostile_nets:NotAModule", r"is the class NotAModule, which is no nn\.Module"),
+    ("hostile_nets:instance", r"hostile_nets\.instance is a Net object, not a Python function"),
+    ("hostile_nets:exits", r"model 'hostile_nets:exits' called sys\.exit\(0\) while it was imported or built; a "
+                           r"factory must return the model, not stop csn: fix the factory\."),
+    ("hostile_nets:interrupts", r"raised KeyboardInterrupt while it was imported or built"),
+    ("hostile_nets:debugs", r"called breakpoint\(\) while it was imported or built; csn builds models without a debugger"),
+    ("hostile_nets:three", r"returned int, not a torch\.nn\.Module"),
+])
+def test_factories_that_are_no_model_factory(tmp_path, monkeypatch, factories, spec, pattern):
+    """Builtins are refused before they are called; a Python factory that exits, waits on stdin, enters the
+    debugger or is interrupted is one error (stdin reads from /dev/null while it runs); nothing is written."""
+    import re
+
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    msg = refused([*SMOKE, "--out", "r", "--model", spec, "width=1"])
+    assert re.search(pattern, msg), msg
+    assert listing(tmp_path / "work") == []
+    assert sys.breakpointhook is sys.__breakpointhook__ or "pytest" in repr(sys.breakpointhook)
+
+
+def test_the_debugger_and_stdin_in_a_real_process(tmp_path, factories):
+    """pdb.set_trace() in a factory (pytest's own pdb hooks stay out of a subprocess) and a stdin that never
+    ends: one error each, at once."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(factories), *sys.path])}
+    for spec, pattern in (("hostile_nets:pdb_debugs", "entered the debugger and quit it while it was imported or built"),
+                          ("hostile_nets:asks", "(EOFError: EOF when reading a line)")):
+        with subprocess.Popen([sys.executable, "-m", "csn", *SMOKE, "--out", str(tmp_path / "r"), "--model", spec,
+                               "width=1"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=env, text=True) as p:  # stdin stays open: a prompt would wait for ever
+            out, err = p.communicate(timeout=120)
+        assert p.returncode == 2 and "Traceback" not in err and pattern in err.strip().splitlines()[-1], (out, err)
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_run_that_names_code_is_read_back_only_with_trust_code(tmp_path, monkeypatch, factories):
+    """run.json is data too: the analyses and verify build its model only with --trust-code."""
+    monkeypatch.chdir(tmp_path)
+    refused([*SMOKE, "--out", "r", "--model", "hostile_nets:build", "epochs=0.25", "width=1"], code=0)
+    msg = refused(["selectivity", "r", "--checkpoints", "last"])
+    assert msg.startswith("error: r/run.json names the model 'hostile_nets:build', Python code csn would import"), msg
+    assert not Path("r/tables/selectivity.parquet").exists()
+    assert "--trust-code" in refused(["ablate", "r", "--checkpoints", "last", "--draws", "1"])
+    refused(["selectivity", "r", "--checkpoints", "last", "--trust-code", "--quiet"], code=0)
+    assert Path("r/tables/selectivity.parquet").is_file()
+    msg = refused(["selectivity", "r", "--checkpoints", "first"])  # the flag held for that command only
+    assert "names the model 'hostile_nets:build'" in msg
+    out = refused(["verify", "r"], code=0)
+    assert "r: ok" in out and "not against the model: pass --trust-code to build it" in out, out
+    out = refused(["verify", "r", "--trust-code"], code=0)
+    assert "r: ok" in out and "note" not in out, out
+    msg = refused(["train", "--resume", "--out", "r", "--quiet"])
+    assert "r/run.json names the model 'hostile_nets:build'" in msg, msg
+
+
+def test_check_model_for_the_study_side(factories):
+    """What a study loader calls for every model before any run starts."""
+    cfg = tiny_config(model="hostile_nets:build", width=1.0)
+    info = data_info(load_data(cfg))
+    with pytest.raises(CsnError, match="study file s.toml names the model 'hostile_nets:build'"):
+        check_model(cfg, info, trust_code=False, where="study file s.toml")
+    assert not (factories / "imported.txt").exists()
+    check_model(cfg, info, trust_code=True, where="study file s.toml")
+    check_model(tiny_config(), info, trust_code=False, where="study file s.toml")  # csn's own model: no flag needed
+    with pytest.raises(CsnError, match="called sys.exit"):
+        check_model(tiny_config(model="hostile_nets:exits", width=1.0), info, trust_code=True, where="s.toml")
+    with pytest.raises(CsnError, match=r"returns \(2, 4\) for 2 images, not logits of shape \(2, 3\)"):
+        check_model(tiny_config(model="hostile_nets:four_classes", width=1.0), {**info, "num_classes": 3},
+                    trust_code=True, where="s.toml")
+    with trusting_code():
+        from csn.runs.config import build_model_for
+
+        assert build_model_for(cfg, info) is not None
