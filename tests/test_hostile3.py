@@ -204,3 +204,25 @@ def test_check_model_for_the_study_side(factories):
         from csn.runs.config import build_model_for
 
         assert build_model_for(cfg, info) is not None
+
+
+# ============================================================================ 2. memory after a raised limit
+def test_ablation_memory_and_disk_bound_whatever_the_count_limit(tiny_run, monkeypatch):
+    """--max-points raises the count limit, never what memory and disk can hold: 87 billion points (60.9 TB of
+    rows in memory) are refused at once instead of growing until the OOM killer ends the process."""
+    import time
+
+    from csn.core import resources
+
+    t0 = time.perf_counter()
+    msg = refused(["ablate", tiny_run, "--draws", "1000000000", "--max-points", "1000000000000"])
+    assert time.perf_counter() - t0 < 60
+    assert "x 1,000,000,002 orders and draws = 203,000,000,406 points) needs about 142.1 TB of memory, but this machine " \
+           "has" in msg and "available; fewer --draws, --checkpoints or --stages, or a coarser --grid (--max-points " \
+           "raises the count limit only)." in msg, msg
+    monkeypatch.setattr(resources, "available_memory", lambda: 10**15)  # memory enough: the disk is next
+    monkeypatch.setattr(resources.shutil, "disk_usage", lambda p: type("U", (), {"free": 10**6})())
+    msg = refused(["ablate", tiny_run, "--draws", "100000", "--max-points", "1000000000000"])
+    assert "not enough free disk space in" in msg and "the rows of this ablation request" in msg \
+           and "= 20,300,406 points) need about 512.6 MB but only 1 MB are free" in msg, msg
+    assert not (Path(tiny_run) / "tables" / "ablation.parquet").exists()

@@ -4,6 +4,7 @@ work with smaller batches instead of dying.
     check_disk_space(path, need_bytes, what=...)     CsnError naming the sizes when `need_bytes` won't fit
     env_limit(env, default)                          a resource bound: $ENV when set (a positive number), else default
     check_limit(need, limit, what=..., raise_it=...) CsnError with the estimate and the limit when need > limit
+    available_memory(), check_memory(need, what=...) memory this process can still take; refuse what cannot fit
     state_dict_bytes(tensors)                        bytes a checkpoint of these tensors takes
     retry_smaller_batches(fn, batch)                 fn(batch), halving `batch` on out-of-memory errors
     is_oom(exc)                                      True for CUDA/MPS/CPU allocation failures
@@ -65,6 +66,51 @@ def check_limit(need: float, limit: float, *, what: str, raise_it: str, show: Ca
     when need > limit (`show` formats both numbers, bytes by default)."""
     if need > limit:
         raise CsnError(f"{what} needs {show(need)}; the limit is {show(limit)} ({raise_it}).")
+
+
+_CGROUP_FILES = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2 (a container)
+                 ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"))
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path, encoding="ascii") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError, UnicodeDecodeError):
+        return None  # missing, or "max" (no limit)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process can still take: Linux's MemAvailable, capped by a container's cgroup limit
+    (its limit less its usage); else the physical memory; None when it cannot be told."""
+    have: int | None = None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    have = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError, UnicodeDecodeError):
+        have = None
+    if have is None:
+        try:
+            have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            have = None
+    for limit_file, usage_file in _CGROUP_FILES:
+        limit, usage = _read_int(limit_file), _read_int(usage_file)
+        if limit is not None and usage is not None and limit < 1 << 60:
+            have = max(0, limit - usage) if have is None else min(have, max(0, limit - usage))
+    return have
+
+
+def check_memory(need_bytes: float, *, what: str, fix: str) -> None:
+    """Refuse, before any allocation, work whose memory estimate exceeds the memory available now (whatever a
+    count limit says): CsnError('{what} needs about N of memory, but this machine has M available; {fix}.')."""
+    have = available_memory()
+    if have is not None and need_bytes > have:
+        raise CsnError(f"{what} needs about {human_bytes(need_bytes)} of memory, but this machine has {human_bytes(have)} "
+                       f"available; {fix}.")
 
 
 def state_dict_bytes(tensors: Mapping[str, torch.Tensor] | Iterable[torch.Tensor]) -> int:

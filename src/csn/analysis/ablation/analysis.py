@@ -44,7 +44,7 @@ from csn.analysis.selectivity import (
     reduce_class_stats,
     selectivity_frame,
 )
-from csn.core.resources import check_limit, env_limit, human_bytes
+from csn.core.resources import check_disk_space, check_limit, check_memory, env_limit, human_bytes
 from csn.core.schema import CommaList, Int, Schema, Seed
 from csn.core.units import resolve_layers, split_batch, stages
 from csn.errors import CsnError, closest
@@ -71,6 +71,9 @@ says more: the bound is checked in setup, before anything is allocated."""
 ROW_BYTES = 700
 """Memory one point takes while a request runs (its key, its expected row and its table row: about 700 bytes,
 measured with tracemalloc on 100,000 points), for the estimate in the refusal."""
+TABLE_ROW_BYTES = 24
+"""Disk one point takes in tables/ablation.parquet at the least (compressed; about 30-55 bytes measured): a
+request whose rows surely cannot fit the disk is refused before it starts."""
 
 _RANKING_COLUMNS = ("step", "layer", "unit", "csi", "split", "bn_recalibrated")
 """Columns of tables/selectivity.parquet the ranking needs (variant too, when the table has it)."""
@@ -293,12 +296,18 @@ class Ablation(Analysis):
         limit = o.max_points or int(env_limit(MAX_POINTS_ENV, DEFAULT_MAX_POINTS, example="e.g. 5000000"))
         images = ctx.split_size(o.score_split, o.samples)
         shape = " + ".join(f"{k} x {len(c)} grid points" for k, c in counts.items())
+        request = (f"this ablation request ({len(ctx.checkpoints)} checkpoints x ({shape}) x "
+                   f"{sum(per_order.values()):,} orders and draws")
         check_limit(points, limit, show=lambda n: f"{n:,.0f} points",
-                    what=f"this ablation request ({len(ctx.checkpoints)} checkpoints x ({shape}) x "
-                         f"{sum(per_order.values()):,} orders and draws; about {human_bytes(points * ROW_BYTES)} of "
-                         f"rows and {points * images:.3g} image evaluations)",
+                    what=f"{request}; about {human_bytes(points * ROW_BYTES)} of rows and {points * images:.3g} image "
+                         "evaluations)",
                     raise_it=f"fewer --draws, --checkpoints or --stages, a coarser --grid, or --max-points N or "
                              f"{MAX_POINTS_ENV} to raise it")
+        # a raised count limit never switches off what memory and disk can hold
+        fix = "fewer --draws, --checkpoints or --stages, or a coarser --grid (--max-points raises the count limit only)"
+        check_memory(points * ROW_BYTES, what=f"{request} = {points:,} points)", fix=fix)
+        check_disk_space(ctx.run.path / "tables", points * TABLE_ROW_BYTES, what=f"the rows of {request} = {points:,} "
+                         "points)", fix=fix)
 
     def settings(self, ctx: Context) -> dict[str, dict[str, Any]]:
         o = self.options
