@@ -226,3 +226,51 @@ def test_ablation_memory_and_disk_bound_whatever_the_count_limit(tiny_run, monke
     assert "not enough free disk space in" in msg and "the rows of this ablation request" in msg \
            and "= 20,300,406 points) need about 512.6 MB but only 1 MB are free" in msg, msg
     assert not (Path(tiny_run) / "tables" / "ablation.parquet").exists()
+
+
+# ============================================================================ 3. paths
+@pytest.mark.parametrize("case", ["300-byte name", "4,421-byte path", "/proc/self", "newline in --out", "newline in name="])
+def test_out_paths_refused_before_any_work(tmp_path, monkeypatch, case):
+    monkeypatch.chdir(tmp_path)
+    deep = "/".join(["d" * 200] * 22)  # 4,421 bytes: every name fits, the path does not
+    args = {"300-byte name": ["--out", "a" * 300], "4,421-byte path": ["--out", deep],
+            "/proc/self": ["--out", "/proc/self/csnrun"], "newline in --out": ["--out", "new\nline"],
+            "newline in name=": ["name=new\nline"]}[case]
+    want = {"300-byte name": "error: --out has a folder name of 300 bytes (aaaaaaaaaaaaaaaaaaaaaaaa...); this file system "
+                             "takes at most 255 a name: choose a shorter name.",
+            "4,421-byte path": f"error: --out is {len(str(tmp_path / deep).encode()):,} bytes long as an absolute path; "
+                               "with the files csn writes inside it (up to 128 bytes more) it must stay under 4,096: "
+                               "choose a shorter path.",
+            "/proc/self": "error: --out /proc/self/csnrun cannot be made: /proc/self takes no new folder (No such file or "
+                          "directory); choose a folder on a disk you can write to.",
+            "newline in --out": "error: --out 'new\\nline' holds a control character ('\\n'); csn writes this path into "
+                                "run.json, tables and messages: choose a name without control characters.",
+            "newline in name=": "error: config key 'name' holds a control character ('\\n'); a run's name becomes its "
+                                "folder (runs/<name>) and appears in tables and reports: use letters, digits, '-', '_' "
+                                "or '.'."}[case]
+    if case == "/proc/self" and not Path("/proc/self").is_dir():
+        pytest.skip("no /proc")
+    assert refused([*SMOKE, *args]) == want
+    assert listing(tmp_path) == []
+
+
+def test_an_empty_out_folder_is_a_new_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("empty").mkdir()
+    assert "run written to empty" in refused([*SMOKE, "--out", "empty", "epochs=0.25"], code=0)
+    assert Path("empty/run.json").is_file()
+
+
+def test_force_refuses_a_linked_run_json(tiny_run, tmp_path):
+    """--force never says it kept run.json and then replaces the link: a link where csn writes its own file
+    stops it before anything is deleted."""
+    run_dir = Path(tiny_run)
+    mine = tmp_path / "mine.json"
+    (run_dir / "run.json").rename(mine)
+    (run_dir / "run.json").symlink_to(mine)
+    before = listing(run_dir)
+    msg = refused([*SMOKE, "--out", run_dir, "--force"])
+    assert msg == (f"error: {run_dir}/run.json is a symbolic link where csn writes its own file; csn never deletes or "
+                   "writes through a link: remove the link yourself (what it points to stays) or choose another "
+                   "directory."), msg
+    assert listing(run_dir) == before and (run_dir / "run.json").is_symlink() and mine.is_file()

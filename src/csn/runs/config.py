@@ -166,6 +166,14 @@ class TrainConfig(Schema):
                 "reduce": self.reg_reduce}
 
     @model_validator(mode="after")
+    def _plain_name(self) -> TrainConfig:
+        bad = next((c for c in self.name if ord(c) < 32 or ord(c) == 127), None)
+        if bad is not None:
+            raise CsnError(f"config key 'name' holds a control character ({bad!r}); a run's name becomes its folder "
+                           "(runs/<name>) and appears in tables and reports: use letters, digits, '-', '_' or '.'.")
+        return self
+
+    @model_validator(mode="after")
     def _nesterov_needs_momentum(self) -> TrainConfig:
         if self.nesterov and self.momentum == 0:
             raise CsnError("config key 'nesterov' needs momentum > 0 (Nesterov momentum is a form of momentum); set "

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -85,21 +86,69 @@ class RunInfo(Schema):
         return self
 
 
-def check_run_path(path: str | Path, what: str = "the run directory") -> None:
+ROOM_INSIDE = 128
+"""Bytes the paths of the files csn writes inside a run directory add to its path (at most, with temporary names)."""
+
+
+def check_run_path(path: str | Path, what: str = "the run directory", *, new: bool = True) -> None:
     """Refuse a path csn cannot use as a run directory: not UTF-8 (run.json, tables and the report record
-    paths as UTF-8 text), or a file where a folder must be."""
+    paths as UTF-8 text), or a file where a folder must be. new=True (a directory csn may make, e.g. --out;
+    readers pass False): also control characters (a newline) in it, a folder name or a whole path longer than the
+    file system takes (with the files csn writes inside), and a place where no folder can be made (/proc/...),
+    all before any work."""
     path = Path(path)
     try:
         str(path).encode("utf-8")
     except UnicodeEncodeError:
         raise CsnError(f"{what} {os.fsencode(path)!r} is not valid UTF-8; csn records paths in UTF-8 files (run.json, "
                        "tables, the report): rename it to a UTF-8 name.") from None
+    if new:
+        _check_new_path(path, what)
     for p in (path, *path.parents):
         if p.is_symlink() or p.exists():
             if not p.is_dir():
                 what_is = "is a file" if p == path else f"lies inside {p}, which is a file"
                 raise CsnError(f"{what} {path} {what_is}; pass a folder path (a new one, or a run directory).")
+            if p != path and new:
+                _probe_new_folder(path, p, what)
             return
+
+
+def _check_new_path(path: Path, what: str) -> None:
+    """Control characters, and names or paths too long for the file system (before anything is made)."""
+    text = str(path)
+    bad = next((c for c in text if ord(c) < 32 or ord(c) == 127), None)
+    if bad is not None:
+        raise CsnError(f"{what} {text!r} holds a control character ({bad!r}); csn writes this path into run.json, "
+                       "tables and messages: choose a name without control characters.")
+    anchor = next((p for p in path.absolute().parents if os.path.isdir(p)), Path("/"))  # (never raises)
+    name_max, path_max = _pathconf(anchor, "PC_NAME_MAX", 255), _pathconf(anchor, "PC_PATH_MAX", 4096)
+    long_part = next((part for part in path.parts if len(part.encode("utf-8")) > name_max), None)
+    if long_part is not None:
+        raise CsnError(f"{what} has a folder name of {len(long_part.encode('utf-8')):,} bytes ({long_part[:24]}...); "
+                       f"this file system takes at most {name_max} a name: choose a shorter name.")
+    size = len(str(path.absolute()).encode("utf-8"))
+    if size + ROOM_INSIDE > path_max:
+        raise CsnError(f"{what} is {size:,} bytes long as an absolute path; with the files csn writes inside it (up to "
+                       f"{ROOM_INSIDE} bytes more) it must stay under {path_max:,}: choose a shorter path.")
+
+
+def _pathconf(path: Path, name: str, default: int) -> int:
+    try:
+        value = os.pathconf(path, name)
+    except (OSError, ValueError):
+        return default
+    return value if value and value > 0 else default
+
+
+def _probe_new_folder(path: Path, parent: Path, what: str) -> None:
+    """Make and remove a folder in `parent` (the nearest existing one): a place that takes no new folder (a
+    read-only disk, /proc) is one error now, before any work."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".csn-probe-", dir=parent))
+    except OSError as e:
+        raise CsnError(f"{what} {path} cannot be made: {parent} takes no new folder ({e.strerror or e}); choose a "
+                       "folder on a disk you can write to.") from None
 
 
 class Run:
@@ -107,7 +156,7 @@ class Run:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        check_run_path(self.path)
+        check_run_path(self.path, new=False)
         self.info = read_run_info(self.path)
         _ = self.config  # validated on opening: a bad config is reported here, by file
 
@@ -235,6 +284,11 @@ def delete_run_files(path: str | Path, layout: dict[str, tuple[str, ...]] = RUN_
     if linked:
         raise CsnError(f"{linked[0]} is a symbolic link; csn never deletes through a link: remove the link yourself or "
                        "choose another directory.")
+    fixed = [path / d / f for d, patterns in layout.items() for f in patterns if not any(c in f for c in "*?[")]
+    linked = [p for p in fixed if p.is_symlink()]
+    if linked:  # csn writes these names itself: keeping the link only to replace it would be a broken promise
+        raise CsnError(f"{linked[0]} is a symbolic link where csn writes its own file; csn never deletes or writes "
+                       "through a link: remove the link yourself (what it points to stays) or choose another directory.")
     ours: list[Path] = []
     for folder, patterns in layout.items():
         d = path / folder

@@ -170,7 +170,7 @@ def verify_path(path: str | Path) -> dict[Path, list[str]]:
     """{directory: problems} for a run, or for an experiment/reproduction directory (its own files under its
     path, then every run inside it). CsnError when `path` holds no csn run at all."""
     path = Path(path)
-    check_run_path(path, "the directory")
+    check_run_path(path, "the directory", new=False)
     if not path.is_dir():
         raise CsnError(f"{path} is not a directory; pass a run directory or an experiment directory holding runs.")
     runs = find_runs(path)
