@@ -12,7 +12,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from csn.cli import main
 from csn.errors import CsnError
 from csn.models import trusting_code
 from csn.runs.config import check_model, data_info, load_data
@@ -274,3 +276,85 @@ def test_force_refuses_a_linked_run_json(tiny_run, tmp_path):
                    "writes through a link: remove the link yourself (what it points to stays) or choose another "
                    "directory."), msg
     assert listing(run_dir) == before and (run_dir / "run.json").is_symlink() and mine.is_file()
+
+
+# ============================================================================ 4. rows with provenance
+def _sha_by_step(run_dir) -> dict[int, str]:
+    from csn.runs import Run
+
+    return {c.step: c.sha256 for c in Run(run_dir).checkpoints}
+
+
+def test_rows_record_their_checkpoint_and_a_replaced_checkpoint_is_recomputed(tiny_run):
+    """A checkpoint replaced after `csn selectivity` (its manifest sha256 updated too): verify names the stale rows
+    (exit 1), and a re-run recomputes them with one note."""
+    import pandas as pd
+
+    from tests.test_hostile import _rewrite_checkpoint
+
+    run_dir = Path(tiny_run)
+    refused(["selectivity", run_dir, "--checkpoints", "first,last", "--quiet"], code=0)
+    sel = pd.read_parquet(run_dir / "tables" / "selectivity.parquet")
+    shas = _sha_by_step(run_dir)
+    assert (sel["checkpoint_sha256"] == sel["step"].map(shas)).all()
+    assert pd.read_parquet(run_dir / "tables" / "class_means.parquet")["checkpoint_sha256"].notna().all()
+    last = max(shas)
+    _rewrite_checkpoint(run_dir, lambda t: {k: (v * 1.5 if k.startswith("layer1") and v.is_floating_point() else v)
+                                            for k, v in t.items()})
+    out = refused(["verify", run_dir], code=1)
+    assert (f"table {run_dir}/tables/selectivity.parquet holds rows of step(s) {last} computed from other weights than "
+            "the checkpoint now in the manifest (their checkpoint_sha256 differs): run the analysis that wrote it again "
+            "to recompute them.") in out and "class_means.parquet holds rows of step(s)" in out, out
+    r = CliRunner().invoke(main, ["selectivity", str(run_dir), "--checkpoints", "first,last", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert (f"note: {run_dir}/tables/selectivity.parquet holds rows computed from other weights than the checkpoints now "
+            f"at step(s) {last} (their sha256 changed since): recomputing them.") in r.output, r.output
+    again = pd.read_parquet(run_dir / "tables" / "selectivity.parquet")
+    new = _sha_by_step(run_dir)
+    assert (again["checkpoint_sha256"] == again["step"].map(new)).all() and len(again) == len(sel)
+    first = min(shas)
+    assert again[again["step"] == first]["csi"].tolist() == sel[sel["step"] == first]["csi"].tolist()
+    assert again[again["step"] == last]["csi"].tolist() != sel[sel["step"] == last]["csi"].tolist()
+    assert refused(["verify", run_dir], code=0).strip().endswith("ok")
+
+
+def test_tables_written_before_provenance_are_read_and_get_the_column(tiny_run):
+    import pandas as pd
+
+    run_dir = Path(tiny_run)
+    refused(["selectivity", run_dir, "--checkpoints", "last", "--quiet"], code=0)
+    refused(["ablate", run_dir, "--checkpoints", "last", "--draws", "1", "--quiet"], code=0)
+    for name in ("selectivity", "class_means", "ablation"):  # as an older csn wrote them: no column
+        p = run_dir / "tables" / f"{name}.parquet"
+        pd.read_parquet(p).drop(columns=["checkpoint_sha256"]).to_parquet(p, index=False)
+    assert refused(["verify", run_dir], code=0).strip().endswith("ok")
+    assert refused(["report", run_dir, "--quiet"], code=0)
+    r = CliRunner().invoke(main, ["ablate", str(run_dir), "--checkpoints", "last", "--draws", "1", "--quiet"])
+    assert r.exit_code == 0 and "ablation.parquet was written before csn recorded each row's checkpoint; its rows of 1 " \
+                                "checkpoint(s) now record the sha256 of the checkpoints in the manifest" in r.output, r.output
+    shas = _sha_by_step(run_dir)
+    ab = pd.read_parquet(run_dir / "tables" / "ablation.parquet")
+    assert (ab["checkpoint_sha256"] == ab["step"].map(shas)).all()
+
+
+def test_verify_finds_non_finite_weights(tiny_run):
+    from tests.test_hostile import _nan_fc, _rewrite_checkpoint
+
+    assert refused(["verify", tiny_run], code=0).strip().endswith("ok")
+    _rewrite_checkpoint(Path(tiny_run), _nan_fc)
+    out = refused(["verify", tiny_run], code=1)
+    assert "holds non-finite values (NaN or inf) in fc." in out and "the run diverged at or before this step" in out, out
+
+
+def test_run_json_size_is_bounded_before_parsing(tiny_run):
+    import json
+
+    f = Path(tiny_run) / "run.json"
+    info = json.loads(f.read_text())
+    info["note"] = "x" * 20_000_000
+    f.write_text(json.dumps(info))
+    msg = refused(["info", tiny_run])
+    assert msg == (f"error: {f} is 20 MB, more than a run.json csn writes ever holds (16 MB at most): it is corrupt or "
+                   "not csn's; restore it or re-create the run with `csn train --force`."), msg
+    assert "is 20 MB, more than a run.json" in refused(["verify", tiny_run], code=1)
+

@@ -41,7 +41,7 @@ from csn.data.loaders import folder_loader, shard_split, subset
 from csn.errors import CsnError
 from csn.runs.lock import main_lock
 from csn.runs.run import Checkpoint, Run
-from csn.runs.table import ResumableTable, TableSpec
+from csn.runs.table import PROVENANCE, ResumableTable, TableSpec
 
 SUBSET_SEED = 777
 """Seed of the fixed subset of an evaluation split that `--samples N` measures on (the same in every analysis)."""
@@ -386,6 +386,7 @@ def _execute(analysis: Analysis, ctx: Context) -> Result:
         settings, sets = analysis.settings(ctx), analysis.sets(ctx)
         for name, table in tables.items():
             table.load()
+            _check_provenance(ctx, table)
             table.check(settings.get(name, {}), wanted[name], sets.get(name))
         todo = []
         for c in ctx.checkpoints:
@@ -433,13 +434,35 @@ def _execute(analysis: Analysis, ctx: Context) -> Result:
     return Result(run, out, [s for s, _ in todo])
 
 
+def _check_provenance(ctx: Context, table: ResumableTable) -> None:
+    """Rank 0, before any work: rows computed from a checkpoint that was replaced since (their sha256 is not the
+    manifest's) are computed again, with one note; rows of a table written before provenance record the
+    manifest's sha256 from now on (csn cannot tell what they were computed from), with one note."""
+    manifest = {c.step: c.sha256 for c in ctx.run.checkpoints}
+    stale, unrecorded = table.provenance(manifest)
+    if unrecorded:
+        table.adopt(manifest)
+        ctx.log(f"note: {table.path} was written before csn recorded each row's checkpoint; its rows of "
+                f"{len(unrecorded)} checkpoint(s) now record the sha256 of the checkpoints in the manifest (delete the "
+                "table to recompute them instead).")
+    redo = sorted(set(stale) & {c.step for c in ctx.checkpoints})
+    if redo:
+        table.forget(redo)
+        shown = ", ".join(map(str, redo[:8])) + (", ..." if len(redo) > 8 else "")
+        ctx.log(f"note: {table.path} holds rows computed from other weights than the checkpoints now at step(s) {shown} "
+                "(their sha256 changed since): recomputing them.")
+
+
 def _compute(analysis: Analysis, ctx: Context, ckpt: Checkpoint, missing: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
-    """One checkpoint's rows; errors name the run and the checkpoint; progress topped up to the checkpoint's work."""
+    """One checkpoint's rows, each recording the checkpoint's sha256 (PROVENANCE); errors name the run and the
+    checkpoint; progress topped up to the checkpoint's work."""
     before = ctx.progress.n
     try:
         rows = analysis.compute(ctx, ckpt, missing)
     except CsnError as e:
         raise CsnError(f"run {ctx.run.name}, checkpoint step {ckpt.step} (epoch {ckpt.epoch:g}): {e}") from None
+    traced = {spec.name for spec in analysis.tables if spec.provenance}
+    rows = {name: (df.assign(**{PROVENANCE: ckpt.sha256}) if name in traced else df) for name, df in rows.items()}
     left = analysis.work(ctx, ckpt) - (ctx.progress.n - before)
     if left > 1e-9:
         ctx.progress.update(left)

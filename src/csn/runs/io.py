@@ -69,21 +69,36 @@ def write_table(path: str | Path, df: pd.DataFrame) -> None:
 TABLE_COLUMNS: dict[str, tuple[dict[str, str], str]] = {}
 """{table name: ({column: dtype}, what to do about a bad file)}: the schema read_table checks a table against
 (filled by csn.runs.table.TableSpec; a tagged table NAME-TAG has NAME's schema)."""
+TABLE_OPTIONAL: dict[str, dict[str, str]] = {}
+"""{table name: {column: dtype}}: columns a table may lack (tables written before them), checked when present."""
+TABLE_STEP: dict[str, str] = {}
+"""{table name: the column holding the checkpoint step its rows were computed at} for tables with row provenance."""
 _RERUN = "delete it and run the analysis that wrote it again"
 _ARROW_KINDS = {"int64": (pa.types.is_integer,), "float64": (pa.types.is_floating, pa.types.is_integer),
                 "bool": (pa.types.is_boolean,), "str": (pa.types.is_string, pa.types.is_large_string)}
 
 
-def register_table(name: str, columns: dict[str, str], fix: str = _RERUN) -> None:
-    """Declare the columns (int64, float64, bool, str) of table NAME (first declaration wins)."""
+def register_table(name: str, columns: dict[str, str], fix: str = _RERUN, *, optional: dict[str, str] | None = None,
+                   step: str | None = None) -> None:
+    """Declare the columns (int64, float64, bool, str) of table NAME (first declaration wins); `optional`: columns
+    it may lack (checked when present); `step`: its checkpoint-step column, for tables whose rows carry provenance."""
     TABLE_COLUMNS.setdefault(name, (dict(columns), fix))
+    TABLE_OPTIONAL.setdefault(name, dict(optional or {}))
+    if step is not None:
+        TABLE_STEP.setdefault(name, step)
+
+
+def table_name(path: str | Path) -> str | None:
+    """The declared table name of the file at `path` (NAME.parquet or NAME-TAG.parquet), or None."""
+    stem = Path(path).name.removesuffix(".parquet")
+    names = [n for n in TABLE_COLUMNS if stem == n or stem.startswith(n + "-")]
+    return max(names, key=len) if names else None
 
 
 def table_schema(path: str | Path) -> tuple[dict[str, str], str] | None:
     """The declared (columns, fix) of the table at `path` (by file name: NAME.parquet or NAME-TAG.parquet)."""
-    stem = Path(path).name.removesuffix(".parquet")
-    names = [n for n in TABLE_COLUMNS if stem == n or stem.startswith(n + "-")]
-    return TABLE_COLUMNS[max(names, key=len)] if names else None
+    name = table_name(path)
+    return TABLE_COLUMNS[name] if name else None
 
 
 def check_table_schema(path: str | Path, schema: pa.Schema, columns: dict[str, str], fix: str = _RERUN) -> None:
@@ -113,6 +128,10 @@ def read_table(path: str | Path, columns: dict[str, str] | None = None) -> pd.Da
         raise CsnError(f"table {path} is unreadable or corrupt ({type(e).__name__}); {fix}.") from None
     if declared is not None:
         check_table_schema(path, table.schema, *declared)
+    name = table_name(path)
+    optional = {c: t for c, t in TABLE_OPTIONAL.get(name or "", {}).items() if c in table.schema.names}
+    if optional:  # a column older tables lack: its type is checked where it is there
+        check_table_schema(path, table.schema, optional, declared[1] if declared else _RERUN)
     try:
         return table.to_pandas()
     except Exception as e:  # noqa: BLE001 - e.g. a column type pandas cannot hold
@@ -199,4 +218,4 @@ def tensor_shapes(path: str | Path) -> dict[str, list[int]]:
 
 __all__ = ["atomic_path", "write_text", "write_json", "write_table", "read_table", "sha256_file", "save_tensors",
            "sidecar", "read_sidecar", "checksum_problem", "load_tensors", "tensor_shapes", "SIDECAR", "TABLE_COLUMNS",
-           "register_table", "table_schema", "check_table_schema"]
+           "register_table", "table_schema", "table_name", "check_table_schema", "TABLE_OPTIONAL", "TABLE_STEP"]

@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 from pydantic import ConfigDict, Field, ValidationError, model_validator
 
+from csn.core.resources import human_bytes
 from csn.core.schema import Int, Schema, Seed, schema_error
 from csn.data import DataSplits
 from csn.errors import CsnError
@@ -28,6 +29,8 @@ from csn.runs.io import SIDECAR, load_tensors, read_table, write_table, write_te
 
 MANIFEST = "manifest.jsonl"
 MAX_STEP = 2**62
+MAX_RUN_JSON = 16_000_000
+"""Bytes a run.json may hold (csn writes a few KB; a checkpoint list of a million steps is about 10 MB)."""
 """Checkpoint steps (manifest, run.json) are below 2**62: tables store them as int64."""
 
 
@@ -317,6 +320,10 @@ def read_run_info(path: str | Path) -> dict:
     if not f.is_file():
         raise CsnError(f"{path} is not a csn run (no run.json); pass a directory written by `csn train`.")
     fix = "restore it or re-create the run with `csn train --force`."
+    size = f.stat().st_size
+    if size > MAX_RUN_JSON:  # refused before parsing: a 1 GB string would take gigabytes of memory
+        raise CsnError(f"{f} is {human_bytes(size)}, more than a run.json csn writes ever holds ({human_bytes(MAX_RUN_JSON)} "
+                       f"at most): it is corrupt or not csn's; {fix}")
     try:
         info = json.loads(f.read_bytes().decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):

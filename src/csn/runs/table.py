@@ -24,6 +24,13 @@ from csn.runs.run import Run
 
 _TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
+PROVENANCE = "checkpoint_sha256"
+"""The column every analysis row carries: the sha256 (the manifest's) of the checkpoint it was computed from, so
+a re-run recomputes the rows of a replaced checkpoint and `csn verify` names rows that no longer match. Tables
+written before it lack it and are read as before (the next run of their analysis records it)."""
+NOT_FROM_CHECKPOINTS = ("training",)
+"""Tables whose rows are not computed from a checkpoint (the training log): no provenance column."""
+
 
 def tagged(name: str, tag: str | None) -> str:
     """A table's file name with an optional tag: 'selectivity' or 'selectivity-TAG'."""
@@ -50,6 +57,8 @@ class TableSpec:
     replace_by: the columns whose rows a new computation replaces as a whole (default: the key), e.g. a
     checkpoint's stage in ablation: a sweep on another grid replaces the stage's rows, never mixes in.
     fix: what to do about a damaged file of this table (default: delete it and run the analysis again).
+    provenance: the rows carry PROVENANCE, the sha256 of the checkpoint at `step` they were computed from
+    (appended to `columns` here, the one place; run_analysis fills it in; off for NOT_FROM_CHECKPOINTS).
     """
 
     name: str
@@ -64,19 +73,36 @@ class TableSpec:
     row_scope: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     replace_by: tuple[str, ...] = ()
     fix: str = ""
+    provenance: bool = True
 
     def __post_init__(self) -> None:
-        register_table(self.name, dict(self.columns), *([self.fix] if self.fix else []))  # read_table checks files by name
+        own = {c: t for c, t in self.columns.items() if c != PROVENANCE}
+        provenance = self.provenance and self.name not in NOT_FROM_CHECKPOINTS
+        object.__setattr__(self, "provenance", provenance)
+        object.__setattr__(self, "columns", {**own, PROVENANCE: "str"} if provenance else own)
+        register_table(self.name, own, *([self.fix] if self.fix else []),  # read_table checks files by name
+                       optional={PROVENANCE: "str"} if provenance else None, step=self.step if provenance else None)
+
+    @property
+    def required(self) -> dict[str, str]:
+        """The columns a table file must hold (PROVENANCE may be missing from tables written before it)."""
+        return {c: t for c, t in self.columns.items() if c != PROVENANCE}
 
     def frame(self, rows: pd.DataFrame | Iterable[Mapping[str, Any]] | None = None) -> pd.DataFrame:
-        """Rows in this table's column order and types (an empty table for None)."""
+        """Rows in this table's column order and types (an empty table for None); PROVENANCE, when the rows lack
+        it, is empty (run_analysis fills it in)."""
         if rows is None:
             return pd.DataFrame({c: pd.Series(dtype=_pandas(t)) for c, t in self.columns.items()})
         df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows), columns=list(self.columns))
+        if self.provenance and PROVENANCE not in df.columns:
+            df = df.assign(**{PROVENANCE: None})
         missing = [c for c in self.columns if c not in df.columns]
         if missing:
             raise ValueError(f"rows for table {self.name} lack columns {missing}")
-        return df[list(self.columns)].astype({c: _pandas(t) for c, t in self.columns.items()})
+        df = df[list(self.columns)].astype({c: _pandas(t) for c, t in self.columns.items()})
+        if self.provenance:
+            df[PROVENANCE] = df[PROVENANCE].where(df[PROVENANCE].notna(), None)
+        return df
 
 
 def _pandas(dtype: str) -> str:
@@ -93,9 +119,40 @@ class ResumableTable:
         self.df: pd.DataFrame | None = None
 
     def load(self) -> ResumableTable:
-        """Read the table (None when it does not exist yet); a table without this spec's columns and types is refused."""
-        self.df = self.run.read(self.name, columns=dict(self.spec.columns))
+        """Read the table (None when it does not exist yet); a table without this spec's columns and types is refused
+        (a table written before row provenance gets an empty PROVENANCE column)."""
+        self.df = self.run.read(self.name, columns=self.spec.required)
+        if self.df is not None and self.spec.provenance and PROVENANCE not in self.df.columns:
+            self.df = self.df.assign(**{PROVENANCE: None})
         return self
+
+    # -- provenance: which checkpoint each row was computed from ---------------------------------------
+    def provenance(self, manifest: Mapping[int, str]) -> tuple[list[int], list[int]]:
+        """(stale, unrecorded): the steps of `manifest` ({step: sha256}) whose rows were computed from other weights
+        (another sha256), and those with rows that record none (written before provenance)."""
+        if not self.spec.provenance or self.df is None or self.df.empty:
+            return [], []
+        df = self.df[[self.spec.step, PROVENANCE]].drop_duplicates()
+        df = df[df[self.spec.step].isin(set(manifest))]
+        want = df[self.spec.step].map(dict(manifest))
+        known = df[PROVENANCE].notna()
+        stale = sorted(set(df.loc[known & (df[PROVENANCE] != want), self.spec.step].tolist()))
+        unrecorded = sorted(set(df.loc[~known, self.spec.step].tolist()))
+        return [int(s) for s in stale], [int(s) for s in unrecorded]
+
+    def adopt(self, manifest: Mapping[int, str]) -> None:
+        """Record the manifest's sha256 in the rows that record none (a table written before provenance) and
+        rewrite the table."""
+        step = self.df[self.spec.step]
+        fill = self.df[PROVENANCE].isna() & step.isin(set(manifest))
+        self.df.loc[fill, PROVENANCE] = step[fill].map(dict(manifest))
+        self.run.write(self.name, self.df)
+
+    def forget(self, steps: Iterable[int]) -> None:
+        """Drop the rows of `steps` from the table in memory (they are computed again; the file is rewritten with
+        the new rows)."""
+        if self.df is not None:
+            self.df = self.df[~self.df[self.spec.step].isin(set(steps))].reset_index(drop=True)
 
     # -- the one compatibility rule ---------------------------------------------------------------
     def _hint(self, col: str | None, have: Any) -> str:
@@ -178,4 +235,4 @@ def _plain(v: Any) -> Any:
     return v.item() if hasattr(v, "item") else v
 
 
-__all__ = ["TableSpec", "ResumableTable", "tagged"]
+__all__ = ["TableSpec", "ResumableTable", "tagged", "PROVENANCE", "NOT_FROM_CHECKPOINTS"]

@@ -13,13 +13,16 @@ import json
 import os
 from pathlib import Path
 
+import pandas as pd
 import torch
+from safetensors import safe_open
 
 from csn.errors import CsnError
 from csn.models.external import code_trusted, names_code
 from csn.runs.config import TrainConfig, build_model_for
-from csn.runs.io import SIDECAR, checksum_problem, read_table, tensor_shapes
+from csn.runs.io import SIDECAR, TABLE_STEP, checksum_problem, read_table, table_name, tensor_shapes
 from csn.runs.run import check_run_path, damaged_checkpoint_fix, read_manifest, read_run_info
+from csn.runs.table import PROVENANCE
 
 EXPERIMENT_FILES = ("reproduce.json", "claims.json")
 """JSON files an experiment or reproduction directory holds beside its runs."""
@@ -45,7 +48,8 @@ def verify_run(path: str | Path) -> list[str]:
                         f"steps (run.json); {fix}")
     shapes = _model_shapes(info)
     for c in ckpts:
-        problem = _tensor_file_problem(path / "checkpoints" / c.file, c.sha256, shapes)
+        problem = _tensor_file_problem(path / "checkpoints" / c.file, c.sha256, shapes) or _nonfinite(
+            path / "checkpoints" / c.file)
         if problem:
             problems.append(f"checkpoint {c.file} (step {c.step}) {problem}; {fix}")
     states = sorted((path / "checkpoints").glob("state-*.safetensors"))
@@ -58,7 +62,7 @@ def verify_run(path: str | Path) -> list[str]:
         if problem:
             problems.append(f"optimizer state {state.name} {problem}; the run cannot resume exactly from it: restore "
                             "the file or re-create the run with `csn train --force`.")
-    problems += _table_problems(path / "tables")
+    problems += _table_problems(path / "tables", {c.step: c.sha256 for c in ckpts})
     problems += [f"{p} is an unfinished temporary file from an interrupted write; it is ignored and can be deleted."
                  for p in sorted(path.rglob(".*.tmp"))]
     return problems
@@ -114,14 +118,51 @@ def _tensor_file_problem(f: Path, sha256: str | None, shapes: dict[str, list] | 
     return None
 
 
-def _table_problems(tables: Path) -> list[str]:
-    """Unreadable or mistyped tables, and cached tensors (tables/*.safetensors) failing their checksum."""
+def _nonfinite(f: Path) -> str | None:
+    """'holds non-finite values ...' when a floating tensor of the safetensors file holds NaN or inf (read one
+    tensor at a time), else None."""
+    try:
+        with safe_open(str(f), framework="pt") as st:
+            for k in st.keys():
+                t = st.get_tensor(k)
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    return (f"holds non-finite values (NaN or inf) in {k}: the run diverged at or before this step "
+                            "(the analyses refuse it)")
+    except Exception as e:  # noqa: BLE001 - a damaged file: its header check reports it
+        return f"cannot be read ({type(e).__name__})"
+    return None
+
+
+def _stale_rows(t: Path, df: pd.DataFrame, manifest: dict[int, str]) -> str | None:
+    """Rows of table `t` whose PROVENANCE is not the sha256 of the checkpoint now at their step (the checkpoint
+    was replaced after they were computed), or None."""
+    name = table_name(t)
+    step = TABLE_STEP.get(name or "")
+    if step is None or PROVENANCE not in df.columns or step not in df.columns:
+        return None
+    rows = df[[step, PROVENANCE]].drop_duplicates()
+    rows = rows[rows[PROVENANCE].notna() & rows[step].isin(set(manifest))]
+    bad = sorted({int(s) for s, sha in zip(rows[step], rows[PROVENANCE]) if sha != manifest[int(s)]})
+    if not bad:
+        return None
+    shown = ", ".join(map(str, bad[:8])) + (", ..." if len(bad) > 8 else "")
+    return (f"table {t} holds rows of step(s) {shown} computed from other weights than the checkpoint now in the "
+            f"manifest (their {PROVENANCE} differs): run the analysis that wrote it again to recompute them.")
+
+
+def _table_problems(tables: Path, manifest: dict[int, str] | None = None) -> list[str]:
+    """Unreadable or mistyped tables, rows that no longer match their checkpoint (given the run's manifest
+    {step: sha256}), and cached tensors (tables/*.safetensors) failing their checksum."""
     out: list[str] = []
     for t in sorted(tables.glob("*.parquet")):
         try:
-            read_table(t)
+            df = read_table(t)
         except CsnError as e:
             out.append(str(e))
+            continue
+        stale = _stale_rows(t, df, manifest) if manifest else None
+        if stale:
+            out.append(stale)
     for f in sorted(tables.glob("*.safetensors")):
         problem = _tensor_file_problem(f, None, None)
         if problem:
