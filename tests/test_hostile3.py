@@ -358,3 +358,31 @@ def test_run_json_size_is_bounded_before_parsing(tiny_run):
                    "not csn's; restore it or re-create the run with `csn train --force`."), msg
     assert "is 20 MB, more than a run.json" in refused(["verify", tiny_run], code=1)
 
+
+# ============================================================================ 5. a report while an analysis writes
+def test_report_while_an_analysis_holds_the_lock_says_so(tiny_run):
+    """The page is built from the tables as they are, with one note on stderr and in the page naming the process
+    that writes; with the lock free there is no note."""
+    import os
+    import subprocess
+
+    code = ("import sys, time\nfrom csn.runs.lock import run_lock\nwith run_lock(sys.argv[1], 'selectivity'):\n"
+            "    print('held', flush=True)\n    time.sleep(120)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tiny_run)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        r = CliRunner().invoke(main, ["report", str(tiny_run), "--quiet"])
+    finally:
+        holder.kill()
+        holder.wait()
+    text = (f"{tiny_run} is being written by another csn process (pid {holder.pid}: selectivity); this page shows its "
+            "tables as they are now, and a table being written may be partial: run `csn report` again when it has "
+            "finished.")
+    assert r.exit_code == 0 and f"note: {text}" in r.output, r.output
+    page = (Path(tiny_run) / "report" / "index.html").read_text()
+    assert "Runs being written" in page and f"pid {holder.pid}: selectivity" in page
+    r = CliRunner().invoke(main, ["report", str(tiny_run), "--quiet"])
+    assert r.exit_code == 0 and "being written" not in r.output
+    assert "Runs being written" not in (Path(tiny_run) / "report" / "index.html").read_text()
+

@@ -51,6 +51,7 @@ from csn.report import style
 from csn.report.fig_regularize import regularize_figures
 from csn.report.fig_windows import windows_figures
 from csn.runs.io import atomic_path, read_table, write_text
+from csn.runs.lock import lock_owner
 from csn.runs.naming import condition_order, onset_of, parse_run_name
 from csn.runs.run import Run
 
@@ -111,6 +112,21 @@ def discover_runs(paths: Sequence[str | os.PathLike]) -> tuple[list[Run], Path |
                 seen.add(key)
                 runs.append(Run(d))
     return runs, experiment
+
+
+def _being_written(runs: Sequence[Run], log: Callable[[str], None]) -> list[Section]:
+    """Runs whose writer lock another csn process holds (training, or an analysis adding rows): one note each on
+    stderr, and a section at the top of the page saying that their tables are read as they are now."""
+    notes = []
+    for run in runs:
+        owner = lock_owner(run.path)
+        if owner is not None:
+            text = (f"{run.path} is being written by another csn process (pid {owner[0]}: {owner[1]}); this page shows "
+                    "its tables as they are now, and a table being written may be partial: run `csn report` again "
+                    "when it has finished.")
+            log(f"note: {text}")
+            notes.append(_note(text))
+    return [Section("writing", "Runs being written", items=notes)] if notes else []
 
 
 def group_runs(runs: Sequence[Run]) -> list[RunGroup]:
@@ -1023,6 +1039,7 @@ def build_report(paths: Sequence[str | os.PathLike] | str | os.PathLike, *, out:
     """
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     runs, experiment = discover_runs(paths)
+    writing = _being_written(runs, lambda msg: print(msg, file=sys.stderr, flush=True))
     index = _resolve_out(paths, out)
     out_dir = index.parent
     if out_dir.exists() and not out_dir.is_dir():
@@ -1037,7 +1054,7 @@ def build_report(paths: Sequence[str | os.PathLike] | str | os.PathLike, *, out:
     thresholds = _thresholds(claim_rows, thresholds)
     with _whole_page_or_nothing(out_dir):
         rep = _Report(out_dir, conds, experiment, lambda msg: print(msg, file=sys.stderr, flush=True))
-        sections = _sections(rep, _protocol(experiment), progress)
+        sections = writing + _sections(rep, _protocol(experiment), progress)
         html = _template().render(
             title=title or _title(paths, runs, experiment),
             generated=_dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z").strip(),

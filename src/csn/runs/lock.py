@@ -158,6 +158,23 @@ def lock_holder(run_dir: str | Path) -> int | None:
     return pid if pid > 0 and pid != os.getpid() and _alive(pid) else None
 
 
+def lock_owner(run_dir: str | Path) -> tuple[int, str] | None:
+    """(pid, what it writes: 'train', 'selectivity', ...) of another live process holding the run's writer lock, or
+    None when the lock is free or held by this process (a reader, e.g. `csn report`, can then say that the tables
+    it reads may still be growing)."""
+    lock = Path(run_dir) / ".lock"
+    if any(k[0] == str(lock.resolve()) for k in _HELD):
+        return None  # this process writes there itself
+    pid = lock_holder(run_dir)
+    if pid is None or pid == os.getpid():
+        return None
+    try:
+        what = lock.read_text().split(maxsplit=1)[1].strip() or "csn"
+    except (IndexError, OSError, UnicodeDecodeError):
+        what = "csn"
+    return pid, what
+
+
 _TMP_RE = re.compile(r"^\..+\.[A-Za-z0-9_]+\.tmp$")
 
 
@@ -188,4 +205,4 @@ def main_lock(run_dir: str | Path, what: str) -> contextlib.AbstractContextManag
     return dist.main_only(run_lock(run_dir, what))
 
 
-__all__ = ["run_lock", "main_lock", "lock_holder"]
+__all__ = ["run_lock", "main_lock", "lock_holder", "lock_owner"]
