@@ -386,3 +386,28 @@ def test_report_while_an_analysis_holds_the_lock_says_so(tiny_run):
     assert r.exit_code == 0 and "being written" not in r.output
     assert "Runs being written" not in (Path(tiny_run) / "report" / "index.html").read_text()
 
+
+# ============================================================================ 6. file modes
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_files_csn_writes_honour_the_umask(tmp_path, umask):
+    """The temporary file's 0600 does not survive the atomic rename: run.json, checkpoints, tables, the report and
+    the fmnist-pairs cache get 0o666 less the umask, like any other file the user writes."""
+    import os
+    import stat
+
+    from csn.data.pairs import _atomic
+    from csn.training.loop import train
+
+    old = os.umask(umask)
+    try:
+        train(tiny_config(epochs=0.5, checkpoints="0,f0.5,end"), tmp_path / "r", progress=False)
+        refused(["report", tmp_path / "r", "--quiet"], code=0)
+        with _atomic(tmp_path / "cache.npz") as f:
+            f.write(b"x")
+    finally:
+        os.umask(old)
+    want = 0o666 & ~umask
+    files = [p for p in tmp_path.rglob("*") if p.is_file() and p.name != ".lock"]
+    assert len(files) > 8 and any(p.name == "index.html" for p in files)
+    modes = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in files}
+    assert set(modes.values()) == {oct(want)}, modes

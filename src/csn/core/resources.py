@@ -5,6 +5,7 @@ work with smaller batches instead of dying.
     env_limit(env, default)                          a resource bound: $ENV when set (a positive number), else default
     check_limit(need, limit, what=..., raise_it=...) CsnError with the estimate and the limit when need > limit
     available_memory(), check_memory(need, what=...) memory this process can still take; refuse what cannot fit
+    new_file_mode()                                  0o666 less the umask: the mode an atomically written file gets
     state_dict_bytes(tensors)                        bytes a checkpoint of these tensors takes
     retry_smaller_batches(fn, batch)                 fn(batch), halving `batch` on out-of-memory errors
     is_oom(exc)                                      True for CUDA/MPS/CPU allocation failures
@@ -111,6 +112,28 @@ def check_memory(need_bytes: float, *, what: str, fix: str) -> None:
     if have is not None and need_bytes > have:
         raise CsnError(f"{what} needs about {human_bytes(need_bytes)} of memory, but this machine has {human_bytes(have)} "
                        f"available; {fix}.")
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux says it (/proc/self/status), else by setting and
+    restoring it."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError, UnicodeDecodeError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def new_file_mode() -> int:
+    """The mode of a new file under the umask (0o666 & ~umask, e.g. 0o644): what a temporary file (created 0600 by
+    tempfile) is given before it is renamed into place, so that other users of a shared machine can read a run or
+    a report as they can any other file the user writes."""
+    return 0o666 & ~_umask()
 
 
 def state_dict_bytes(tensors: Mapping[str, torch.Tensor] | Iterable[torch.Tensor]) -> int:

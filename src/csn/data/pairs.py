@@ -40,6 +40,7 @@ from typing import BinaryIO
 
 import numpy as np
 
+from csn.core.resources import new_file_mode
 from csn.data.idx import FASHION_MNIST_CLASSES, fashion_mnist_root, idx_paths, idx_splits
 from csn.data.tensors import DataSplits
 from csn.data.validate import check_memory, note, validate_splits
@@ -178,6 +179,7 @@ def _atomic(path: Path) -> Iterator[BinaryIO]:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, new_file_mode())  # the umask's mode, not the temporary file's 0600
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):

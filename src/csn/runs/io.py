@@ -1,5 +1,7 @@
 """Atomic file I/O: temporary file in the same folder, fsync, rename; sha256; safetensors and Parquet.
 
+Files get the mode the umask gives a new file (0o644 under the usual 022), not the temporary file's 0600.
+
 A crash never leaves a half-written file under its final name (leftover `.NAME.XXXX.tmp` files are
 removed by the next writer of the run, csn.runs.lock).
 """
@@ -22,6 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from csn.core.resources import new_file_mode
 from csn.errors import CsnError
 
 SIDECAR = ".sha256"
@@ -39,6 +42,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp_path, new_file_mode())  # the umask's mode, not the temporary file's 0600
         os.replace(tmp_path, path)
         with contextlib.suppress(OSError):
             dfd = os.open(path.parent, os.O_RDONLY)
