@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -27,13 +28,21 @@ from csn.training.regularizer import default_reg_layers
 
 @dataclass(frozen=True)
 class Condition:
-    """A training condition: alpha switched on from `onset` (epochs) to the end; onset None = baseline."""
+    """A training condition: alpha switched on from `onset` (epochs) to the end; onset None = baseline.
+
+    label: the condition's own name (default: baseline / reg-from-<onset>); overrides: extra training-config keys
+    of this condition, as (key, value) pairs (e.g. (("dataset", "fmnist-pairs"), ("reg_mode", "study"))), applied
+    after the regularizer's keys and recorded by `record()` and in run.json (the config that trained)."""
 
     onset: float | None
     alpha: float = 0.0
+    label: str | None = None
+    overrides: tuple[tuple[str, Any], ...] = ()
 
     @property
     def name(self) -> str:
+        if self.label:
+            return self.label
         return "baseline" if self.onset is None else f"reg-from-{self.onset:g}"
 
     def apply(self, cfg: TrainConfig, seed: int) -> TrainConfig:
@@ -44,7 +53,11 @@ class Condition:
             # the exact epoch (an onset resolved from steps or fractions is step / steps_per_epoch: 0.3326...)
             onset = f"{self.onset:g}" if float(f"{self.onset:g}") == self.onset else repr(float(self.onset))
             reg = dict(reg_alpha=self.alpha, reg_window=f"{onset}:end", reg_schedule=None)
-        return cfg.replace(seed=seed, name=run_name(self.name, seed), **reg)
+        return cfg.replace(seed=seed, name=run_name(self.name, seed), **{**reg, **dict(self.overrides)})
+
+    def record(self) -> dict[str, Any]:
+        """The condition as plain data (name, onset, alpha, overrides), for an experiment's JSON record."""
+        return {"name": self.name, "onset": self.onset, "alpha": self.alpha, "overrides": dict(self.overrides)}
 
 
 def conditions(alpha: float, onsets: list[float]) -> list[Condition]:
