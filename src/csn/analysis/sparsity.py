@@ -20,6 +20,11 @@ both, in eval mode on an evaluation split:
   sums over the classes present, CSI over them with eps 1e-6; a group with fewer than 2 classes present
   contributes nothing; the mean over the contributing groups (csn.core.stats.group_csi_nowait, the regularizer's
   own function, here in eval mode and float64).
+- **group_csi_floor**: group_csi of a unit that responds alike to every image, i.e. from the class counts alone
+  (with class sums, a class present twice in a group has twice the sum: with 10 classes in groups of 32, about
+  3 images per class, this floor is about 0.35; with 100 classes about 0.3, where one class appears twice). The
+  network cannot lower group_csi much below it (it does not see a group's counts), so the part a regularizer can
+  cut is group_csi - group_csi_floor. The same value for every unit of a checkpoint and split.
 - **batch_csi** (csn's regularizer statistic): the same with class *means* (eps 1e-7) in groups of B images, B the
   run's training batch size (`batch`), i.e. csn's batch CSI on eval-mode batches of the split. With 10 classes
   it is close to the dataset-level CSI; with 100 classes and about one image per class it is not.
@@ -28,8 +33,8 @@ The loader's batches hold whole groups of both sizes (a multiple of lcm(G, B)), 
 
 A unit whose activations are all exactly 0 is dead (sparsity and group_csi 0, counted in `dead`). Table:
 
-    tables/sparsity.parquet  step, epoch, layer, stage, unit, sparsity, group_csi, batch_csi, dead, n_groups,
-                             split, group, batch, n_images, bn_recalibrated
+    tables/sparsity.parquet  step, epoch, layer, stage, unit, sparsity, group_csi, group_csi_floor, batch_csi,
+                             dead, n_groups, split, group, batch, n_images, bn_recalibrated
 
 Under torchrun every process computes the whole (cheap) pass on the same seeded order; rank 0 writes.
 """
@@ -63,7 +68,7 @@ SPARSITY_SEED = 3232
 SPARSITY = TableSpec(
     "sparsity",
     {"step": "int64", "epoch": "float64", "layer": "str", "stage": "str", "unit": "int64", "sparsity": "float64",
-     "group_csi": "float64", "batch_csi": "float64", "dead": "bool", "n_groups": "int64", "split": "str",
+     "group_csi": "float64", "group_csi_floor": "float64", "batch_csi": "float64", "dead": "bool", "n_groups": "int64", "split": "str",
      "group": "int64", "batch": "int64", "n_images": "int64", "bn_recalibrated": "int64"},
     key=("step", "layer"), settings=("split", "group", "batch", "n_images"), row_settings=("bn_recalibrated",),
     same_set=("layer",), flags={"split": "--split", "group": "--group", "batch": "--batch", "n_images": "--samples"},
@@ -130,12 +135,13 @@ class _Sums:
 
     def __init__(self) -> None:
         self.sums: dict[str, Tensor] = {}
-        self.counts = {"sparsity": 0, "group_csi": 0, "batch_csi": 0}
+        self.counts = {"sparsity": 0, "group_csi": 0, "group_csi_floor": 0, "batch_csi": 0}
         self.live: Tensor | None = None
 
     def add(self, acts: Tensor, labels: Tensor, num_classes: int, group: int, batch: int) -> None:
         parts = {"sparsity": image_sparsity(acts, group),
                  "group_csi": group_csi_sum(acts, labels, num_classes, group, class_sums=True),
+                 "group_csi_floor": group_csi_sum(torch.ones_like(acts[:, :1]), labels, num_classes, group, class_sums=True),
                  "batch_csi": group_csi_sum(acts, labels, num_classes, batch, class_sums=False)}
         for k, (total, n) in parts.items():
             self.sums[k] = self.sums[k] + total if k in self.sums else total
@@ -170,14 +176,17 @@ def collect_sparsity(model: torch.nn.Module, loader: Iterable[Any], layers: list
 
 
 def sparsity_frame(sums: Mapping[str, _Sums], stage_map: Mapping[str, str]) -> pd.DataFrame:
-    """One row per unit: layer, stage, unit, sparsity, group_csi, batch_csi, dead, n_groups (dead units: 0)."""
+    """One row per unit: layer, stage, unit, sparsity, group_csi, group_csi_floor, batch_csi, dead, n_groups (dead
+    units: 0, the floor as for every unit)."""
     frames = []
     for layer, s in sums.items():
         dead = ~s.live.cpu().numpy()
         u = len(dead)
         frames.append(pd.DataFrame({
             "layer": [layer] * u, "stage": [stage_map.get(layer, layer)] * u, "unit": np.arange(u, dtype=np.int64),
-            **{k: np.where(dead, 0.0, s.mean(k)) for k in ("sparsity", "group_csi", "batch_csi")}, "dead": dead,
+            "sparsity": np.where(dead, 0.0, s.mean("sparsity")), "group_csi": np.where(dead, 0.0, s.mean("group_csi")),
+            "group_csi_floor": float(s.mean("group_csi_floor")[0]), "batch_csi": np.where(dead, 0.0, s.mean("batch_csi")),
+            "dead": dead,
             "n_groups": np.int64(s.counts["sparsity"])}))
     return pd.concat(frames, ignore_index=True)
 

@@ -75,8 +75,10 @@ REGULARIZERS: dict[str, dict[str, Any]] = {"csn": {"reg_mode": "csn"}, "study": 
 """The two regularizer statistics as training-config keys (csn.training.regularizer; README "Which statistic")."""
 REGULARIZER_TEXT = {"csn": "csn's: class means over the global batch",
                     "study": f"the study's: class sums per group of {STUDY_GROUP} images (reg_mode=study)"}
-OWN_MEASURE = {"csn": "batch_csi", "study": "group_csi"}
-"""Each regularizer's own statistic as csn.analysis.sparsity measures it (eval mode, test split)."""
+OWN_MEASURE = {"csn": "batch_csi", "study": "group_csi_excess"}
+"""Each regularizer's own statistic as csn.analysis.sparsity measures it (eval mode, test split): csn's batch CSI
+(class means per training batch), and the study's group CSI above its floor (group_csi - group_csi_floor: the part
+of the class-sums statistic that is not the groups' class counts, which no network can change)."""
 ROLES = ("baseline", "from0", "late")
 
 
@@ -343,16 +345,19 @@ def measure(runs: dict[tuple[str, int], Run], *, progress: bool = True) -> None:
             run_analysis(group, analysis, data=data, checkpoints="last", progress=progress, log=log)
 
 
-def _stage_mean(run: Run, table: str, cols: tuple[str, ...], stages: list[str]) -> dict[str, float]:
-    """Mean over the units of `stages` at the run's last measured step of each column (NaN without the table)."""
-    df = run.read(table)
+SPARSITY_COLUMNS = ("sparsity", "group_csi", "group_csi_floor", "group_csi_excess", "batch_csi")
+"""The sparsity table's measures in regime_runs (final_<column>); group_csi_excess = group_csi - group_csi_floor
+(a dead unit counts as at the floor)."""
+
+
+def _sparsity_means(run: Run, stages: list[str]) -> dict[str, float]:
+    """Mean over the units of `stages` at the run's last measured step of each SPARSITY_COLUMNS (NaN without it)."""
+    df = run.read("sparsity")
     if df is None or df.empty:
-        return {c: math.nan for c in cols}
+        return {c: math.nan for c in SPARSITY_COLUMNS}
     part = df[(df["step"] == df["step"].max()) & df["stage"].isin(stages)]
-    return {c: float(part[c].mean()) if len(part) else math.nan for c in cols}
-
-
-SPARSITY_COLUMNS = ("sparsity", "group_csi", "batch_csi")
+    part = part.assign(group_csi_excess=np.where(part["dead"], 0.0, part["group_csi"] - part["group_csi_floor"]))
+    return {c: float(part[c].mean()) if len(part) else math.nan for c in SPARSITY_COLUMNS}
 
 
 def per_seed_table(plan: RegimePlan, runs: dict[tuple[str, int], Run], conds: list[Condition] | None = None) -> pd.DataFrame:
@@ -369,7 +374,7 @@ def per_seed_table(plan: RegimePlan, runs: dict[tuple[str, int], Run], conds: li
         d, reg, role = info[name]
         extra.append({"dataset": d, "regularizer": reg, "role": role, "reg_statistic": resolved["statistic"],
                       "reg_group": str(resolved["group"]),
-                      **{f"final_{k}": v for k, v in _stage_mean(run, "sparsity", SPARSITY_COLUMNS, stages).items()}})
+                      **{f"final_{k}": v for k, v in _sparsity_means(run, stages).items()}})
     return pd.concat([df.reset_index(drop=True), pd.DataFrame(extra)], axis=1)
 
 
@@ -386,7 +391,7 @@ def _pilot_dataset(plan: RegimePlan, cond: Condition) -> str:
     return next(d for d, dk in plan.preset.datasets.items() if all(keys.get(k) == v for k, v in dk.items()))
 
 
-MEASURES = ("csi", "eta2", *SPARSITY_COLUMNS)
+MEASURES = ("csi", "eta2", "sparsity", "group_csi", "group_csi_excess", "batch_csi")
 """Per-condition measures of the regularized stages compared with the baseline (final_<measure> in regime_runs)."""
 
 
@@ -545,17 +550,18 @@ def run_pilot(plan: RegimePlan, *, progress: bool = True) -> pd.DataFrame:
 def pilot_text(table: pd.DataFrame) -> str:
     """The pilot's table: per (dataset, regularizer, alpha) each measure of the regularized stages against the
     baseline (the statistic's own measure marked *), and test accuracy."""
-    lines = [f"{'dataset':<8} {'reg':<6} {'alpha':>6}  {'batch_csi':>16} {'group_csi':>16} {'csi':>16} {'eta2':>16} "
-             f"{'sparsity':>16} {'test acc':>14}"]
+    shown = ("batch_csi", "group_csi_excess", "group_csi", "csi", "eta2", "sparsity")
+    lines = [f"{'dataset':<8} {'reg':<6} {'alpha':>6}  " + " ".join(f"{m:>16}" for m in shown) + f" {'test acc':>14}"]
     for r in table.itertuples():
         cells = []
-        for m in ("batch_csi", "group_csi", "csi", "eta2", "sparsity"):
+        for m in shown:
             mark = "*" if m == r.own_measure else " "
             cells.append(f"{getattr(r, m):.3f}/{getattr(r, 'base_' + m):.3f} {-100 * getattr(r, m + '_reduction'):+4.0f}%{mark}")
         lines.append(f"{r.dataset:<8} {r.regularizer:<6} {r.alpha:>6g}  " + " ".join(f"{c:>16}" for c in cells)
                      + f" {r.test_acc:.4f}/{r.base_test_acc:.4f}")
     lines.append("values: run/baseline and the change; * = the regularizer's own statistic (csn: batch_csi, class "
-                 "means per training batch; study: group_csi, class sums per group of 32), eval mode, test split")
+                 "means per training batch; study: group_csi_excess, class sums per group of 32 above the floor the "
+                 "groups' class counts give), eval mode, test split; regularized stages")
     return "\n".join(lines)
 
 
