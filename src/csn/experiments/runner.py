@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -54,6 +54,16 @@ def is_complete(out: str | Path) -> bool:
 
 _worker = {"in_job": False, "stopping": False}  # a worker process's state (see _worker_init)
 STOP_TIMEOUT_S = 60.0  # how long a stopped worker may take to leave its run resumable before it is killed
+POLL_S = 2.0  # how often the parent reads the runs' manifests for the optimizer-step bar
+
+
+def last_step(out: Path) -> int:
+    """The step of a run's last checkpoint (the manifest the training loop rewrites at every checkpoint); 0 if none."""
+    try:
+        ckpts = read_manifest(out / "checkpoints")
+    except (CsnError, OSError, ValueError):
+        return 0
+    return ckpts[-1].step if ckpts else 0
 
 
 def _on_interrupt(signum, frame) -> None:
@@ -71,29 +81,64 @@ def _worker_init(parent_pid: int) -> None:
     signal.signal(signal.SIGINT, _on_interrupt)
 
 
-def _run_job(cfg_dict: dict, out: str, threads: int | None) -> str:
+def _run_job(cfg_dict: dict, out: str, threads: int | None, progress: bool = False) -> str:
     if _worker["stopping"]:  # interrupted: start nothing new (a job already queued to this worker)
         raise KeyboardInterrupt
     _worker["in_job"] = True
     try:
-        return _train_job(cfg_dict, out, threads)
+        return _train_job(cfg_dict, out, threads, progress)
     finally:
         _worker["in_job"] = False
 
 
-def _train_job(cfg_dict: dict, out: str, threads: int | None) -> str:
+def _train_job(cfg_dict: dict, out: str, threads: int | None, progress: bool = False) -> str:
     if threads:
         torch.set_num_threads(threads)
     cfg = TrainConfig.from_dict(cfg_dict)
     resume = (Path(out) / "run.json").is_file()
-    train(cfg, out, resume=resume, progress=False)
+    train(cfg, out, resume=resume, progress=progress)
     return out
 
 
-def run_jobs(jobs: list[Job], *, parallel: int = 1, progress: bool = True, desc: str = "training") -> list[Run]:
+class _Progress:
+    """The bar of run_jobs: finished runs, or with `steps` (optimizer steps per run) the optimizer steps of every
+    run, read from the runs' manifests (checkpoint granularity) by the parent, so training is never slowed."""
+
+    def __init__(self, jobs: list[Job], todo: list[Job], steps: int | None, desc: str, progress: bool) -> None:
+        self.jobs, self.steps, self.desc, self.finished = jobs, steps, desc, len(jobs) - len(todo)
+        total, initial = (len(jobs), self.finished) if steps is None else (
+            steps * len(jobs), sum(min(last_step(j.out), steps) for j in jobs))
+        self.pbar = bar(total=total, initial=initial, unit="run" if steps is None else "step",
+                        desc=self._desc(), progress=progress, dynamic_ncols=True)
+
+    def _desc(self) -> str:
+        return self.desc if self.steps is None else f"{self.desc} {self.finished}/{len(self.jobs)}"
+
+    def poll(self) -> None:
+        """Advance the step bar to the runs' last checkpoints."""
+        if self.steps is not None:
+            now = sum(min(last_step(j.out), self.steps) for j in self.jobs)
+            self.pbar.update(max(0, now - self.pbar.n))
+
+    def run_done(self) -> None:
+        self.finished += 1
+        if self.steps is None:
+            self.pbar.update(1)
+        else:
+            self.pbar.set_description(self._desc(), refresh=False)
+            self.poll()
+
+    def close(self) -> None:
+        self.pbar.close()
+
+
+def run_jobs(jobs: list[Job], *, parallel: int = 1, progress: bool = True, desc: str = "training",
+             steps: int | None = None) -> list[Run]:
     """Train every job that is not complete (resuming partial runs); return the runs in job order.
 
-    Under torchrun the jobs run one after the other, each on every process (DDP), whatever `parallel`.
+    steps: the optimizer steps of one run; given, the bar counts the steps of every run (updated at each run's
+    checkpoints) instead of finished runs, and one run at a time shows the training loop's own bar. Under torchrun
+    the jobs run one after the other, each on every process (DDP), whatever `parallel`.
     """
     parallel = RunnerOptions.parse({"parallel": parallel}).parallel
     todo = dist.on_main(lambda: [i for i, j in enumerate(jobs) if not is_complete(j.out)])
@@ -101,33 +146,36 @@ def run_jobs(jobs: list[Job], *, parallel: int = 1, progress: bool = True, desc:
     cores = os.cpu_count() or 1
     parallel = 1 if dist.is_dist() else min(parallel, len(todo) or 1)
     threads = None if dist.is_dist() else max(1, cores // parallel)  # torchrun sets OMP_NUM_THREADS
-    pbar = bar(total=len(jobs), initial=len(jobs) - len(todo), desc=desc, unit="run",
-               progress=progress and dist.is_main())
+    show = progress and dist.is_main()
+    bars = _Progress(jobs, todo, steps, desc, show)
     try:
         if parallel == 1:
             for j in todo:
-                _run_job(j.cfg.to_dict(), str(j.out), threads)
-                pbar.update(1)
+                _run_job(j.cfg.to_dict(), str(j.out), threads, progress=progress and steps is not None)
+                bars.run_done()
         else:
-            _run_in_workers(todo, parallel, threads, pbar)
+            _run_in_workers(todo, parallel, threads, bars)
     finally:
-        pbar.close()
+        bars.close()
     for j in jobs:
         if not is_complete(j.out):
             raise CsnError(f"training {j.out} did not finish; run the same command again to resume it.")
     return [Run(j.out) for j in jobs]
 
 
-def _run_in_workers(todo: list[Job], parallel: int, threads: int | None, pbar) -> None:
+def _run_in_workers(todo: list[Job], parallel: int, threads: int | None, bars: _Progress) -> None:
     """The jobs in `parallel` spawned worker processes that die with this one. On Ctrl-C or a failed job, nothing
     new starts and the jobs under way are stopped cleanly (resumable) before the error goes on."""
     pool = ProcessPoolExecutor(parallel, mp_context=get_context("spawn"), initializer=_worker_init,
                                initargs=(os.getpid(),))
     try:
-        futures = [pool.submit(_run_job, j.cfg.to_dict(), str(j.out), threads) for j in todo]
-        for f in as_completed(futures):
-            f.result()
-            pbar.update(1)
+        pending = {pool.submit(_run_job, j.cfg.to_dict(), str(j.out), threads) for j in todo}
+        while pending:
+            done, pending = wait(pending, timeout=POLL_S, return_when=FIRST_COMPLETED)
+            for f in done:
+                f.result()
+                bars.run_done()
+            bars.poll()
     except BaseException:
         _stop_workers(pool)
         raise
