@@ -9,9 +9,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from csn.analysis.linearity import linear_model_path
 from csn.cli import main as cli
-from csn.experiments.claims import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, THRESHOLDS
-from csn.experiments.reproduce import _delete_reproduction
+from csn.experiments.claims import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, THRESHOLDS, peak_step
+from csn.experiments.reproduce import _delete_reproduction, plan_text, reproduction
+from csn.runs.io import checksum_problem, sha256_file
+from csn.runs.run import Run
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +48,47 @@ def test_claims_json_structure(smoke):
     assert (out / "baseline-s0" / "tables" / "ablation.parquet").is_file()
     assert (out / "baseline-s0" / "tables" / "linearity.parquet").is_file()
     assert (out / "reg-from-0-s0" / "tables" / "cka.parquet").is_file()
+
+
+def test_the_plan_comes_first(smoke):
+    _, output = smoke
+    assert output.index("plan of study 'smoke'") < output.index("[1/7] train")
+    assert "verdicts at 2 seeds" in output and "estimated time: about" in output
+
+
+def _steps(run: Run, table: str) -> set[int]:
+    t = run.read(table)
+    return set() if t is None else set(t["step_a" if table == "cka" else "step"].unique().tolist())
+
+
+def test_analyses_run_where_the_verdicts_read_them(smoke):
+    """Baseline: selectivity at every checkpoint, ablation and linearity at its selectivity peak and its end;
+    regularized runs: selectivity and CKA at the end; one linear classifier fit, shared, checked by sha256."""
+    out, output = smoke
+    fits = []
+    for seed in (0, 1):
+        base = Run(out / f"baseline-s{seed}")
+        steps = [c.step for c in base.checkpoints]
+        peak = peak_step(base.read("selectivity"), steps[-1])
+        assert 0 < peak < steps[-1] and _steps(base, "selectivity") == set(steps)
+        assert _steps(base, "ablation") == _steps(base, "linearity") == {peak, steps[-1]}
+        for cond in ("reg-from-0", "reg-from-1"):
+            reg = Run(out / f"{cond}-s{seed}")
+            assert _steps(reg, "selectivity") == {steps[-1]} == _steps(reg, "cka")
+            assert not (reg.path / "tables" / "linearity.parquet").exists()
+        path = linear_model_path(base)
+        assert checksum_problem(path) is None
+        fits.append(sha256_file(path))
+    assert fits[0] == fits[1] and output.count("fitting the linear classifier") == 1
+
+
+def test_the_plan_of_a_finished_reproduction_has_nothing_left(smoke):
+    out, _ = smoke
+    rep = reproduction("smoke", out)
+    assert all(w.todo == 0 for w in rep.work()) and rep.work()[0].total == 6
+    text = plan_text(rep, power=[])
+    assert "6 runs, 0 to train" in text and "median of 6 finished runs here" in text
+    assert "analyses 0m00s" in text
 
 
 def test_report_figures_exist_and_are_not_empty(smoke):

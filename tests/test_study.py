@@ -18,16 +18,18 @@ from csn.analysis.linearity import LinearityOptions
 from csn.cli import main as cli
 from csn.data import write_idx
 from csn.errors import CsnError
-from csn.experiments.claims import INCONCLUSIVE
+from csn.experiments.claims import INCONCLUSIVE, planned_power
 from csn.experiments.regularize import Condition
 from csn.experiments.study import (
     Study,
     StudyConfig,
     load_study,
     onset_epoch,
+    select_steps,
     select_times,
     study_names,
     to_toml,
+    uses_peak,
 )
 from csn.runs.config import preset
 from csn.runs.run import Checkpoint, select_checkpoints
@@ -53,16 +55,22 @@ def test_shipped_studies_load_and_round_trip_through_print_config(tmp_path):
         assert load_study(config=path)[1] == cfg, name
 
 
-def test_fmnist_study_is_the_former_preset():
-    """The fmnist study declares what the former STUDIES['fmnist'] did (its times now as points in training)."""
+def test_fmnist_study_defaults_decide_c4_at_half_a_point():
+    """The fmnist study: 5 seeds in every condition, so C4 has power >= 0.8 at its declared 0.5-point effect under the
+    recorded spread (claims.planned_power), 2 epochs to keep 15 runs within 30 minutes; the analyses where the
+    verdicts read them."""
     _, cfg = load_study("fmnist")
     st = cfg.study
-    assert cfg.train == preset("fmnist")
-    assert (st.seeds, st.reg_seeds, st.alpha, st.parallel, st.judge) == (3, 2, -1.0, 2, True)
+    assert cfg.train == preset("fmnist").replace(epochs=2.0)
+    assert (st.seeds, st.reg_seeds, st.alpha, st.parallel, st.judge) == (5, 5, -1.0, 2, True)
     assert st.ablation == AblationOptions(draws=3, orders=("selective", "random"), grid="f:0,0.0625,0.125,0.25,0.5,1",
                                           samples=1000)
     assert st.linearity == LinearityOptions(samples=1000) and st.cka == CkaOptions(samples=1000)
-    assert st.selectivity == Study().selectivity
+    assert st.ablation_checkpoints == st.linearity_checkpoints == ("peak", "end")
+    assert st.reg_selectivity_checkpoints == ("end",) and st.cka_checkpoints == ("end",)
+    assert st.spread == Study().spread
+    c4 = {r["claim"]: r for r in planned_power(st.seeds, st.spread)}["C4"]
+    assert c4["declared"] == 0.005 and c4["power"] >= 0.8 and c4["seeds_needed"] <= st.seeds
 
 
 @pytest.mark.parametrize("spe", [FMNIST_SPE, 469])
@@ -79,16 +87,56 @@ def test_fmnist_times_resolve_to_the_former_epochs_on_fashion_mnist(spe):
     ckpts = _ckpts(steps, spe)
     assert onset_epoch(st.late_onset, spe, total) == 1.0
     old = [c.step for c in select_checkpoints(ckpts, "e0.03,e0.125,last")]
-    assert select_times(ckpts, st.ablation_checkpoints, spe, total) == old == [16, 64, total]
-    assert select_times(ckpts, (st.early_checkpoint,), spe, total) == [64]
-    assert min(ckpts, key=lambda c: abs(c.epoch - 0.125)).step == 64  # the former early_epoch = 0.125
+    assert select_times(ckpts, ("step=16", "step=64", "end"), spe, total) == old == [16, 64, total]
+    assert select_times(ckpts, st.ablation_checkpoints, spe, total, peak=32) == [32, total]
+    with pytest.raises(CsnError, match="no selectivity peak"):
+        select_times(ckpts, st.ablation_checkpoints, spe, total)
     cond = Condition(onset_epoch(st.late_onset, spe, total), st.alpha)
     assert cond.name == "reg-from-1" and cond.apply(cfg.train, 0).reg_window == "1:end"
     # smoke: 8 steps x 2 epochs; the former e0.25,last and late onset 1.0
     _, smoke = load_study("smoke")
     sck = _ckpts(checkpoint_steps(smoke.train.checkpoints, 8, 2), 8)
-    assert select_times(sck, smoke.study.ablation_checkpoints, 8, 16) == [2, 16]
+    assert select_times(sck, smoke.study.ablation_checkpoints, 8, 16, peak=4) == [4, 16]
     assert onset_epoch(smoke.study.late_onset, 8, 16) == 1.0
+
+
+def test_the_fmnist_study_on_fashion_mnist():
+    """2 epochs of 468 steps: the late onset is step 312 (epoch 0.667); the selectivity peak is searched in the first
+    234 steps, where 6 of the 13 checkpoints lie."""
+    from csn.core.schedules import checkpoint_steps
+
+    _, cfg = load_study("fmnist")
+    total = FMNIST_SPE * 2
+    steps = checkpoint_steps(cfg.train.checkpoints, FMNIST_SPE, cfg.train.epochs)
+    assert steps == [0, 8, 16, 32, 64, 128, 234, 256, 312, 468, 624, 780, total]
+    assert round(onset_epoch(cfg.study.late_onset, FMNIST_SPE, total) * FMNIST_SPE) == 312
+    assert [s for s in steps if 0 < s <= 0.25 * total] == [8, 16, 32, 64, 128, 234]
+
+
+def test_peak_is_a_study_time():
+    """`peak` (each baseline run's selectivity peak) in checkpoint lists, also in ranges; not a training time."""
+    st = Study.parse({"ablation_checkpoints": "PEAK, end", "linearity_checkpoints": ["0:peak"], "cka_checkpoints": []})
+    assert st.ablation_checkpoints == ("peak", "end") and st.linearity_checkpoints == ("0:peak",)
+    assert st.cka_checkpoints == () and uses_peak(st.linearity_checkpoints) and not uses_peak(("end", "f0.5"))
+    steps = [0, 8, 16, 32, 64, 100]
+    assert select_steps(steps, st.linearity_checkpoints, 50, 100, peak=16) == [0, 8, 16]
+    assert select_steps(steps, ("peak", "step=60", "end"), 50, 100, peak=8) == [8, 64, 100]
+    for bad in ({"late_onset": "peak"}, {"ablation_checkpoints": ["peek"]}, {"ablation_checkpoints": []}):
+        with pytest.raises(CsnError, match="point in training"):
+            Study.parse(bad)
+
+
+def test_keys_of_earlier_studies(tmp_path, capsys):
+    """early_checkpoint is ignored with a one-line note (C2 and C3 read each run's peak); reg_seeds too when it
+    equals seeds (every condition has the seeds), and refused otherwise, naming the fix."""
+    old = _write(tmp_path, '[study]\nseeds = 3\nreg_seeds = 3\nearly_checkpoint = "step=64"\n')
+    assert load_study(config=old)[1].study == Study(seeds=3)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and "early_checkpoint is no longer used and was ignored" in err[0] and "peak" in err[0]
+    assert "reg_seeds is no longer used" in err[1]
+    with pytest.raises(CsnError, match=r"reg_seeds is no longer used.*delete reg_seeds = 2") as e:
+        load_study(config=_write(tmp_path, "[study]\nseeds = 3\nreg_seeds = 2\n", "two.toml"))
+    assert "\n" not in str(e.value)
 
 
 def test_times_transfer_across_dataset_sizes():
@@ -128,7 +176,7 @@ def test_a_study_file_starts_from_a_preset_and_merges_nested_tables(tmp_path):
     cfg = load_study(config=yml)[1]
     assert cfg.train == preset("smoke") and cfg.study.alpha == -2 and cfg.study.late_onset == "f0.5"
     bare = load_study(config=_write(tmp_path, "[study]\nseeds = 2\n", "bare.toml"))[1]
-    assert bare.train.model == "resnet20" and bare.study.early_checkpoint == "step=64"  # the defaults
+    assert bare.train.model == "resnet20" and bare.study.ablation_checkpoints == ("peak", "end")  # the defaults
 
 
 def test_shortcuts_and_sets(tmp_path):
@@ -204,10 +252,9 @@ preset = "smoke"
 
 [study]
 seeds = 1
-reg_seeds = 1
 late_onset = "f0.5"
-early_checkpoint = "step=2"
-ablation_checkpoints = ["step=2", "end"]
+ablation_checkpoints = ["peak", "end"]
+linearity_checkpoints = ["peak", "end"]
 parallel = 1
 judge = false
 

@@ -13,6 +13,7 @@ from csn.cli.options import CONTEXT, echo
 from csn.errors import CsnError
 from csn.experiments.claims import verdict_table
 from csn.experiments.judge import judge
+from csn.experiments.reproduce import plan_text, reproduction
 from csn.experiments.reproduce import reproduce as run
 from csn.experiments.study import load_study, study_names, study_text, to_toml
 from csn.report.html import build_report
@@ -44,20 +45,27 @@ def _print_config(name: str) -> None:
               help="Override one key, e.g. --set study.alpha=-2 --set train.width=0.5 --set study.ablation.draws=5 "
                    "(repeatable).")
 @click.option("--out", type=click.Path(file_okay=False), help="Output directory [default: runs/reproduce-<study>].")
-@click.option("--seeds", type=int, help="Baseline seeds (regularized conditions use min(seeds, the study's)).")
+@click.option("--seeds", type=int, help="Seeds of every condition (baseline and regularized; C4 pairs them) "
+              "[default: the study's].")
 @click.option("--resume", is_flag=True, help="Continue an interrupted reproduction (finished steps are skipped).")
 @click.option("--force", is_flag=True, help="Delete an existing reproduction in --out and start over.")
-@click.option("--quiet", is_flag=True, help="Only the step lines, no progress bars.")
-def reproduce(preset, config_file, print_config, dataset, data_root, model, sets, out, seeds, resume, force,
+@click.option("--dry-run", is_flag=True, help="Print the plan (runs, analyses and where, estimated time, each "
+              "verdict's power, minimal detectable effect and seeds needed) and exit; writes nothing.")
+@click.option("--quiet", is_flag=True, help="Only the plan and the step lines, no progress bars.")
+def reproduce(preset, config_file, print_config, dataset, data_root, model, sets, out, seeds, resume, force, dry_run,
               quiet) -> None:
     """Reproduce the study: train, measure, ablate, regularize, compare, judge, report.
 
     \b
-    Steps (each skipped when its outputs exist, so --resume continues where it stopped):
-      1. baseline runs (N seeds, dense early checkpoints)      5. regularized runs (from step 0 and a later onset)
-      2. selectivity (CSI, eta²) at every checkpoint             6. their selectivity
-      3. ablation sweeps at early / peak / last checkpoints      7. CKA regularized vs baseline, matched checkpoints
-      4. linearity measures at every checkpoint                  8. claims C1-C4 with verdicts, 9. the report
+    Prints its plan first (as --dry-run does), then runs these steps, each skipped when its outputs
+    exist (so --resume continues where it stopped):
+      1. train: baseline and regularized runs (from step 0 and from a later onset), the same N seeds
+      2. selectivity (CSI, eta²): baseline runs at every checkpoint (C1, each run's selectivity peak),
+         regularized runs at the end (C4's dose)
+      3. ablation sweeps of the baseline runs at their selectivity peak and at the end (C2)
+      4. linearity of the baseline runs at the peak and the end (C3; the linear classifier fit once)
+      5. CKA regularized vs baseline at the end (no verdict reads it; study key cka_checkpoints)
+      6. claims C1-C4 with verdicts, 7. the report
     Ends by printing the claims table and the report's path (OUT/report/index.html); the verdicts
     and the thresholds behind them are also in OUT/claims.json (`csn claims OUT` recomputes them).
 
@@ -68,8 +76,9 @@ def reproduce(preset, config_file, print_config, dataset, data_root, model, sets
       model = "resnet20"                 # a csn model, "package.module:factory" (any nn.Module) or "timm:NAME"
       layers = ["layer1.*", "layer2.*"]  # read points, one stage per pattern [default: the model's own]
       [study]
-      seeds = 2
+      seeds = 3
       late_onset = "f0.3333"             # times: step=64 (steps), 1.5 (epochs), f0.33 (fraction), end
+      ablation_checkpoints = ["peak", "end"]   # peak: each baseline run's own selectivity peak
       [study.ablation]
       draws = 5
     Times: the shipped studies count the early phase in steps and the rest in fractions of training.
@@ -77,12 +86,18 @@ def reproduce(preset, config_file, print_config, dataset, data_root, model, sets
     \b
     Examples:
       csn reproduce                                         # the fmnist study (ResNet-8 on Fashion-MNIST)
+      csn reproduce --dry-run                               # its plan: work, time, power; writes nothing
       csn reproduce --dataset idx --data-root ~/mnist       # the same study on an MNIST-format folder
       csn reproduce --preset fmnist-vit --seeds 2           # on a Vision Transformer
       csn reproduce --config study.toml --set study.alpha=-2 --set train.width=0.5
     """
     if print_config:
         _print_config(print_config)
+        return
+    if dry_run:
+        rep = reproduction(preset, out, config=config_file, dataset=dataset, data_root=data_root, model=model,
+                           sets=sets, seeds=seeds, progress=False)
+        echo(plan_text(rep))
         return
     dist.init_from_env()  # under torchrun: DDP training, sharded analyses, rank 0 writes and reports
     progress = not quiet

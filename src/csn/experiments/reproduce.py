@@ -1,15 +1,22 @@
 """`csn reproduce`: the study as one resumable pipeline of steps, ending in claims (and, from the CLI, a report).
 
-Baseline and regularized runs (from step 0 and from a later onset, same seeds) -> selectivity at
-every checkpoint -> ablation sweeps of the baseline runs at an early, a peak and the last checkpoint
--> linearity -> CKA regularized vs baseline at matched checkpoints -> claims C1-C4. Each step skips
-work whose outputs exist. The study (csn.experiments.study: a shipped preset or a study file) holds the
-options objects of every analysis: it is declared before any result is seen.
+Baseline and regularized runs (from step 0 and from a later onset, the same seeds) -> selectivity of the
+baseline runs at every checkpoint (C1, and each run's selectivity peak) and of the regularized runs where C4
+reads it (the end) -> ablation sweeps and linearity of the baseline runs at their selectivity peak and their
+last checkpoint (C2, C3; the linear classifier fit once and shared) -> CKA regularized vs baseline at a few
+matched checkpoints (no verdict reads it) -> claims C1-C4. Each step skips work whose outputs exist. The
+study (csn.experiments.study: a shipped preset or a study file) holds the options objects of every analysis:
+it is declared before any result is seen. `plan_text` says what will run, how long it should take and what the
+verdicts can detect at the study's seeds (claims.planned_power) before anything starts; `--dry-run` stops there.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import shutil
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -20,16 +27,18 @@ from csn import dist
 from csn.analysis.ablation import Ablation
 from csn.analysis.base import run_analysis
 from csn.analysis.cka import Cka
-from csn.analysis.linearity import Linearity
+from csn.analysis.linearity import Linearity, linear_model_path
 from csn.analysis.selectivity import Selectivity
 from csn.core.progress import hms
+from csn.core.schedules import checkpoint_steps
 from csn.errors import CsnError
 from csn.experiments import claims as C
 from csn.experiments.judge import judge
 from csn.experiments.regularize import Condition, job
-from csn.experiments.runner import Job, run_jobs
-from csn.experiments.study import StudyConfig, load_study, onset_epoch, select_times
-from csn.runs.io import write_json
+from csn.experiments.runner import Job, is_complete, last_step, run_jobs
+from csn.experiments.study import PEAK, StudyConfig, load_study, onset_epoch, select_steps, uses_peak
+from csn.runs.config import is_preset_checkpoints
+from csn.runs.io import checksum_problem, sidecar, write_json
 from csn.runs.naming import run_name
 from csn.runs.run import Run, delete_run_files
 from csn.training.loop import training_length
@@ -37,11 +46,33 @@ from csn.training.loop import training_length
 
 @dataclass
 class Step:
-    """One pipeline step; `weight` is its expected share of the wall time (for the ETA)."""
+    """One pipeline step; `weight` is its expected share of the wall time (for the ETA): the plan's seconds."""
 
     name: str
     fn: Callable[[], None]
     weight: float
+
+
+@dataclass
+class Work:
+    """One kind of work in the plan: `total` units (runs, or analysis passes of one checkpoint), `todo` of them left
+    (fractions of runs for partial trainings), `seconds` per unit, at `parallel` units at a time."""
+
+    what: str
+    where: str
+    total: float
+    todo: float
+    seconds: float
+    parallel: int = 1
+    source: str = "declared"
+
+    @property
+    def eta(self) -> float:
+        return self.todo * self.seconds / max(1, min(self.parallel, math.ceil(self.todo) or 1))
+
+
+DATA_KEYS = ("dataset", "data_root", "train_samples", "test_samples", "synthetic")
+"""Training-config keys that decide the data: runs equal in these read the same splits (the linear model is shared)."""
 
 
 class Reproduction:
@@ -49,14 +80,14 @@ class Reproduction:
 
     def __init__(self, cfg: StudyConfig, out: Path, *, name: str = "study", seeds: int | None = None,
                  progress: bool = True) -> None:
-        study = cfg.study
-        if seeds is not None:
-            study = study.replace(seeds=seeds, reg_seeds=min(study.reg_seeds, seeds))
+        study = cfg.study if seeds is None else cfg.study.replace(seeds=seeds)
         self.name, self.study, self.out, self.progress = name, study, Path(out), progress
         self.base = cfg.train
         self.steps_per_epoch, self.total = training_length(self.base)
         self.late_epoch = onset_epoch(study.late_onset, self.steps_per_epoch, self.total)
         self.conds = [Condition(None), Condition(0.0, study.alpha), Condition(self.late_epoch, study.alpha)]
+        clip = True if is_preset_checkpoints(self.base.checkpoints) else None
+        self.ckpt_steps = checkpoint_steps(self.base.checkpoints, self.steps_per_epoch, self.base.epochs, clip=clip)
 
     @property
     def config(self) -> StudyConfig:
@@ -67,53 +98,143 @@ class Reproduction:
         return [job(self.base, self.conds[0], s, self.out) for s in range(self.study.seeds)]
 
     def reg_jobs(self) -> list[Job]:
-        return [job(self.base, c, s, self.out) for c in self.conds[1:] for s in range(self.study.reg_seeds)]
+        return [job(self.base, c, s, self.out) for c in self.conds[1:] for s in range(self.study.seeds)]
 
     def runs(self, jobs: list[Job]) -> list[Run]:
         return [Run(j.out) for j in jobs]
 
+    def peak(self, seed: int) -> int | None:
+        """The selectivity peak of the baseline run of `seed` (claims.peak_step on its selectivity table), the
+        checkpoint `peak` names for it and for the regularized runs of its seed; None before it is measured."""
+        path = self.out / run_name("baseline", seed)
+        if not is_complete(path):
+            return None
+        try:
+            sel = Run(path).read("selectivity")
+        except CsnError:
+            return None
+        return C.peak_step(sel, self.total) if sel is not None else None
+
+    def steps_of(self, items: tuple[str, ...], seed: int, *, guess: bool = False) -> list[int]:
+        """The checkpoint steps a study's times select on the runs of `seed` (`peak`: its baseline's selectivity
+        peak). guess=True (for the plan) stands in an early checkpoint for a peak not measured yet; otherwise a
+        missing peak drops `peak` with a note (C2 and C3 then say what is missing)."""
+        peak = self.peak(seed) if uses_peak(items) else None
+        if peak is None and uses_peak(items):
+            early = [s for s in self.ckpt_steps if 0 < s <= C.THRESHOLDS["early_fraction"] * self.total]
+            if guess and early:
+                peak = early[len(early) // 2]
+            else:
+                if not guess:
+                    print(f"note: {run_name('baseline', seed)} has no selectivity peak (no checkpoint in the first "
+                          f"{C.THRESHOLDS['early_fraction']:.0%} of training, or no selectivity table): 'peak' selects "
+                          "nothing there.", file=sys.stderr)
+                items = tuple(i for i in items if PEAK not in i.split(":"))
+        return select_steps(self.ckpt_steps, items, self.steps_per_epoch, self.total, peak) if items else []
+
     # ------------------------------------------------------------------ steps
     def steps(self) -> list[Step]:
+        """The pipeline, each step weighted by the plan's estimate of its seconds (for the ETA)."""
         st, progress = self.study, self.progress
+        eta = {w.what: w.eta for w in self.work()}
 
         def train_all() -> None:
             # one pool for every run: 2 single-thread jobs use 2 cores better than 1 job with 2 threads
             run_jobs(self.baseline_jobs() + self.reg_jobs(), parallel=st.parallel, progress=progress,
-                     desc="training runs")
+                     desc="training runs", steps=self.total)
 
         def selectivity() -> None:
-            run_analysis(self.runs(self.baseline_jobs() + self.reg_jobs()), Selectivity(st.selectivity),
-                         progress=progress)
-
-        def ablation() -> None:
-            for spec, runs in self._ablation_checkpoints().items():
-                run_analysis(runs, Ablation(st.ablation), checkpoints=spec, progress=progress)
-
-        def linearity() -> None:
-            run_analysis(self.runs(self.baseline_jobs()), Linearity(st.linearity), progress=progress)
+            run_analysis(self.runs(self.baseline_jobs()), Selectivity(st.selectivity), progress=progress)
+            self._analyse(self.reg_jobs(), st.reg_selectivity_checkpoints, Selectivity(st.selectivity))
 
         def cka() -> None:
             for j in self.reg_jobs():
                 base = self.out / run_name("baseline", j.cfg.seed)
-                run_analysis(Run(j.out), Cka(st.cka.replace(mode="runs", run_b=str(base))), progress=progress)
+                self._analyse([j], st.cka_checkpoints, Cka(st.cka.replace(mode="runs", run_b=str(base))))
 
-        return [
-            Step("train baseline and regularized runs", train_all, 0.50),
-            Step("selectivity at every checkpoint", selectivity, 0.15),
-            Step("ablation sweeps (baseline runs)", ablation, 0.14),
-            Step("linearity (baseline runs)", linearity, 0.12),
-            Step("CKA regularized vs baseline", cka, 0.05),
-            Step("claims", lambda: dist.on_main(self.write_claims), 0.01),  # reads tables, writes files: rank 0
+        steps = [
+            Step("train baseline and regularized runs", train_all, eta["train"]),
+            Step("selectivity (baseline: every checkpoint; regularized: " + ", ".join(st.reg_selectivity_checkpoints)
+                 + ")", selectivity, eta["selectivity"]),
+            Step(f"ablation sweeps (baseline runs at {', '.join(st.ablation_checkpoints)})",
+                 lambda: self._analyse(self.baseline_jobs(), st.ablation_checkpoints, Ablation(st.ablation)),
+                 eta["ablation"]),
+            Step(f"linearity (baseline runs at {', '.join(st.linearity_checkpoints)})", self._linearity,
+                 eta["linearity"]),
         ]
+        if st.cka_checkpoints:
+            steps.append(Step(f"CKA regularized vs baseline at {', '.join(st.cka_checkpoints)}", cka, eta["cka"]))
+        # reads tables, writes files: rank 0
+        return steps + [Step("claims", lambda: dist.on_main(self.write_claims), 1.0)]
 
-    def _ablation_checkpoints(self) -> dict[str, list[Run]]:
-        """The baseline runs grouped by the checkpoint steps the study's ablation times select on them."""
+    def _analyse(self, jobs: list[Job], items: tuple[str, ...], analysis) -> None:
+        """`analysis` on the runs of `jobs` at the checkpoints the study's times select on each (runs grouped by
+        their steps, so runs that share them share one call)."""
         groups: dict[str, list[Run]] = {}
-        for run in self.runs(self.baseline_jobs()):
-            steps = select_times(run.checkpoints, self.study.ablation_checkpoints, int(run.info["steps_per_epoch"]),
-                                 int(run.info["total_steps"]))
-            groups.setdefault(",".join(map(str, steps)), []).append(run)
-        return groups
+        for j in jobs:
+            steps = self.steps_of(items, j.cfg.seed)
+            if steps:
+                groups.setdefault(",".join(map(str, steps)), []).append(Run(j.out))
+        for spec, runs in groups.items():
+            run_analysis(runs, analysis, checkpoints=spec, progress=self.progress)
+
+    def _linearity(self) -> None:
+        """Linearity of the baseline runs; the linear classifier (it depends on the data alone) is fit on the first
+        run and copied, with its sha256 sidecar, to the others, which check it when they load it."""
+        st, jobs = self.study, self.baseline_jobs()
+        if "linear" in st.linearity.measures and len(jobs) > 1:
+            self._analyse(jobs[:1], st.linearity_checkpoints, Linearity(st.linearity))
+            dist.on_main(share_linear_model, Run(jobs[0].out), self.runs(jobs[1:]))
+            jobs = jobs[1:]
+        self._analyse(jobs, st.linearity_checkpoints, Linearity(st.linearity))
+
+    # ------------------------------------------------------------------ plan
+    def work(self) -> list[Work]:
+        """What is left to do, per kind, with the declared (or, for training, measured) seconds per unit."""
+        st, costs = self.study, self.study.costs
+        base, reg = self.baseline_jobs(), self.reg_jobs()
+        done_steps = {j.out: last_step(j.out) for j in base + reg}
+        measured = [d for j in base + reg if is_complete(j.out) and (d := run_seconds(j.out)) is not None]
+        per_run = statistics.median(measured) if measured else costs.step_seconds * self.total
+        source = (f"median of {len(measured)} finished runs here" if measured else
+                  f"declared: {costs.step_seconds:g} s per step")
+        todo = sum(1 - done_steps[j.out] / self.total for j in base + reg)
+        sel = self._passes("selectivity", [(j, ("0:end",)) for j in base] +
+                           [(j, st.reg_selectivity_checkpoints) for j in reg])
+        abl = self._passes("ablation", [(j, st.ablation_checkpoints) for j in base])
+        lin = self._passes("linearity", [(j, st.linearity_checkpoints) for j in base])
+        cka = self._passes("cka", [(j, st.cka_checkpoints) for j in reg]) if st.cka_checkpoints else (0, 0)
+        fits = 0 if "linear" not in st.linearity.measures or lin[1] == 0 else (
+            0 if any(linear_model_path(Run(j.out)).is_file() for j in base if (j.out / "run.json").is_file()) else 1)
+        return [Work("train", "runs", len(base + reg), todo, per_run, st.parallel, source),
+                Work("selectivity", "checkpoints", *sel, costs.selectivity_seconds),
+                Work("ablation", "checkpoints", *abl, costs.ablation_seconds),
+                Work("linearity", "checkpoints", *lin, costs.linearity_seconds),
+                Work("linear_fit", "fits", 1 if "linear" in st.linearity.measures else 0, fits,
+                     costs.linear_fit_seconds),
+                Work("cka", "checkpoint pairs", *cka, costs.cka_seconds)]
+
+    def _passes(self, table: str, plan: list[tuple[Job, tuple[str, ...]]]) -> tuple[int, int]:
+        """(planned, left) checkpoint passes of one analysis over (job, its times): a run's table rows count as done."""
+        total = left = 0
+        for j, items in plan:
+            steps = set(self.steps_of(items, j.cfg.seed, guess=True))
+            done = set()
+            if (j.out / "run.json").is_file():
+                try:
+                    t = Run(j.out).read(table)
+                except CsnError:
+                    t = None
+                col = "step_a" if table == "cka" else "step"  # cka: run A's (this run's) checkpoint
+                done = set(t[col].unique().tolist()) if t is not None and col in t else set()
+            total += len(steps)
+            left += len(steps - done)
+        return total, left
+
+    def power(self) -> list[dict]:
+        """Per claim at the study's seeds (every condition has them): the declared effect, power, minimal detectable
+        effect and seeds needed (claims.planned_power with the study's spread)."""
+        return C.planned_power(self.study.seeds, self.study.spread)
 
     # ------------------------------------------------------------------ claims
     def write_claims(self) -> list[C.Verdict]:
@@ -124,11 +245,87 @@ class Reproduction:
     def record(self) -> dict:
         """What reproduce.json holds: the study, the training config, and the study's times on this data."""
         return {"settings": {"study": self.name, "dataset": self.base.dataset, "model": self.base.model,
-                             "seeds": self.study.seeds, "reg_seeds": self.study.reg_seeds},
+                             "seeds": self.study.seeds},
                 "reproduce_preset": self.study.to_dict(), "train_config": self.base.to_dict(),
                 "resolved": {"steps_per_epoch": self.steps_per_epoch, "total_steps": self.total,
                              "late_onset_step": round(self.late_epoch * self.steps_per_epoch),
                              "late_onset_epoch": self.late_epoch}}
+
+
+def run_seconds(out: Path) -> float | None:
+    """Wall seconds a finished run trained for (training.parquet's last time_s), or None."""
+    try:
+        t = Run(out).read("training")
+    except CsnError:
+        return None
+    return float(t["time_s"].iloc[-1]) if t is not None and len(t) and "time_s" in t else None
+
+
+def share_linear_model(source: Run, runs: list[Run]) -> None:
+    """Copy `source`'s cached linear classifier (tables/linear_model.safetensors and its sha256 sidecar) to the runs
+    that have none, when they read the same data (DATA_KEYS of their configs): the fit depends on the data alone
+    (fixed seed, LINEAR_FIT_DEFAULTS), so every baseline run of a study would fit the same one. Each copy is written
+    atomically (the sidecar first, so a torn copy is refit, never trusted) and checked against its sidecar."""
+    src = linear_model_path(source)
+    if not src.is_file() or checksum_problem(src) is not None:
+        return
+    want = {k: source.config.to_dict()[k] for k in DATA_KEYS}
+    for run in runs:
+        dst = linear_model_path(run)
+        if dst.is_file() or {k: run.config.to_dict()[k] for k in DATA_KEYS} != want:
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        for a, b in ((sidecar(src), sidecar(dst)), (src, dst)):
+            tmp = b.with_name(f".{b.name}.{os.getpid()}.tmp")
+            shutil.copyfile(a, tmp)
+            os.replace(tmp, b)
+        if checksum_problem(dst) is not None:
+            raise CsnError(f"copying the linear classifier to {dst} failed its checksum; delete it and run again.")
+
+
+def plan_text(rep: Reproduction, power: list[dict] | None = None) -> str:
+    """The plan as printed before anything starts: runs, analyses and where, the time estimate, and per verdict the
+    power, minimal detectable effect and seeds needed at the study's seeds."""
+    st, b, work = rep.study, rep.base, {w.what: w for w in rep.work()}
+    tr = work["train"]
+    late = f"{st.late_onset} = step {round(rep.late_epoch * rep.steps_per_epoch)}, epoch {rep.late_epoch:.3g}"
+    lines = [f"plan of study '{rep.name}' in {rep.out}: 3 conditions x {st.seeds} seeds = {tr.total:g} runs, "
+             f"{math.ceil(tr.todo - 1e-9)} to train, {st.parallel} at a time",
+             f"  conditions: baseline; alpha {st.alpha:g} from step 0; alpha {st.alpha:g} from {late}",
+             f"  each run: {b.model} on {b.dataset}, {b.epochs:g} epochs x {rep.steps_per_epoch} steps = {rep.total} steps, "
+             f"{len(rep.ckpt_steps)} checkpoints"]
+    where = {"selectivity": f"baseline: every checkpoint; regularized: {', '.join(st.reg_selectivity_checkpoints)}",
+             "ablation": f"baseline at {', '.join(st.ablation_checkpoints)}",
+             "linearity": f"baseline at {', '.join(st.linearity_checkpoints)}",
+             "linear_fit": "C3's linear classifier: fit once, shared by the baseline runs",
+             "cka": f"regularized vs baseline at {', '.join(st.cka_checkpoints)}" if st.cka_checkpoints else
+             "off (cka_checkpoints = [])"}
+    width = max(len(t) for t in where.values())
+    lines.append(f"  {'analysis':<12} {'where':<{width}} {'passes':>7} {'left':>5}")
+    for k, text in where.items():
+        lines.append(f"  {k:<12} {text:<{width}} {work[k].total:>7g} {work[k].todo:>5g}")
+    analyses = sum(w.eta for k, w in work.items() if k != "train")
+    ratio = f", {analyses / tr.eta:.0%} of training" if tr.eta > 0 else ""
+    lines.append(f"  estimated time: about {hms(tr.eta + analyses)} (training {hms(tr.eta)}: {tr.todo:.3g} runs x "
+                 f"{tr.seconds:.0f} s, {tr.source}, {st.parallel} at a time; analyses {hms(analyses)}{ratio}; "
+                 "declared costs: study.costs)")
+    lines += power_lines(power if power is not None else rep.power(), st)
+    return "\n".join(lines)
+
+
+def power_lines(power: list[dict], study) -> list[str]:
+    """The verdicts' planned power as lines of the plan (claims.planned_power's rows)."""
+    lines = [f"  verdicts at {study.seeds} seeds (claims.EFFECTS; t intervals; spread recorded on fmnist: measure "
+             "your own)" + ("" if study.judge else "; judge = false: reported as inconclusive"),
+             f"    {'claim':<5} {'declared effect':<52} {'power':>6} {'MDE':>8} {'seeds needed':>13}"]
+    for r in power:
+        mde = "-" if not math.isfinite(r["mde"]) else f"{r['mde']:.4g}"
+        need = "> 50" if r["seeds_needed"] is None else str(r["seeds_needed"])
+        lines.append(f"    {r['claim']:<5} {str(r['declared']) + ' ' + r['effect']:<52} {r['power']:>6.2f} {mde:>8} "
+                     f"{need:>13}")
+    lines.append("    (power: P(reproduced) under the declared effect; MDE: the smallest effect with power >= 0.8 at "
+                 "these seeds, '-' if none in the searched range)")
+    return lines
 
 
 def reproduce(preset: str | None = None, out: str | Path | None = None, *, config: str | Path | None = None,
@@ -146,17 +343,30 @@ def reproduce(preset: str | None = None, out: str | Path | None = None, *, confi
     step lines and the result are rank 0's.
     """
     with dist.same_outcome():  # a bad request fails on every rank together
-        name, cfg = load_study(preset, config, dataset=dataset, data_root=data_root, model=model, sets=sets)
-        out = Path(out) if out else Path("runs") / f"reproduce-{name}"
-        rep = Reproduction(cfg, out, name=name, seeds=seeds, progress=progress)
+        rep = reproduction(preset, out, config=config, dataset=dataset, data_root=data_root, model=model, sets=sets,
+                           seeds=seeds, progress=progress)
+    out = rep.out
     dist.on_main(_prepare, rep, resume=resume, force=force)
+    if dist.is_main():
+        print(plan_text(rep), file=sys.stderr, flush=True)
     steps = rep.steps()
     index = out / "report" / "index.html"
     if report is not None:
-        steps.append(Step("report", lambda: dist.on_main(report, out), 0.03))
+        steps.append(Step("report", lambda: dist.on_main(report, out), 10.0))
     _run_steps(steps)
     verdicts = [C.Verdict(**d) for d in json.loads((out / "claims.json").read_text())["claims"]]
     return index, verdicts
+
+
+def reproduction(preset: str | None = None, out: str | Path | None = None, *, config: str | Path | None = None,
+                 dataset: str | None = None, data_root: str | None = None, model: str | None = None,
+                 sets: tuple[str, ...] | list[str] = (), seeds: int | None = None,
+                 progress: bool = True) -> Reproduction:
+    """The Reproduction of a study (as `reproduce` takes it), resolved on its data; writes nothing (`csn reproduce
+    --dry-run` prints its plan_text)."""
+    name, cfg = load_study(preset, config, dataset=dataset, data_root=data_root, model=model, sets=sets)
+    out = Path(out) if out else Path("runs") / f"reproduce-{name}"
+    return Reproduction(cfg, out, name=name, seeds=seeds, progress=progress)
 
 
 def _run_steps(steps: list[Step]) -> None:
@@ -223,10 +433,11 @@ def _prepare(rep: Reproduction, *, resume: bool, force: bool) -> None:
 
 
 def _comparable(record: dict) -> dict:
-    """The parts of reproduce.json a resumed reproduction must share (not how many runs train at once, devices)."""
-    study = {k: v for k, v in record.get("reproduce_preset", {}).items() if k != "parallel"}
+    """The parts of reproduce.json a resumed reproduction must share (not how many runs train at once, devices, nor
+    what the plan assumes: declared costs and spread)."""
+    study = {k: v for k, v in record.get("reproduce_preset", {}).items() if k not in ("parallel", "costs", "spread")}
     train = {k: v for k, v in record.get("train_config", {}).items() if k not in ("device", "threads", "workers")}
     return {"study": study, "train": train, "seeds": record.get("settings", {}).get("seeds")}
 
 
-__all__ = ["Step", "Reproduction", "reproduce"]
+__all__ = ["Step", "Work", "Reproduction", "reproduce", "reproduction", "plan_text", "power_lines", "share_linear_model"]

@@ -16,7 +16,9 @@ TOML or YAML (safe loaders). Every time in a study is a point in training (csn.c
 steps (`step=64`), epochs (`1.5`), fractions of training (`f0.33`) or `end`. The shipped studies count the
 early phase in steps (the selectivity peak comes within ~64 optimizer steps, SPEC) and the rest in
 fractions, so a study keeps its meaning on a dataset 8x smaller or larger; imagenet keeps the study's own
-protocol, written in epochs. The shipped studies are the files in csn/experiments/studies/.
+protocol, written in epochs. Checkpoint lists also take `peak`: each baseline run's own selectivity peak
+(csn.experiments.claims.peak_step, the "early" checkpoint of C2 and C3). The shipped studies are the files in
+csn/experiments/studies/.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -38,6 +41,7 @@ from csn.analysis.selectivity import SelectivityOptions
 from csn.core.schedules import TIME_FORMS, TimePoint, parse_time
 from csn.core.schema import MAX_SEEDS, SEEDS_HINT, Float, Int, Schema, set_override
 from csn.errors import CsnError, unknown
+from csn.experiments.claims import Spread
 from csn.runs.config import TrainConfig, read_config_file
 from csn.runs.config import preset as train_preset
 from csn.runs.run import Checkpoint
@@ -56,46 +60,92 @@ def _time(v: Any) -> str:
         raise ValueError(f"{why}; write {TIME_FORMS}") from None
 
 
-def _times(v: Any) -> tuple[str, ...]:
-    """Checkpoints of a study: points (the nearest checkpoint) or ranges A:B (every checkpoint from A to B)."""
-    items = [s.strip() for s in v.split(",")] if isinstance(v, str) else list(v) if isinstance(v, (list, tuple)) else [v]
+PEAK = "peak"
+"""A study checkpoint that is each baseline run's own selectivity peak (claims.peak_step: the step in the first
+quarter of training where the mean CSI of every stage but the last is largest)."""
+
+
+def _point(v: Any) -> str:
+    """A study checkpoint: a point in training, or `peak`."""
+    return PEAK if isinstance(v, str) and v.strip().lower() == PEAK else _time(v)
+
+
+def _times(v: Any, *, empty: bool = False) -> tuple[str, ...]:
+    """Checkpoints of a study: points (the nearest checkpoint), `peak`, or ranges A:B (every checkpoint from A to B);
+    empty=True allows none (the analysis is off)."""
+    items = [s.strip() for s in v.split(",") if s.strip() or not empty] if isinstance(v, str) else \
+        list(v) if isinstance(v, (list, tuple)) else [v]
     out = []
     for item in items:
         if isinstance(item, str) and ":" in item:
             a, b = item.split(":", 1)
-            out.append(f"{_time(a)}:{_time(b)}")
+            out.append(f"{_point(a)}:{_point(b)}")
         else:
-            out.append(_time(item))
-    if not out or any(not s for s in out):
-        raise ValueError("give at least one point in training, e.g. ['step=16', 'step=64', 'end']")
+            out.append(_point(item))
+    if (not out and not empty) or any(not s for s in out):
+        raise ValueError("give at least one point in training, e.g. ['peak', 'end'] or ['step=16', 'step=64', 'end']")
     return tuple(out)
 
 
 Time = Annotated[str, BeforeValidator(_time)]
 Times = Annotated[tuple[str, ...], BeforeValidator(_times)]
+TimesOrNone = Annotated[tuple[str, ...], BeforeValidator(lambda v: _times(v, empty=True))]
+
+
+class StudyCosts(Schema):
+    """What the study's work costs, declared for the plan's time estimate before anything runs (measured on the
+    shipped study's machine, benchmarks/bench_reproduce_analyses.py): training per optimizer step of one run
+    (single-threaded, runs `parallel` at a time), and one checkpoint of each analysis as `csn reproduce` runs it.
+    Finished runs replace the declared training cost by the median measured one."""
+
+    step_seconds: Float = Field(0.2, gt=0, description="One optimizer step of one run (single-threaded, runs in "
+                                "parallel).")
+    selectivity_seconds: Float = Field(1.0, ge=0, description="Selectivity of one checkpoint (BN re-estimation "
+                                       "included).")
+    ablation_seconds: Float = Field(6.0, ge=0, description="The ablation sweep of one checkpoint.")
+    linearity_seconds: Float = Field(5.0, ge=0, description="Linearity of one checkpoint.")
+    linear_fit_seconds: Float = Field(10.0, ge=0, description="Fitting the linear classifier (once per study: the "
+                                      "baseline runs share it).")
+    cka_seconds: Float = Field(1.0, ge=0, description="CKA of one pair of matched checkpoints.")
 
 
 class Study(Schema):
     """Everything `csn reproduce` does besides training one run: declared before any result is seen.
 
-    Conditions: baseline (seeds), the regularizer with `alpha` from step 0 and from `late_onset` to the end
-    (reg_seeds each, the same seeds). Times are points in training (step=64, 1.5 epochs, f0.33, end)."""
+    Conditions: baseline, the regularizer with `alpha` from step 0 and from `late_onset` to the end, each with the
+    same `seeds` (C4 pairs them by seed). Times are points in training (step=64, 1.5 epochs, f0.33, end) or `peak`
+    (each baseline run's selectivity peak). Every analysis runs only where a verdict or the report reads it: the
+    baseline's selectivity at every checkpoint (C1, the peak), ablation and linearity at the peak and the end
+    (C2, C3), the regularized runs' selectivity at the end (C4's dose), CKA (no verdict) at a few checkpoints."""
 
-    seeds: Int = Field(3, ge=1, le=MAX_SEEDS, description="Baseline seeds.", json_schema_extra={"range_hint": SEEDS_HINT})
-    reg_seeds: Int = Field(2, ge=1, le=MAX_SEEDS, description="Seeds per regularized condition (the first of the "
-                           "baseline's).", json_schema_extra={"range_hint": SEEDS_HINT})
+    seeds: Int = Field(5, ge=1, le=MAX_SEEDS, description="Seeds of every condition (baseline and both regularized "
+                       "ones; C4 pairs them by seed).", json_schema_extra={"range_hint": SEEDS_HINT})
     alpha: Float = Field(-1.0, description="Regularizer strength (loss = ce - alpha * R; alpha < 0 suppresses).")
     late_onset: Time = Field("f0.3333", description="When the late regularized condition starts (after the early "
                              "selectivity peak).")
-    early_checkpoint: Time = Field("step=64", description="The 'early' checkpoint of C2 and C3 (the nearest one).")
-    ablation_checkpoints: Times = Field(("step=16", "step=64", "end"), description="Where the baseline runs are "
-                                        "ablated: points (the nearest checkpoint) or ranges A:B.")
+    ablation_checkpoints: Times = Field((PEAK, "end"), description="Where the baseline runs are ablated: points (the "
+                                        "nearest checkpoint), peak (the run's selectivity peak) or ranges A:B.")
+    linearity_checkpoints: Times = Field((PEAK, "end"), description="Where the baseline runs' linearity is measured "
+                                         "(theta_0 and the previous checkpoint are read whatever is selected).")
+    reg_selectivity_checkpoints: Times = Field(("end",), description="Where the regularized runs' selectivity is "
+                                               "measured (C4 reads the end; the baseline's is measured at every "
+                                               "checkpoint).")
+    cka_checkpoints: TimesOrNone = Field(("end",), description="Where each regularized run is compared with its "
+                                         "baseline by CKA (no verdict reads it); [] = no CKA.")
     selectivity: SelectivityOptions = SelectivityOptions()
     ablation: AblationOptions = AblationOptions()
     linearity: LinearityOptions = LinearityOptions()
     cka: CkaOptions = CkaOptions(samples=2000)
     parallel: Int = Field(2, ge=1, description="Training runs at once.")
     judge: bool = Field(True, description="False: too small to test the claims; verdicts are reported as inconclusive.")
+    spread: Spread = Field(Spread(), description="The per-seed spread the plan's power and minimal detectable effects "
+                           "assume: recorded on fmnist; measure your own.")
+    costs: StudyCosts = Field(StudyCosts(), description="Declared costs for the plan's time estimate.")
+
+    @property
+    def reg_seeds(self) -> int:
+        """Seeds of each regularized condition: the study's seeds (every condition has them; C4 pairs by seed)."""
+        return self.seeds
 
     @model_validator(mode="after")
     def _check(self) -> Study:
@@ -162,6 +212,33 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+RETIRED = {
+    "early_checkpoint": "C2 and C3 measure 'early' at each baseline run's own selectivity peak (claims.peak_step); "
+                        "ablation_checkpoints and linearity_checkpoints take 'peak'",
+}
+"""Study keys that earlier versions read and this one ignores, with why (a one-line note names them)."""
+
+
+def _retired(study: dict, where: str) -> dict:
+    """The study table without keys of earlier versions: early_checkpoint is ignored with a note; reg_seeds (every
+    condition now has the study's seeds) is ignored when it equals seeds and refused otherwise."""
+    out = dict(study)
+    for key, why in RETIRED.items():
+        if key in out:
+            out.pop(key)
+            print(f"note: {where}: study key {key} is no longer used and was ignored: {why}; delete the line.",
+                  file=sys.stderr)
+    if "reg_seeds" in out:
+        reg, seeds = out.pop("reg_seeds"), out.get("seeds", Study.model_fields["seeds"].default)
+        if reg != seeds:
+            raise CsnError(f"{where}: study key reg_seeds is no longer used: every condition trains the study's seeds "
+                           f"(C4 pairs them by seed); delete reg_seeds = {reg!r} (and set seeds = N for all "
+                           "conditions).")
+        print(f"note: {where}: study key reg_seeds is no longer used (every condition trains the study's seeds); "
+              "delete the line.", file=sys.stderr)
+    return out
+
+
 def load_study(preset: str | None = None, config: str | Path | None = None, *, dataset: str | None = None,
                data_root: str | None = None, model: str | None = None,
                sets: tuple[str, ...] | list[str] = ()) -> tuple[str, StudyConfig]:
@@ -175,6 +252,7 @@ def load_study(preset: str | None = None, config: str | Path | None = None, *, d
         name = preset or "fmnist"
         where, raw = f"study preset {name}", {"preset": name}
     train, study = _tables(raw, where)
+    study = _retired(study, where)
     if "preset" in train:
         train = {**train_preset(str(train.pop("preset"))).to_dict(), **train}
     shortcuts = [f"{k}={json.dumps(v)}" for k, v in (("dataset", dataset), ("data_root", data_root), ("model", model))
@@ -208,16 +286,40 @@ def nearest(ckpts: list[Checkpoint], step: int) -> Checkpoint:
     return min(ckpts, key=lambda c: (abs(c.step - step), c.step))
 
 
-def select_times(ckpts: list[Checkpoint], items: tuple[str, ...], steps_per_epoch: int, total: int) -> list[int]:
-    """Checkpoint steps of a study's times on one run: each point's nearest checkpoint, every checkpoint of a range."""
+def uses_peak(items: tuple[str, ...]) -> bool:
+    """Whether a study's checkpoints name `peak` (then they resolve on a run only once its selectivity is known)."""
+    return any(PEAK in item.split(":") for item in items)
+
+
+def select_steps(steps: list[int], items: tuple[str, ...], steps_per_epoch: int, total: int,
+                 peak: int | None = None) -> list[int]:
+    """Checkpoint steps of a study's times on a run with checkpoints at `steps`: each point's nearest checkpoint,
+    every checkpoint of a range; `peak` is the run's selectivity peak (a checkpoint step)."""
+    def step(t: str) -> int:
+        if t != PEAK:
+            return parse_time(t).step(steps_per_epoch, total)
+        if peak is None:
+            raise CsnError("the study's checkpoints name 'peak', but this run has no selectivity peak (no selectivity "
+                           "table, or no checkpoint in the first quarter of training); measure selectivity first, or "
+                           "name points in training instead (step=64, f0.1).")
+        return int(peak)
+
     out: set[int] = set()
     for item in items:
         if ":" in item:
-            a, b = (parse_time(t).step(steps_per_epoch, total) for t in item.split(":", 1))
-            out.update(c.step for c in ckpts if a <= c.step <= b)
+            a, b = (step(t) for t in item.split(":", 1))
+            out.update(s for s in steps if a <= s <= b)
         else:
-            out.add(nearest(ckpts, parse_time(item).step(steps_per_epoch, total)).step)
+            want = step(item)
+            out.add(min(steps, key=lambda s: (abs(s - want), s)))
     return sorted(out)
+
+
+def select_times(ckpts: list[Checkpoint], items: tuple[str, ...], steps_per_epoch: int, total: int,
+                 peak: int | None = None) -> list[int]:
+    """Checkpoint steps of a study's times on one run: each point's nearest checkpoint, every checkpoint of a range
+    (`peak`: the run's selectivity peak, see select_steps)."""
+    return select_steps([c.step for c in ckpts], items, steps_per_epoch, total, peak)
 
 
 def onset_epoch(point: str | TimePoint, steps_per_epoch: int, total: int) -> float:
@@ -292,5 +394,5 @@ def to_toml(cfg: StudyConfig, header: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["Study", "StudyConfig", "study_names", "study_text", "load_study", "nearest", "select_times", "onset_epoch",
-           "to_toml"]
+__all__ = ["PEAK", "Study", "StudyCosts", "StudyConfig", "study_names", "study_text", "load_study", "nearest", "uses_peak",
+           "select_steps", "select_times", "onset_epoch", "to_toml"]
