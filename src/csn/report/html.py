@@ -976,8 +976,10 @@ def _thresholds(claim_rows: list[dict], thresholds: dict | None) -> dict | None:
 
 
 PROTOCOL_KEYS = ("seeds", "reg_seeds", "alpha", "late_onset", "early_checkpoint", "early_epoch", "ablation_checkpoints",
-                 "ablation.draws", "linearity.samples", "cka.samples")
-"""The settings of a reproduction (reproduce.json) shown in the configuration section."""
+                 "linearity_checkpoints", "reg_selectivity_checkpoints", "cka_checkpoints", "ablation.draws",
+                 "selectivity.samples", "linearity.samples", "cka.samples")
+"""The settings of a reproduction (reproduce.json) shown in the configuration section (those it holds: reg_seeds,
+early_checkpoint and early_epoch are keys of earlier versions' reproductions)."""
 
 
 def _protocol(experiment: Path | None) -> list[dict]:
