@@ -247,9 +247,9 @@ def test_out_paths_refused_before_any_work(tmp_path, monkeypatch, case):
                           "directory); choose a folder on a disk you can write to.",
             "newline in --out": "error: --out 'new\\nline' holds a control character ('\\n'); csn writes this path into "
                                 "run.json, tables and messages: choose a name without control characters.",
-            "newline in name=": "error: config key 'name' holds a control character ('\\n'); a run's name becomes its "
-                                "folder (runs/<name>) and appears in tables and reports: use letters, digits, '-', '_' "
-                                "or '.'."}[case]
+            "newline in name=": "error: run name 'new\\nline' holds a control character ('\\n'), which would become "
+                                "part of the folder runs/<name>; choose a plain name (letters, digits, '-', '_', '.') or "
+                                "pass --out DIR."}[case]
     if case == "/proc/self" and not Path("/proc/self").is_dir():
         pytest.skip("no /proc")
     assert refused([*SMOKE, *args]) == want
@@ -411,3 +411,93 @@ def test_files_csn_writes_honour_the_umask(tmp_path, umask):
     assert len(files) > 8 and any(p.name == "index.html" for p in files)
     modes = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in files}
     assert set(modes.values()) == {oct(want)}, modes
+
+
+# ============================================================================ 7. messages that named the wrong cause
+def _odd_root(tmp_path: Path, kind: str) -> Path:
+    import os
+
+    p = tmp_path / kind
+    if kind == "loop":
+        p.symlink_to(p)
+    elif kind == "fifo":
+        os.mkfifo(p)
+    else:
+        p.symlink_to("/dev/zero")
+    return p
+
+
+@pytest.mark.parametrize("dataset", ["idx", "npz"])
+@pytest.mark.parametrize("kind, problem", [("loop", "is a symbolic link loop (it leads back to itself)"),
+                                           ("fifo", "is a FIFO (named pipe), not a {want}"),
+                                           ("zero", "is a character device (a link to /dev/zero), not a {want}")])
+def test_a_data_root_that_is_no_file_or_folder_says_what_it_is(tmp_path, monkeypatch, dataset, kind, problem):
+    if kind == "zero" and not Path("/dev/zero").exists():
+        pytest.skip("no /dev/zero")
+    monkeypatch.chdir(tmp_path)
+    _odd_root(tmp_path, kind)
+    want = "directory" if dataset == "idx" else "file"
+    fix = ("point --data-root at a directory that holds the IDX files." if dataset == "idx" else
+           "pass --data-root FILE.npz written with numpy.savez(FILE, x_train=..., y_train=..., x_test=..., y_test=...).")
+    msg = refused(["train", "--dataset", dataset, "--data-root", kind, "--model", "mlp", "--out", "r", "--quiet"])
+    assert msg == f"error: data root {kind} {problem.format(want=want)}; {fix}", msg
+    assert not Path("r").exists()
+
+
+def test_an_idx_file_linked_to_dev_zero(tmp_path, monkeypatch):
+    if not Path("/dev/zero").exists():
+        pytest.skip("no /dev/zero")
+    monkeypatch.chdir(tmp_path)
+    Path("d").mkdir()
+    Path("d/train-images-idx3-ubyte").symlink_to("/dev/zero")
+    msg = refused(["train", "--dataset", "idx", "--data-root", "d", "--model", "mlp", "--out", "r", "--quiet"])
+    assert msg == ("error: IDX file d/train-images-idx3-ubyte is a character device (a link to /dev/zero), not a file; "
+                   "replace it with the file itself."), msg
+
+
+def test_config_files_with_a_bom_or_nothing_in_them(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("bom.toml").write_bytes('\ufeffpreset = "smoke"\nepochs = 0.25\n'.encode())
+    assert "run written to r" in refused(["train", "--config", "bom.toml", "--out", "r", "--quiet", "--threads", "1"],
+                                         code=0)
+    for name, text in (("empty.toml", ""), ("comments.yaml", "# nothing yet\n"), ("blank.toml", "\n\n")):
+        Path(name).write_text(text)
+        msg = refused(["train", "--config", name, "--out", "e", "--quiet"])
+        assert msg == (f"error: config file {name} sets no key (it is empty or holds only comments), so it would train "
+                       'the full default run; write the keys to use (e.g. preset = "smoke"), or pass --preset NAME.'), msg
+    assert not Path("e").exists()
+
+
+def test_the_inline_table_that_print_config_writes_is_an_override(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_config().override(["synthetic={num_train = 512, num_test = 256, num_classes = 4, channels = 1, size = 8}",
+                                  "milestones=[1, 2]"])
+    assert cfg.synthetic == {"num_train": 512, "num_test": 256, "num_classes": 4, "channels": 1, "size": 8}
+    assert list(cfg.milestones) == [1, 2]
+    out = refused([*SMOKE, "--out", "r", "epochs=0.25", "synthetic={num_train=256,num_test=128,num_classes=4,channels=1,"
+                   "size=12}"], code=0)
+    assert "run written to r" in out
+    assert "expects a table" in refused([*SMOKE, "--out", "r2", "synthetic={num_train=}"])
+
+
+def test_samples_names_the_subset_not_the_split(tiny_run):
+    msg = refused(["selectivity", tiny_run, "--samples", "3", "--checkpoints", "last"])
+    assert msg.startswith("error: the 3-image subset of the test split (--samples 3; the split itself holds every class) "
+                          "has no example of 2 classes 0, 2 (of 4)") and msg.endswith(
+        "raise --samples so that every class has an example, or leave it out to measure on the whole split."), msg
+    assert not (Path(tiny_run) / "tables" / "selectivity.parquet").exists()
+
+
+def test_cka_reference_checked_before_work(tiny_run):
+    msg = refused(["cka", tiny_run, "--mode", "across", "--reference", "step=12345"])
+    assert msg == ("error: --reference step=12345 is past the run's last checkpoint (step 16); use first, last, the step "
+                   "of a checkpoint (`csn info RUN` lists them) or eE."), msg
+    assert "bad --reference 'yes'" in refused(["cka", tiny_run, "--mode", "across", "--reference", "yes"])
+    assert "--reference 4 applies to --mode across only (this is --mode within)" in refused(
+        ["cka", tiny_run, "--reference", "4"])
+    assert not (Path(tiny_run) / "tables" / "cka.parquet").exists()
+
+
+def test_a_stage_given_twice(tiny_run):
+    assert refused(["ablate", tiny_run, "--stages", "layer1,layer1", "--checkpoints", "last"]) == \
+        "error: stage 'layer1' is given twice in --stages; name each stage once."

@@ -38,6 +38,7 @@ from csn.core.trace import TraceDict
 from csn.core.units import stages
 from csn.data import BatchLoader, DataSplits
 from csn.data.loaders import folder_loader, shard_split, subset
+from csn.data.validate import require_every_class
 from csn.errors import CsnError
 from csn.runs.lock import main_lock
 from csn.runs.run import Checkpoint, Run
@@ -110,6 +111,24 @@ def eval_loader(run: Run, data: DataSplits, split: str = "test", *, batch_size: 
     cfg = run.config
     return folder_loader(s, batch_size=bs, train=False, device=torch.device(device), seed=cfg.seed,
                          workers=cfg.workers, channels_last=cfg.channels_last)
+
+
+def check_subset(data: DataSplits, split: str, samples: int | None, num_classes: int | None) -> None:
+    """Refuse a seeded subset of a split (--samples N) that misses a class, naming the subset (the split itself
+    holds every class: the readers check that at load time), before anything is measured on it."""
+    whole = split_of(data, split)
+    s = subset(whole, samples, SUBSET_SEED)
+    if s is whole or not num_classes:
+        return
+    if hasattr(s, "labels"):
+        labels = torch.as_tensor(s.labels)
+    elif isinstance(s, torch.utils.data.Subset) and hasattr(s.dataset, "targets"):
+        labels = torch.as_tensor([s.dataset.targets[i] for i in s.indices])
+    else:
+        return
+    require_every_class(labels, int(num_classes), f"the {len(s):,}-image subset of the {split} split (--samples "
+                        f"{samples}; the split itself holds every class)", "raise --samples so that every class has an "
+                        "example, or leave it out to measure on the whole split")
 
 
 def bn_loader(run: Run, data: DataSplits, device: str | torch.device = "cpu") -> Any:
@@ -277,6 +296,16 @@ class Analysis(ABC):
     Options: ClassVar[type[Schema]]
     tables: ClassVar[tuple[TableSpec, ...]]
     unit: ClassVar[str] = "ckpt"  # what the progress bar counts (see work())
+    every_class: ClassVar[bool | None] = None
+    """Whether what it measures (its options' `split`, subset to `samples`) must hold every class, checked before
+    any work (check_subset); None: yes for an analysis with a per-class table (a 'class' column, e.g. CSI's class
+    means), no otherwise (accuracy, CKA and linearity are defined on any subset)."""
+
+    def needs_every_class(self) -> bool:
+        """every_class, or (None) whether one of its tables holds per-class rows."""
+        if self.every_class is not None:
+            return self.every_class
+        return any("class" in spec.columns for spec in self.tables)
 
     def __init__(self, options: Schema | None = None, **kwargs: Any) -> None:
         if options is not None and kwargs:
@@ -370,6 +399,9 @@ def _context(run: Run | str | Path, analysis: Analysis, options: RunOptions, dat
     device = dist.resolve_device(options.device)
     data = data if data is not None else run.dataset()
     ctx = Context(run, data, device, options, ckpts, run_bn_plan(run, data, options.bn_recalibrate, device), log)
+    if analysis.needs_every_class():  # a subset without a class is named as such, before any work
+        o = analysis.options
+        check_subset(data, getattr(o, "split", "test"), getattr(o, "samples", None), ctx.num_classes)
     analysis.setup(ctx)
     return ctx
 
@@ -480,6 +512,6 @@ def _rows_of(table: ResumableTable, expected: pd.DataFrame) -> pd.DataFrame:
 
 
 __all__ = [
-    "RunOptions", "Split", "Samples", "SPLITS", "SUBSET_SEED", "split_of", "eval_loader", "bn_loader", "AnalysisModel",
+    "RunOptions", "Split", "Samples", "SPLITS", "SUBSET_SEED", "split_of", "eval_loader", "check_subset", "bn_loader", "AnalysisModel",
     "analysis_model", "require_finite_outputs", "nonfinite_error", "FIRST_BATCH", "run_bn_plan", "Context", "Analysis", "Result", "note", "run_analysis",
 ]

@@ -78,6 +78,10 @@ def train(preset, config_file, out, resume, force, quiet, trust_code, overrides,
 
 def _run_folder_name(name: str) -> str:
     """A run name used as the folder runs/<name>: it must stay inside runs/ (one plain folder name)."""
+    control = next((c for c in name if ord(c) < 32 or ord(c) == 127), None)
+    if control is not None:
+        raise CsnError(f"run name {name!r} holds a control character ({control!r}), which would become part of the "
+                       "folder runs/<name>; choose a plain name (letters, digits, '-', '_', '.') or pass --out DIR.")
     bad = (not name.strip() or name in (".", "..") or "\x00" in name
            or any(len(P(name).parts) != 1 or P(name).anchor for P in (PurePosixPath, PureWindowsPath)))
     if bad:

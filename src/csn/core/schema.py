@@ -8,6 +8,7 @@ become one-line CsnErrors that name the key, what it expects and what was given 
 from __future__ import annotations
 
 import json
+import tomllib
 import typing
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, TypeVar
@@ -131,8 +132,8 @@ def _nested_model(model: type[BaseModel], path: Sequence[str]) -> type[BaseModel
 
 
 def parse_override(text: str, *, text_field: bool) -> Any:
-    """The value of a `key=value` override: parsed as JSON where possible (numbers, lists, true/false), else the
-    text; none/null is None. A text field takes the text as typed (name=1e5 is the name '1e5'), a JSON-quoted
+    """The value of a `key=value` override: parsed as JSON where possible (numbers, lists, true/false), else as a
+    TOML inline table or array ({num_train = 512}), else the text; none/null is None. A text field takes the text as typed (name=1e5 is the name '1e5'), a JSON-quoted
     string unquoted (how CLI flags pass values)."""
     v = text.strip()
     if v.lower() in ("none", "null"):
@@ -148,7 +149,13 @@ def parse_override(text: str, *, text_field: bool) -> Any:
     try:
         return json.loads(v)
     except (json.JSONDecodeError, RecursionError):
-        return v
+        pass
+    if v[:1] in ("{", "["):  # TOML's inline form, as --print-config writes it: synthetic={num_train = 512}
+        try:
+            return tomllib.loads(f"v = {v}")["v"]
+        except (tomllib.TOMLDecodeError, RecursionError):
+            pass
+    return v
 
 
 def set_override(model: type[BaseModel], data: dict[str, Any], pair: str, what: str = "config key") -> None:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from csn.data.tensors import DataSplits
-from csn.data.validate import check_memory, to_nchw, validate_splits
+from csn.data.validate import check_memory, path_problem, to_nchw, validate_splits
 from csn.errors import CsnError
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -89,24 +89,31 @@ def read_idx(path: str | Path) -> np.ndarray:
     return np.frombuffer(data, dtype=dtype, count=need // dtype.itemsize).reshape(shape).astype(dtype.newbyteorder("="))
 
 
+def _candidates(root: Path, stem: str) -> list[Path]:
+    """Where `stem` may lie under root: `stem`, `stem.gz` and the common `stem.idx3-ubyte` dot variant."""
+    return [root / c for c in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz")]
+
+
 def find_idx_file(root: Path, stem: str) -> Path | None:
     """Find `stem` or `stem.gz` (also the common `stem.idx3-ubyte` dot variant) under root."""
-    for cand in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
-        p = root / cand
-        if p.is_file():
-            return p
-    return None
+    return next((p for p in _candidates(root, stem) if p.is_file()), None)
 
 
 def idx_paths(root: str | Path, apt_hint: bool = False) -> dict[str, Path]:
     """{key of IDX_FILES: path} of the four standard IDX files under root (plain or .gz); a missing one is a
     CsnError naming it (and `apt-get install dataset-fashion-mnist` when apt_hint)."""
     root = Path(root)
+    problem = path_problem(root, "directory")
+    if problem and not (root.is_file() and root.suffix == ".npz"):
+        raise CsnError(f"data root {root} {problem}; point --data-root at a directory that holds the IDX files.")
     found = {key: find_idx_file(root, stem) for key, stem in IDX_FILES.items()}
     missing = [IDX_FILES[k] for k, p in found.items() if p is None]
     if missing:
         if root.is_file() and root.suffix == ".npz":
             raise CsnError(f"{root} is a .npz file, not a directory of IDX files; use --dataset npz.")
+        odd = [(p, path_problem(p)) for stem in missing for p in _candidates(root, stem) if path_problem(p)]
+        if odd:
+            raise CsnError(f"IDX file {odd[0][0]} {odd[0][1]}; replace it with the file itself.")
         fix = ("install them with `sudo apt-get install dataset-fashion-mnist` or point --data-root / "
                f"${FASHION_MNIST_ENV} at a directory that holds them") if apt_hint else "point --data-root at a directory that holds them"
         raise CsnError(f"missing IDX file(s) {', '.join(missing)} in {root}; {fix}.")

@@ -6,6 +6,7 @@ import copy
 from pathlib import Path
 
 from csn.data.tensors import DataSplits
+from csn.data.validate import path_problem
 from csn.errors import CsnError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -30,6 +31,9 @@ def check_folders(root: Path) -> list[str]:
     """The class names of an ImageFolder tree, checked before anything is read: train/ and val/ hold the same
     class folders (at least 2), each with at least one image; else one CsnError naming the folder and the fix."""
     layout = f"expected {root}/train/<class>/<images> and {root}/val/<class>/<images>"
+    problem = path_problem(root, "directory")
+    if problem:
+        raise CsnError(f"data root {root} {problem}; {layout}.")
     classes = {}
     for split in ("train", "val"):
         d = root / split

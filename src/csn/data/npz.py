@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from csn.data.tensors import DataSplits
-from csn.data.validate import check_memory, note, to_nchw, validate_splits
+from csn.data.validate import check_memory, note, path_problem, to_nchw, validate_splits
 from csn.errors import CsnError
 
 NPZ_ARRAYS = ("x_train", "y_train", "x_test", "y_test")
@@ -57,6 +57,9 @@ def load_npz(path: str | Path | None, layout: str | None = None, name: str = "np
     if path.is_dir():
         raise CsnError(f"{path} is a directory; dataset 'npz' reads one .npz file (--data-root FILE.npz); "
                        "for a directory of IDX files use --dataset idx.")
+    problem = path_problem(path, "file")
+    if problem:
+        raise CsnError(f"data root {path} {problem}; pass --data-root FILE.npz written with {_SAVEZ}.")
     if not path.is_file():
         raise CsnError(f"{path} does not exist; pass --data-root FILE.npz written with {_SAVEZ}.")
     try:

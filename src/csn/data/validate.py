@@ -33,6 +33,9 @@ $CSN_MAX_DATA_GB gigabytes (default 8) with the estimate and the limit.
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 import sys
 from collections.abc import Mapping, Sequence
 
@@ -59,6 +62,34 @@ def max_data_bytes() -> int:
 def check_memory(nbytes: int, what: str) -> None:
     """Refuse `what` (a description of the data) when it needs more than the limit, before allocating it."""
     check_limit(nbytes, max_data_bytes(), what=what, raise_it=f"set {MAX_DATA_ENV} to raise it")
+
+
+def path_problem(path: str | os.PathLike, want: str = "file") -> str | None:
+    """Why `path` cannot be read as a regular `want` ('file' or 'directory') although something is there, as the
+    end of a sentence ('is a FIFO (named pipe), not a file'): a symbolic link loop, a link to nothing, a FIFO, a
+    device (a link to /dev/zero), a socket, or the other kind. None when it is a `want`, or nothing is there."""
+    link = os.path.islink(path)
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "is a symbolic link loop (it leads back to itself)"
+        if link:
+            return f"is a symbolic link to {os.readlink(path)}, which does not exist"
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            return None
+        return f"cannot be read ({e.strerror})"
+    to = f" (a link to {os.path.realpath(path)})" if link else ""
+    kinds = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    for test, kind in kinds:
+        if test(st.st_mode):
+            return f"is {kind}{to}, not a {want}"
+    if want == "file" and stat.S_ISDIR(st.st_mode):
+        return f"is a directory{to}, not a file"
+    if want == "directory" and stat.S_ISREG(st.st_mode):
+        return f"is a file{to}, not a directory"
+    return None
 
 
 def note(message: str) -> None:

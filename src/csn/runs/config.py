@@ -166,14 +166,6 @@ class TrainConfig(Schema):
                 "reduce": self.reg_reduce}
 
     @model_validator(mode="after")
-    def _plain_name(self) -> TrainConfig:
-        bad = next((c for c in self.name if ord(c) < 32 or ord(c) == 127), None)
-        if bad is not None:
-            raise CsnError(f"config key 'name' holds a control character ({bad!r}); a run's name becomes its folder "
-                           "(runs/<name>) and appears in tables and reports: use letters, digits, '-', '_' or '.'.")
-        return self
-
-    @model_validator(mode="after")
     def _nesterov_needs_momentum(self) -> TrainConfig:
         if self.nesterov and self.momentum == 0:
             raise CsnError("config key 'nesterov' needs momentum > 0 (Nesterov momentum is a form of momentum); set "
@@ -246,7 +238,7 @@ def read_config_file(path: str | Path) -> dict:
     if path.suffix not in (".toml", ".yaml", ".yml"):
         raise CsnError(f"config file {path} must end in .toml, .yaml or .yml.")
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = path.read_bytes().decode("utf-8").removeprefix("\ufeff")  # a byte-order mark (some editors write one)
     except UnicodeDecodeError:
         raise CsnError(f"config file {path} is not UTF-8 text; save it as UTF-8.") from None
     except OSError as e:
@@ -323,6 +315,9 @@ def _load_yaml(text: str) -> Any:
 def load_config_file(path: str | Path) -> TrainConfig:
     """A TrainConfig from a TOML or YAML file; a `preset` key starts from that preset."""
     data = read_config_file(path)
+    if not data:
+        raise CsnError(f"config file {path} sets no key (it is empty or holds only comments), so it would train the "
+                       "full default run; write the keys to use (e.g. preset = \"smoke\"), or pass --preset NAME.")
     base = preset(str(data.pop("preset"))).to_dict() if "preset" in data else {}
     base.update(data)
     return TrainConfig.from_dict(base)

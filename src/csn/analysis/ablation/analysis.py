@@ -147,6 +147,9 @@ def resolve_stages(model: nn.Module, names: Sequence[str] | str | None = None) -
         names = [s.strip() for s in names.split(",") if s.strip()]
     if not names:
         raise CsnError("no stage given; pass stage names such as 'layer1,layer2' or layer patterns such as 'layer2.*'.")
+    twice = next((s for i, s in enumerate(names) if s in names[:i]), None)
+    if twice is not None:
+        raise CsnError(f"stage {twice!r} is given twice in --stages; name each stage once.")
     out: dict[str, list[str]] = {}
     modules = [n for n, _ in model.named_modules() if n]
     for s in names:
@@ -156,7 +159,7 @@ def resolve_stages(model: nn.Module, names: Sequence[str] | str | None = None) -
         try:
             out[s] = resolve_layers(model, [s])
         except CsnError:
-            near = closest(s, list(declared) + modules, n=5)
+            near = closest(s, list(dict.fromkeys([*declared, *modules])), n=5)
             have = ", ".join(declared) if declared else "none declared"
             raise CsnError(f"unknown stage or layer {s!r}; the model's stages are {have}, or pass a layer pattern "
                            f"such as 'layer2.*' (closest names: {', '.join(near)}).") from None

@@ -93,8 +93,9 @@ class CkaOptions(Schema):
         None, description="Module names or globs ('layer2.*'), 'logits' for the output; repeat or comma-separate. "
         "Default: the declared read points (every residual block's output) + logits.",
         json_schema_extra={"metavar": "PATTERN", "multiple": True})
-    reference: str = Field("last", description="Reference checkpoint for --mode across.",
-                           json_schema_extra={"metavar": "first|last|STEP|eE"})
+    reference: str = Field(
+        "last", description="Reference checkpoint for --mode across: first, last (= end), a step (64 or step=64) or "
+        "the checkpoint nearest an epoch (e2).", json_schema_extra={"metavar": "first|last|STEP|eE"})
     previous: bool = Field(True, description="With --mode across, also compare each checkpoint with the previous "
                            "one of the run.")
     samples: Samples = Field(None, description="A seeded subset of N examples of the split [default: all].",
@@ -155,8 +156,14 @@ def match_checkpoints(ckpts_a: Sequence[Checkpoint], ckpts_b: Sequence[Checkpoin
 def resolve_reference(run: Run, reference: str | int | None) -> Checkpoint:
     """The reference checkpoint of the across comparison: 'first', 'last', a step, or 'eE' (nearest epoch)."""
     ref = "last" if reference is None else str(reference).strip()
+    ref = {"end": "last"}.get(ref, ref.removeprefix("step="))
+    ckpts = run.checkpoints
+    digits = ref.removeprefix("+")
+    if digits.isascii() and digits.isdigit() and ckpts and int(digits) > ckpts[-1].step:
+        raise CsnError(f"--reference {reference!s} is past the run's last checkpoint (step {ckpts[-1].step}); use first, "
+                       "last, the step of a checkpoint (`csn info RUN` lists them) or eE.")
     try:
-        hits = select_checkpoints(run.checkpoints, ref)
+        hits = select_checkpoints(ckpts, ref)
     except CsnError as e:
         raise CsnError(f"bad --reference {ref!r} ({str(e).rstrip('.')}); use first, last, a step or eE.") from None
     if len(hits) != 1 or "," in ref or ":" in ref:
@@ -243,6 +250,9 @@ class Cka(Analysis):
         names = resolve_cka_layers(run.build_model(), o.layers)
         if run_b is not None:
             _check_run_b(run, run_b, names)
+        if mode != "across" and o.reference != "last":
+            raise CsnError(f"--reference {o.reference} applies to --mode across only (this is --mode {mode}); drop it, or "
+                           "pass --mode across.")
         ref = resolve_reference(run, o.reference) if mode == "across" else None
         n = ctx.split_size(o.split, o.samples)
         if n <= 3:
