@@ -356,7 +356,7 @@ def fake_table(seed: int = 0, steps=(0, 8, 16, 64, 256), dead_units=(0,)) -> pd.
                                  pref_class=-1 if dead else int(rng.integers(0, 4)), mu_max=1.0, mu_rest=0.5,
                                  dead=dead, eta2=0.0 if dead else float(rng.uniform(0, 1)), split="test",
                                  bn_recalibrated=16 if step < 128 else 0, variant="mean", n_images=128))
-    return pd.DataFrame(rows)[SELECTIVITY_TABLE_COLUMNS]
+    return pd.DataFrame(rows).assign(checkpoint_sha256=None)[SELECTIVITY_TABLE_COLUMNS]
 
 
 def test_summarize_excludes_dead_units_and_gives_se_over_units():
