@@ -38,9 +38,11 @@ def experiment(tmp_path_factory) -> tuple[Path, str, str]:
 
 def test_plan_is_printed_first_with_an_estimate(experiment):
     _, stdout, stderr = experiment
-    assert "5 conditions x 2 seeds (0, 1) = 10 runs, 10 to train" in stderr
+    assert "6 conditions x 2 seeds (0, 1) = 12 runs, 12 to train" in stderr
     assert "estimated time: about" in stderr and "declared for preset smoke" in stderr
-    for name in ("baseline", "a-3_step0-step4", "a-3_step4-step8", "a-3_ep1-ep1.5", "a+3_step0-step4_layer3"):
+    assert "lr 0.05 constant" in stderr and "alpha per stage (reg_reduce=sum)" in stderr
+    for name in ("baseline", "a-3_step0-step4", "a-3_step4-step8", "a-3_step8-step12", "a-3_step12-step16",
+                 "a+3_step0-step4_layer3"):  # tile:4 and its first tile
         assert name in stderr
     assert "paired harm in points" in stdout and "early windows harm more than late ones" in stdout
     assert "rule (alpha < 0)" in stdout and "rule (alpha > 0)" in stdout
@@ -49,7 +51,8 @@ def test_plan_is_printed_first_with_an_estimate(experiment):
 def test_every_run_trained_with_its_window_and_the_shared_seeds(experiment):
     out, _, _ = experiment
     runs = {p.name: Run(p) for p in out.iterdir() if (p / "run.json").is_file()}
-    assert len(runs) == 10 and all(r.checkpoints[-1].step == 16 for r in runs.values())  # the interrupted one resumed
+    assert len(runs) == 12 and all(r.checkpoints[-1].step == 16 for r in runs.values())  # the interrupted one resumed
+    assert all(r.config.reg_reduce == "sum" and r.config.lr_schedule == "constant" for r in runs.values())
     reg = runs["a-3_step4-step8-s1"]
     assert reg.config.reg_window == "step=4:step=8" and reg.config.reg_alpha == -3
     assert reg.info["reg_steps"] == [{"start_step": 4, "end_step": 8, "alpha": -3.0}]
@@ -70,11 +73,15 @@ def _live_mean(sel: pd.DataFrame, step: int, stages: list[str], col: str) -> flo
 def test_tables_match_the_runs_own_files(experiment):
     out, _, _ = experiment
     per_seed = pd.read_parquet(out / "windows_runs.parquet")
-    assert len(per_seed) == 10
+    assert len(per_seed) == 12
     for r in per_seed.itertuples():
         run, base = Run(r.run), Run(out / f"baseline-s{r.seed}")
         final, base_final = run.checkpoints[-1].metrics["test_acc"], base.checkpoints[-1].metrics["test_acc"]
-        assert r.final_test_acc == final and r.harm == pytest.approx(base_final - final, abs=1e-15)
+        assert r.final_test_acc_eval == final and r.harm_eval == pytest.approx(base_final - final, abs=1e-15)
+        acc, base_acc = run.read("accuracy").set_index("step"), base.read("accuracy").set_index("step")
+        assert r.final_test_acc == acc.loc[16, "acc"] and r.base_final_test_acc == base_acc.loc[16, "acc"]
+        assert r.harm == pytest.approx(base_acc.loc[16, "acc"] - acc.loc[16, "acc"], abs=1e-15)  # BN re-estimated
+        assert (acc["n_images"] == 256).all() and (acc["bn_recalibrated"] == 8).all()
         if r.alpha == 0:
             continue
         st = r.stages.split("+")
@@ -86,9 +93,16 @@ def test_tables_match_the_runs_own_files(experiment):
         assert r.csi_reduction_end == pytest.approx(1 - r.csi_end / r.base_csi_end, rel=1e-12)
         ck = {c.step: c.metrics["test_acc"] for c in run.checkpoints}
         bk = {c.step: c.metrics["test_acc"] for c in base.checkpoints}
-        assert r.early_gap == pytest.approx(ck[r.end_step] - bk[r.end_step], abs=1e-15)
+        assert r.early_gap_eval == pytest.approx(ck[r.end_step] - bk[r.end_step], abs=1e-15)  # the raw eval-mode gap
+        assert sorted(acc.index) == sorted({r.end_step, 16})  # at the window's end and the end of training only
+        assert r.end_test_acc == acc.loc[r.end_step, "acc"] and r.base_end_test_acc == base_acc.loc[r.end_step, "acc"]
+        assert r.early_gap == pytest.approx(r.end_test_acc - r.base_end_test_acc, abs=1e-15)
+        assert r.end_bn_batches == 8 and r.end_test_images == 256  # 16 asked, the smoke split has 8 batches
+        assert r.reg_steps == r.end_step - r.start_step and r.reg_mean_abs_alpha == abs(r.alpha)
+        assert r.reg_mean_lr == pytest.approx(0.05)  # constant learning rate
     base_sel = Run(out / "baseline-s0").read("selectivity")
     assert sorted(base_sel["step"].unique()) == [0, 4, 8, 12, 16] and set(base_sel["stage"]) == {"layer1", "layer2", "layer3"}
+    assert sorted(Run(out / "baseline-s0").read("accuracy")["step"]) == [4, 8, 12, 16]  # every window's end
 
 
 def test_condition_table_and_verdicts(experiment):
@@ -104,7 +118,10 @@ def test_condition_table_and_verdicts(experiment):
     assert sorted(set(zip(v["alpha"], v["stage_set"]))) == [(-3.0, "default"), (3.0, "layer3")]
     assert sorted(v["question"]) == sorted([ws.Q_EARLIEST, ws.Q_MORE, ws.Q_LITTLE, ws.Q_PROMOTE_FINAL, ws.Q_PROMOTE_END])
     assert (v["verdict"] == ws.INCONCLUSIVE).all() and v["observed"].str.contains("fewer than 3").all()  # 2 seeds
-    assert (v[v["kind"] == "suppress"]["n_windows"] == 3).all() and (v["rules_version"] == ws.RULES_VERSION).all()
+    assert (v[v["kind"] == "suppress"]["n_windows"] == 4).all() and (v["rules_version"] == ws.RULES_VERSION).all()
+    for col in ("reg_steps_mean", "reg_mean_lr_mean", "reg_mean_abs_alpha_mean", "csi_reduction_end_mean",
+                "eta2_reduction_end_mean", "early_gap_eval_mean"):
+        assert col in table.columns
 
 
 def test_rerun_resumes_without_training_and_changed_windows_are_refused(experiment):
@@ -113,7 +130,7 @@ def test_rerun_resumes_without_training_and_changed_windows_are_refused(experime
     table = pd.read_parquet(out / "windows.parquet")
     res = CliRunner().invoke(cli, ARGS + ["--out", str(out)])
     assert res.exit_code == 0, res.output
-    assert "10 runs, 0 to train" in res.stderr and "median of 10 finished runs here" in res.stderr
+    assert "12 runs, 0 to train" in res.stderr and "median of 12 finished runs here" in res.stderr
     assert {p.name: (p / "checkpoints" / "manifest.jsonl").read_text() for p in out.iterdir()
             if (p / "run.json").is_file()} == before
     pd.testing.assert_frame_equal(pd.read_parquet(out / "windows.parquet"), table)
@@ -132,6 +149,9 @@ def test_rerun_resumes_without_training_and_changed_windows_are_refused(experime
     (["--seeds", "0,0"], "repeat a seed"),
     (["--preset", "smok"], "closest: 'smoke'"),
     (["--windows", "step=0:step=4,step=0:step=4"], "are the same"),
+    (["--windows", "tile:99"], "asks for 99 tiles of a training of 16 steps"),
+    (["--windows", "tile:4,tile:4:0"], "are the same"),
+    (["reg_reduce=mean"], "the map gives alpha to every stage in full"),
     (["epochs=x"], "epochs"),
 ])
 def test_bad_requests_are_one_line_errors_before_any_work(tmp_path, args, message):

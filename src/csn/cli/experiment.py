@@ -23,6 +23,8 @@ from csn.experiments.windows import (
     make_plan,
     parse_seeds,
     plan_text,
+    planned_power,
+    power_text,
     run_windows,
     verdict_text,
 )
@@ -97,20 +99,25 @@ def windows(overrides, **values) -> None:
     """How early is early? The critical-period map of selectivity suppression.
 
     Trains the baseline and one condition per (alpha, window, stage set), the regularizer on only inside
-    the window, every condition with the same seeds (same initialization, same batches); measures final
-    test accuracy (paired with the baseline of the same seed), accuracy at every checkpoint, and CSI/eta²
-    of the regularized stages at the window's end and at the end of training; judges, per (alpha, stage
-    set), whether early windows harm more than late ones by the rules declared in
-    csn.experiments.window_stats (printed with the results). Prints the plan first; finished runs are
-    skipped and interrupted ones resumed, so the same command continues an interrupted map.
-    OVERRIDES are key=value pairs for the training config of every run (e.g. epochs=2). Writes
-    OUT/windows*.parquet, OUT/windows.json and the report OUT/report/index.html.
+    the window with alpha applied to every regularized stage in full (reg_reduce=sum), every condition with
+    the same seeds (same initialization, same batches); measures final test accuracy (paired with the
+    baseline of the same seed), accuracy at every checkpoint and, after BatchNorm re-estimation, at each
+    window's end, the dose, and CSI/eta² of the regularized stages at the window's end and at the end of
+    training; judges, per (alpha, stage set), whether the earliest window harms, whether early windows harm
+    more than late ones and whether late windows cost little (promotion: whether it changes accuracy) by the
+    rules declared in csn.experiments.window_stats (printed with the results). Prints the plan first;
+    finished runs are skipped and interrupted ones resumed, so the same command continues an interrupted
+    map. --dry-run also prints, per verdict, the power at the seeds asked, the minimal detectable effect
+    there and the seeds the declared effect needs. OVERRIDES are key=value pairs for the training config of
+    every run (e.g. epochs=2). Writes OUT/windows*.parquet, OUT/windows.json and the report
+    OUT/report/index.html.
 
     \b
     Examples:
-      csn experiment windows --preset fmnist                    # the map, about 80 min on 2 CPU cores
-      csn experiment windows --preset fmnist --dry-run          # the plan only
-      csn experiment windows --preset fmnist --alphas -1,-5 --windows step=0:step=20,1:1.1 --stages default,each
+      csn experiment windows --preset fmnist                    # the map, about 1 h 33 min on 2 CPU cores
+      csn experiment windows --preset fmnist --dry-run          # the plan and the verdicts' power only
+      csn experiment windows --preset fmnist --dry-run --seeds 6
+      csn experiment windows --preset fmnist --alphas -1,-5 --windows tile:8 --lr-schedule cosine --stages default,each
     """
     dist.init_from_env()  # under torchrun: DDP training, sharded selectivity, rank 0 writes and reports
     with dist.same_outcome():
@@ -118,6 +125,7 @@ def windows(overrides, **values) -> None:
         plan = make_plan(opts, overrides)
     echo(plan_text(plan), err=True)
     if opts.dry_run:
+        echo(power_text(plan, planned_power(plan)))
         return
     tables = run_windows(plan, progress=not opts.quiet)
     if dist.is_main():

@@ -6,12 +6,22 @@ the end is measured. Conditions = the baseline plus one per (alpha, window, stag
 with the same seeds (same initialization, same batches), so each is compared with the baseline of its own
 seed (window_stats: the declared statistic and verdicts).
 
-Per condition and seed: final test accuracy (whole test split) and its paired difference to the baseline;
-test accuracy at every checkpoint; CSI and eta² of the regularized stages at the end of the window and at the
-end of training (the baseline at every window boundary). Tables written to the experiment directory:
+Every regularized condition gives alpha to each regularized stage in full (reg_reduce=sum: "alpha per stage"), so
+"stage 2 alone at -20" and "stages 1+2 at -20" dose stage 2 alike. Windows can tile training (`tile:N`: N windows of
+equal length, one after the other, so early and late windows get the same number of steps; under a constant learning
+rate, the fmnist map's, the same learning rate too).
+
+Per condition and seed: test accuracy at the window's end and at the end of training (whole test split, BatchNorm
+statistics re-estimated from END_BN_BATCHES training batches, condition and baseline alike; the checkpoints' eval-mode
+values beside them: a regularized window leaves BatchNorm's running statistics off for tens of steps, which costs the
+eval-mode network up to several points at a window's end, 3.9 of them after 234 steps at alpha -1 in the pilot) and
+the paired difference of the final one to the baseline (harm); test accuracy at every checkpoint; the dose
+(regularized steps, mean learning rate and mean |alpha| over them; CSI and eta² reduction at the window's end); CSI
+and eta² of the regularized stages at the end of the window and at the end of training (the baseline at every window
+boundary). Tables written to the experiment directory:
 
     windows_runs.parquet         one row per (condition, seed)
-    windows.parquet              one row per condition: paired harm (mean, paired SE, unpaired SE, 95 % t interval)
+    windows.parquet              one row per condition: paired harm (mean, paired SE, unpaired SE, 95 % t interval), dose
     windows_verdicts.parquet     one row per (alpha, stage set): the statistic and the verdict
     windows_accuracy.parquet     test accuracy at every checkpoint, and its paired gap to the baseline
     windows_selectivity.parquet  mean CSI / eta² per stage at the measured checkpoints
@@ -21,13 +31,14 @@ end of training (the baseline at every window boundary). Tables written to the e
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -36,14 +47,19 @@ from pydantic import BeforeValidator, Field
 
 from csn import dist
 from csn._version import __version__
+from csn.analysis.accuracy import Accuracy
 from csn.analysis.base import Samples, run_analysis
 from csn.analysis.selectivity import Selectivity, summarize
+from csn.core import inference as I
+from csn.core.bn import DEFAULT_BN_BATCHES
 from csn.core.progress import bar, hms
-from csn.core.schedules import AlphaWindow, AlphaWindows, checkpoint_steps, parse_window_points
+from csn.core.schedules import AlphaWindow, AlphaWindows, checkpoint_steps, lr_at, parse_window_points
 from csn.core.schema import MAX_SEED, MAX_SEEDS, SEEDS_HINT, CommaList, Float, Int, Schema
 from csn.core.units import resolve_layers, stage_of, stages
 from csn.errors import CsnError, unknown
 from csn.experiments import window_stats as ws
+from csn.experiments.claims import Spread
+from csn.experiments.regularize import dose
 from csn.experiments.runner import Job, is_complete, run_jobs
 from csn.runs.config import TrainConfig, build_model_for, data_info, is_preset_checkpoints, load_data
 from csn.runs.config import preset as train_preset
@@ -54,6 +70,10 @@ from csn.training.loop import training_length
 from csn.training.regularizer import default_reg_layers
 
 BASELINE = "baseline"
+END_BN_BATCHES = DEFAULT_BN_BATCHES
+"""Training batches BatchNorm statistics are re-estimated from before accuracy is measured at a window's end and at the
+end of training (condition and baseline alike, whatever the epoch: csn.core.bn.recalibrate_bn on a copy, the batches
+every analysis uses)."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -94,7 +114,7 @@ Seeds = Annotated[list[Int], BeforeValidator(_seeds_field)]
 
 
 class WindowGrid(Schema):
-    """A grid of conditions: every alpha x window x stage set."""
+    """A grid of conditions: every alpha x window x stage set (windows as --windows takes them, tile:N included)."""
 
     alphas: Annotated[list[Float], CommaList] = Field(min_length=1)
     windows: str
@@ -102,41 +122,63 @@ class WindowGrid(Schema):
 
 
 class WindowsPreset(Schema):
-    """A critical-period map, declared before it is run: the training preset, the grids of conditions, the seeds,
-    and the cost of one run and of one checkpoint's selectivity pass (for the plan's estimate)."""
+    """A critical-period map, declared before it is run: the training preset (and overrides, e.g. a constant learning
+    rate), the grids of conditions, the seeds, the per-run spread its power is planned with, and the cost of one run and
+    of one checkpoint's selectivity and accuracy passes (for the plan's estimate)."""
 
     name: str
     train_preset: str
     overrides: list[str] = []
+    lr_schedule: Literal["constant", "cosine", "anneal"] | None = None  # None: the training preset's
     grids: list[WindowGrid]
     seeds: Seeds = [0, 1, 2]
     samples: Int | None = None
     parallel: Int = Field(2, ge=1)
     run_seconds: Float = Field(gt=0, description="One training run, single-threaded, 2 at a time on 2 cores.")
     checkpoint_seconds: Float = Field(gt=0, description="One checkpoint's selectivity pass (BN re-estimation included).")
+    accuracy_seconds: Float = Field(1.0, gt=0, description="One checkpoint's accuracy pass at a window's end (BN "
+                                    "re-estimation included).")
+    run_sd: Float = Field(Spread().c4_run_sd, gt=0, description="Per-run SD of final test accuracy the dry run plans "
+                          "power with (default: recorded on the fmnist study, claims.Spread().c4_run_sd).")
 
 
 WINDOW_PRESETS: dict[str, WindowsPreset] = {
-    # Seconds on a CPU: tests and a first look (too few seeds for verdicts).
+    # Seconds on a CPU: tests and a first look (too few seeds for verdicts). The fmnist map's shape at toy size: a
+    # constant learning rate, four windows tiling the 16 steps (two of them late), alpha per stage, promotion in the
+    # earliest window on the last stage.
     "smoke": WindowsPreset(
-        name="smoke", train_preset="smoke", seeds=[0, 1], samples=128, run_seconds=6.0, checkpoint_seconds=0.3,
-        grids=[WindowGrid(alphas=[-3.0], windows="step=0:step=4,step=4:step=8,1:1.5"),
-               WindowGrid(alphas=[3.0], windows="step=0:step=4", stages=["layer3"])],
+        name="smoke", train_preset="smoke", lr_schedule="constant", seeds=[0, 1], samples=128,
+        run_seconds=6.0, checkpoint_seconds=0.3, accuracy_seconds=0.3,
+        grids=[WindowGrid(alphas=[-3.0], windows="tile:4"),
+               WindowGrid(alphas=[3.0], windows="tile:4:0", stages=["layer3"])],
     ),
-    # Fashion-MNIST, ResNet-8, 3 epochs (the fmnist training preset, 468 steps per epoch). The early phase (SPEC: the
-    # stage-1/2 CSI peak comes within ~60 steps) is covered by five 40-step windows starting every 16 steps (steps
-    # 0-104), plus one late window of the same length at epoch 1.5. Strengths from a pilot (seed 0, 2,000 test images,
-    # live-unit mean CSI of stages 1-2 at the window's end vs the baseline at that step): in a 20-step window even
-    # alpha -10 (-73 %), -20 (-78 %) or -30 (-77 %) stay under -80 %; in a 40-step window alpha -3 gives -74 % and
-    # alpha -10 -84 %. So: alpha -10 (>= 80 % inside the window) and -20 (stronger) on the default stages (1-2); each
-    # stage alone in the earliest window at -20; promotion at alpha +3 (+62-83 % CSI in 20 steps) in the earliest
-    # and the late window. 3 seeds: 18 conditions x 3 = 54 runs.
+    # Fashion-MNIST, ResNet-8, 3 epochs of 468 steps (the fmnist training preset) at a CONSTANT learning rate 0.1, so
+    # every window gets the same learning rate (under the training preset's cosine a late window gets less: a dose
+    # confound). Six windows of 234 steps (half an epoch) tile the 1,404 steps (tile:6: they start at 0, 1/6, ..., 5/6
+    # of training; the last three start at >= 50 %, the verdicts' late windows). Alpha per stage (reg_reduce=sum, as in
+    # every map condition) on stages 1-2. Pilot (2026-12-05; seed 0, constant lr, window [0, 234), measured at step
+    # 234: live-unit mean CSI / eta² of stages 1-2 on 2,000 test images, whole-test accuracy, BN re-estimated from 16
+    # batches; baseline CSI 0.211, eta² 0.599, accuracy 83.00 %): alpha -1 cuts CSI 83 % (eta² 54 %), accuracy 83.45 %;
+    # -3 cuts 94 % (67 %), 83.52 %; -10 cuts 97 % (72 %) but accuracy falls to 79.25 %. Promotion: +0.1 raises CSI 49 %
+    # (82.72 %), +0.3 145 % (81.50 %), +1 98 % with accuracy 59.84 %, +3 only 20 % (68.43 %). So: alpha -1 and -3 (both
+    # far above the 50 % the suppression verdicts need, two doses), promotion +0.3 in the earliest window (clearly
+    # above the 20 % the promotion verdicts need, training intact). Eval-mode accuracy at step 234 was 3.3-40 points
+    # lower than after BN re-estimation in every regularized run (-1: 79.56 %, +0.3: 55.26 %; the baseline 0.4 lower):
+    # hence accuracy at a window's end and at the end of training after re-estimation. Seeds from power (window_stats
+    # simulations, per-run SD 0.0014 = claims.Spread().c4_run_sd, recorded on fmnist under its cosine schedule): 4
+    # seeds give 1.00 on "early harms more" and 0.98 on "late costs little" at the declared effect (3 seeds: 0.97 and
+    # 0.76). 14 conditions x 4 seeds = 56 runs, about 1 h 22 min of training at 175 s per run 2 at a time, 1 h 33 min in all
+    # with the selectivity (124 checkpoints x 1.5 s) and accuracy passes (120 x 4 s: 10,000 images and 16 BN batches).
+    # That spread was recorded under cosine, which anneals; at a constant lr four 1-epoch baselines spread 0.005 (BN
+    # re-estimated accuracy; eval mode 0.046), so the 3-epoch spread may exceed 0.0014: the dry run's --run-sd shows
+    # the power then, and a rerun with --seeds 6 reuses the finished runs (README "How early is early").
+    # The map of 2026-11-28 (rule set 1) had five 40-step windows in steps 0-104 and one at epoch 1.5 under cosine,
+    # alpha -10 / -20 split over stages 1-2 (reg_reduce=mean: -5 / -10 per stage) and promotion +3 (+1.5 per stage).
     "fmnist": WindowsPreset(
-        name="fmnist", train_preset="fmnist", seeds=[0, 1, 2], samples=2000, run_seconds=140.0, checkpoint_seconds=1.5,
-        grids=[WindowGrid(alphas=[-10.0, -20.0], windows="step=0:step=40,step=16:step=56,step=32:step=72,"
-                                                       "step=48:step=88,step=64:step=104,step=702:step=742"),
-               WindowGrid(alphas=[-20.0], windows="step=0:step=40", stages=["each"]),
-               WindowGrid(alphas=[3.0], windows="step=0:step=40,step=702:step=742")],
+        name="fmnist", train_preset="fmnist", lr_schedule="constant", seeds=[0, 1, 2, 3], samples=2000,
+        run_seconds=175.0, checkpoint_seconds=1.5, accuracy_seconds=4.0,
+        grids=[WindowGrid(alphas=[-1.0, -3.0], windows="tile:6"),
+               WindowGrid(alphas=[0.3], windows="tile:6:0")],
     ),
 }
 
@@ -152,20 +194,25 @@ class WindowsOptions(Schema):
     """What `csn experiment windows` takes (its command-line options are built from these fields)."""
 
     preset: str = Field("fmnist", description="Windows preset: smoke (seconds; tests and a first look) or fmnist (the "
-                        "map on Fashion-MNIST, about 80 minutes on 2 CPU cores).")
+                        "map on Fashion-MNIST, about 1 h 33 min on 2 CPU cores).")
     alphas: Annotated[list[Float], CommaList] | None = Field(
         None, min_length=1, description="Regularizer strengths, comma-separated (loss = ce - alpha*R: < 0 suppresses, "
         "> 0 promotes) [default: the preset's conditions]. Giving --alphas, --windows or --stages replaces the preset's "
         "grids by ONE grid (the options given, the preset's first grid for the others).",
         json_schema_extra={"metavar": "A,..."})
     windows: str | None = Field(None, description="Windows START:END, comma-separated, in epochs (0.25), steps (step=64), "
-                                "fractions of training (f0.1) or end, e.g. step=0:step=20,1:2 [default: the preset's].",
+                                "fractions of training (f0.1) or end, e.g. step=0:step=20,1:2; tile:N = N windows of equal "
+                                "length tiling training, tile:N:I the I-th of them (from 0) [default: the preset's].",
                                 json_schema_extra={"metavar": "S:E,..."})
     stages: Annotated[list[str], CommaList] | None = Field(
         None, description="Stage sets, comma-separated: default (every stage but the last), each (one condition per "
         "stage), all, or stages joined by + (layer1+layer3) [default: the preset's].", json_schema_extra={"metavar": "SETS"})
     seeds: Seeds | None = Field(None, description="N (seeds 0..N-1) or a comma-separated list, shared by every condition "
                                 "[default: the preset's].", json_schema_extra={"metavar": "N|LIST"})
+    lr_schedule: Literal["constant", "cosine", "anneal"] | None = Field(
+        None, description="Learning-rate schedule of every run: constant (every window gets the same learning rate), "
+        "anneal (constant, then a tenth of it over the last sixth of training: windows before it get the same rate, "
+        "final accuracy is read after an anneal) or cosine (a late window gets less) [default: the preset's].")
     out: str | None = Field(None, description="Experiment directory [default: runs/windows-<preset>].",
                             json_schema_extra={"metavar": "DIR"})
     parallel: Int | None = Field(None, ge=1, description="Training runs at once, each with cores/parallel threads "
@@ -174,7 +221,11 @@ class WindowsOptions(Schema):
                               "(--no-selectivity: accuracy only, no verdicts).")
     samples: Samples = Field(None, description="Selectivity on a fixed subset of N test images, or all "
                              "[default: the preset's].", json_schema_extra={"metavar": "N|all"})
-    dry_run: bool = Field(False, description="Print the plan (conditions, seeds, estimated time) and stop.")
+    dry_run: bool = Field(False, description="Print the plan (conditions, seeds, estimated time) and, per verdict, the "
+                          "power at the seeds asked, the minimal detectable effect there and the seeds the declared effect "
+                          "needs; write nothing.")
+    run_sd: Float | None = Field(None, gt=0, description="Per-run SD of final test accuracy the dry run plans power with "
+                                 "[default: the preset's: 0.0014, recorded on fmnist].", json_schema_extra={"metavar": "SD"})
     quiet: bool = Field(False, description="No progress bars.")
 
 
@@ -246,9 +297,54 @@ def stage_sets(tokens: Sequence[str], model: torch.nn.Module, reg_layers: Sequen
     return out
 
 
+TILE_FORMS = ("tile:N (N windows of equal length tiling training), tile:N:I (the I-th of them, from 0) or tile:N:I-J "
+              "(the I-th to the J-th)")
+
+
+def tile_steps(n: int, total: int) -> list[tuple[int, int]]:
+    """The N windows of equal length (to a step) tiling a training of `total` steps: [floor(k * total / N),
+    floor((k + 1) * total / N)) for k = 0..N-1."""
+    return [(k * total // n, (k + 1) * total // n) for k in range(n)]
+
+
+def _picks(text: str) -> list[int]:
+    """'2' -> [2]; '0-4' -> [0, 1, 2, 3, 4] (ValueError if neither, or a range that runs backwards)."""
+    a, sep, b = text.partition("-")
+    if not sep or not a:  # a plain index ('-1' is an index, refused later as out of range)
+        return [int(text)]
+    lo, hi = int(a), int(b)
+    if hi < lo:
+        raise ValueError(text)
+    return list(range(lo, hi + 1))
+
+
+def expand_tiles(text: str, total: int, what: str = "--windows") -> str:
+    """The windows with every tile:N / tile:N:I token written as its step=A:step=B windows (other tokens as given)."""
+    out = []
+    for tok in str(text).split(","):
+        fields = [f.strip() for f in tok.strip().split(":")]
+        if fields[0].lower() != "tile":
+            out.append(tok)
+            continue
+        try:
+            if len(fields) not in (2, 3):
+                raise ValueError
+            n, picks = int(fields[1]), None if len(fields) == 2 else _picks(fields[2])
+        except ValueError:
+            raise CsnError(f"{what} {tok.strip()!r} is not a tile; write {TILE_FORMS}, e.g. tile:6 or tile:6:0.") from None
+        if not 1 <= n <= total:
+            raise CsnError(f"{what} {tok.strip()!r} asks for {n} tiles of a training of {total} steps; give 1 to {total}.")
+        tiles = tile_steps(n, total)
+        for i in picks if picks is not None else range(n):
+            if not 0 <= i < n:
+                raise CsnError(f"{what} {tok.strip()!r} picks tile {i} of {n}; tiles count from 0 to {n - 1}.")
+            out.append(f"step={tiles[i][0]}:step={tiles[i][1]}")
+    return ",".join(out)
+
+
 def grid_conditions(grid: WindowGrid, sets: list[tuple], spe: int, total: int, epochs: float) -> list[WindowCondition]:
     """Every alpha x window x stage set of a grid, each window resolved to steps (CsnError if outside training)."""
-    points = parse_window_points(grid.windows, "--windows")
+    points = parse_window_points(expand_tiles(grid.windows, total), "--windows")
     out = []
     for alpha in grid.alphas:
         if alpha == 0:
@@ -281,6 +377,7 @@ class Plan:
     selectivity: bool
     base_steps: list[int] = field(default_factory=list)  # checkpoint steps of the training preset
     base_spec: str = ""  # its schedule as written (as steps when a shortened training dropped some points)
+    run_sd: float = Spread().c4_run_sd  # per-run SD of final accuracy the power is planned with
 
     def checkpoints(self, cond: WindowCondition) -> str:
         """The condition's checkpoint schedule: the preset's plus its window's boundaries (the baseline: every
@@ -304,9 +401,17 @@ class Plan:
             return sorted({0, self.total} | {s for c in self.conditions for s in (c.start_step, c.end_step)})
         return sorted({cond.end_step, self.total})
 
+    def accuracy_steps(self, cond: WindowCondition) -> list[int]:
+        """Where accuracy is measured after BatchNorm re-estimation: the window's end and the end of training (the
+        baseline: every window's end and the end)."""
+        if cond.alpha == 0:
+            return sorted({c.end_step for c in self.conditions if c.alpha != 0} | {self.total})
+        return sorted({cond.end_step, self.total})
+
     def estimate(self) -> dict[str, float]:
-        """Seconds: training (runs left x cost per run / runs at once) and selectivity (checkpoints x cost); the
-        cost per run is the median measured on finished runs here, else the preset's declared one (scaled by epochs)."""
+        """Seconds: training (runs left x cost per run / runs at once), selectivity and accuracy (checkpoints x cost);
+        the cost per run is the median measured on finished runs here, else the preset's declared one (scaled by
+        epochs)."""
         jobs = self.jobs()
         todo = [j for _, _, j in jobs if not is_complete(j.out)]
         measured = [d for _, _, j in jobs if is_complete(j.out) and (d := run_seconds(j.out)) is not None]
@@ -314,9 +419,24 @@ class Plan:
         declared = self.preset.run_seconds * self.base.epochs / preset_epochs  # scaled to a shortened training
         per_run = statistics.median(measured) if measured else declared
         n_ckpt = sum(len(self.selectivity_steps(c)) for c, _, _ in jobs) if self.selectivity else 0
+        n_acc = sum(len(self.accuracy_steps(c)) for c, _, _ in jobs)
         return {"runs": len(jobs), "runs_todo": len(todo), "run_seconds": per_run, "measured_runs": len(measured),
                 "training_s": len(todo) * per_run / max(1, min(self.parallel, max(1, len(todo)))),
-                "checkpoints": n_ckpt, "selectivity_s": n_ckpt * self.preset.checkpoint_seconds}
+                "checkpoints": n_ckpt, "selectivity_s": n_ckpt * self.preset.checkpoint_seconds,
+                "accuracy_checkpoints": n_acc, "accuracy_s": n_acc * self.preset.accuracy_seconds}
+
+
+ANNEAL_FROM = 5 / 6
+"""lr_schedule 'anneal': the constant learning rate until this fraction of training, a tenth of it after."""
+
+
+def lr_overrides(schedule: str | None, epochs: float) -> list[str]:
+    """The training-config overrides of a map's learning-rate schedule (None: none, the training preset's own)."""
+    if schedule is None:
+        return []
+    if schedule == "anneal":
+        return ["lr_schedule=step", f"milestones=[{epochs * ANNEAL_FROM!r}]", "gamma=0.1", "warmup_epochs=0"]
+    return [f"lr_schedule={schedule}", "milestones=[]", "warmup_epochs=0"]
 
 
 def run_seconds(out: Path) -> float | None:
@@ -332,10 +452,16 @@ def make_plan(opts: WindowsOptions, overrides: Sequence[str] = ()) -> Plan:
     """Resolve the options against the preset, the dataset and the model; every mistake is one CsnError."""
     pre = get_windows_preset(opts.preset)
     given = opts.model_fields_set
-    base = train_preset(pre.train_preset).override(list(pre.overrides) + list(overrides))
+    epochs = train_preset(pre.train_preset).override(list(pre.overrides) + list(overrides)).epochs
+    lr = lr_overrides(opts.lr_schedule or pre.lr_schedule, epochs)
+    base = train_preset(pre.train_preset).override(list(pre.overrides) + lr + list(overrides))
     if base.reg_alpha is not None or base.reg_window is not None or base.reg_schedule:
         raise CsnError("the training config already has a regularizer (reg_alpha/reg_window/reg_schedule); the windows "
                        "experiment sets it per condition, so drop those overrides.")
+    if any(str(o).split("=", 1)[0].strip() == "reg_reduce" for o in overrides) and base.reg_reduce != "sum":
+        raise CsnError(f"reg_reduce={base.reg_reduce} splits alpha over the regularized stages; the map gives alpha to "
+                       "every stage in full (reg_reduce=sum, so stage sets of different sizes compare), so drop that override.")
+    base = base.replace(reg_reduce="sum")
     data = load_data(base)
     spe, total = training_length(base, data)
     model = build_model_for(base, data_info(data))
@@ -353,7 +479,8 @@ def make_plan(opts: WindowsOptions, overrides: Sequence[str] = ()) -> Plan:
     root = Path(opts.out) if opts.out else Path("runs") / f"windows-{pre.name}"
     base_steps, base_spec = _base_schedule(base, spe)
     return Plan(pre, base, conds, seeds, spe, total, root, opts.parallel or pre.parallel,
-                opts.samples if "samples" in given else pre.samples, opts.selectivity, base_steps, base_spec)
+                opts.samples if "samples" in given else pre.samples, opts.selectivity, base_steps, base_spec,
+                opts.run_sd or pre.run_sd)
 
 
 def _base_schedule(base: TrainConfig, spe: int) -> tuple[list[int], str]:
@@ -381,21 +508,143 @@ def _refuse_duplicates(conds: list[WindowCondition]) -> None:
 def plan_text(plan: Plan) -> str:
     """The plan as printed before anything starts: conditions x seeds, what each condition does, the estimate."""
     e, b = plan.estimate(), plan.base
+    lr = f"lr {b.lr:g} {b.lr_schedule}" + (f" (warm-up {b.warmup_epochs:g} epochs)" if b.warmup_epochs else "")
     lines = [f"critical-period map '{plan.preset.name}' in {plan.root}: {len(plan.conditions)} conditions x "
              f"{len(plan.seeds)} seeds ({', '.join(map(str, plan.seeds))}) = {e['runs']} runs, {e['runs_todo']} to train, "
              f"{plan.parallel} at a time",
-             f"  each run: {b.model} on {b.dataset}, {b.epochs:g} epochs x {plan.steps_per_epoch} steps = {plan.total} steps",
-             f"  {'condition':<34} {'alpha':>6}  {'window (steps)':<16} stages"]
+             f"  each run: {b.model} on {b.dataset}, {b.epochs:g} epochs x {plan.steps_per_epoch} steps = {plan.total} "
+             f"steps, {lr}",
+             "  alpha per stage (reg_reduce=sum): every regularized stage gets alpha in full, whatever the stage set",
+             f"  accuracy at each window's end and the end of training: whole test split, BatchNorm re-estimated from "
+             f"{END_BN_BATCHES} training batches (condition and baseline)",
+             f"  {'condition':<34} {'alpha':>6}  {'window (steps)':<16} {'epochs':<13} {'lr':<8} stages"]
     for c in plan.conditions:
-        win = "–" if c.alpha == 0 else f"[{c.start_step}, {c.end_step})"
-        st = "–" if c.alpha == 0 else "+".join(c.stages) + (" (default)" if c.stage_set == "default" else "")
-        lines.append(f"  {c.name:<34} {c.alpha:>6g}  {win:<16} {st}")
+        reg = c.alpha != 0
+        win = f"[{c.start_step}, {c.end_step})" if reg else "–"
+        ep = f"{c.start_step / plan.steps_per_epoch:.3g}-{c.end_step / plan.steps_per_epoch:.3g}" if reg else "–"
+        mean_lr = f"{_mean_lr(plan, c):.3g}" if reg else "–"
+        st = "+".join(c.stages) + (" (default)" if c.stage_set == "default" else "") if reg else "–"
+        lines.append(f"  {c.name:<34} {c.alpha:>6g}  {win:<16} {ep:<13} {mean_lr:<8} {st}")
     src = (f"median of {e['measured_runs']} finished runs here" if e["measured_runs"]
            else f"declared for preset {plan.preset.name}")
     sel = (f" + selectivity at {e['checkpoints']} checkpoints x {plan.preset.checkpoint_seconds:g} s"
            if plan.selectivity else "")
-    lines.append(f"  estimated time: about {hms(e['training_s'] + e['selectivity_s'])} ({e['runs_todo']} runs x "
-                 f"{e['run_seconds']:.0f} s per run, {src}, {plan.parallel} at a time{sel})")
+    acc = f" + accuracy at {e['accuracy_checkpoints']} checkpoints x {plan.preset.accuracy_seconds:g} s"
+    lines.append(f"  estimated time: about {hms(e['training_s'] + e['selectivity_s'] + e['accuracy_s'])} ({e['runs_todo']} "
+                 f"runs x {e['run_seconds']:.0f} s per run, {src}, {plan.parallel} at a time{sel}{acc})")
+    return "\n".join(lines)
+
+
+def _mean_lr(plan: Plan, cond: WindowCondition) -> float:
+    """The mean learning rate over a condition's regularized steps (the dose's reg_mean_lr, from the plan)."""
+    b = plan.base
+    return float(np.mean([lr_at(t, plan.total, plan.steps_per_epoch, b.lr, b.lr_schedule, milestones=b.milestones,
+                                gamma=b.gamma, warmup_epochs=b.warmup_epochs) for t in range(cond.start_step, cond.end_step)]))
+
+
+# ------------------------------------------------------------------------------------------------
+# power of the verdicts at the seeds asked (the dry run)
+# ------------------------------------------------------------------------------------------------
+
+MDE_UPPER = 0.05
+"""The largest effect (accuracy, 5 points) the minimal detectable effect is searched up to; beyond: 'over 5 points'."""
+
+
+def _shapes(plan: Plan) -> list[dict]:
+    """The plan's families grouped by what their verdicts' power depends on: kind, windows and late windows."""
+    fams: dict[tuple, list[WindowCondition]] = {}
+    for c in plan.conditions:
+        if c.alpha != 0:
+            fams.setdefault((c.alpha, c.stage_set), []).append(c)
+    shapes: dict[tuple, dict] = {}
+    for (alpha, stage_set), conds in fams.items():
+        starts = sorted(c.start_step / plan.total for c in conds)
+        late = [f >= ws.WINDOW_RULES["late_from"] for f in starts]
+        key = ("promote",) if alpha > 0 else ("suppress", len(starts), sum(late) if not late[0] else 0)
+        shapes.setdefault(key, {"key": key, "families": []})["families"].append((alpha, stage_set))
+    return list(shapes.values())
+
+
+def _little_margin(run_sd: float, windows: int, late_windows: int) -> I.Simulate:
+    """'Late windows cost little' when the late windows cost `little - effect` (effect = the margin below `little`) and
+    the earliest the declared suppression effect; the rule is window_stats.suppression_parts's own."""
+    late = np.arange(windows) >= windows - late_windows
+
+    def sim(rng: np.random.Generator, effect: float, seeds: int, studies: int) -> np.ndarray:
+        cost = np.where(late, ws.WINDOW_RULES["little"] - effect, 0.0)
+        cost[0] = ws.EFFECTS["suppression"]
+        base = rng.normal(0, run_sd, (studies, seeds, 1))
+        cond = rng.normal(0, run_sd, (studies, seeds, windows)) - cost
+        return ws.suppression_parts(base - cond, late)["little_codes"]
+    return sim
+
+
+def _power_row(question: str, sim: I.Simulate, effect: float, seeds: int, studies: int, upper: float = MDE_UPPER,
+               margin: bool = False) -> dict:
+    return {"question": question, "effect": effect, "power": I.power(sim, effect, seeds, studies),
+            "mde": I.minimal_detectable_effect(sim, seeds, upper, studies=studies),
+            "seeds_needed": I.seeds_needed(sim, effect, studies=studies), "margin": margin}
+
+
+def planned_power(plan: Plan, studies: int = I.SIM_STUDIES) -> list[dict]:
+    """Per family shape and verdict: the power at the plan's seeds under the declared effect (window_stats.EFFECTS),
+    the minimal detectable effect there (for 'late costs little': the margin below `little` the late windows' true
+    cost needs) and the seeds the declared effect needs (power >= inference.POWER), by simulating the verdict's own
+    rule with per-run noise plan.run_sd."""
+    n, sd, out = len(plan.seeds), plan.run_sd, []
+    for shape in _shapes(plan):
+        key, rows = shape["key"], []
+        if key[0] == "promote":
+            for q in (ws.Q_PROMOTE_FINAL, ws.Q_PROMOTE_END):
+                rows.append(_power_row(q, ws.simulate_promotion(q, sd), ws.EFFECTS["promotion"], n, studies))
+        else:
+            _, w, late = key
+            for q in (ws.Q_EARLIEST, ws.Q_MORE):
+                if q == ws.Q_EARLIEST or late:
+                    sim = ws.simulate_suppression(q, sd, windows=w, late_windows=late)
+                    rows.append(_power_row(q, sim, ws.EFFECTS["suppression"], n, studies))
+            if late:
+                little = ws.WINDOW_RULES["little"]
+                rows.append(_power_row(ws.Q_LITTLE, _little_margin(sd, w, late), little, n, studies, little, True))
+        out.append({**shape, "rows": rows})
+    return out
+
+
+def _shape_label(shape: dict) -> str:
+    by_set: dict[str, list[str]] = {}
+    for alpha, stage_set in shape["families"]:
+        by_set.setdefault(stage_set, []).append(f"{alpha:+g}")
+    key, fams = shape["key"], "; ".join(f"{', '.join(a)} on stages {st}" for st, a in by_set.items())
+    if key[0] == "promote":
+        return f"promotion, alpha {fams}: the earliest window"
+    late = f"{key[2]} late (start >= {ws.WINDOW_RULES['late_from']:.0%} of training)" if key[2] else \
+        "none late: 'early harms more' and 'late costs little' are not judged"
+    return f"suppression, alpha {fams}: {key[1]} window{'s' if key[1] > 1 else ''}, {late}"
+
+
+def power_text(plan: Plan, shapes: list[dict]) -> str:
+    """The dry run's power section: per family shape and verdict, power, MDE and seeds needed."""
+    if not shapes:
+        return "no regularized condition: no verdict to plan."
+    pts = ws.EFFECTS
+    src = "as asked" if plan.run_sd != plan.preset.run_sd else "the preset's, recorded on fmnist: claims.Spread().c4_run_sd"
+    lines = [f"power of the verdicts at {len(plan.seeds)} seeds: each verdict's own rule on {I.SIM_STUDIES:,} simulated "
+             f"maps, per-run SD of final test accuracy {plan.run_sd:g} ({src}); "
+             f"declared effects: the earliest window costs {100 * pts['suppression']:.2f} points and late windows nothing, "
+             f"promotion changes accuracy by {100 * pts['promotion']:.2f} points; MDE and seeds needed at power "
+             f"{I.POWER:g}"]
+    for shape in shapes:
+        lines += [f"  {_shape_label(shape)}",
+                  f"    {'verdict':<48} {'power':>5}  {'MDE, points':<34} seeds needed"]
+        for r in shape["rows"]:
+            if r["margin"]:
+                little = ws.WINDOW_RULES["little"]
+                m = (f"late cost <= {100 * (little - r['mde']):.2f} (margin {100 * r['mde']:.2f})"
+                     if math.isfinite(r["mde"]) else "not even when late costs 0")
+            else:
+                m = f"{100 * r['mde']:.2f}" if math.isfinite(r["mde"]) else f"over {100 * MDE_UPPER:g}"
+            need = "over 50" if r["seeds_needed"] is None else str(r["seeds_needed"])
+            lines.append(f"    {r['question']:<48} {r['power']:>5.2f}  {m:<34} {need}")
     return "\n".join(lines)
 
 
@@ -418,23 +667,47 @@ def check_existing(plan: Plan) -> None:
                            "or the same settings to resume.")
 
 
-def measure_selectivity(plan: Plan, jobs: list[tuple[WindowCondition, int, Job]], *, progress: bool = True) -> None:
-    """CSI and eta² at each run's selectivity steps (regularized stages only; the baseline every stage), resumable."""
+def _once() -> Any:
+    """A log that prints each note once (the BatchNorm note once, not once per run), rank 0 alone."""
     notes: list[str] = []
 
-    def log(msg: str) -> None:  # the BatchNorm note once, not once per run
+    def log(msg: str) -> None:
         if msg not in notes:
             notes.append(msg)
             if dist.is_main():
                 print(msg, file=sys.stderr, flush=True)
+    return log
 
-    data = load_data(plan.base)  # every run of the experiment reads the same data: load it once
+
+def measure_selectivity(plan: Plan, jobs: list[tuple[WindowCondition, int, Job]], *, progress: bool = True,
+                        data: Any = None) -> None:
+    """CSI and eta² at each run's selectivity steps (regularized stages only; the baseline every stage), resumable."""
+    log = _once()
+    data = data if data is not None else load_data(plan.base)  # every run reads the same data: load it once
     pbar = bar(jobs, desc="selectivity", unit="run", progress=progress and dist.is_main())
     for cond, _seed, job in pbar:
         run = Run(job.out)
         layers = None if cond.alpha == 0 else _layers_of(run, cond)
         run_analysis(run, Selectivity(layers=layers, samples=plan.samples), data=data,
                      checkpoints=",".join(map(str, plan.selectivity_steps(cond))), progress=False, log=log)
+
+
+def measure_accuracy(plan: Plan, jobs: list[tuple[WindowCondition, int, Job]], *, progress: bool = True,
+                     data: Any = None) -> None:
+    """Test accuracy (whole split) at each run's window ends, BatchNorm statistics re-estimated from END_BN_BATCHES
+    training batches (csn.analysis.accuracy; tables/accuracy.parquet of each run), resumable."""
+    once = _once()
+
+    def log(msg: str) -> None:  # the analyses' note names --bn-recalibrate, which this experiment does not take
+        once(msg.replace(" (--bn-recalibrate 0 to turn off)", " to measure accuracy at window ends"))
+
+    data = data if data is not None else load_data(plan.base)
+    pbar = bar(jobs, desc="accuracy", unit="run", progress=progress and dist.is_main())
+    for cond, _seed, job in pbar:
+        steps = plan.accuracy_steps(cond)
+        if steps:
+            run_analysis(Run(job.out), Accuracy(), data=data, checkpoints=",".join(map(str, steps)),
+                         bn_recalibrate=END_BN_BATCHES, progress=False, log=log)
 
 
 def _layers_of(run: Run, cond: WindowCondition) -> list[str]:
@@ -454,30 +727,50 @@ def run_windows(plan: Plan, *, progress: bool = True) -> dict[str, pd.DataFrame]
     t0 = time.perf_counter()
     run_jobs([j for _, _, j in jobs], parallel=plan.parallel, progress=progress, desc="windows runs")
     t_train = time.perf_counter() - t0
+    data = load_data(plan.base)  # every run of the experiment reads the same data: load it once
     if plan.selectivity:
-        measure_selectivity(plan, jobs, progress=progress)
+        measure_selectivity(plan, jobs, progress=progress, data=data)
     t_sel = time.perf_counter() - t0 - t_train
+    measure_accuracy(plan, jobs, progress=progress, data=data)
+    t_acc = time.perf_counter() - t0 - t_train - t_sel
     tables = build_tables(plan, jobs)
 
     def write() -> None:
         for name, df in tables.items():
             write_table(plan.root / f"{name}.parquet", df)
-        write_json(plan.root / "windows.json", _record(plan, t_train, t_sel))
+        write_json(plan.root / "windows.json", _record(plan, {"training": t_train, "selectivity": t_sel,
+                                                              "accuracy": t_acc}))
 
     dist.on_main(write)
     return tables
 
 
-def _record(plan: Plan, t_train: float, t_sel: float) -> dict:
+DESIGN_NOTES = {
+    "alpha_per_stage": "every map condition trains with reg_reduce=sum: R is the sum over the regularized stages of "
+                       "their mean unit CSI, so alpha applies in full to every stage whatever the stage set (maps run "
+                       "before 2026-12-05 split alpha over the stages: reg_reduce=mean)",
+    "end_accuracy": f"accuracy at a window's end and at the end of training (end_test_acc, early_gap, final_test_acc, "
+                    f"harm) is measured on the whole test split after BatchNorm re-estimation from {END_BN_BATCHES} "
+                    "training batches, condition and baseline alike; end_test_acc_eval, early_gap_eval, "
+                    "final_test_acc_eval and harm_eval are the checkpoints' own eval-mode values (running statistics; "
+                    "intermediate checkpoints on the training's test subset)",
+}
+"""What windows.json says about the design (beside the resolved config)."""
+
+
+def _record(plan: Plan, wall: dict[str, float]) -> dict:
     """windows.json: what was asked, how it resolved, the rules, and how long this invocation took."""
-    return {"preset": plan.preset.to_dict(), "train_config": plan.base.to_dict(), "seeds": plan.seeds,
+    b = plan.base
+    return {"preset": plan.preset.to_dict(), "train_config": b.to_dict(), "seeds": plan.seeds,
             "steps_per_epoch": plan.steps_per_epoch, "total_steps": plan.total, "samples": plan.samples,
+            "lr_schedule": b.lr_schedule, "reg_reduce": b.reg_reduce, "end_bn_batches": END_BN_BATCHES,
+            "design": DESIGN_NOTES, "run_sd": plan.run_sd,
             "conditions": [{"name": c.name, "kind": c.kind, "alpha": c.alpha, "window": c.window,
-                            "start_step": c.start_step, "end_step": c.end_step, "stage_set": c.stage_set,
-                            "stages": list(c.stages)} for c in plan.conditions],
+                            "start_step": c.start_step, "end_step": c.end_step, "start_fraction": c.start_step / plan.total,
+                            "stage_set": c.stage_set, "stages": list(c.stages)} for c in plan.conditions],
             "rules": ws.WINDOW_RULES, "rules_version": ws.RULES_VERSION, "rules_declared": ws.RULES_DECLARED,
             "suppression_rule": ws.suppression_rule(), "promotion_rule": ws.promotion_rule(),
-            "wall_seconds": {"training": round(t_train, 1), "selectivity": round(t_sel, 1)}, "parallel": plan.parallel,
+            "wall_seconds": {k: round(v, 1) for k, v in wall.items()}, "parallel": plan.parallel,
             "estimate": plan.estimate(), "csn_version": __version__, "torch_version": torch.__version__}
 
 
@@ -501,6 +794,14 @@ def _accuracy(run: Run) -> dict[int, dict]:
                      "test_samples": c.metrics.get("test_samples")} for c in run.checkpoints}
 
 
+def _bn_accuracy(run: Run) -> dict[int, dict]:
+    """{step: {acc, bn, n}} of the run's accuracy table (BatchNorm re-estimated), {} when it has none."""
+    t = run.read("accuracy")
+    if t is None:
+        return {}
+    return {int(r.step): {"acc": float(r.acc), "bn": int(r.bn_recalibrated), "n": int(r.n_images)} for r in t.itertuples()}
+
+
 def build_tables(plan: Plan, jobs: list[tuple[WindowCondition, int, Job]]) -> dict[str, pd.DataFrame]:
     """windows_runs, windows, windows_verdicts, windows_accuracy and windows_selectivity from the runs' files."""
     runs = {(c.name, s): Run(j.out) for c, s, j in jobs}
@@ -512,8 +813,8 @@ def build_tables(plan: Plan, jobs: list[tuple[WindowCondition, int, Job]]) -> di
     for cond, seed, _ in jobs:
         run, base_run = runs[(cond.name, seed)], runs[(BASELINE, seed)]
         acc, base_acc = _accuracy(run), _accuracy(base_run)
-        per_seed.append(_seed_row(plan, cond, seed, run, acc, base_acc, summaries[(cond.name, seed)],
-                                  summaries[(BASELINE, seed)]))
+        per_seed.append(_seed_row(plan, cond, seed, run, (acc, _bn_accuracy(run)), (base_acc, _bn_accuracy(base_run)),
+                                  summaries[(cond.name, seed)], summaries[(BASELINE, seed)]))
         for step, a in acc.items():
             b = base_acc.get(step, {}).get("test_acc", float("nan"))
             acc_rows.append({"condition": cond.name, "seed": seed, "step": step, **a, "base_test_acc": b,
@@ -529,18 +830,27 @@ def build_tables(plan: Plan, jobs: list[tuple[WindowCondition, int, Job]]) -> di
             "windows_accuracy": pd.DataFrame(acc_rows), "windows_selectivity": sel_df}
 
 
-def _seed_row(plan: Plan, cond: WindowCondition, seed: int, run: Run, acc: dict, base_acc: dict,
+def _seed_row(plan: Plan, cond: WindowCondition, seed: int, run: Run, acc: tuple[dict, dict], base_acc: tuple[dict, dict],
               summary: pd.DataFrame | None, base_summary: pd.DataFrame | None) -> dict:
-    final, base_final = acc[plan.total]["test_acc"], base_acc[plan.total]["test_acc"]
+    """One (condition, seed) of windows_runs: acc and base_acc are (checkpoint metrics, BN re-estimated accuracy)."""
+    (ck, bn), (base_ck, base_bn) = acc, base_acc
+    nan = float("nan")
+    final, base_final = bn.get(plan.total, {}).get("acc", nan), base_bn.get(plan.total, {}).get("acc", nan)
+    final_eval, base_final_eval = ck[plan.total]["test_acc"], base_ck[plan.total]["test_acc"]
     end = cond.end_step if cond.alpha != 0 else plan.total
     row = {"condition": cond.name, "kind": cond.kind, "alpha": cond.alpha, "window": cond.window,
            "start_step": cond.start_step, "end_step": cond.end_step, "start_fraction": cond.start_step / plan.total,
-           "start_epoch": cond.start_step / plan.steps_per_epoch,
+           "end_fraction": cond.end_step / plan.total, "start_epoch": cond.start_step / plan.steps_per_epoch,
            "end_epoch": cond.end_step / plan.steps_per_epoch, "stage_set": cond.stage_set, "stages": "+".join(cond.stages),
            "seed": seed, "run": str(run.path), "final_test_acc": final, "base_final_test_acc": base_final,
-           "harm": base_final - final, "end_test_acc": acc.get(end, {}).get("test_acc", float("nan")),
-           "base_end_test_acc": base_acc.get(end, {}).get("test_acc", float("nan"))}
+           "harm": base_final - final, "final_test_acc_eval": final_eval, "base_final_test_acc_eval": base_final_eval,
+           "harm_eval": base_final_eval - final_eval, "end_test_acc": bn.get(end, {}).get("acc", nan),
+           "base_end_test_acc": base_bn.get(end, {}).get("acc", nan),
+           "end_bn_batches": bn.get(end, {}).get("bn", -1), "end_test_images": bn.get(end, {}).get("n", -1),
+           "end_test_acc_eval": ck.get(end, {}).get("test_acc", nan),
+           "base_end_test_acc_eval": base_ck.get(end, {}).get("test_acc", nan), **dose(run)}
     row["early_gap"] = row["end_test_acc"] - row["base_end_test_acc"]
+    row["early_gap_eval"] = row["end_test_acc_eval"] - row["base_end_test_acc_eval"]
     for col in ("csi", "eta2"):
         for where, step in (("end", end), ("final", plan.total)):
             row[f"{col}_{where}"] = _set_value(summary, step, cond.stages, col)
@@ -549,19 +859,23 @@ def _seed_row(plan: Plan, cond: WindowCondition, seed: int, run: Run, acc: dict,
     return row
 
 
-AGGREGATE = ("final_test_acc", "early_gap", "csi_end", "base_csi_end", "csi_reduction_end", "eta2_end", "base_eta2_end",
-             "eta2_reduction_end", "csi_final", "base_csi_final", "eta2_final", "base_eta2_final")
+AGGREGATE = ("final_test_acc", "final_test_acc_eval", "harm_eval", "end_test_acc", "base_end_test_acc", "early_gap", "early_gap_eval", "csi_end",
+             "base_csi_end", "csi_reduction_end", "eta2_end", "base_eta2_end", "eta2_reduction_end", "csi_final",
+             "base_csi_final", "eta2_final", "base_eta2_final", "reg_steps", "reg_mean_lr", "reg_mean_abs_alpha")
 """Columns of windows_runs averaged per condition (mean and SE over seeds) in windows.parquet."""
 
 
 def condition_table(per_seed: pd.DataFrame) -> pd.DataFrame:
     """Per condition: paired harm (mean, paired SE, unpaired SE, t interval), and mean/SE over seeds of accuracy,
-    the early accuracy gap, and CSI/eta² of the regularized stages at the window's end and the end of training."""
+    the early accuracy gap (BN re-estimated, and the checkpoints' eval-mode one), CSI/eta² of the regularized stages at
+    the window's end and the end of training, and the dose (regularized steps, mean lr and |alpha| over them; CSI and
+    eta² reduction at the window's end)."""
     rows = []
     for _, g in per_seed.groupby("condition", sort=False):
         first = g.iloc[0]
-        row = {k: first[k] for k in ("condition", "kind", "alpha", "window", "start_step", "end_step", "start_epoch",
-                                     "end_epoch", "stage_set", "stages")}
+        row = {k: first[k] for k in ("condition", "kind", "alpha", "window", "start_step", "end_step", "start_fraction",
+                                     "end_fraction", "start_epoch", "end_epoch", "stage_set", "stages", "end_bn_batches")
+               if k in g}
         row["seeds"] = len(g)
         row.update({k: v for k, v in ws.paired(g["final_test_acc"], g["base_final_test_acc"]).items() if k != "n"})
         for col in AGGREGATE:
@@ -690,7 +1004,8 @@ def heatmap_text(table: pd.DataFrame) -> str:
     return "\n\n".join(blocks)
 
 
-__all__ = ["BASELINE", "WINDOW_PRESETS", "WindowGrid", "WindowsPreset", "WindowsOptions", "WindowCondition", "Plan",
-           "get_windows_preset", "parse_seeds", "stage_sets", "grid_conditions", "make_plan", "plan_text",
-           "check_existing", "measure_selectivity", "run_windows", "build_tables", "condition_table", "verdict_text",
-           "heatmap_text", "run_seconds", "trajectories", "gap_curves", "MAP_TABLES", "read_map"]
+__all__ = ["BASELINE", "END_BN_BATCHES", "ANNEAL_FROM", "DESIGN_NOTES", "WINDOW_PRESETS", "WindowGrid", "WindowsPreset",
+           "WindowsOptions", "WindowCondition", "Plan", "get_windows_preset", "parse_seeds", "stage_sets", "tile_steps",
+           "expand_tiles", "grid_conditions", "lr_overrides", "make_plan", "plan_text", "planned_power", "power_text",
+           "check_existing", "measure_selectivity", "measure_accuracy", "run_windows", "build_tables", "condition_table",
+           "verdict_text", "heatmap_text", "run_seconds", "trajectories", "gap_curves", "MAP_TABLES", "read_map"]
