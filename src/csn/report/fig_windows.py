@@ -1,5 +1,5 @@
 """Figures of the critical-period map (`csn experiment windows`): paired harm over window x alpha, harm vs window
-start with t-interval bands, CSI / eta² trajectories per condition with the window shaded, and the paired
+start (epochs, linear: windows spread over training) with 95 % t-interval bands, CSI / eta² trajectories per condition with the window shaded, and the paired
 test-accuracy gap at every checkpoint.
 
 Frames in, figures out: windows.parquet (the per-condition table) and the curves of
@@ -32,10 +32,22 @@ def _set_label(g: pd.DataFrame) -> str:
     return name if name == stages else f"{name} ({stages})"
 
 
-def _step_axis(ax, steps) -> None:
+def _step_axis(ax, steps, starts=None) -> None:
+    """A step axis: symlog when every window starts in the first fifth of the steps drawn (an early-phase map),
+    linear when the windows are spread over training."""
     positive = [float(s) for s in steps if s > 0]
-    ax.set_xscale("symlog", linthresh=min(positive) if positive else 1.0)
-    ax.set_xlabel("step (symlog)")
+    early = starts is None or (positive and max([float(s) for s in starts] or [0.0]) < 0.2 * max(positive))
+    if early:
+        ax.set_xscale("symlog", linthresh=min(positive) if positive else 1.0)
+    ax.set_xlabel("step (symlog)" if early else "step")
+
+
+def _window_label(r) -> str:
+    """A window as its steps, with its epochs when the table has them: '0:234 (ep 0-0.5)'."""
+    steps = str(r.window).replace("step=", "")
+    if hasattr(r, "start_epoch") and hasattr(r, "end_epoch") and str(r.window).count("step=") == 2:
+        return f"{steps}\n(ep {r.start_epoch:.3g}-{r.end_epoch:.3g})"
+    return steps
 
 
 def _grid(n: int, width: float = 4.2, height: float = 3.2):
@@ -56,7 +68,8 @@ def harm_heatmap(table: pd.DataFrame, out_dir: str | Path, *, name: str = "windo
     fig, axes = _grid(len(sets), width=max(3.2, 1.3 * reg["window"].nunique()), height=0.9 + 0.55 * reg["alpha"].nunique())
     for ax, stage_set in zip(axes, sets):
         g = reg[reg["stage_set"] == stage_set]
-        windows = g.drop_duplicates("window").sort_values(["start_step", "end_step"])["window"].tolist()
+        firsts = g.drop_duplicates("window").sort_values(["start_step", "end_step"])
+        windows = firsts["window"].tolist()
         alphas = sorted(g["alpha"].unique())
         m = np.full((len(alphas), len(windows)), np.nan)
         for r in g.itertuples():
@@ -66,7 +79,8 @@ def harm_heatmap(table: pd.DataFrame, out_dir: str | Path, *, name: str = "windo
             se = "" if not np.isfinite(r.harm_se_paired) else f"\n±{r.harm_se_paired * POINTS:.2f}"
             ax.text(windows.index(r.window), alphas.index(r.alpha), f"{r.harm_mean * POINTS:+.2f}{se}", ha="center",
                     va="center", fontsize=7)
-        ax.set_xticks(range(len(windows)), [w.replace("step=", "") for w in windows], rotation=35, ha="right", fontsize=7)
+        ax.set_xticks(range(len(windows)), [_window_label(r) for r in firsts.itertuples()], rotation=35, ha="right",
+                      fontsize=7)
         ax.set_yticks(range(len(alphas)), [f"{a:g}" for a in alphas])
         ax.set_ylabel("alpha")
         ax.grid(False)
@@ -78,7 +92,9 @@ def harm_heatmap(table: pd.DataFrame, out_dir: str | Path, *, name: str = "windo
 
 
 def harm_vs_start(table: pd.DataFrame, out_dir: str | Path, *, name: str = "windows_harm") -> style.Figure:
-    """Paired harm vs window start, one line per alpha with its t-interval band (95 %, over seeds), one panel per stage set."""
+    """Paired harm vs window start (epochs, linear: windows spread over training), one line per alpha with its 95 %
+    t-interval band over seeds (window_stats.condition_intervals), each window's span drawn as a bar at its harm; one
+    panel per stage set."""
     reg = table[table["alpha"] != 0]
     sets = list(dict.fromkeys(reg["stage_set"]))
     fig, axes = _grid(len(sets))
@@ -87,22 +103,23 @@ def harm_vs_start(table: pd.DataFrame, out_dir: str | Path, *, name: str = "wind
         for i, (alpha, ga) in enumerate(g.groupby("alpha", sort=True)):
             ga = ga.sort_values(["start_step", "end_step"])
             color = style.COND_COLORS[(i + 1) % len(style.COND_COLORS)]
-            x, y = ga["start_step"].to_numpy(float), ga["harm_mean"].to_numpy(float) * POINTS
+            x, y = ga["start_epoch"].to_numpy(float), ga["harm_mean"].to_numpy(float) * POINTS
             lo, hi = ga["harm_lo"].to_numpy(float) * POINTS, ga["harm_hi"].to_numpy(float) * POINTS
             ax.plot(x, y, marker="o", color=color, label=f"alpha {alpha:g}")
+            ax.hlines(y, x, ga["end_epoch"].to_numpy(float), color=color, lw=3, alpha=0.35)
             if len(x) > 1:
                 ax.fill_between(x, lo, hi, color=color, alpha=0.18, lw=0)
             else:
                 ax.errorbar(x, y, yerr=[y - lo, hi - y], color=color, capsize=3, ls="none")
         ax.axhline(0, color="k", lw=0.7, alpha=0.5)
-        _step_axis(ax, g["start_step"])
-        ax.set_xlabel("window start (step, symlog)")
+        ax.set_xlim(left=-0.03 * max(1e-9, float(g["end_epoch"].max())))  # the caps of a window at 0 stay inside
+        ax.set_xlabel("window start (epoch); bar: the window")
         ax.set_ylabel("paired harm (points)")
         ax.set_title(f"stages {_set_label(g)}", fontsize=9)
         ax.legend(fontsize=8)
-    return style.save(fig, out_dir, name, "Paired harm (baseline − condition final test accuracy, points) versus the "
-                      "window's start; bands (or bars) are 95 % t intervals over seeds. "
-                      "Early windows harming more = a line falling to the right.")
+    return style.save(fig, out_dir, name, "Paired harm (baseline − condition final test accuracy, same seed, points) "
+                      "versus the window's start in epochs; the bar at each point spans the window; bands (or bars) are "
+                      "95 % t intervals over seeds. Early windows harming more = a line falling to the right.")
 
 
 def trajectories_figure(curves: pd.DataFrame, table: pd.DataFrame, out_dir: str | Path, *, metric: str = "csi",
@@ -123,7 +140,7 @@ def trajectories_figure(curves: pd.DataFrame, table: pd.DataFrame, out_dir: str 
             ax.plot(own["step"], own["mean"], color=color, marker="o", ms=3, label=c.window.replace("step=", ""))
             ax.axvspan(c.start_step, c.end_step, color=color, alpha=0.12, lw=0)
             steps += d["step"].tolist()
-        _step_axis(ax, steps)
+        _step_axis(ax, steps, g["start_step"])
         ax.set_ylabel(f"mean {label}")
         ax.set_title(f"alpha {alpha:g}, stages {_set_label(g)}", fontsize=9)
         ax.legend(fontsize=7)
@@ -149,7 +166,7 @@ def gap_figure(gaps: pd.DataFrame, table: pd.DataFrame, out_dir: str | Path, *,
             ax.axvspan(c.start_step, c.end_step, color=color, alpha=0.1, lw=0)
             steps += x.tolist()
         ax.axhline(0, color="k", lw=0.7, alpha=0.5)
-        _step_axis(ax, steps)
+        _step_axis(ax, steps, g["start_step"])
         ax.set_ylabel("test acc − baseline (points)")
         ax.set_title(f"alpha {alpha:g}, stages {_set_label(g)}", fontsize=9)
         ax.legend(fontsize=7)

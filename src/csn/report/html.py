@@ -799,6 +799,7 @@ def windows_section(rep: _Report) -> Section | None:
         table, verdicts, info, sel, acc = (m[k] for k in ("windows", "windows_verdicts", "info", "windows_selectivity",
                                                           "windows_accuracy"))
         sec.items += _windows_verdict_items(verdicts, info)
+        sec.items.append(_note(_windows_design(info)))
         sec.items += rep.draw("the critical-period map figures", lambda: windows_figures(
             table, trajectories(sel, table), gap_curves(acc), rep.out_dir))
         sec.items.append(_windows_condition_table(table))
@@ -826,6 +827,21 @@ def windows_section(rep: _Report) -> Section | None:
         except CsnError as e:
             sec.items.append(_note(f"its tables cannot be shown: {e}"))
     return sec
+
+
+def _windows_design(info: dict) -> str:
+    """One sentence on how the map was run: learning-rate schedule, α per stage or split, accuracy at window ends."""
+    cfg = info.get("train_config", {}) if isinstance(info.get("train_config"), dict) else {}
+    lr = f"learning rate {cfg.get('lr_schedule', '?')}" if cfg else "learning rate not recorded"
+    if info.get("reg_reduce", cfg.get("reg_reduce", "mean")) == "sum":
+        alpha = "α applied in full to every regularized stage (reg_reduce=sum)"
+    else:
+        alpha = "α split over the regularized stages (reg_reduce=mean: a map run before 2026-12-05)"
+    bn = info.get("end_bn_batches")
+    end = (f"accuracy at each window's end and at the end of training on the whole test split after BatchNorm "
+           f"re-estimation from {bn} batches" if bn else
+           "accuracy at each window's end and at the end = the checkpoints' eval-mode values (no BatchNorm re-estimation)")
+    return f"Design: {lr}; {alpha}; {end}."
 
 
 def _windows_nearby(exp: Path) -> list[Path]:
@@ -862,28 +878,120 @@ def _windows_verdict_items(v: pd.DataFrame | None, info: dict) -> list[dict]:
     return items
 
 
+def _windows_dose(r: dict) -> list[str]:
+    """The dose cells of a regularized condition: regularized steps, mean lr and |α| over them, CSI and η² reduction at
+    the window's end (a map written before the dose was recorded shows dashes)."""
+    pct = lambda x: f"{100 * float(x):.0f} %" if _isnum(x) else "–"  # noqa: E731
+    return [_g(r.get("reg_steps_mean")), _f(r.get("reg_mean_lr_mean"), 4), _g(r.get("reg_mean_abs_alpha_mean")),
+            f"{pct(r.get('csi_reduction_end_mean'))} / {pct(r.get('eta2_reduction_end_mean'))}"]
+
+
 def _windows_condition_table(t: pd.DataFrame) -> dict:
-    """Per condition: paired harm with both SEs and its CI, the early gap, CSI/eta² at the window end and the end."""
+    """Per condition: paired harm with both SEs and its CI, the dose, the gap at the window's end (BatchNorm
+    re-estimated, and the checkpoints' eval-mode one), CSI/eta² at the window end and the end."""
     pts = lambda x: _f(100 * x, 2) if _isnum(x) else "–"  # noqa: E731
     rows = []
     for r in t.to_dict("records"):
         reg = r["alpha"] != 0
-        rows.append([r["condition"], _g(r["alpha"]), f"[{r['start_step']}, {r['end_step']})" if reg else "–",
+        ep = (f" (ep {r['start_epoch']:.3g}-{r['end_epoch']:.3g})" if _isnum(r.get("start_epoch")) and
+              _isnum(r.get("end_epoch")) else "")
+        rows.append([r["condition"], _g(r["alpha"]), f"[{r['start_step']}, {r['end_step']}){ep}" if reg else "–",
                      r["stages"] or "–", r["seeds"], _pm(r["final_test_acc_mean"], r["final_test_acc_se"], 4),
                      _pm(100 * r["harm_mean"], 100 * r["harm_se_paired"], 2) if reg else "–",
                      pts(r["harm_se_unpaired"]) if reg else "–",
                      f"[{pts(r.get('harm_lo'))}, {pts(r.get('harm_hi'))}]" if reg else "–",
+                     pts(r.get("harm_eval_mean")) if reg else "–",
+                     *(_windows_dose(r) if reg else ["–"] * 4),
                      _pm(100 * r["early_gap_mean"], 100 * r["early_gap_se"], 2) if reg else "–",
+                     pts(r.get("early_gap_eval_mean")) if reg else "–",
                      f"{_f(r['csi_end_mean'])} / {_f(r['base_csi_end_mean'])}" if reg else "–",
                      f"{_f(r['eta2_end_mean'])} / {_f(r['base_eta2_end_mean'])}" if reg else "–",
                      f"{_f(r['csi_final_mean'])} / {_f(r['base_csi_final_mean'])}" if reg else "–",
                      r["final_test_acc_per_seed"]])
     return _table(["condition", "α", "window (steps)", "stages", "seeds", "final test acc", "paired harm, points (± paired "
-                   "SE)", "unpaired SE", "harm CI", "Δacc at window end", "CSI at window end (cond / base)",
-                   "η² at window end (cond / base)", "CSI at the end (cond / base)", "final acc per seed"], rows,
+                   "SE)", "unpaired SE", "harm CI", "harm, eval mode", "dose: regularized steps", "dose: mean lr", "dose: mean |α| per "
+                   "stage", "dose: CSI / η² reduction at window end", "Δacc at window end, BN re-estimated",
+                   "Δacc at window end, eval mode", "CSI at window end (cond / base)", "η² at window end (cond / base)",
+                   "CSI at the end (cond / base)", "final acc per seed"], rows,
                   "Per condition, over seeds: harm = baseline − condition final test accuracy of the same seed (the "
-                  "paired SE beside the unpaired one); CSI and η² are means over the live units of the regularized "
-                  "stages.", numeric=(1, 4, 5, 6, 7, 9, 10, 11, 12))
+                  "paired SE beside the unpaired one; CI = 95 % t interval), on the whole test split after BatchNorm "
+                  "re-estimation (maps run before 2026-12-05: eval mode), the checkpoints' eval-mode harm beside it; the dose = optimizer steps with α ≠ 0, the "
+                  "mean learning rate and |α| over them (α applies to every regularized stage in full) and the CSI and "
+                  "η² reduction at the window's end vs the baseline at that step; Δacc at the window's end = condition − "
+                  "baseline test accuracy there, on the whole test split after BatchNorm re-estimation (the verdicts' "
+                  "value; maps run before 2026-12-05 hold the eval-mode value there), beside the checkpoints' own "
+                  "eval-mode value; CSI and η² are means over the live units of the regularized stages.",
+                  numeric=(1, *range(4, 19)))
+
+
+# ------------------------------------------------------------------------------------------------
+# which regularizer, which regime (csn experiment regime)
+# ------------------------------------------------------------------------------------------------
+
+def regime_section(rep: _Report) -> Section | None:
+    """"Which regularizer, which regime": C4 per dataset x regularizer for a regime study (its cell table, figure and
+    conditions); for another experiment, links to the regime studies found in it or beside it."""
+    exp = rep.experiment
+    title = "Which regularizer, which regime"
+    lead = ("Claim C4 per dataset (10 vs 100 classes) and regularizer statistic (csn's class means over the global "
+            "batch; the study's class sums per group of 32 images): suppression from step 0 and from a late onset "
+            "against the baseline of the same seed, final test accuracy, 95 % t intervals over seeds (rule set 2, "
+            "claims.c4_parts); the dose and the CSI / η² / per-image sparsity reductions beside.")
+    pts = lambda r, k: (f"{100 * r[k + '_mean']:+.2f} [{100 * r[k + '_lo']:+.2f}, {100 * r[k + '_hi']:+.2f}]"  # noqa: E731
+                        if _isnum(r.get(k + "_mean")) else "–")
+    pct = lambda x: f"{-100 * x:+.0f} %" if _isnum(x) else "–"  # noqa: E731
+
+    def cells(t: pd.DataFrame) -> dict:
+        rows = [[r["dataset"], r["regularizer"], _g(r["alpha"]), r["n_seeds"], pts(r, "early_harm"), pts(r, "contrast"),
+                 pts(r, "late_harm"), f"{r['verdict']} ({r['early_verdict']} / {r['late_verdict']})",
+                 f"{_g(r['from0_reg_steps'])}, {_f(r['from0_reg_mean_lr'], 3)} | {_g(r['late_reg_steps'])}, "
+                 f"{_f(r['late_reg_mean_lr'], 3)}",
+                 " / ".join(pct(r.get(f"from0_{m}_reduction")) for m in ("csi", "eta2", "sparsity"))
+                 + f" / {pct(r.get('own_reduction_from0'))}"] for r in t.to_dict("records")]
+        return _table(["dataset", "regularizer", "α", "seeds", "early harm, points [95 % CI]", "late − early [CI]",
+                       "late harm [CI]", "C4 (early / late costs little)", "dose from 0 | late (steps, mean lr)",
+                       "CSI / η² / sparsity / own statistic, from 0 vs baseline"], rows,
+                      "Per cell: harm = baseline − condition final test accuracy of the same seed (points); the verdict "
+                      "by rule set 2's C4 rule; reductions of the regularized stages' measures at the end of training.",
+                      numeric=(2, 3, 4, 5, 6))
+
+    if exp is not None and (exp / "regime.parquet").is_file():
+        sec = Section("regime", title, lead)
+        try:
+            m = read_regime(exp)
+        except CsnError as e:
+            sec.items.append(_note(f"the regime study's tables cannot be shown: {e}"))
+            return sec
+        table, conds, info = m["regime"], m["regime_conditions"], m["info"]
+        sec.items.append(cells(table))
+        sec.items += rep.draw("the regime figure", lambda: regime_figure(
+            table, rep.out_dir, min_harm=THRESHOLDS["c4_min_harm"], little=THRESHOLDS["c4_little"]))
+        sec.items.append(_table(["condition", "seeds", "final test acc", "per seed"],
+                                [[r["condition"], r["seeds"], _pm(r["final_test_acc_mean"], r["final_test_acc_se"], 4),
+                                  r.get("final_test_acc_per_seed", "")] for r in conds.to_dict("records")],
+                                "Per condition, mean ± SE over seeds.", numeric=(1, 2)))
+        if info.get("c4_rule"):
+            sec.items.append(_note(f"Rule (rule set {info.get('rules_version', '?')}, declared "
+                                   f"{info.get('rules_declared', '?')}): {info['c4_rule']}."))
+        return sec
+    near = []
+    for d in ([] if exp is None else [exp, exp.parent]):
+        with contextlib.suppress(OSError):
+            near += sorted(p for p in d.iterdir() if p != exp and (p / "regime.parquet").is_file())
+    if not near:
+        rep.omit(title, "no regime study: run `csn experiment regime` (or `--preset smoke` for a first look).")
+        return None
+    sec = Section("regime", title, lead + " Regime studies found with this experiment:")
+    for d in near:
+        sec.items.append(_sub(d.name))
+        page = d / "report" / "index.html"
+        sec.items.append({"kind": "link", "href": rep.rel(page), "text": f"the study's report ({d.name}/report/index.html)"}
+                         if page.is_file() else _note(f"its report is not built yet: run `csn report {d}`."))
+        try:
+            sec.items.append(cells(read_regime(d)["regime"]))
+        except CsnError as e:
+            sec.items.append(_note(f"its tables cannot be shown: {e}"))
+    return sec
 
 
 # ------------------------------------------------------------------------------------------------
