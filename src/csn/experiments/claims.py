@@ -11,7 +11,12 @@ on the difference of areas at a fixed early checkpoint, C4 on point estimates ag
 criterion ("near linear early") was added to rule set 1 on 2026-11-28, *after* the 2026-11-24 results had been
 seen (it changed C3 from reproduced to inconclusive on them). Rule set 2 replaces all four rules; it was
 written after the 2026-11-24/28 results were seen (they are why it exists: several verdicts of rule set 1 were
-not supported by their data) and before any result was judged with it. csn reports; it does not advocate.
+not supported by their data) and before any result was judged with it. Amended the same day, before any result was
+judged with it: C4's final accuracy is measured after BatchNorm re-estimation (16 training batches, the whole test
+split; csn.analysis.accuracy), not with the checkpoint's running statistics: in the critical-period map's pilot at a
+constant learning rate, regularized runs scored 3-40 points lower in eval mode than the same weights after
+re-estimation (the baseline 0.4), so eval-mode accuracy would have charged BatchNorm lag to the regularizer.
+csn reports; it does not advocate.
 """
 
 from __future__ import annotations
@@ -65,7 +70,7 @@ THRESHOLDS: dict[str, float] = {
     "c3_min_level_linearized_agreement_init": 0.9,
     "c3_min_level_relu_same_as_init": 0.9,
     "c3_min_level_mu_y_share": 0.9,
-    # C4, paired by seed (final test accuracy): early harm = baseline - from step 0 >= c4_min_harm with its
+    # C4, paired by seed (final test accuracy after BatchNorm re-estimation): early harm = baseline - from step 0 >= c4_min_harm with its
     # interval above 0; late costs little = (late onset - from step 0) >= c4_min_harm with its interval above 0
     # (later suppression costs less than early) and the late harm's (baseline - late) interval below
     # c4_little. Not reproduced: the early harm's interval inside +-c4_min_harm, or the contrast's, or the late
@@ -463,7 +468,8 @@ def c4_dose(per_seed: pd.DataFrame, seeds: list[int]) -> dict:
 def claim_c4(per_seed: pd.DataFrame | None, late_onset: float, rules: Mapping[str, float] = THRESHOLDS) -> Verdict:
     """C4 from the regularization runs' per-seed table (condition, onset, seed, final_test_acc, final_csi, ...),
     conditions paired by seed (same initialization and data order)."""
-    rule = (f"paired by seed, t intervals ({rules['confidence']:.0%}): early harm = baseline - from step 0 >= "
+    rule = (f"final test accuracy after BatchNorm re-estimation, paired by seed, t intervals ({rules['confidence']:.0%}): "
+            f"early harm = baseline - from step 0 >= "
             f"{rules['c4_min_harm']:g} with its interval above 0; late costs little = late - from step 0 >= "
             f"{rules['c4_min_harm']:g} with its interval above 0 and the late harm's interval below {rules['c4_little']:g}; "
             f"reproduced if both; not reproduced if the early harm's or the contrast's interval lies inside "

@@ -8,7 +8,9 @@ the seeds' [min, max]); it said "holds" 8.5-12 % of the time when every window h
 judges contrasts per seed with t intervals (csn.core.inference) and asks the study's two questions apart.
 
 Conditions share seeds with the baseline, so the effect of a condition is the per-seed difference to the
-baseline of the same seed: **harm** = baseline final test accuracy - condition final test accuracy. A *family*
+baseline of the same seed: **harm** = baseline final test accuracy - condition final test accuracy, both measured
+after BatchNorm re-estimation (amended 2026-12-05, before any map was judged with rule set 2: at a constant
+learning rate eval-mode accuracy lagged by 3-40 points in regularized runs of the pilot). A *family*
 is one (alpha, stage set) over its windows; its *late* windows are those starting at or after `late_from` of
 training. Per suppression family (alpha < 0), three verdicts:
 
@@ -83,7 +85,8 @@ def _pct(x: float) -> str:
 def suppression_rule(rules: Mapping[str, float] = WINDOW_RULES) -> str:
     """The suppression verdicts' rules in words (printed with the results)."""
     r = rules
-    return (f"paired harm = baseline − condition final test accuracy, same seed; t intervals over seeds "
+    return (f"paired harm = baseline − condition final test accuracy after BatchNorm re-estimation, same seed; t "
+            f"intervals over seeds "
             f"({_pct(r['confidence'])}); late windows start at >= {_pct(r['late_from'])} of training. "
             f"'{Q_EARLIEST}': harm of the earliest window >= {r['min_harm']:g}, interval above 0. '{Q_MORE}': per seed "
             f"harm(earliest) − mean harm(late windows) >= {r['min_harm']:g}, interval above 0. Each does not hold when "
@@ -96,7 +99,8 @@ def suppression_rule(rules: Mapping[str, float] = WINDOW_RULES) -> str:
 def promotion_rule(rules: Mapping[str, float] = WINDOW_RULES) -> str:
     """The promotion verdicts' rules in words (printed with the results)."""
     r = rules
-    return (f"earliest window: Δ final = condition − baseline final test accuracy; Δ end = the same at the window's "
+    return (f"earliest window: Δ final = condition − baseline final test accuracy after BatchNorm re-estimation; Δ end "
+            f"= the same at the window's "
             f"end checkpoint, after BatchNorm re-estimation; same seed, t intervals ({_pct(r['confidence'])}). Each "
             f"holds when its interval excludes 0 and |Δ| >= {r['min_harm']:g}, does not hold when its interval lies "
             f"inside ±{r['min_harm']:g}; inconclusive otherwise, with < {int(r['min_seeds'])} seeds, or when the "
