@@ -14,9 +14,11 @@ crosses the two statistics with two regimes, on the framework of `csn experiment
                  suppressed from the late onset (a fraction of training) to the end
     seeds        paired: the same seed gives the same initialization and batches in every condition
 
-Per condition and seed: final test accuracy (whole test split), the dose (regularized steps, mean learning rate in
-the window), the final CSI and eta² (dataset-level, csn's selectivity analysis) and the per-image sparsity and the
-two regularizers' own statistics in eval mode (csn.analysis.sparsity) of the regularized stages. Per cell (dataset
+Per condition and seed, at the final checkpoint with BatchNorm statistics re-estimated from END_BN_BATCHES training
+batches (rule set 2 as amended: C4's final accuracy after re-estimation, csn.analysis.accuracy; the checkpoint's
+eval-mode accuracy kept beside): final test accuracy (whole test split), the dose (regularized steps, mean learning
+rate in the window), the final CSI and eta² (dataset-level, csn's selectivity analysis) and the per-image sparsity and
+the two regularizers' own statistics (csn.analysis.sparsity) of the regularized stages. Per cell (dataset
 x regularizer): C4 by rule set 2 (csn.experiments.claims.c4_parts: early harm, the late - early contrast, late harm,
 t intervals over seeds). Written to the study folder:
 
@@ -47,10 +49,12 @@ from pydantic import Field
 
 from csn import dist
 from csn._version import __version__
+from csn.analysis.accuracy import Accuracy
 from csn.analysis.base import run_analysis
 from csn.analysis.selectivity import Selectivity
 from csn.analysis.sparsity import Sparsity
 from csn.core import inference as I
+from csn.core.bn import DEFAULT_BN_BATCHES
 from csn.core.progress import hms
 from csn.core.schema import Float, Int, Schema
 from csn.core.stats import STUDY_GROUP
@@ -80,6 +84,10 @@ OWN_MEASURE = {"csn": "batch_csi", "study": "group_csi_excess"}
 (class means per training batch), and the study's group CSI above its floor (group_csi - group_csi_floor: the part
 of the class-sums statistic that is not the groups' class counts, which no network can change)."""
 ROLES = ("baseline", "from0", "late")
+END_BN_BATCHES = DEFAULT_BN_BATCHES
+"""Training batches BatchNorm statistics are re-estimated from before every final-checkpoint analysis (accuracy, CSI,
+sparsity), baseline and regularized runs alike: at a constant learning rate the running statistics lag the weights,
+and differently under a regularizer (rule set 2 as amended on 2026-12-05)."""
 
 
 class RegimePreset(Schema):
@@ -334,11 +342,13 @@ def check_existing(plan: RegimePlan, base: TrainConfig | None = None, conds: lis
 
 
 def measure(runs: dict[tuple[str, int], Run], *, progress: bool = True) -> None:
-    """CSI/eta² (csn's selectivity analysis) and sparsity (csn.analysis.sparsity) at every run's final checkpoint,
-    resumable (checkpoints already in the tables are skipped); each dataset is loaded once."""
+    """Test accuracy (csn.analysis.accuracy), CSI/eta² (csn's selectivity analysis) and sparsity
+    (csn.analysis.sparsity) at every run's final checkpoint, BatchNorm statistics re-estimated from END_BN_BATCHES
+    training batches; resumable (checkpoints already in the tables are skipped); each dataset is loaded once."""
     notes: list[str] = []
 
-    def log(msg: str) -> None:  # a note once, not once per run
+    def log(msg: str) -> None:  # a note once, not once per run (the experiment takes no --bn-recalibrate)
+        msg = msg.replace(" (--bn-recalibrate 0 to turn off)", "")
         if msg not in notes:
             notes.append(msg)
             if dist.is_main():
@@ -350,8 +360,9 @@ def measure(runs: dict[tuple[str, int], Run], *, progress: bool = True) -> None:
         by_data.setdefault(json.dumps([cfg.dataset, cfg.data_root, cfg.synthetic], sort_keys=True), []).append(run)
     for group in by_data.values():
         data = load_data(group[0].config)
-        for analysis in (Selectivity(), Sparsity()):
-            run_analysis(group, analysis, data=data, checkpoints="last", progress=progress, log=log)
+        for analysis in (Accuracy(), Selectivity(), Sparsity()):
+            run_analysis(group, analysis, data=data, checkpoints="last", bn_recalibrate=END_BN_BATCHES,
+                         progress=progress, log=log)
 
 
 SPARSITY_COLUMNS = ("sparsity", "group_csi", "group_csi_floor", "group_csi_excess", "batch_csi")
@@ -370,11 +381,14 @@ def _sparsity_means(run: Run, stages: list[str]) -> dict[str, float]:
 
 
 def per_seed_table(plan: RegimePlan, runs: dict[tuple[str, int], Run], conds: list[Condition] | None = None) -> pd.DataFrame:
-    """One row per (condition, seed): regularize.final_per_run's columns (final test accuracy, dose, final CSI and
-    eta² of the regularized stages) plus dataset, regularizer, role, the statistic that ran, and the final sparsity,
-    group_csi and batch_csi of the regularized stages (mean over their units, as final_csi)."""
+    """One row per (condition, seed): regularize.final_per_run's columns (dose, final CSI and eta² of the regularized
+    stages) with final_test_acc the whole test split's accuracy after BatchNorm re-estimation (csn.analysis.accuracy;
+    the checkpoint's eval-mode one is final_test_acc_eval), plus dataset, regularizer, role, the statistic that ran,
+    and the final sparsity, group_csi (and floor) and batch_csi of the regularized stages (mean over their units)."""
     conds = conds or plan.conditions
     df = final_per_run(runs, conds)
+    df.insert(df.columns.get_loc("final_test_acc") + 1, "final_test_acc_eval", df["final_test_acc"])
+    df["final_test_acc"] = [_final_accuracy(run) for run in runs.values()]
     info = {c.name: (plan.dataset_of(c) if c in plan.conditions else _pilot_dataset(plan, c), *_role(c)) for c in conds}
     extra = []
     for (name, _seed), run in runs.items():
@@ -385,6 +399,15 @@ def per_seed_table(plan: RegimePlan, runs: dict[tuple[str, int], Run], conds: li
                       "reg_group": str(resolved["group"]),
                       **{f"final_{k}": v for k, v in _sparsity_means(run, stages).items()}})
     return pd.concat([df.reset_index(drop=True), pd.DataFrame(extra)], axis=1)
+
+
+def _final_accuracy(run: Run) -> float:
+    """Test accuracy at the run's last checkpoint after BatchNorm re-estimation (its accuracy table), else NaN."""
+    df = run.read("accuracy")
+    if df is None or df.empty:
+        return math.nan
+    last = df[(df["step"] == run.checkpoints[-1].step) & (df["bn_recalibrated"] > 0)]
+    return float(last["acc"].iloc[-1]) if len(last) else math.nan
 
 
 def _role(cond: Condition) -> tuple[str, str]:
@@ -420,6 +443,11 @@ def cell_row(cell: Cell, per_seed: pd.DataFrame, rules: dict[str, float] | None 
     p = claims.c4_parts(*arrays, rules)
     for r, a in zip(ROLES, arrays):
         row[f"acc_{r}"] = float(a.mean()) if len(a) else math.nan
+    if "final_test_acc_eval" in sub:  # the checkpoints' eval-mode accuracy (no re-estimation), described only
+        ev = sub[sub["seed"].isin(seeds)].groupby("condition")["final_test_acc_eval"].mean()
+        row.update({f"acc_{r}_eval": float(ev.get(r, math.nan)) for r in ROLES})
+        row["early_harm_eval_mean"] = row["acc_baseline_eval"] - row["acc_from0_eval"]
+        row["late_harm_eval_mean"] = row["acc_baseline_eval"] - row["acc_late_eval"]
     for k in ("early_harm", "contrast", "late_harm"):
         iv = p[k].item()
         row.update({f"{k}_mean": iv.mean, f"{k}_lo": iv.lo, f"{k}_hi": iv.hi, f"{k}_se": iv.se})
@@ -451,7 +479,8 @@ def cell_table(cells: list[Cell], per_seed: pd.DataFrame, rules: dict[str, float
 def c4_rule_text(rules: dict[str, float] | None = None) -> str:
     """C4 per cell in words (rule set 2's c4_parts)."""
     r = rules or claims.THRESHOLDS
-    return (f"paired by seed, t intervals ({r['confidence']:.0%}): early harm = baseline - from step 0 >= "
+    return (f"final test accuracy after BatchNorm re-estimation ({END_BN_BATCHES} batches), paired by seed, t intervals "
+            f"({r['confidence']:.0%}): early harm = baseline - from step 0 >= "
             f"{r['c4_min_harm']:g} with its interval above 0; late costs little = late - from step 0 >= "
             f"{r['c4_min_harm']:g} with its interval above 0 and the late harm's interval below {r['c4_little']:g}; "
             f"reproduced if both, not reproduced if either part's interval excludes it (claims.c4_parts, rule set "
@@ -490,6 +519,7 @@ def record(plan: RegimePlan, wall: dict[str, float] | None = None) -> dict[str, 
             "rules_version": claims.RULES_VERSION, "rules_declared": claims.RULES_DECLARED,
             "thresholds": {k: v for k, v in claims.THRESHOLDS.items() if k.startswith("c4_") or k == "confidence"},
             "c4_rule": c4_rule_text(), "recorded_spread": claims.Spread().c4_run_sd, "parallel": plan.parallel,
+            "end_bn_batches": END_BN_BATCHES,
             "estimate": plan.estimate(), "wall_seconds": wall or {}, "csn_version": __version__,
             "torch_version": torch.__version__}
 
@@ -636,7 +666,7 @@ def cell_text(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["REGULARIZERS", "REGULARIZER_TEXT", "OWN_MEASURE", "ROLES", "RegimePreset", "REGIME_PRESETS",
+__all__ = ["REGULARIZERS", "REGULARIZER_TEXT", "OWN_MEASURE", "ROLES", "END_BN_BATCHES", "RegimePreset", "REGIME_PRESETS",
            "get_regime_preset", "RegimeOptions", "condition_name", "Cell", "grid", "RegimePlan", "make_plan", "c4_power",
            "measured_spread", "plan_text", "check_existing", "measure", "per_seed_table", "MEASURES", "cell_row",
            "cell_table", "c4_rule_text", "run_regime", "record", "PILOT_CHECKPOINTS", "pilot_plan", "pilot_text_plan",
