@@ -49,8 +49,9 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     text = _dry(tmp_path, "--preset", "smoke")
     assert "plan of study 'smoke'" in text and "3 conditions x 2 seeds = 6 runs, 6 to train, 2 at a time" in text
-    # smoke: 7 checkpoints per run; selectivity 2 x 7 + 4 x 1, ablation and linearity 2 x 2, CKA 4 x 1
-    for what, n in (("selectivity", 18), ("ablation", 4), ("linearity", 4), ("linear_fit", 1), ("cka", 4)):
+    # smoke: 7 checkpoints per run (0, 2, 4, 6, 8, 12, 16); selectivity 2 x 4 (0, 2, 4 = the first quarter, and 16)
+    # + 4 x 1, ablation and linearity 2 x 2, CKA 4 x 1
+    for what, n in (("selectivity", 12), ("ablation", 4), ("linearity", 4), ("linear_fit", 1), ("cka", 4)):
         assert re.search(rf"^  {what} .* {n}\s+{n}$", text, re.M), (what, text)
     assert "estimated time: about" in text and "judge = false" in text
     assert _rows(text) == _expected(2)

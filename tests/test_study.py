@@ -67,7 +67,8 @@ def test_fmnist_study_defaults_decide_c4_at_half_a_point():
                                           samples=1000)
     assert st.linearity == LinearityOptions(samples=1000) and st.cka == CkaOptions(samples=1000)
     assert st.ablation_checkpoints == st.linearity_checkpoints == ("peak", "end")
-    assert st.reg_selectivity_checkpoints == ("end",) and st.cka_checkpoints == ("end",)
+    assert st.selectivity_checkpoints == ("0:f0.25", "end") and st.reg_selectivity_checkpoints == ("end",)
+    assert st.cka_checkpoints == ("end",)
     assert st.spread == Study().spread
     c4 = {r["claim"]: r for r in planned_power(st.seeds, st.spread)}["C4"]
     assert c4["declared"] == 0.005 and c4["power"] >= 0.8 and c4["seeds_needed"] <= st.seeds
@@ -124,6 +125,8 @@ def test_peak_is_a_study_time():
     for bad in ({"late_onset": "peak"}, {"ablation_checkpoints": ["peek"]}, {"ablation_checkpoints": []}):
         with pytest.raises(CsnError, match="point in training"):
             Study.parse(bad)
+    with pytest.raises(CsnError, match="cannot name 'peak': the peak is found in the baseline's selectivity"):
+        Study.parse({"selectivity_checkpoints": ["0:peak"]})
 
 
 def test_keys_of_earlier_studies(tmp_path, capsys):

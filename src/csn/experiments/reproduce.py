@@ -143,8 +143,8 @@ class Reproduction:
             run_jobs(self.baseline_jobs() + self.reg_jobs(), parallel=st.parallel, progress=progress,
                      desc="training runs", steps=self.total)
 
-        def selectivity() -> None:
-            run_analysis(self.runs(self.baseline_jobs()), Selectivity(st.selectivity), progress=progress)
+        def selectivity() -> None:  # the baseline's first: the regularized runs' `peak` is their baseline's
+            self._analyse(self.baseline_jobs(), st.selectivity_checkpoints, Selectivity(st.selectivity))
             self._analyse(self.reg_jobs(), st.reg_selectivity_checkpoints, Selectivity(st.selectivity))
 
         def cka() -> None:
@@ -154,8 +154,8 @@ class Reproduction:
 
         steps = [
             Step("train baseline and regularized runs", train_all, eta["train"]),
-            Step("selectivity (baseline: every checkpoint; regularized: " + ", ".join(st.reg_selectivity_checkpoints)
-                 + ")", selectivity, eta["selectivity"]),
+            Step(f"selectivity (baseline at {', '.join(st.selectivity_checkpoints)}; regularized at "
+                 f"{', '.join(st.reg_selectivity_checkpoints)})", selectivity, eta["selectivity"]),
             Step(f"ablation sweeps (baseline runs at {', '.join(st.ablation_checkpoints)})",
                  lambda: self._analyse(self.baseline_jobs(), st.ablation_checkpoints, Ablation(st.ablation)),
                  eta["ablation"]),
@@ -199,7 +199,7 @@ class Reproduction:
         source = (f"median of {len(measured)} finished runs here" if measured else
                   f"declared: {costs.step_seconds:g} s per step")
         todo = sum(1 - done_steps[j.out] / self.total for j in base + reg)
-        sel = self._passes("selectivity", [(j, ("0:end",)) for j in base] +
+        sel = self._passes("selectivity", [(j, st.selectivity_checkpoints) for j in base] +
                            [(j, st.reg_selectivity_checkpoints) for j in reg])
         abl = self._passes("ablation", [(j, st.ablation_checkpoints) for j in base])
         lin = self._passes("linearity", [(j, st.linearity_checkpoints) for j in base])
@@ -294,7 +294,8 @@ def plan_text(rep: Reproduction, power: list[dict] | None = None) -> str:
              f"  conditions: baseline; alpha {st.alpha:g} from step 0; alpha {st.alpha:g} from {late}",
              f"  each run: {b.model} on {b.dataset}, {b.epochs:g} epochs x {rep.steps_per_epoch} steps = {rep.total} steps, "
              f"{len(rep.ckpt_steps)} checkpoints"]
-    where = {"selectivity": f"baseline: every checkpoint; regularized: {', '.join(st.reg_selectivity_checkpoints)}",
+    where = {"selectivity": f"baseline at {', '.join(st.selectivity_checkpoints)}; regularized at "
+                            f"{', '.join(st.reg_selectivity_checkpoints)}",
              "ablation": f"baseline at {', '.join(st.ablation_checkpoints)}",
              "linearity": f"baseline at {', '.join(st.linearity_checkpoints)}",
              "linear_fit": "C3's linear classifier: fit once, shared by the baseline runs",

@@ -115,8 +115,9 @@ class Study(Schema):
     Conditions: baseline, the regularizer with `alpha` from step 0 and from `late_onset` to the end, each with the
     same `seeds` (C4 pairs them by seed). Times are points in training (step=64, 1.5 epochs, f0.33, end) or `peak`
     (each baseline run's selectivity peak). Every analysis runs only where a verdict or the report reads it: the
-    baseline's selectivity at every checkpoint (C1, the peak), ablation and linearity at the peak and the end
-    (C2, C3), the regularized runs' selectivity at the end (C4's dose), CKA (no verdict) at a few checkpoints."""
+    baseline's selectivity from initialization through the first quarter of training and at the end (C1, the
+    peak), ablation and linearity at the peak and the end (C2, C3), the regularized runs' selectivity at the end
+    (C4's dose), CKA (no verdict) at a few checkpoints."""
 
     seeds: Int = Field(5, ge=1, le=MAX_SEEDS, description="Seeds of every condition (baseline and both regularized "
                        "ones; C4 pairs them by seed).", json_schema_extra={"range_hint": SEEDS_HINT})
@@ -127,9 +128,12 @@ class Study(Schema):
                                         "nearest checkpoint), peak (the run's selectivity peak) or ranges A:B.")
     linearity_checkpoints: Times = Field((PEAK, "end"), description="Where the baseline runs' linearity is measured "
                                          "(theta_0 and the previous checkpoint are read whatever is selected).")
+    selectivity_checkpoints: Times = Field(("0:f0.25", "end"), description="Where the baseline runs' selectivity is "
+                                           "measured: C1 reads initialization, the first quarter of training (where "
+                                           "it and claims.peak_step look for the peak) and the end; '0:end' adds "
+                                           "every checkpoint between for the report's curves.")
     reg_selectivity_checkpoints: Times = Field(("end",), description="Where the regularized runs' selectivity is "
-                                               "measured (C4 reads the end; the baseline's is measured at every "
-                                               "checkpoint).")
+                                               "measured (C4 reads the end).")
     cka_checkpoints: TimesOrNone = Field(("end",), description="Where each regularized run is compared with its "
                                          "baseline by CKA (no verdict reads it); [] = no CKA.")
     selectivity: SelectivityOptions = SelectivityOptions()
@@ -151,6 +155,9 @@ class Study(Schema):
     def _check(self) -> Study:
         if self.alpha == 0:
             raise ValueError("alpha 0 regularizes nothing; give a negative alpha to suppress selectivity (e.g. -1)")
+        if uses_peak(self.selectivity_checkpoints):
+            raise ValueError("selectivity_checkpoints cannot name 'peak': the peak is found in the baseline's "
+                             "selectivity; write the first quarter of training instead, e.g. ['0:f0.25', 'end']")
         if self.cka.mode is not None or self.cka.run_b is not None:
             raise ValueError("cka.mode and cka.run_b are set by the study (each regularized run against its baseline); "
                              "leave them out")
