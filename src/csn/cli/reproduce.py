@@ -60,8 +60,8 @@ def reproduce(preset, config_file, print_config, dataset, data_root, model, sets
     Prints its plan first (as --dry-run does), then runs these steps, each skipped when its outputs
     exist (so --resume continues where it stopped):
       1. train: baseline and regularized runs (from step 0 and from a later onset), the same N seeds
-      2. selectivity (CSI, eta²): baseline runs at every checkpoint (C1, each run's selectivity peak),
-         regularized runs at the end (C4's dose)
+      2. selectivity (CSI, eta²): baseline runs from initialization through the first quarter of
+         training and at the end (C1, each run's selectivity peak), regularized runs at the end (C4)
       3. ablation sweeps of the baseline runs at their selectivity peak and at the end (C2)
       4. linearity of the baseline runs at the peak and the end (C3; the linear classifier fit once)
       5. CKA regularized vs baseline at the end (no verdict reads it; study key cka_checkpoints)
