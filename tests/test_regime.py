@@ -346,9 +346,10 @@ def test_regularize_command_unchanged(tmp_path):
                                    "--seeds", "2", "--parallel", "1", "--quiet", "--out", str(tmp_path / "r"), "epochs=0.5"])
     assert res.exit_code == 0, res.output
     runs = read_table(tmp_path / "r" / "regularize_runs.parquet")
-    assert list(runs.columns) == ["condition", "onset", "alpha", "seed", "run", "final_epoch", "final_test_acc", "reg_steps",
-                                  "reg_mean_lr", "reg_mean_abs_alpha", "final_csi", "final_eta2", "final_csi_all",
+    assert list(runs.columns) == ["condition", "onset", "alpha", "seed", "run", "final_epoch", "final_test_acc",
+                                  "final_test_acc_eval", "reg_steps", "reg_mean_lr", "reg_mean_abs_alpha", "final_csi", "final_eta2", "final_csi_all",
                                   "final_eta2_all"]
+    assert runs["final_test_acc"].notna().all()  # after BatchNorm re-estimation (tables/accuracy.parquet)
     table = read_table(tmp_path / "r" / "regularize.parquet")
     assert list(table["condition"]) == ["baseline", "reg-from-0"]
     assert sorted(p.name for p in (tmp_path / "r").iterdir() if (p / "run.json").is_file()) == \

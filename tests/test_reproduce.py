@@ -52,7 +52,8 @@ def test_claims_json_structure(smoke):
 
 def test_the_plan_comes_first(smoke):
     _, output = smoke
-    assert output.index("plan of study 'smoke'") < output.index("[1/7] train")
+    assert output.index("plan of study 'smoke'") < output.index("[1/8] train")
+    assert "[2/8] final accuracy after BatchNorm re-estimation" in output
     assert "verdicts at 2 seeds" in output and "estimated time: about" in output
 
 

@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from csn.cli import ablate, cka, experiment, linearity, report, reproduce, selectivity, train, verify
+from csn.cli import ablate, accuracy, cka, experiment, linearity, report, reproduce, selectivity, train, verify
 from csn.cli.options import CONTEXT
 from csn.core.resources import is_disk_full, is_write_refused
 from csn.errors import CsnError
@@ -84,7 +84,7 @@ def main() -> None:
     """
 
 
-for _module in (train, selectivity, ablate, linearity, cka, report, experiment, reproduce, verify):
+for _module in (train, selectivity, ablate, linearity, cka, accuracy, report, experiment, reproduce, verify):
     for _command in _module.COMMANDS:
         main.add_command(_command)
 

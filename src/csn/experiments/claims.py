@@ -276,7 +276,8 @@ def scenarios(spread: Spread = Spread()) -> list[dict]:
 def planned_power(seeds: int, spread: Spread = Spread(), studies: int = I.SIM_STUDIES) -> list[dict]:
     """Per claim: the declared effect, the power at `seeds`, the minimal detectable effect there and the seeds the
     declared effect needs (power >= inference.POWER), from the study's spread."""
-    plans = (("C1", "recession of a stage's CSI", simulate_c1(spread), EFFECTS["c1_recession"], 0.2),
+    c1_upper = 0.03  # of a 0.05 rise: power falls again beyond it, where "final above init" starts to fail
+    plans = (("C1", "recession of a stage's CSI", simulate_c1(spread), EFFECTS["c1_recession"], c1_upper),
              ("C2", "ln(D_selective / D_random) at the peak", simulate_c2(spread), EFFECTS["c2_excess"], 2.0),
              ("C3", "drop of each linearity measure", simulate_c3(spread), EFFECTS["c3_drop"], 0.5),
              ("C4", "accuracy cost of suppression from step 0", simulate_c4(spread), EFFECTS["c4_harm"], 0.05))
@@ -482,7 +483,12 @@ def claim_c4(per_seed: pd.DataFrame | None, late_onset: float, rules: Mapping[st
     from0 = _by_seed(per_seed, per_seed["onset"] == 0)
     late = _by_seed(per_seed, per_seed["onset"] == late_onset)
     if not (base and from0 and late):
-        return Verdict("C4", INCONCLUSIVE, stat, rule, "a condition is missing (baseline, from 0, late onset).")
+        unmeasured = "final_test_acc_eval" in per_seed and per_seed["final_test_acc"].isna().any()
+        why = ("the final accuracy after BatchNorm re-estimation was not measured for "
+               f"{int(per_seed['final_test_acc'].isna().sum())} run(s): run `csn accuracy RUN... --checkpoints last "
+               "--bn-recalibrate 16` on them (csn reproduce does)" if unmeasured
+               else "a condition is missing (baseline, from 0, late onset)")
+        return Verdict("C4", INCONCLUSIVE, stat, rule, why + ".")
     seeds = sorted(set(base) & set(from0) & set(late))
     p = c4_parts(*(np.array([d[s] for s in seeds], dtype=np.float64) for d in (base, from0, late)), rules)
     dose = c4_dose(per_seed, seeds)

@@ -49,22 +49,23 @@ from pydantic import Field
 
 from csn import dist
 from csn._version import __version__
-from csn.analysis.accuracy import Accuracy
 from csn.analysis.base import run_analysis
 from csn.analysis.selectivity import Selectivity
 from csn.analysis.sparsity import Sparsity
 from csn.core import inference as I
-from csn.core.bn import DEFAULT_BN_BATCHES
 from csn.core.progress import hms
 from csn.core.schema import Float, Int, Schema
 from csn.core.stats import STUDY_GROUP
 from csn.errors import CsnError, unknown
 from csn.experiments import claims
 from csn.experiments.regularize import (
+    FINAL_BN_BATCHES,
     Condition,
     condition_table,
+    final_accuracy,
     final_per_run,
     job,
+    measure_final,
     regularized_stages,
     train_conditions,
 )
@@ -84,10 +85,9 @@ OWN_MEASURE = {"csn": "batch_csi", "study": "group_csi_excess"}
 (class means per training batch), and the study's group CSI above its floor (group_csi - group_csi_floor: the part
 of the class-sums statistic that is not the groups' class counts, which no network can change)."""
 ROLES = ("baseline", "from0", "late")
-END_BN_BATCHES = DEFAULT_BN_BATCHES
+END_BN_BATCHES = FINAL_BN_BATCHES
 """Training batches BatchNorm statistics are re-estimated from before every final-checkpoint analysis (accuracy, CSI,
-sparsity), baseline and regularized runs alike: at a constant learning rate the running statistics lag the weights,
-and differently under a regularizer (rule set 2 as amended on 2026-12-05)."""
+sparsity), baseline and regularized runs alike (regularize.FINAL_BN_BATCHES: one number for every C4 measurement)."""
 
 
 class RegimePreset(Schema):
@@ -300,7 +300,7 @@ def measured_spread(plan: RegimePlan, dataset: str) -> float:
     """The SD over seeds of the finished baselines' final test accuracy after BatchNorm re-estimation (the accuracy
     C4 judges; their accuracy tables) of a dataset; NaN with fewer than 2. The checkpoints' eval-mode accuracy is
     not used: at a constant learning rate it is far noisier (2.25 points against 0.31 on the first 5 fmnist baselines)."""
-    accs = [_final_accuracy(Run(j.out)) for c, _, j in plan.jobs()
+    accs = [final_accuracy(Run(j.out)) for c, _, j in plan.jobs()
             if c.onset is None and plan.dataset_of(c) == dataset and is_complete(j.out)]
     accs = [a for a in accs if math.isfinite(a)]
     return float(np.std(accs, ddof=1)) if len(accs) >= 2 else math.nan
@@ -377,7 +377,8 @@ def measure(runs: dict[tuple[str, int], Run], *, progress: bool = True) -> None:
         by_data.setdefault(json.dumps([cfg.dataset, cfg.data_root, cfg.synthetic], sort_keys=True), []).append(run)
     for group in by_data.values():
         data = load_data(group[0].config)
-        for analysis in (Accuracy(), Selectivity(), Sparsity()):
+        measure_final(group, data=data, progress=progress, log=log)
+        for analysis in (Selectivity(), Sparsity()):
             run_analysis(group, analysis, data=data, checkpoints="last", bn_recalibrate=END_BN_BATCHES,
                          progress=progress, log=log)
 
@@ -404,8 +405,6 @@ def per_seed_table(plan: RegimePlan, runs: dict[tuple[str, int], Run], conds: li
     and the final sparsity, group_csi (and floor) and batch_csi of the regularized stages (mean over their units)."""
     conds = conds or plan.conditions
     df = final_per_run(runs, conds)
-    df.insert(df.columns.get_loc("final_test_acc") + 1, "final_test_acc_eval", df["final_test_acc"])
-    df["final_test_acc"] = [_final_accuracy(run) for run in runs.values()]
     info = {c.name: (plan.dataset_of(c) if c in plan.conditions else _pilot_dataset(plan, c), *_role(c)) for c in conds}
     extra = []
     for (name, _seed), run in runs.items():
@@ -416,15 +415,6 @@ def per_seed_table(plan: RegimePlan, runs: dict[tuple[str, int], Run], conds: li
                       "reg_group": str(resolved["group"]),
                       **{f"final_{k}": v for k, v in _sparsity_means(run, stages).items()}})
     return pd.concat([df.reset_index(drop=True), pd.DataFrame(extra)], axis=1)
-
-
-def _final_accuracy(run: Run) -> float:
-    """Test accuracy at the run's last checkpoint after BatchNorm re-estimation (its accuracy table), else NaN."""
-    df = run.read("accuracy")
-    if df is None or df.empty:
-        return math.nan
-    last = df[(df["step"] == run.checkpoints[-1].step) & (df["bn_recalibrated"] > 0)]
-    return float(last["acc"].iloc[-1]) if len(last) else math.nan
 
 
 def _role(cond: Condition) -> tuple[str, str]:

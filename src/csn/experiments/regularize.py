@@ -12,8 +12,10 @@ import numpy as np
 import pandas as pd
 
 from csn import dist
+from csn.analysis.accuracy import Accuracy
 from csn.analysis.base import run_analysis
 from csn.analysis.selectivity import Selectivity
+from csn.core.bn import DEFAULT_BN_BATCHES
 from csn.core.schedules import lr_at
 from csn.core.stats import band, standard_error
 from csn.core.units import stage_of
@@ -117,16 +119,40 @@ def dose(run: Run) -> dict[str, float]:
             "reg_mean_abs_alpha": float(np.mean([abs(a) for _, a in steps]))}
 
 
+FINAL_BN_BATCHES = DEFAULT_BN_BATCHES
+"""Training batches BatchNorm statistics are re-estimated from before the final accuracy is measured (rule set 2 as
+amended on 2026-12-05: the checkpoint's running statistics lag the weights, differently under a regularizer)."""
+
+
+def final_accuracy(run: Run) -> float:
+    """Test accuracy at the run's last checkpoint after BatchNorm re-estimation (its accuracy table: csn.analysis.
+    accuracy with bn_recalibrated > 0), NaN when it was not measured (measure_final measures it)."""
+    df = run.read("accuracy")
+    if df is None or df.empty:
+        return math.nan
+    last = df[(df["step"] == run.checkpoints[-1].step) & (df["bn_recalibrated"] > 0)]
+    return float(last["acc"].iloc[-1]) if len(last) else math.nan
+
+
+def measure_final(runs: list[Run], *, data=None, progress: bool = True, log=None) -> None:
+    """Test accuracy (whole test split) at every run's last checkpoint, BatchNorm statistics re-estimated from
+    FINAL_BN_BATCHES training batches (csn.analysis.accuracy); resumable: runs already measured are skipped. data:
+    the runs' DataSplits when the caller has loaded them (runs of one dataset)."""
+    run_analysis(runs, Accuracy(), data=data, checkpoints="last", bn_recalibrate=FINAL_BN_BATCHES, progress=progress,
+                 log=log)
+
+
 def final_per_run(runs: dict[tuple[str, int], Run], conds: list[Condition], reg_stages: list[str] | None = None) -> pd.DataFrame:
-    """One row per (condition, seed): final test accuracy, the dose (csn.experiments.regularize.dose), and mean CSI /
-    eta^2 of the regularized stages at the end."""
+    """One row per (condition, seed): final test accuracy after BatchNorm re-estimation (final_accuracy; the
+    checkpoint's eval-mode accuracy beside it as final_test_acc_eval), the dose (dose), and mean CSI / eta^2 of the
+    regularized stages at the end."""
     by_name = {c.name: c for c in conds}
     rows = []
     for (name, seed), run in runs.items():
         last = run.checkpoints[-1]
         row = {"condition": name, "onset": by_name[name].onset, "alpha": by_name[name].alpha, "seed": seed,
-               "run": str(run.path), "final_epoch": last.epoch, "final_test_acc": last.metrics.get("test_acc"),
-               **dose(run)}
+               "run": str(run.path), "final_epoch": last.epoch, "final_test_acc": final_accuracy(run),
+               "final_test_acc_eval": last.metrics.get("test_acc"), **dose(run)}
         sel = run.read("selectivity")
         if sel is not None and not sel.empty:
             final = sel[sel["step"] == sel["step"].max()]
@@ -174,7 +200,7 @@ def condition_table(per_seed: pd.DataFrame) -> pd.DataFrame:
     out = []
     for name, g in per_seed.groupby("condition", sort=False):
         row = {"condition": name, "onset": g["onset"].iloc[0], "alpha": g["alpha"].iloc[0], "seeds": len(g)}
-        for col in ("final_test_acc", "final_csi", "final_eta2"):
+        for col in ("final_test_acc", "final_test_acc_eval", "final_csi", "final_eta2"):
             if col in g:
                 v = g[col].to_numpy(dtype=float)
                 row[f"{col}_mean"] = float(np.mean(v))
@@ -196,6 +222,7 @@ def regularize_experiment(base: TrainConfig, alpha: float, onsets: list[float], 
     root = Path(root)
     conds = conditions(alpha, onsets)
     runs = train_conditions(base, conds, seeds, root, parallel=parallel, progress=progress)
+    measure_final(list(runs.values()), progress=progress)
     if selectivity:
         run_analysis(list(runs.values()), Selectivity(samples=selectivity_samples), progress=progress)
     per_seed = final_per_run(runs, conds)

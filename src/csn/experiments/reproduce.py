@@ -34,7 +34,7 @@ from csn.core.schedules import checkpoint_steps
 from csn.errors import CsnError
 from csn.experiments import claims as C
 from csn.experiments.judge import judge
-from csn.experiments.regularize import Condition, job
+from csn.experiments.regularize import Condition, job, measure_final
 from csn.experiments.runner import Job, is_complete, last_step, run_jobs
 from csn.experiments.study import PEAK, StudyConfig, load_study, onset_epoch, select_steps, uses_peak
 from csn.runs.config import is_preset_checkpoints
@@ -154,6 +154,9 @@ class Reproduction:
 
         steps = [
             Step("train baseline and regularized runs", train_all, eta["train"]),
+            Step("final accuracy after BatchNorm re-estimation (every run; C4)",
+                 lambda: measure_final(self.runs(self.baseline_jobs() + self.reg_jobs()), progress=progress),
+                 eta["accuracy"]),
             Step(f"selectivity (baseline at {', '.join(st.selectivity_checkpoints)}; regularized at "
                  f"{', '.join(st.reg_selectivity_checkpoints)})", selectivity, eta["selectivity"]),
             Step(f"ablation sweeps (baseline runs at {', '.join(st.ablation_checkpoints)})",
@@ -206,7 +209,9 @@ class Reproduction:
         cka = self._passes("cka", [(j, st.cka_checkpoints) for j in reg]) if st.cka_checkpoints else (0, 0)
         fits = 0 if "linear" not in st.linearity.measures or lin[1] == 0 else (
             0 if any(linear_model_path(Run(j.out)).is_file() for j in base if (j.out / "run.json").is_file()) else 1)
+        acc = self._passes("accuracy", [(j, ("end",)) for j in base + reg])
         return [Work("train", "runs", len(base + reg), todo, per_run, st.parallel, source),
+                Work("accuracy", "checkpoints", *acc, costs.accuracy_seconds),
                 Work("selectivity", "checkpoints", *sel, costs.selectivity_seconds),
                 Work("ablation", "checkpoints", *abl, costs.ablation_seconds),
                 Work("linearity", "checkpoints", *lin, costs.linearity_seconds),
@@ -294,7 +299,8 @@ def plan_text(rep: Reproduction, power: list[dict] | None = None) -> str:
              f"  conditions: baseline; alpha {st.alpha:g} from step 0; alpha {st.alpha:g} from {late}",
              f"  each run: {b.model} on {b.dataset}, {b.epochs:g} epochs x {rep.steps_per_epoch} steps = {rep.total} steps, "
              f"{len(rep.ckpt_steps)} checkpoints"]
-    where = {"selectivity": f"baseline at {', '.join(st.selectivity_checkpoints)}; regularized at "
+    where = {"accuracy": "every run at end, BatchNorm re-estimated (C4's final accuracy)",
+             "selectivity": f"baseline at {', '.join(st.selectivity_checkpoints)}; regularized at "
                             f"{', '.join(st.reg_selectivity_checkpoints)}",
              "ablation": f"baseline at {', '.join(st.ablation_checkpoints)}",
              "linearity": f"baseline at {', '.join(st.linearity_checkpoints)}",

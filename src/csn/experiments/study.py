@@ -107,6 +107,8 @@ class StudyCosts(Schema):
     linear_fit_seconds: Float = Field(10.0, ge=0, description="Fitting the linear classifier (once per study: the "
                                       "baseline runs share it).")
     cka_seconds: Float = Field(1.0, ge=0, description="CKA of one pair of matched checkpoints.")
+    accuracy_seconds: Float = Field(4.0, ge=0, description="Test accuracy of one final checkpoint after BatchNorm "
+                                    "re-estimation (C4's accuracy).")
 
 
 class Study(Schema):
