@@ -25,7 +25,7 @@ def main() -> None:
     map_seeds = len(get_windows_preset("fmnist").seeds)
     print("| verdict | scenario | seeds | holds | does not hold | inconclusive |")
     print("|---|---|---|---|---|---|")
-    for case in C.scenarios() + W.scenarios(C.Spread().c4_run_sd):
+    for case in C.scenarios() + W.scenarios(get_windows_preset("fmnist").run_sd):
         n = seeds.get(case["claim"], map_seeds)
         r = I.rates(case["sim"], case["effect"], n, args.studies, seed=1)
         tag = "null" if case["kind"] == "null" else "**declared effect**"

@@ -28,7 +28,7 @@ def _study_seeds() -> dict[str, int]:
 
 
 CLAIM_CASES = C.scenarios()
-MAP_CASES = W.scenarios(C.Spread().c4_run_sd)
+MAP_CASES = W.scenarios(get_windows_preset("fmnist").run_sd)
 
 
 def _check(case: dict, seeds: int) -> dict[str, float]:
