@@ -65,11 +65,13 @@ from csn.runs.config import TrainConfig, build_model_for, data_info, is_preset_c
 from csn.runs.config import preset as train_preset
 from csn.runs.io import read_table, write_json, write_table
 from csn.runs.naming import run_name
-from csn.runs.run import Run
+from csn.runs.run import Run, check_run_path
 from csn.training.loop import training_length
 from csn.training.regularizer import default_reg_layers
 
 BASELINE = "baseline"
+MAX_RUNS = 1000
+"""The most runs one map plans (conditions x seeds): about 2 days on 2 CPU cores at fmnist's 175 s per run."""
 END_BN_BATCHES = DEFAULT_BN_BATCHES
 """Training batches BatchNorm statistics are re-estimated from before accuracy is measured at a window's end and at the
 end of training (condition and baseline alike, whatever the epoch: csn.core.bn.recalibrate_bn on a copy, the batches
@@ -140,6 +142,8 @@ class WindowsPreset(Schema):
                                     "re-estimation included).")
     run_sd: Float = Field(Spread().c4_run_sd, gt=0, description="Per-run SD of final test accuracy the dry run plans "
                           "power with (default: recorded on the fmnist study, claims.Spread().c4_run_sd).")
+    run_sd_source: str = Field("recorded on the fmnist study under the cosine schedule, claims.Spread",
+                               description="Where run_sd was measured, printed by the dry run.")
 
 
 WINDOW_PRESETS: dict[str, WindowsPreset] = {
@@ -178,6 +182,7 @@ WINDOW_PRESETS: dict[str, WindowsPreset] = {
     "fmnist": WindowsPreset(
         name="fmnist", train_preset="fmnist", lr_schedule="constant", seeds=[0, 1, 2, 3, 4, 5, 6], samples=2000,
         run_seconds=175.0, checkpoint_seconds=1.5, accuracy_seconds=4.0, run_sd=0.0031,
+        run_sd_source="measured on fmnist at a constant learning rate: the regime study's 2-epoch baselines, 2026-12-05",
         grids=[WindowGrid(alphas=[-3.0], windows="tile:6"),
                WindowGrid(alphas=[0.3], windows="tile:6:0")],
     ),
@@ -226,7 +231,7 @@ class WindowsOptions(Schema):
                           "power at the seeds asked, the minimal detectable effect there and the seeds the declared effect "
                           "needs; write nothing.")
     run_sd: Float | None = Field(None, gt=0, description="Per-run SD of final test accuracy the dry run plans power with "
-                                 "[default: the preset's: 0.0014, recorded on fmnist].", json_schema_extra={"metavar": "SD"})
+                                 "[default: the preset's, which the dry run names].", json_schema_extra={"metavar": "SD"})
     quiet: bool = Field(False, description="No progress bars.")
 
 
@@ -291,6 +296,8 @@ def stage_sets(tokens: Sequence[str], model: torch.nn.Module, reg_layers: Sequen
             for p in parts:
                 if p not in declared:
                     raise unknown("stage", p, order + ["default", "each", "all"])
+            if len(set(parts)) != len(parts):
+                raise CsnError(f"stage set {t!r} names a stage twice; name each stage once (e.g. layer1+layer2).")
             chosen = tuple(s for s in order if s in parts)
             out.append(("+".join(chosen), chosen, tuple(n for s in chosen for n in declared[s])))
     if not out:
@@ -477,7 +484,11 @@ def make_plan(opts: WindowsOptions, overrides: Sequence[str] = ()) -> Plan:
         conds += grid_conditions(grid, stage_sets(grid.stages, model, base.reg_layers), spe, total, base.epochs)
     _refuse_duplicates(conds)
     seeds = opts.seeds if opts.seeds is not None else list(pre.seeds)
+    if len(conds) * len(seeds) > MAX_RUNS:
+        raise CsnError(f"the map has {len(conds)} conditions x {len(seeds)} seeds = {len(conds) * len(seeds):,} runs, more "
+                       f"than {MAX_RUNS:,}; give fewer --alphas, --windows, --stages or --seeds.")
     root = Path(opts.out) if opts.out else Path("runs") / f"windows-{pre.name}"
+    check_run_path(root, "--out")
     base_steps, base_spec = _base_schedule(base, spe)
     return Plan(pre, base, conds, seeds, spe, total, root, opts.parallel or pre.parallel,
                 opts.samples if "samples" in given else pre.samples, opts.selectivity, base_steps, base_spec,
@@ -628,7 +639,7 @@ def power_text(plan: Plan, shapes: list[dict]) -> str:
     if not shapes:
         return "no regularized condition: no verdict to plan."
     pts = ws.EFFECTS
-    src = "as asked" if plan.run_sd != plan.preset.run_sd else "the preset's (its comment says where it was measured)"
+    src = "as asked" if plan.run_sd != plan.preset.run_sd else f"the preset's: {plan.preset.run_sd_source}"
     lines = [f"power of the verdicts at {len(plan.seeds)} seeds: each verdict's own rule on {I.SIM_STUDIES:,} simulated "
              f"maps, per-run SD of final test accuracy {plan.run_sd:g} ({src}); "
              f"declared effects: the earliest window costs {100 * pts['suppression']:.2f} points and late windows nothing, "
