@@ -501,3 +501,58 @@ def test_cka_reference_checked_before_work(tiny_run):
 def test_a_stage_given_twice(tiny_run):
     assert refused(["ablate", tiny_run, "--stages", "layer1,layer1", "--checkpoints", "last"]) == \
         "error: stage 'layer1' is given twice in --stages; name each stage once."
+
+
+# ============================================================================ 8. the study and experiment side
+def test_a_study_file_naming_code_needs_trust_code_and_every_model_is_checked_first(tmp_path, monkeypatch, factories):
+    """`csn reproduce --config` naming code: refused without --trust-code before the module is imported (also in
+    --dry-run); with it, a model that cannot train (here: no width parameter for the study's width) is one error
+    before any run starts, and nothing is written."""
+    monkeypatch.chdir(tmp_path)
+    Path("s.toml").write_text('preset = "smoke"\n[train]\nmodel = "hostile_nets:build"\n')
+    for extra in ([], ["--dry-run"]):
+        msg = refused(["reproduce", "--config", "s.toml", "--out", "o", "--quiet", *extra])
+        assert "study file s.toml names the model 'hostile_nets:build', Python code" in msg
+    assert not (factories / "imported.txt").exists()
+    Path("s.toml").write_text('preset = "smoke"\n[train]\nmodel = "hostile_nets:four_classes"\n')
+    msg = refused(["reproduce", "--config", "s.toml", "--out", "o", "--quiet", "--trust-code"])
+    assert "hostile_nets:four_classes" in msg and not Path("o").exists()
+
+
+@pytest.mark.parametrize("study, pattern", [
+    ('[study.ablation]\ngrid = "f:1,0.5,banana"\n', "study key 'ablation.grid': bad grid 'f:1,0.5,banana'"),
+    ('[study.ablation]\ngrid = "f:1,0.5"\n', "study key 'ablation.grid': grid 'f:1,0.5' is not increasing"),
+    ('[study]\njudge = "yes"\n', "study key 'judge' expects a boolean"),
+    ('[study.cka]\nreference = "step=12345"\n', "cka.reference are set by the study"),
+    ("# only a comment\n", "sets no key"),
+])
+def test_a_study_file_is_checked_before_any_work(tmp_path, monkeypatch, study, pattern):
+    monkeypatch.chdir(tmp_path)
+    Path("s.toml").write_text(('preset = "smoke"\n' if "comment" not in study else "") + study)
+    assert pattern in refused(["reproduce", "--config", "s.toml", "--out", "o", "--quiet"])
+    assert not Path("o").exists()
+
+
+def test_reproduce_force_never_leaves_a_run_it_cannot_train(tmp_path):
+    """A user file inside a run folder: --force refuses before deleting anything (the run could not be trained
+    again in a folder holding it), naming the file; after it is moved out, --force proceeds."""
+    out = tmp_path / "o"
+    (out / "baseline-s0").mkdir(parents=True)
+    (out / "reproduce.json").write_text("{}")
+    (out / "baseline-s0" / "run.json").write_text("{}")
+    (out / "baseline-s0" / "NOTES.txt").write_text("mine")
+    before = listing(out)
+    msg = refused(["reproduce", "--preset", "smoke", "--out", out, "--force", "--quiet"])
+    assert "--force would keep your file" in msg and "NOTES.txt" in msg and "Nothing was deleted" in msg
+    assert listing(out) == before
+
+
+@pytest.mark.parametrize("args, pattern", [
+    (["--stages", "layer1+layer1"], "stage set 'layer1+layer1' names a stage twice"),
+    (["--alphas=" + ",".join(str(-a) for a in range(1, 70)), "--windows", "tile:16"], "runs, more than 1,000"),
+    (["--out", "a\nb"], "holds a control character"),
+])
+def test_a_map_request_is_checked_before_any_work(tmp_path, monkeypatch, args, pattern):
+    monkeypatch.chdir(tmp_path)
+    assert pattern in refused(["experiment", "windows", "--preset", "smoke", "--dry-run", *args])
+    assert listing(tmp_path) == []

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from csn.analysis.linearity import linear_model_path
 from csn.cli import main as cli
+from csn.errors import CsnError
 from csn.experiments.claims import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, THRESHOLDS, peak_step
 from csn.experiments.reproduce import _delete_reproduction, plan_text, reproduction
 from csn.runs.io import checksum_problem, sha256_file
@@ -138,6 +139,11 @@ def test_force_deletes_only_what_csn_wrote_and_never_through_a_link(tmp_path):
     res = CliRunner().invoke(cli, ["reproduce", "--preset", "smoke", "--out", str(link), "--force", "--quiet"])
     assert res.exit_code == 2 and "symbolic link" in res.output, res.output
     assert (out / "baseline-s0" / "checkpoints" / "step-00000000.safetensors").is_file()  # untouched
+    before = sorted(p for p in out.rglob("*") if p.is_file())
+    with pytest.raises(CsnError, match="keep your file .*mine.txt inside a run folder.*Nothing was deleted"):
+        _delete_reproduction(out)  # the run could not be trained again beside the user's file: refused up front
+    assert sorted(p for p in out.rglob("*") if p.is_file()) == before
+    (out / "baseline-s0" / "mine.txt").rename(out / "mine.txt")
     _delete_reproduction(out)
     left = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    assert left == ["baseline-s0/mine.txt", "notes.txt"]
+    assert left == ["mine.txt", "notes.txt"]

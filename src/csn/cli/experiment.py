@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from csn import dist
-from csn.cli.options import CONTEXT, build, echo, from_schema
+from csn.cli.options import CONTEXT, build, echo, from_schema, trust_code_for_command
 from csn.errors import CsnError
 from csn.experiments import regime as rg
 from csn.experiments.regularize import (
@@ -32,6 +32,7 @@ from csn.experiments.windows import (
 from csn.report.fig_regularize import regularize_figures
 from csn.report.html import build_report
 from csn.runs.config import preset as get_preset
+from csn.runs.run import check_run_path
 
 # Defaults for the fmnist preset, chosen from measurement (README, "Choosing alpha and the onset").
 FMNIST_ALPHA = -1.0
@@ -40,7 +41,11 @@ FMNIST_LATE_ONSET = 1.0
 
 @click.group(context_settings=CONTEXT)
 def experiment() -> None:
-    """Multi-run experiments (conditions x seeds) with tables and figures."""
+    """Multi-run experiments (conditions x seeds) with tables and figures.
+
+    Every run's model comes from this command line (a preset and key=value overrides), never from a file, so a
+    model given as 'package.module:factory' here is explicit: the experiment builds it without --trust-code."""
+    trust_code_for_command(True)
 
 
 @experiment.command(context_settings=CONTEXT)
@@ -74,6 +79,7 @@ def regularize(preset, alpha, onsets, seeds, out, parallel, no_selectivity, quie
         seed_list = _parse_seeds(seeds)
         onset_list = parse_onsets(onsets, base.epochs)
     root = Path(out) if out else Path("runs") / f"regularize-{preset}"
+    check_run_path(root, "--out")
     per_seed, table, grouped = regularize_experiment(base, alpha, onset_list, seed_list, root, parallel=parallel,
                                                      progress=not quiet, selectivity=not no_selectivity)
     if dist.is_main():

@@ -52,8 +52,10 @@ def _print_config(name: str) -> None:
 @click.option("--dry-run", is_flag=True, help="Print the plan (runs, analyses and where, estimated time, each "
               "verdict's power, minimal detectable effect and seeds needed) and exit; writes nothing.")
 @click.option("--quiet", is_flag=True, help="Only the plan and the step lines, no progress bars.")
+@click.option("--trust-code", is_flag=True, help="Let a model the study FILE names as 'package.module:factory' be "
+              "imported and run (code named by data runs only with this flag; --model typed here is explicit).")
 def reproduce(preset, config_file, print_config, dataset, data_root, model, sets, out, seeds, resume, force, dry_run,
-              quiet) -> None:
+              quiet, trust_code) -> None:
     """Reproduce the study: train, measure, ablate, regularize, compare, judge, report.
 
     \b
@@ -96,7 +98,7 @@ def reproduce(preset, config_file, print_config, dataset, data_root, model, sets
         return
     if dry_run:
         rep = reproduction(preset, out, config=config_file, dataset=dataset, data_root=data_root, model=model,
-                           sets=sets, seeds=seeds, progress=False)
+                           sets=sets, seeds=seeds, progress=False, trust_code=trust_code)
         echo(plan_text(rep))
         return
     dist.init_from_env()  # under torchrun: DDP training, sharded analyses, rank 0 writes and reports
@@ -106,7 +108,8 @@ def reproduce(preset, config_file, print_config, dataset, data_root, model, sets
         return build_report([out_dir], out=out_dir / "report", progress=progress)
 
     report, verdicts = run(preset, out, config=config_file, dataset=dataset, data_root=data_root, model=model,
-                           sets=sets, seeds=seeds, resume=resume, force=force, progress=progress, report=report_of)
+                           sets=sets, seeds=seeds, resume=resume, force=force, progress=progress, trust_code=trust_code,
+                           report=report_of)
     echo(verdict_table(verdicts))
     echo(f"report: {report}")
 

@@ -74,7 +74,7 @@ from csn.experiments.windows import Seeds, run_seconds
 from csn.runs.config import TrainConfig, load_data
 from csn.runs.config import preset as train_preset
 from csn.runs.io import read_table, write_json, write_table
-from csn.runs.run import Run
+from csn.runs.run import Run, check_run_path
 
 REGULARIZERS: dict[str, dict[str, Any]] = {"csn": {"reg_mode": "csn"}, "study": {"reg_mode": "study"}}
 """The two regularizer statistics as training-config keys (csn.training.regularizer; README "Which statistic")."""
@@ -262,6 +262,7 @@ def make_plan(opts: RegimeOptions, overrides: list[str] | tuple[str, ...] = ()) 
     conds, cells = grid(pre, base.epochs)
     seeds = list(opts.seeds) if opts.seeds is not None else list(pre.seeds)
     root = Path(opts.out) if opts.out else Path("runs") / f"regime-{pre.name}"
+    check_run_path(root, "--out")
     return RegimePlan(pre, base, conds, cells, seeds, root, opts.parallel or pre.parallel)
 
 

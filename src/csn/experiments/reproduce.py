@@ -37,10 +37,11 @@ from csn.experiments.judge import judge
 from csn.experiments.regularize import Condition, job, measure_final
 from csn.experiments.runner import Job, is_complete, last_step, run_jobs
 from csn.experiments.study import PEAK, StudyConfig, load_study, onset_epoch, select_steps, uses_peak
-from csn.runs.config import is_preset_checkpoints
+from csn.models.external import require_trust, trusting_code
+from csn.runs.config import check_model, data_info, is_preset_checkpoints, load_data
 from csn.runs.io import checksum_problem, sidecar, write_json
 from csn.runs.naming import run_name
-from csn.runs.run import Run, delete_run_files
+from csn.runs.run import Run, check_run_path, delete_run_files, foreign_files
 from csn.training.loop import training_length
 
 
@@ -338,7 +339,7 @@ def power_lines(power: list[dict], study) -> list[str]:
 def reproduce(preset: str | None = None, out: str | Path | None = None, *, config: str | Path | None = None,
               dataset: str | None = None, data_root: str | None = None, model: str | None = None,
               sets: tuple[str, ...] | list[str] = (), seeds: int | None = None, resume: bool = False,
-              force: bool = False, progress: bool = True,
+              force: bool = False, progress: bool = True, trust_code: bool = False,
               report: Callable[[Path], Path] | None = None) -> tuple[Path, list[C.Verdict]]:
     """Run (or resume) the whole study; return the report path and the verdicts.
 
@@ -347,11 +348,15 @@ def reproduce(preset: str | None = None, out: str | Path | None = None, *, confi
     report(out) -> the report's index.html, run as the last step (the CLI passes csn.report's
     build_report; this layer does not draw). Under torchrun every step runs on every process
     (training with DDP, analyses sharded over the evaluation split) and rank 0 alone writes; the
-    step lines and the result are rank 0's.
+    step lines and the result are rank 0's. A model named as code ('package.module:factory') by a study file
+    runs only with trust_code (typed as `model` or `--set train.model=...` it is explicit); every model is built and
+    checked before any run starts.
     """
     with dist.same_outcome():  # a bad request fails on every rank together
         rep = reproduction(preset, out, config=config, dataset=dataset, data_root=data_root, model=model, sets=sets,
-                           seeds=seeds, progress=progress)
+                           seeds=seeds, progress=progress, trust_code=trust_code)
+        trusted = trust_code or _model_typed(model, sets)
+        check_model(rep.base, data_info(load_data(rep.base)), trust_code=trusted, where=_source(preset, config))
     out = rep.out
     dist.on_main(_prepare, rep, resume=resume, force=force)
     if dist.is_main():
@@ -360,7 +365,8 @@ def reproduce(preset: str | None = None, out: str | Path | None = None, *, confi
     index = out / "report" / "index.html"
     if report is not None:
         steps.append(Step("report", lambda: dist.on_main(report, out), 10.0))
-    _run_steps(steps)
+    with trusting_code(trusted):  # the analyses rebuild the runs' models from run.json
+        _run_steps(steps)
     verdicts = [C.Verdict(**d) for d in json.loads((out / "claims.json").read_text())["claims"]]
     return index, verdicts
 
@@ -368,12 +374,24 @@ def reproduce(preset: str | None = None, out: str | Path | None = None, *, confi
 def reproduction(preset: str | None = None, out: str | Path | None = None, *, config: str | Path | None = None,
                  dataset: str | None = None, data_root: str | None = None, model: str | None = None,
                  sets: tuple[str, ...] | list[str] = (), seeds: int | None = None,
-                 progress: bool = True) -> Reproduction:
+                 progress: bool = True, trust_code: bool = False) -> Reproduction:
     """The Reproduction of a study (as `reproduce` takes it), resolved on its data; writes nothing (`csn reproduce
-    --dry-run` prints its plan_text)."""
+    --dry-run` prints its plan_text). Refuses, before anything is imported, a model a study file names as code
+    without trust_code, and an --out no run folder can be made in."""
     name, cfg = load_study(preset, config, dataset=dataset, data_root=data_root, model=model, sets=sets)
+    require_trust(cfg.train.model, trust_code or _model_typed(model, sets), _source(preset, config))
     out = Path(out) if out else Path("runs") / f"reproduce-{name}"
+    check_run_path(out, "--out")
     return Reproduction(cfg, out, name=name, seeds=seeds, progress=progress)
+
+
+def _model_typed(model: str | None, sets: tuple[str, ...] | list[str]) -> bool:
+    """Whether the model was typed on the command line (--model, --set train.model=...): explicit, no --trust-code."""
+    return model is not None or any(p.replace(" ", "").startswith("train.model=") for p in sets)
+
+
+def _source(preset: str | None, config: str | Path | None) -> str:
+    return f"study file {config}" if config else f"study preset {preset or 'fmnist'}"
 
 
 def _run_steps(steps: list[Step]) -> None:
@@ -401,7 +419,14 @@ def _delete_reproduction(out: Path) -> None:
     """--force: delete the runs' files and the reproduction's own, never through a link, never a user's files."""
     if out.is_symlink():
         raise CsnError(f"{out} is a symbolic link; csn never deletes through a link: pass the directory itself.")
-    for d in sorted(p for p in out.iterdir() if p.is_dir() and not p.is_symlink() and (p / "run.json").is_file()):
+    runs = sorted(p for p in out.iterdir() if p.is_dir() and not p.is_symlink() and (p / "run.json").is_file())
+    kept = [f for d in runs for f in foreign_files(d)]
+    if kept:  # checked before anything is deleted: the run could not be trained again in a folder holding them
+        more = f" and {len(kept) - 1} more" if len(kept) > 1 else ""
+        raise CsnError(f"--force would keep your file {kept[0]}{more} inside a run folder, where the run cannot be "
+                       "trained again (csn never deletes files it did not write); move it out of the run folder and "
+                       "repeat --force. Nothing was deleted.")
+    for d in runs:
         delete_run_files(d)
         if not any(d.iterdir()):
             d.rmdir()

@@ -32,7 +32,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, Field, model_validator
+from pydantic import BeforeValidator, Field, StrictBool, model_validator
 
 from csn.analysis.ablation import AblationOptions
 from csn.analysis.cka import CkaOptions
@@ -143,7 +143,8 @@ class Study(Schema):
     linearity: LinearityOptions = LinearityOptions()
     cka: CkaOptions = CkaOptions(samples=2000)
     parallel: Int = Field(2, ge=1, description="Training runs at once.")
-    judge: bool = Field(True, description="False: too small to test the claims; verdicts are reported as inconclusive.")
+    judge: StrictBool = Field(True, description="False: too small to test the claims; verdicts are reported as "
+                              "inconclusive.")
     spread: Spread = Field(Spread(), description="The per-seed spread the plan's power and minimal detectable effects "
                            "assume: recorded on fmnist; measure your own.")
     costs: StudyCosts = Field(StudyCosts(), description="Declared costs for the plan's time estimate.")
@@ -160,9 +161,9 @@ class Study(Schema):
         if uses_peak(self.selectivity_checkpoints):
             raise ValueError("selectivity_checkpoints cannot name 'peak': the peak is found in the baseline's "
                              "selectivity; write the first quarter of training instead, e.g. ['0:f0.25', 'end']")
-        if self.cka.mode is not None or self.cka.run_b is not None:
-            raise ValueError("cka.mode and cka.run_b are set by the study (each regularized run against its baseline); "
-                             "leave them out")
+        if self.cka.mode is not None or self.cka.run_b is not None or str(self.cka.reference).strip() not in ("last", "end"):
+            raise ValueError("cka.mode, cka.run_b and cka.reference are set by the study (each regularized run against "
+                             "its baseline at matched checkpoints); leave them out")
         return self
 
 
@@ -257,6 +258,10 @@ def load_study(preset: str | None = None, config: str | Path | None = None, *, d
         raise CsnError("pass either --preset or --config, not both (a study file may name its preset).")
     if config:
         name, where, raw = Path(config).stem, str(config), read_config_file(config)
+        if not raw:
+            raise CsnError(f"study file {config} sets no key (it is empty or holds only comments), so it would run the "
+                           "default study; write the keys to change (e.g. preset = \"fmnist\" and a [study] table), or "
+                           "pass --preset NAME.")
     else:
         name = preset or "fmnist"
         where, raw = f"study preset {name}", {"preset": name}

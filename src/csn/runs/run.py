@@ -276,6 +276,25 @@ of interrupted writes). `csn train --force` deletes these and nothing else, in t
 run.json last, so a deletion stopped part-way still leaves a directory --force recognizes)."""
 
 
+def _ours(path: Path, layout: dict[str, tuple[str, ...]]) -> list[Path]:
+    """The files csn wrote in `path` by `layout` (and their leftover temporary files); links are never csn's."""
+    ours: list[Path] = []
+    for folder, patterns in layout.items():
+        d = path / folder
+        if d.is_dir():
+            found = {p for pattern in (*patterns, ".*.tmp") for p in d.glob(pattern)}
+            ours += sorted(p for p in found if p.is_file() and not p.is_symlink())
+    return ours
+
+
+def foreign_files(path: str | Path, layout: dict[str, tuple[str, ...]] = RUN_LAYOUT) -> list[Path]:
+    """The files in directory `path` that csn did not write by `layout` (a user's own: delete_run_files keeps them)."""
+    path = Path(path)
+    ours = set(_ours(path, layout))
+    return sorted(p for root, _, files in os.walk(path) for f in files
+                  if f != ".lock" and (p := Path(root, f)) not in ours)
+
+
 def delete_run_files(path: str | Path, layout: dict[str, tuple[str, ...]] = RUN_LAYOUT) -> list[Path]:
     """Delete the files csn wrote in run directory `path` (`layout`: RUN_LAYOUT, or an experiment's), never
     following a symbolic link, and the layout's folders once empty. Returns the other files found there, which
@@ -292,13 +311,7 @@ def delete_run_files(path: str | Path, layout: dict[str, tuple[str, ...]] = RUN_
     if linked:  # csn writes these names itself: keeping the link only to replace it would be a broken promise
         raise CsnError(f"{linked[0]} is a symbolic link where csn writes its own file; csn never deletes or writes "
                        "through a link: remove the link yourself (what it points to stays) or choose another directory.")
-    ours: list[Path] = []
-    for folder, patterns in layout.items():
-        d = path / folder
-        if d.is_dir():
-            found = {p for pattern in (*patterns, ".*.tmp") for p in d.glob(pattern)}
-            ours += sorted(p for p in found if p.is_file() and not p.is_symlink())  # a link is not a file csn wrote
-    for p in ours:
+    for p in _ours(path, layout):
         p.unlink(missing_ok=True)
     for folder in layout:
         d = path / folder

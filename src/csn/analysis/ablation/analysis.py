@@ -84,13 +84,18 @@ _RANKING_COLUMNS = ("step", "layer", "unit", "csi", "split", "bn_recalibrated")
 # ------------------------------------------------------------------------------------------------
 
 def _grid_text(v: Any) -> Any:
-    """A grid given as a Grid or a list (ints = counts, floats = fractions) in its text form ('0,1,2', 'f:0,0.5,1.0')."""
+    """A grid given as a Grid or a list (ints = counts, floats = fractions) in its text form ('0,1,2', 'f:0,0.5,1.0'),
+    checked when the options are made (a study file's bad grid is refused before any run trains)."""
     if isinstance(v, Grid):
         v = list(v.values) if v.kind == "fraction" else [int(x) for x in v.values]
     if isinstance(v, (list, tuple)):
-        if any(isinstance(x, float) for x in v):
-            return "f:" + ",".join(repr(float(x)) for x in v)
-        return ",".join(str(x) for x in v)
+        v = ("f:" + ",".join(repr(float(x)) for x in v) if any(isinstance(x, float) for x in v)
+             else ",".join(str(x) for x in v))
+    if v is not None:
+        try:
+            parse_grid(v)
+        except CsnError as e:
+            raise ValueError(str(e).rstrip(".")) from None
     return v
 
 
