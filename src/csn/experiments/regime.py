@@ -69,8 +69,8 @@ from csn.experiments.regularize import (
     regularized_stages,
     train_conditions,
 )
-from csn.experiments.runner import is_complete
-from csn.experiments.windows import Seeds, run_seconds
+from csn.experiments.runner import finished_seconds, is_complete
+from csn.experiments.windows import Seeds
 from csn.runs.config import TrainConfig, load_data
 from csn.runs.config import preset as train_preset
 from csn.runs.io import read_table, write_json, write_table
@@ -241,7 +241,7 @@ class RegimePlan:
         per, todo, train_s, measured = {}, {}, 0.0, {}
         for d in self.preset.datasets:
             jobs = [j for c, _, j in self.jobs() if self.dataset_of(c) == d]
-            done = [t for j in jobs if is_complete(j.out) and (t := run_seconds(j.out)) is not None]
+            done = finished_seconds([j.out for j in jobs])
             measured[d] = len(done)
             per[d] = statistics.median(done) if done else self.preset.run_seconds[d] * self.base.epochs / declared_epochs
             todo[d] = sum(not is_complete(j.out) for j in jobs)

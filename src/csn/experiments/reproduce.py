@@ -35,7 +35,7 @@ from csn.errors import CsnError
 from csn.experiments import claims as C
 from csn.experiments.judge import judge
 from csn.experiments.regularize import Condition, job, measure_final
-from csn.experiments.runner import Job, is_complete, last_step, run_jobs
+from csn.experiments.runner import Job, finished_seconds, is_complete, last_step, run_jobs
 from csn.experiments.study import PEAK, StudyConfig, load_study, onset_epoch, select_steps, uses_peak
 from csn.models.external import require_trust, trusting_code
 from csn.runs.config import check_model, data_info, is_preset_checkpoints, load_data
@@ -198,7 +198,7 @@ class Reproduction:
         st, costs = self.study, self.study.costs
         base, reg = self.baseline_jobs(), self.reg_jobs()
         done_steps = {j.out: last_step(j.out) for j in base + reg}
-        measured = [d for j in base + reg if is_complete(j.out) and (d := run_seconds(j.out)) is not None]
+        measured = finished_seconds([j.out for j in base + reg])
         per_run = statistics.median(measured) if measured else costs.step_seconds * self.total
         source = (f"median of {len(measured)} finished runs here" if measured else
                   f"declared: {costs.step_seconds:g} s per step")
@@ -256,15 +256,6 @@ class Reproduction:
                 "resolved": {"steps_per_epoch": self.steps_per_epoch, "total_steps": self.total,
                              "late_onset_step": round(self.late_epoch * self.steps_per_epoch),
                              "late_onset_epoch": self.late_epoch}}
-
-
-def run_seconds(out: Path) -> float | None:
-    """Wall seconds a finished run trained for (training.parquet's last time_s), or None."""
-    try:
-        t = Run(out).read("training")
-    except CsnError:
-        return None
-    return float(t["time_s"].iloc[-1]) if t is not None and len(t) and "time_s" in t else None
 
 
 def share_linear_model(source: Run, runs: list[Run]) -> None:

@@ -57,6 +57,22 @@ STOP_TIMEOUT_S = 60.0  # how long a stopped worker may take to leave its run res
 POLL_S = 2.0  # how often the parent reads the runs' manifests for the optimizer-step bar
 
 
+def finished_seconds(outs: list[str | Path]) -> list[float]:
+    """Wall seconds each finished run of `outs` trained for (training.parquet's last time_s); the experiments' plans
+    estimate the time left from their median."""
+    secs = []
+    for out in outs:
+        if not is_complete(out):
+            continue
+        try:
+            t = Run(Path(out)).read("training")
+        except CsnError:
+            continue
+        if t is not None and len(t) and "time_s" in t:
+            secs.append(float(t["time_s"].iloc[-1]))
+    return secs
+
+
 def last_step(out: Path) -> int:
     """The step of a run's last checkpoint (the manifest the training loop rewrites at every checkpoint); 0 if none."""
     try:

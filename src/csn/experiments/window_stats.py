@@ -191,6 +191,20 @@ def simulate_suppression(question: str, run_sd: float = 0.0014, windows: int = 6
     return sim
 
 
+def simulate_little_margin(run_sd: float, windows: int, late_windows: int) -> I.Simulate:
+    """"Late windows cost little" when the late windows cost `little - effect` (effect: the margin below `little`)
+    and the earliest window the declared suppression effect: the planned power and MDE of that verdict."""
+    late = np.arange(windows) >= windows - late_windows
+
+    def sim(rng: np.random.Generator, effect: float, seeds: int, studies: int) -> np.ndarray:
+        cost = np.where(late, WINDOW_RULES["little"] - effect, 0.0)
+        cost[0] = EFFECTS["suppression"]
+        base = rng.normal(0, run_sd, (studies, seeds, 1))
+        cond = rng.normal(0, run_sd, (studies, seeds, windows)) - cost
+        return suppression_parts(base - cond, late)["little_codes"]
+    return sim
+
+
 def simulate_promotion(question: str, run_sd: float = 0.0014) -> I.Simulate:
     """Simulated promotion families: the change (final, or at the window's end) is `effect`, noise per run run_sd."""
     key = {Q_PROMOTE_FINAL: "final_codes", Q_PROMOTE_END: "end_codes"}[question]

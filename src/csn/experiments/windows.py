@@ -60,7 +60,7 @@ from csn.errors import CsnError, unknown
 from csn.experiments import window_stats as ws
 from csn.experiments.claims import Spread
 from csn.experiments.regularize import dose
-from csn.experiments.runner import Job, is_complete, run_jobs
+from csn.experiments.runner import Job, finished_seconds, is_complete, run_jobs
 from csn.runs.config import TrainConfig, build_model_for, data_info, is_preset_checkpoints, load_data
 from csn.runs.config import preset as train_preset
 from csn.runs.io import read_table, write_json, write_table
@@ -422,7 +422,7 @@ class Plan:
         epochs)."""
         jobs = self.jobs()
         todo = [j for _, _, j in jobs if not is_complete(j.out)]
-        measured = [d for _, _, j in jobs if is_complete(j.out) and (d := run_seconds(j.out)) is not None]
+        measured = finished_seconds([j.out for _, _, j in jobs])
         preset_epochs = train_preset(self.preset.train_preset).override(list(self.preset.overrides)).epochs
         declared = self.preset.run_seconds * self.base.epochs / preset_epochs  # scaled to a shortened training
         per_run = statistics.median(measured) if measured else declared
@@ -445,15 +445,6 @@ def lr_overrides(schedule: str | None, epochs: float) -> list[str]:
     if schedule == "anneal":
         return ["lr_schedule=step", f"milestones=[{epochs * ANNEAL_FROM!r}]", "gamma=0.1", "warmup_epochs=0"]
     return [f"lr_schedule={schedule}", "milestones=[]", "warmup_epochs=0"]
-
-
-def run_seconds(out: Path) -> float | None:
-    """Wall seconds a finished run trained for (training.parquet's last time_s), or None."""
-    try:
-        t = Run(out).read("training")
-    except CsnError:
-        return None
-    return float(t["time_s"].iloc[-1]) if t is not None and len(t) and "time_s" in t else None
 
 
 def make_plan(opts: WindowsOptions, overrides: Sequence[str] = ()) -> Plan:
@@ -577,20 +568,6 @@ def _shapes(plan: Plan) -> list[dict]:
     return list(shapes.values())
 
 
-def _little_margin(run_sd: float, windows: int, late_windows: int) -> I.Simulate:
-    """'Late windows cost little' when the late windows cost `little - effect` (effect = the margin below `little`) and
-    the earliest the declared suppression effect; the rule is window_stats.suppression_parts's own."""
-    late = np.arange(windows) >= windows - late_windows
-
-    def sim(rng: np.random.Generator, effect: float, seeds: int, studies: int) -> np.ndarray:
-        cost = np.where(late, ws.WINDOW_RULES["little"] - effect, 0.0)
-        cost[0] = ws.EFFECTS["suppression"]
-        base = rng.normal(0, run_sd, (studies, seeds, 1))
-        cond = rng.normal(0, run_sd, (studies, seeds, windows)) - cost
-        return ws.suppression_parts(base - cond, late)["little_codes"]
-    return sim
-
-
 def _power_row(question: str, sim: I.Simulate, effect: float, seeds: int, studies: int, upper: float = MDE_UPPER,
                margin: bool = False) -> dict:
     return {"question": question, "effect": effect, "power": I.power(sim, effect, seeds, studies),
@@ -617,7 +594,7 @@ def planned_power(plan: Plan, studies: int = I.SIM_STUDIES) -> list[dict]:
                     rows.append(_power_row(q, sim, ws.EFFECTS["suppression"], n, studies))
             if late:
                 little = ws.WINDOW_RULES["little"]
-                rows.append(_power_row(ws.Q_LITTLE, _little_margin(sd, w, late), little, n, studies, little, True))
+                rows.append(_power_row(ws.Q_LITTLE, ws.simulate_little_margin(sd, w, late), little, n, studies, little, True))
         out.append({**shape, "rows": rows})
     return out
 
@@ -1020,4 +997,4 @@ __all__ = ["BASELINE", "END_BN_BATCHES", "ANNEAL_FROM", "DESIGN_NOTES", "WINDOW_
            "WindowsOptions", "WindowCondition", "Plan", "get_windows_preset", "parse_seeds", "stage_sets", "tile_steps",
            "expand_tiles", "grid_conditions", "lr_overrides", "make_plan", "plan_text", "planned_power", "power_text",
            "check_existing", "measure_selectivity", "measure_accuracy", "run_windows", "build_tables", "condition_table",
-           "verdict_text", "heatmap_text", "run_seconds", "trajectories", "gap_curves", "MAP_TABLES", "read_map"]
+           "verdict_text", "heatmap_text", "trajectories", "gap_curves", "MAP_TABLES", "read_map"]
