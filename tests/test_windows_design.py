@@ -20,7 +20,6 @@ from csn.experiments.claims import Spread
 from csn.experiments.windows import (
     WINDOW_PRESETS,
     WindowsOptions,
-    _little_margin,
     _mean_lr,
     expand_tiles,
     make_plan,
@@ -150,7 +149,7 @@ def test_planned_power_is_each_verdicts_own_rule_simulated(tmp_path):
     little = sup["rows"][2]
     # at margin = little the late windows cost nothing: the scenario's own 'late windows cost little' simulation
     assert little["power"] == I.power(ws.simulate_suppression(ws.Q_LITTLE, sd, windows=4, late_windows=2), eff, 4, 500)
-    assert I.power(_little_margin(sd, 4, 2), little["mde"], 4, 500) >= I.POWER
+    assert I.power(ws.simulate_little_margin(sd, 4, 2), little["mde"], 4, 500) >= I.POWER
     for r in pro["rows"]:
         assert r["power"] == I.power(ws.simulate_promotion(r["question"], sd), ws.EFFECTS["promotion"], 4, 500)
 
