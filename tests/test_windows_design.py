@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 from hypothesis import given, settings
@@ -184,27 +183,3 @@ def test_dry_run_prints_the_power_of_every_verdict_and_writes_nothing(tmp_path):
                                    "--windows", "step=0:step=4", "--out", str(out)])
     assert res.exit_code == 0 and "0.01 (as asked)" in res.stdout and "none late" in res.stdout
     assert ws.Q_MORE not in res.stdout and not out.exists()
-
-
-def test_windows_json_and_tables_record_the_design(smoke_map):
-    import json
-
-    import pandas as pd
-
-    info = json.loads((smoke_map / "windows.json").read_text())
-    assert info["reg_reduce"] == "sum" and info["lr_schedule"] == "constant" and info["end_bn_batches"] == 16
-    assert "alpha_per_stage" in info["design"] and info["run_sd"] == Spread().c4_run_sd
-    assert [c["start_fraction"] for c in info["conditions"] if c["alpha"] < 0] == [0, 0.25, 0.5, 0.75]
-    table = pd.read_parquet(smoke_map / "windows.parquet")
-    reg = table[table["alpha"] < 0].sort_values("start_step")
-    assert (reg["reg_steps_mean"] == 4).all() and np.allclose(reg["reg_mean_lr_mean"], 0.05)
-    assert np.allclose(reg["reg_mean_abs_alpha_mean"], 3.0) and reg["csi_reduction_end_mean"].notna().all()
-
-
-@pytest.fixture(scope="module")
-def smoke_map(tmp_path_factory):
-    out = tmp_path_factory.mktemp("smoke") / "map"
-    res = CliRunner().invoke(cli, ["experiment", "windows", "--preset", "smoke", "--parallel", "1", "--quiet",
-                                   "--alphas", "-3", "--stages", "default", "--out", str(out)])
-    assert res.exit_code == 0, res.output
-    return out

@@ -4,6 +4,7 @@ of a changed experiment, one-line errors, and the report section (and its link f
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -16,6 +17,7 @@ from click.testing import CliRunner
 from csn.cli import main as cli
 from csn.errors import CsnError
 from csn.experiments import window_stats as ws
+from csn.experiments.claims import Spread
 from csn.experiments.windows import WindowsOptions, make_plan, parse_seeds
 from csn.report.html import build_report
 from csn.runs.run import Run
@@ -247,3 +249,16 @@ def test_a_shortened_training_preset_drops_its_late_checkpoints_with_a_note(tmp_
 def test_seeds_are_bounded_before_anything_is_planned(seeds, message):
     with pytest.raises(CsnError, match=re.escape(message)):
         parse_seeds(seeds)
+
+
+def test_windows_json_and_tables_record_the_design(experiment):
+    """The map of the whole smoke preset (the earlier separate map of its suppression family trained the same runs)."""
+    smoke_map = experiment[0]
+    info = json.loads((smoke_map / "windows.json").read_text())
+    assert info["reg_reduce"] == "sum" and info["lr_schedule"] == "constant" and info["end_bn_batches"] == 16
+    assert "alpha_per_stage" in info["design"] and info["run_sd"] == Spread().c4_run_sd
+    assert [c["start_fraction"] for c in info["conditions"] if c["alpha"] < 0] == [0, 0.25, 0.5, 0.75]
+    table = pd.read_parquet(smoke_map / "windows.parquet")
+    reg = table[table["alpha"] < 0].sort_values("start_step")
+    assert (reg["reg_steps_mean"] == 4).all() and np.allclose(reg["reg_mean_lr_mean"], 0.05)
+    assert np.allclose(reg["reg_mean_abs_alpha_mean"], 3.0) and reg["csi_reduction_end_mean"].notna().all()
