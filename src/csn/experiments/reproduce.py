@@ -69,7 +69,11 @@ class Work:
 
     @property
     def eta(self) -> float:
-        return self.todo * self.seconds / max(1, min(self.parallel, math.ceil(self.todo) or 1))
+        """Seconds left: units run in rounds of `parallel`, and a last, partly filled round takes as long as a full
+        one (15 runs 2 at a time are 8 rounds, the 15th run alone)."""
+        if self.todo <= 0:
+            return 0.0
+        return math.ceil(self.todo / max(1, self.parallel) - 1e-9) * self.seconds
 
 
 DATA_KEYS = ("dataset", "data_root", "train_samples", "test_samples", "synthetic")
