@@ -1,4 +1,5 @@
-"""Run names of experiments: `<condition>-s<seed>`, formatted and parsed in this one place."""
+"""Names csn gives on disk, formatted and parsed in this one place: run names of experiments (`<condition>-s<seed>`)
+and a run's checkpoint files (weights `step-<step>.safetensors`, optimizer state `state-<step>.safetensors`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,20 @@ import re
 
 _RUN_NAME = re.compile(r"^(?P<cond>.+)-s(?P<seed>\d+)$")
 _REG_FROM = re.compile(r"^reg-from-(?P<onset>[0-9.]+)$")
+
+
+WEIGHTS_GLOB = "step-*.safetensors"
+STATE_GLOB = "state-*.safetensors"
+
+
+def weights_file(step: int) -> str:
+    """File name of the weights of the checkpoint of `step`."""
+    return f"step-{step:08d}.safetensors"
+
+
+def state_file(step: int) -> str:
+    """File name of the optimizer state saved with the checkpoint of `step`."""
+    return f"state-{step:08d}.safetensors"
 
 
 def run_name(condition: str, seed: int) -> str:

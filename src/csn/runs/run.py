@@ -26,6 +26,7 @@ from csn.errors import CsnError
 from csn.models.external import require_trust
 from csn.runs.config import TrainConfig, build_model_for, data_info, load_data
 from csn.runs.io import SIDECAR, load_tensors, read_table, write_table, write_text
+from csn.runs.naming import STATE_GLOB, WEIGHTS_GLOB
 
 MANIFEST = "manifest.jsonl"
 MAX_STEP = 2**62
@@ -268,7 +269,7 @@ class Run:
 RUN_LAYOUT: dict[str, tuple[str, ...]] = {
     "tables": ("*.parquet", "*.safetensors", "*.safetensors" + SIDECAR),
     "report": ("index.html", "*.png", "*.svg"),
-    "checkpoints": (MANIFEST, "step-*.safetensors", "state-*.safetensors", "state-*.safetensors" + SIDECAR),
+    "checkpoints": (MANIFEST, WEIGHTS_GLOB, STATE_GLOB, STATE_GLOB + SIDECAR),
     ".": ("run.json",),
 }
 """The files csn writes in a run directory, by folder (glob patterns; plus the temporary files `.NAME.XXXX.tmp`

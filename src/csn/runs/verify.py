@@ -21,6 +21,7 @@ from csn.errors import CsnError
 from csn.models.external import code_trusted, names_code
 from csn.runs.config import TrainConfig, build_model_for
 from csn.runs.io import SIDECAR, TABLE_STEP, checksum_problem, read_table, table_name, tensor_shapes
+from csn.runs.naming import STATE_GLOB, state_file
 from csn.runs.run import check_run_path, damaged_checkpoint_fix, read_manifest, read_run_info
 from csn.runs.table import PROVENANCE
 
@@ -52,9 +53,9 @@ def verify_run(path: str | Path) -> list[str]:
             path / "checkpoints" / c.file)
         if problem:
             problems.append(f"checkpoint {c.file} (step {c.step}) {problem}; {fix}")
-    states = sorted((path / "checkpoints").glob("state-*.safetensors"))
+    states = sorted((path / "checkpoints").glob(STATE_GLOB))
     if ckpts and ckpts[-1].step != info["total_steps"] and ckpts[-1].step > 0:
-        last = path / "checkpoints" / f"state-{ckpts[-1].step:08d}.safetensors"
+        last = path / "checkpoints" / state_file(ckpts[-1].step)
         states = sorted({*states, last})  # an unfinished run resumes from the state of its last checkpoint
     momentum = {f"momentum.{i}": s for i, s in enumerate(shapes["__params__"])} if shapes else None
     for state in states:

@@ -31,6 +31,7 @@ from csn.errors import CsnError, unknown
 from csn.runs.config import TrainConfig, build_model_for, data_info, is_preset_checkpoints, load_data
 from csn.runs.io import load_tensors, save_tensors, write_json, write_table
 from csn.runs.lock import lock_holder, run_lock
+from csn.runs.naming import STATE_GLOB, state_file, weights_file
 from csn.runs.run import Checkpoint, Run, check_run_path, delete_run_files, load_weights, read_manifest, write_manifest
 from csn.runs.table import TableSpec
 from csn.training.ddp import sync_batchnorm, wrap_ddp
@@ -125,16 +126,6 @@ def eval_sums(model: torch.nn.Module, loader, device: torch.device, *, amp: bool
 # ------------------------------------------------------------------------------------------------
 # checkpoint files
 # ------------------------------------------------------------------------------------------------
-
-def state_file(step: int) -> str:
-    """File name of the optimizer state saved with the checkpoint of `step`."""
-    return f"state-{step:08d}.safetensors"
-
-
-def weights_file(step: int) -> str:
-    """File name of the weights of the checkpoint of `step`."""
-    return f"step-{step:08d}.safetensors"
-
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     out = {}
@@ -432,7 +423,7 @@ class _Training:
         self.manifest[:] = sorted([c for c in self.manifest if c.step != step] + [entry], key=lambda c: c.step)
         write_table(self.out / "tables" / "training.parquet", TRAINING.frame(pd.DataFrame(self.logs, columns=LOG_COLUMNS)))
         write_manifest(ckpt_dir, self.manifest)
-        for old_state in ckpt_dir.glob("state-*.safetensors*"):  # keep only the newest optimizer state (+ checksum)
+        for old_state in ckpt_dir.glob(STATE_GLOB + "*"):  # keep only the newest optimizer state (+ checksum)
             if not old_state.name.startswith(state_file(step)):
                 old_state.unlink(missing_ok=True)
 
