@@ -32,7 +32,7 @@ from csn.experiments.study import (
     uses_peak,
 )
 from csn.runs.config import preset
-from csn.runs.run import Checkpoint, select_checkpoints
+from csn.runs.run import Checkpoint, nearest_checkpoint, select_checkpoints
 
 FMNIST_SPE, FMNIST_EPOCHS = 468, 3  # Fashion-MNIST: 60,000 // 128 steps per epoch (the last partial batch dropped)
 
@@ -386,3 +386,22 @@ def test_the_late_onset_matches_its_condition_name():
     assert late == 0.332623 and [c.name for c in conds] == ["baseline", "reg-from-0", cond.name]
     assert _late_condition(found, None)[1] == 0.332623  # inferred: the one nonzero onset
     assert _late_condition(found, 2.0)[1] == 2.0  # no such condition: C4 then says one is missing
+
+
+def test_nearest_checkpoint_by_step_or_epoch_takes_the_earlier_on_a_tie():
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        steps = sorted(set(rng.integers(0, 500, size=rng.integers(1, 12)).tolist()))
+        ckpts = [Checkpoint(s, s / 50, f"step-{s:08d}.safetensors", "0" * 64, {}) for s in steps]
+        want_step = int(rng.integers(-20, 520))
+        best = min(abs(s - want_step) for s in steps)  # naive reference: the first step at the smallest distance
+        assert nearest_checkpoint(ckpts, step=want_step).step == next(s for s in steps if abs(s - want_step) == best)
+        e = float(rng.uniform(-1, 11))
+        best_e = min(abs(s / 50 - e) for s in steps)
+        assert nearest_checkpoint(ckpts, epoch=e).step == next(s for s in steps if abs(s / 50 - e) == best_e)
+    two = [Checkpoint(s, s / 50, f"step-{s:08d}.safetensors", "0" * 64, {}) for s in (10, 20)]
+    assert nearest_checkpoint(two, step=15).step == 10 and nearest_checkpoint(two, epoch=0.3).step == 10
+    with pytest.raises(TypeError):
+        nearest_checkpoint(two)
+    with pytest.raises(TypeError):
+        nearest_checkpoint(two, step=1, epoch=1.0)

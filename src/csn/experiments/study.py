@@ -295,11 +295,6 @@ def load_study(preset: str | None = None, config: str | Path | None = None, *, d
 # times of a study resolved on a run
 # ------------------------------------------------------------------------------------------------
 
-def nearest(ckpts: list[Checkpoint], step: int) -> Checkpoint:
-    """The checkpoint nearest to `step` (the earlier one on a tie)."""
-    return min(ckpts, key=lambda c: (abs(c.step - step), c.step))
-
-
 def uses_peak(items: tuple[str, ...]) -> bool:
     """Whether a study's checkpoints name `peak` (then they resolve on a run only once its selectivity is known)."""
     return any(PEAK in item.split(":") for item in items)
@@ -408,5 +403,5 @@ def to_toml(cfg: StudyConfig, header: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["PEAK", "Study", "StudyCosts", "StudyConfig", "study_names", "study_text", "load_study", "nearest", "uses_peak",
+__all__ = ["PEAK", "Study", "StudyCosts", "StudyConfig", "study_names", "study_text", "load_study", "uses_peak",
            "select_steps", "select_times", "onset_epoch", "to_toml"]

@@ -11,6 +11,7 @@ import math
 import os
 import re
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -457,6 +458,16 @@ def _selector_number(text: str) -> float:
     return float(t)
 
 
+def nearest_checkpoint(ckpts: Sequence[Checkpoint], *, step: int | None = None,
+                       epoch: float | None = None) -> Checkpoint:
+    """The checkpoint nearest to `step` or to `epoch` (give one); the earlier one on a tie."""
+    if (step is None) == (epoch is None):
+        raise TypeError("nearest_checkpoint takes step or epoch, one of them")
+    if step is not None:
+        return min(ckpts, key=lambda c: (abs(c.step - step), c.step))
+    return min(ckpts, key=lambda c: (abs(c.epoch - epoch), c.step))
+
+
 def select_checkpoints(ckpts: list[Checkpoint], spec: str | None) -> list[Checkpoint]:
     """See Run.select."""
     if spec is None or str(spec).strip() in ("", "all"):
@@ -479,7 +490,7 @@ def select_checkpoints(ckpts: list[Checkpoint], spec: str | None) -> list[Checkp
                 if not -1e-9 <= e <= ckpts[-1].epoch + 1e-9:
                     raise CsnError(f"checkpoint selector {tok!r} asks for epoch {e:g}, outside the checkpoints (epochs "
                                    f"0 to {ckpts[-1].epoch:g}); use an epoch in that range, or 'first' / 'last'.")
-                hits = [min(ckpts, key=lambda c: abs(c.epoch - e))]
+                hits = [nearest_checkpoint(ckpts, epoch=e)]
             else:
                 if not _STEP_RE.fullmatch(tok):
                     raise ValueError(tok)

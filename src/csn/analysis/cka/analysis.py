@@ -52,7 +52,7 @@ from csn.analysis.cka.estimator import (
 from csn.core.schema import CommaList, Int, Schema
 from csn.dist import all_reduce_tensors, is_dist, same_outcome
 from csn.errors import CsnError
-from csn.runs.run import Checkpoint, Run, select_checkpoints
+from csn.runs.run import Checkpoint, Run, nearest_checkpoint, select_checkpoints
 from csn.runs.table import TableSpec
 
 MODES = ("within", "across", "runs")
@@ -149,7 +149,7 @@ def match_checkpoints(ckpts_a: Sequence[Checkpoint], ckpts_b: Sequence[Checkpoin
         if c.step in by_step:
             out.append((c, by_step[c.step], True))
         else:
-            out.append((c, min(ckpts_b, key=lambda b: (abs(b.epoch - c.epoch), b.step)), False))
+            out.append((c, nearest_checkpoint(ckpts_b, epoch=c.epoch), False))
     return out
 
 
