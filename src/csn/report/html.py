@@ -811,24 +811,13 @@ def windows_section(rep: _Report) -> Section | None:
                                    f"selectivity {_g(wall.get('selectivity'))} s ({info.get('parallel', '?')} runs at a "
                                    f"time; {len(info.get('conditions', []))} conditions x {len(info.get('seeds', []))} seeds)."))
         return sec
-    near = [] if exp is None else _windows_nearby(exp)
+    near = _nearby(exp, "windows_verdicts.parquet")
     if not near:
         rep.omit("How early is early", "no critical-period map: run `csn experiment windows --preset fmnist` (or "
                                        "`--preset smoke` for a first look).")
         return None
-    sec = Section("windows", title, lead + " Maps found with this experiment:")
-    for d in near:
-        sec.items.append(_sub(d.name))
-        page = d / "report" / "index.html"
-        if page.is_file():
-            sec.items.append({"kind": "link", "href": rep.rel(page), "text": f"the map's report ({d.name}/report/index.html)"})
-        else:
-            sec.items.append(_note(f"its report is not built yet: run `csn report {d}`."))
-        try:
-            sec.items += _windows_verdict_items(read_map(d)["windows_verdicts"], {})
-        except CsnError as e:
-            sec.items.append(_note(f"its tables cannot be shown: {e}"))
-    return sec
+    return _found_section(rep, "windows", title, lead + " Maps found with this experiment:", near, "map",
+                          lambda d: _windows_verdict_items(read_map(d)["windows_verdicts"], {}))
 
 
 def _windows_design(info: dict) -> str:
@@ -846,16 +835,33 @@ def _windows_design(info: dict) -> str:
     return f"Design: {lr}; {alpha}; {end}."
 
 
-def _windows_nearby(exp: Path) -> list[Path]:
-    """Critical-period maps inside an experiment directory or beside it (e.g. runs/windows-fmnist next to
-    runs/reproduce-fmnist); folders that cannot be read are passed over."""
-    found = set()
-    for d in (exp, exp.parent):
+def _nearby(exp: Path | None, marker: str) -> list[Path]:
+    """Experiment folders (holding `marker`) inside an experiment directory or beside it (e.g. runs/windows-fmnist
+    next to runs/reproduce-fmnist); folders that cannot be read are passed over."""
+    found: set[Path] = set()
+    for d in ([] if exp is None else [exp, exp.parent]):
         try:
-            found |= {p for p in d.iterdir() if p != exp and (p / "windows_verdicts.parquet").is_file()}
+            found |= {p for p in d.iterdir() if p != exp and (p / marker).is_file()}
         except OSError:
             continue
     return sorted(found)
+
+
+def _found_section(rep: _Report, key: str, title: str, lead: str, near: list[Path], noun: str,
+                   items: Callable[[Path], list[dict]]) -> Section:
+    """A section listing the experiments found with this one: per folder, a link to its report (or how to build
+    it) and `items(folder)`, or a note when its tables cannot be read."""
+    sec = Section(key, title, lead)
+    for d in near:
+        sec.items.append(_sub(d.name))
+        page = d / "report" / "index.html"
+        sec.items.append({"kind": "link", "href": rep.rel(page), "text": f"the {noun}'s report ({d.name}/report/index.html)"}
+                         if page.is_file() else _note(f"its report is not built yet: run `csn report {d}`."))
+        try:
+            sec.items += items(d)
+        except CsnError as e:
+            sec.items.append(_note(f"its tables cannot be shown: {e}"))
+    return sec
 
 
 def _windows_verdict_items(v: pd.DataFrame | None, info: dict) -> list[dict]:
@@ -978,24 +984,12 @@ def regime_section(rep: _Report) -> Section | None:
             sec.items.append(_note(f"Rule (rule set {info.get('rules_version', '?')}, declared "
                                    f"{info.get('rules_declared', '?')}): {info['c4_rule']}."))
         return sec
-    near = []
-    for d in ([] if exp is None else [exp, exp.parent]):
-        with contextlib.suppress(OSError):
-            near += sorted(p for p in d.iterdir() if p != exp and (p / "regime.parquet").is_file())
+    near = _nearby(exp, "regime.parquet")
     if not near:
         rep.omit(title, "no regime study: run `csn experiment regime` (or `--preset smoke` for a first look).")
         return None
-    sec = Section("regime", title, lead + " Regime studies found with this experiment:")
-    for d in near:
-        sec.items.append(_sub(d.name))
-        page = d / "report" / "index.html"
-        sec.items.append({"kind": "link", "href": rep.rel(page), "text": f"the study's report ({d.name}/report/index.html)"}
-                         if page.is_file() else _note(f"its report is not built yet: run `csn report {d}`."))
-        try:
-            sec.items.append(cells(read_regime(d)["regime"]))
-        except CsnError as e:
-            sec.items.append(_note(f"its tables cannot be shown: {e}"))
-    return sec
+    return _found_section(rep, "regime", title, lead + " Regime studies found with this experiment:", near, "study",
+                          lambda d: [cells(read_regime(d)["regime"])])
 
 
 # ------------------------------------------------------------------------------------------------
