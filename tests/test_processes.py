@@ -146,16 +146,15 @@ def test_die_with_parent_when_the_parent_is_already_gone():
 
 
 def test_an_interrupted_worker_starts_no_new_job(monkeypatch):
-    """After its SIGINT a worker refuses the jobs still queued to it (they must not start training)."""
+    """After its SIGINT a worker refuses the tasks still queued to it (they must not start training)."""
     trained = []
-    monkeypatch.setattr(runner, "_train_job", lambda *a: trained.append(a))
     monkeypatch.setitem(runner._worker, "stopping", False)
-    runner._run_job({}, "a", None)
-    assert len(trained) == 1
-    runner._on_interrupt(signal.SIGINT, None)  # between jobs: no exception, only the mark
+    runner._run_task(trained.append, ("a",), None)
+    assert trained == ["a"]
+    runner._on_interrupt(signal.SIGINT, None)  # between tasks: no exception, only the mark
     with pytest.raises(KeyboardInterrupt):
-        runner._run_job({}, "b", None)
-    assert len(trained) == 1
+        runner._run_task(trained.append, ("b",), None)
+    assert trained == ["a"]
 
 
 # ============================================================================ the real commands

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from safetensors import safe_open
 
 from csn.analysis.linearity import linear_model_path
 from csn.cli import main as cli
@@ -53,8 +54,15 @@ def test_claims_json_structure(smoke):
 
 def test_the_plan_comes_first(smoke):
     _, output = smoke
-    assert output.index("plan of study 'smoke'") < output.index("[1/8] train")
-    assert "[2/8] final accuracy after BatchNorm re-estimation" in output
+    assert output.index("plan of study 'smoke'") < output.index("[1/10] train baseline-s0")
+    # each seed's analyses start once its three runs are trained; linearity after the first seed's (the shared fit)
+    order = [re.search(rf"^\[\d+/10\] {re.escape(t)}", output, re.M) for t in (
+        "train baseline-s0", "train reg-from-0-s0", "train reg-from-1-s0", "analyses of seed 0", "linearity of seed 0",
+        "linearity of seed 1")]
+    assert all(order), output
+    starts = [m.start() for m in order]
+    assert starts[3] > max(starts[:3]) and starts[5] > starts[4], output
+    assert output.index("claims (elapsed") < output.index("report (elapsed") < output.index("done (elapsed")
     assert "verdicts at 2 seeds" in output and "estimated time: about" in output
 
 
@@ -83,7 +91,11 @@ def test_analyses_run_where_the_verdicts_read_them(smoke):
         path = linear_model_path(base)
         assert checksum_problem(path) is None
         fits.append(sha256_file(path))
-    assert fits[0] == fits[1] and output.count("fitting the linear classifier") == 1
+    # one fit, in the first seed's task, copied to the other (analyses run in workers: their notes are not captured)
+    assert fits[0] == fits[1]
+    for seed in (0, 1):
+        with safe_open(str(linear_model_path(Run(out / f"baseline-s{seed}"))), framework="pt") as f:
+            assert json.loads(f.metadata()["csn_linear_model"])["fit_in"] == "baseline-s0"
 
 
 def test_the_plan_of_a_finished_reproduction_has_nothing_left(smoke):

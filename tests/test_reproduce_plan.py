@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from csn.cli import main as cli
 from csn.experiments.claims import Spread, planned_power
-from csn.experiments.runner import Job, _Progress
+from csn.experiments.runner import Job, _Progress, train_task
 from csn.runs.config import preset
 from csn.runs.run import Checkpoint, write_manifest
 
@@ -82,16 +82,19 @@ def test_the_runner_counts_optimizer_steps_from_the_manifests(tmp_path, monkeypa
     monkeypatch.setenv("CSN_NO_PROGRESS", "0")
     a, b = _job(tmp_path, "a", [0, 8, 16]), _job(tmp_path, "b", [0])
     c = Job(preset("smoke"), tmp_path / "c")  # not started: no folder yet
-    bars = _Progress([a, b, c], [b, c], steps=16, desc="training runs", progress=True)
+    tasks = [train_task(j, steps=16) for j in (a, b, c)]
+    for t in tasks:
+        t.kind = "training runs"
+    bars = _Progress(tasks, {str(a.out)}, "", progress=True, unit="step")
     assert (bars.pbar.total, bars.pbar.n) == (48, 16) and "training runs 1/3" in bars.pbar.desc
     write_manifest(b.out / "checkpoints", [Checkpoint(s, s / 10, "x", "0" * 64) for s in (0, 4, 8)])
     bars.poll()
     assert bars.pbar.n == 24
-    bars.run_done()
-    assert "training runs 2/3" in bars.pbar.desc
+    bars.task_done(str(b.out))
+    assert "training runs 2/3" in bars.pbar.desc and bars.pbar.n == 32
     bars.close()
-    runs = _Progress([a, b], [b], steps=None, desc="runs", progress=True)
-    assert (runs.pbar.total, runs.pbar.n) == (2, 1)
-    runs.run_done()
+    runs = _Progress([train_task(j) for j in (a, b)], {str(a.out)}, "runs", progress=True, unit="run")
+    assert (runs.pbar.total, runs.pbar.n) == (2, 1) and runs.pbar.desc.startswith("runs training 1/2")
+    runs.task_done(str(b.out))
     assert runs.pbar.n == 2
     runs.close()

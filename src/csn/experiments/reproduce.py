@@ -12,6 +12,7 @@ verdicts can detect at the study's seeds (claims.planned_power) before anything 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -35,7 +36,16 @@ from csn.errors import CsnError
 from csn.experiments import claims as C
 from csn.experiments.judge import judge
 from csn.experiments.regularize import Condition, job, measure_final
-from csn.experiments.runner import Job, finished_seconds, is_complete, last_step, run_jobs
+from csn.experiments.runner import (
+    Job,
+    Task,
+    finished_seconds,
+    is_complete,
+    last_step,
+    run_tasks,
+    schedule_seconds,
+    train_task,
+)
 from csn.experiments.study import PEAK, StudyConfig, load_study, onset_epoch, select_steps, uses_peak
 from csn.models.external import require_trust, trusting_code
 from csn.runs.config import check_model, data_info, is_preset_checkpoints, load_data
@@ -44,36 +54,21 @@ from csn.runs.naming import run_name
 from csn.runs.run import Run, check_run_path, delete_run_files, foreign_files
 from csn.training.loop import training_length
 
-
-@dataclass
-class Step:
-    """One pipeline step; `weight` is its expected share of the wall time (for the ETA): the plan's seconds."""
-
-    name: str
-    fn: Callable[[], None]
-    weight: float
+MIN_WEIGHT = 0.5
+"""Seconds a task with nothing left to compute is still planned to take (it reads the tables to find that out)."""
 
 
 @dataclass
 class Work:
     """One kind of work in the plan: `total` units (runs, or analysis passes of one checkpoint), `todo` of them left
-    (fractions of runs for partial trainings), `seconds` per unit, at `parallel` units at a time."""
+    (fractions of runs for partial trainings), `seconds` per unit (Reproduction.tasks weighs its tasks with them)."""
 
     what: str
     where: str
     total: float
     todo: float
     seconds: float
-    parallel: int = 1
     source: str = "declared"
-
-    @property
-    def eta(self) -> float:
-        """Seconds left: units run in rounds of `parallel`, and a last, partly filled round takes as long as a full
-        one (15 runs 2 at a time are 8 rounds, the 15th run alone)."""
-        if self.todo <= 0:
-            return 0.0
-        return math.ceil(self.todo / max(1, self.parallel) - 1e-9) * self.seconds
 
 
 DATA_KEYS = ("dataset", "data_root", "train_samples", "test_samples", "synthetic")
@@ -93,6 +88,12 @@ class Reproduction:
         self.conds = [Condition(None), Condition(0.0, study.alpha), Condition(self.late_epoch, study.alpha)]
         clip = True if is_preset_checkpoints(self.base.checkpoints) else None
         self.ckpt_steps = checkpoint_steps(self.base.checkpoints, self.steps_per_epoch, self.base.epochs, clip=clip)
+
+    def quiet(self) -> Reproduction:
+        """This study with its analyses' own progress bars off (a task in a worker: the parent draws the bar)."""
+        rep = copy.copy(self)
+        rep.progress = False
+        return rep
 
     @property
     def config(self) -> StudyConfig:
@@ -137,43 +138,69 @@ class Reproduction:
                 items = tuple(i for i in items if PEAK not in i.split(":"))
         return select_steps(self.ckpt_steps, items, self.steps_per_epoch, self.total, peak) if items else []
 
-    # ------------------------------------------------------------------ steps
-    def steps(self) -> list[Step]:
-        """The pipeline, each step weighted by the plan's estimate of its seconds (for the ETA)."""
-        st, progress = self.study, self.progress
-        eta = {w.what: w.eta for w in self.work()}
+    # ------------------------------------------------------------------ tasks
+    def tasks(self, trusted: bool = False) -> list[Task]:
+        """The study as a graph of tasks (csn.experiments.runner.run_tasks), each weighted by the plan's seconds:
+        the runs of each seed (baseline, from step 0, late), then per seed, once its three runs are trained, its
+        analyses (final accuracy of the three, selectivity of the baseline and then of the regularized runs, which
+        read their baseline's peak, the baseline's ablation sweeps, CKA) and its linearity (after the first seed's,
+        which fits the shared linear classifier). Listed training first: a free worker trains while runs are left,
+        and the analyses of finished seeds fill the cores the last runs leave idle. trusted: models named as code
+        may be rebuilt (passed to the workers)."""
+        st, costs, work = self.study, self.study.costs, {w.what: w for w in self.work()}
+        train = [train_task(job(self.base, c, s, self.out), steps=self.total, weight=work["train"].seconds)
+                 for s in range(st.seeds) for c in self.conds]
+        tasks, linear, fit_left = list(train), "linear" in st.linearity.measures, work["linear_fit"].todo
+        for s in range(st.seeds):
+            base, regs = self._seed_jobs(s)
+            left = {"accuracy": self._passes("accuracy", [(j, ("end",)) for j in (base, *regs)])[1],
+                    "selectivity": self._passes("selectivity", [(base, st.selectivity_checkpoints)] +
+                                                [(j, st.reg_selectivity_checkpoints) for j in regs])[1],
+                    "ablation": self._passes("ablation", [(base, st.ablation_checkpoints)])[1],
+                    "cka": self._passes("cka", [(j, st.cka_checkpoints) for j in regs])[1] if st.cka_checkpoints else 0,
+                    "linearity": self._passes("linearity", [(base, st.linearity_checkpoints)])[1]}
+            key = f"analyses-s{s}"
+            tasks.append(Task(key, _analyse_seed, (self, s, trusted), after=tuple(str(j.out) for j in (base, *regs)),
+                              weight=MIN_WEIGHT + sum(left[k] * getattr(costs, f"{k}_seconds") for k in
+                                                      ("accuracy", "selectivity", "ablation", "cka")),
+                              kind="analyses", label="analyses of seed {}: final accuracy, selectivity, ablation{}"
+                              .format(s, ", CKA" if st.cka_checkpoints else "")))
+            tasks.append(Task(f"linearity-s{s}", _linearity_seed, (self, s, trusted),
+                              after=(key,) if s == 0 else (key, "linearity-s0"),
+                              weight=MIN_WEIGHT + left["linearity"] * costs.linearity_seconds +
+                              (fit_left * costs.linear_fit_seconds if s == 0 and linear else 0.0),
+                              kind="linearity", label=f"linearity of seed {s}"))
+        return tasks
 
-        def train_all() -> None:
-            # one pool for every run: 2 single-thread jobs use 2 cores better than 1 job with 2 threads
-            run_jobs(self.baseline_jobs() + self.reg_jobs(), parallel=st.parallel, progress=progress,
-                     desc="training runs", steps=self.total)
+    def estimate(self) -> float:
+        """Seconds the work left takes at the study's `parallel` (runner.schedule_seconds over `tasks`)."""
+        tasks = self.tasks()
+        return schedule_seconds(tasks, self.study.parallel, {t.key for t in tasks if t.run and is_complete(t.run)})
 
-        def selectivity() -> None:  # the baseline's first: the regularized runs' `peak` is their baseline's
-            self._analyse(self.baseline_jobs(), st.selectivity_checkpoints, Selectivity(st.selectivity))
-            self._analyse(self.reg_jobs(), st.reg_selectivity_checkpoints, Selectivity(st.selectivity))
+    def _seed_jobs(self, seed: int) -> tuple[Job, list[Job]]:
+        """The baseline job of `seed` and its regularized jobs."""
+        return job(self.base, self.conds[0], seed, self.out), [job(self.base, c, seed, self.out) for c in self.conds[1:]]
 
-        def cka() -> None:
-            for j in self.reg_jobs():
-                base = self.out / run_name("baseline", j.cfg.seed)
-                self._analyse([j], st.cka_checkpoints, Cka(st.cka.replace(mode="runs", run_b=str(base))))
-
-        steps = [
-            Step("train baseline and regularized runs", train_all, eta["train"]),
-            Step("final accuracy after BatchNorm re-estimation (every run; C4)",
-                 lambda: measure_final(self.runs(self.baseline_jobs() + self.reg_jobs()), progress=progress),
-                 eta["accuracy"]),
-            Step(f"selectivity (baseline at {', '.join(st.selectivity_checkpoints)}; regularized at "
-                 f"{', '.join(st.reg_selectivity_checkpoints)})", selectivity, eta["selectivity"]),
-            Step(f"ablation sweeps (baseline runs at {', '.join(st.ablation_checkpoints)})",
-                 lambda: self._analyse(self.baseline_jobs(), st.ablation_checkpoints, Ablation(st.ablation)),
-                 eta["ablation"]),
-            Step(f"linearity (baseline runs at {', '.join(st.linearity_checkpoints)})", self._linearity,
-                 eta["linearity"]),
-        ]
+    def analyse_seed(self, seed: int) -> None:
+        """Every analysis of one seed's runs but linearity (see tasks)."""
+        st = self.study
+        base, regs = self._seed_jobs(seed)
+        measure_final(self.runs([base, *regs]), progress=self.progress)
+        self._analyse([base], st.selectivity_checkpoints, Selectivity(st.selectivity))
+        self._analyse(regs, st.reg_selectivity_checkpoints, Selectivity(st.selectivity))
+        self._analyse([base], st.ablation_checkpoints, Ablation(st.ablation))
         if st.cka_checkpoints:
-            steps.append(Step(f"CKA regularized vs baseline at {', '.join(st.cka_checkpoints)}", cka, eta["cka"]))
-        # reads tables, writes files: rank 0
-        return steps + [Step("claims", lambda: dist.on_main(self.write_claims), 1.0)]
+            for j in regs:
+                self._analyse([j], st.cka_checkpoints, Cka(st.cka.replace(mode="runs", run_b=str(base.out))))
+
+    def linearity_seed(self, seed: int) -> None:
+        """Linearity of one seed's baseline run. The linear classifier depends on the data alone: the first seed's
+        task fits it, the others copy it (share_linear_model, with its sha256 sidecar) and check it when they load it."""
+        st, (base, _) = self.study, self._seed_jobs(seed)
+        first = self._seed_jobs(0)[0]
+        if "linear" in st.linearity.measures and seed != 0:
+            dist.on_main(share_linear_model, Run(first.out), [Run(base.out)])
+        self._analyse([base], st.linearity_checkpoints, Linearity(st.linearity))
 
     def _analyse(self, jobs: list[Job], items: tuple[str, ...], analysis) -> None:
         """`analysis` on the runs of `jobs` at the checkpoints the study's times select on each (runs grouped by
@@ -185,16 +212,6 @@ class Reproduction:
                 groups.setdefault(",".join(map(str, steps)), []).append(Run(j.out))
         for spec, runs in groups.items():
             run_analysis(runs, analysis, checkpoints=spec, progress=self.progress)
-
-    def _linearity(self) -> None:
-        """Linearity of the baseline runs; the linear classifier (it depends on the data alone) is fit on the first
-        run and copied, with its sha256 sidecar, to the others, which check it when they load it."""
-        st, jobs = self.study, self.baseline_jobs()
-        if "linear" in st.linearity.measures and len(jobs) > 1:
-            self._analyse(jobs[:1], st.linearity_checkpoints, Linearity(st.linearity))
-            dist.on_main(share_linear_model, Run(jobs[0].out), self.runs(jobs[1:]))
-            jobs = jobs[1:]
-        self._analyse(jobs, st.linearity_checkpoints, Linearity(st.linearity))
 
     # ------------------------------------------------------------------ plan
     def work(self) -> list[Work]:
@@ -215,7 +232,7 @@ class Reproduction:
         fits = 0 if "linear" not in st.linearity.measures or lin[1] == 0 else (
             0 if any(linear_model_path(Run(j.out)).is_file() for j in base if (j.out / "run.json").is_file()) else 1)
         acc = self._passes("accuracy", [(j, ("end",)) for j in base + reg])
-        return [Work("train", "runs", len(base + reg), todo, per_run, st.parallel, source),
+        return [Work("train", "runs", len(base + reg), todo, per_run, source),
                 Work("accuracy", "checkpoints", *acc, costs.accuracy_seconds),
                 Work("selectivity", "checkpoints", *sel, costs.selectivity_seconds),
                 Work("ablation", "checkpoints", *abl, costs.ablation_seconds),
@@ -307,11 +324,10 @@ def plan_text(rep: Reproduction, power: list[dict] | None = None) -> str:
     lines.append(f"  {'analysis':<12} {'where':<{width}} {'passes':>7} {'left':>5}")
     for k, text in where.items():
         lines.append(f"  {k:<12} {text:<{width}} {work[k].total:>7g} {work[k].todo:>5g}")
-    analyses = sum(w.eta for k, w in work.items() if k != "train")
-    ratio = f", {analyses / tr.eta:.0%} of training" if tr.eta > 0 else ""
-    lines.append(f"  estimated time: about {hms(tr.eta + analyses)} (training {hms(tr.eta)}: {tr.todo:.3g} runs x "
-                 f"{tr.seconds:.0f} s, {tr.source}, {st.parallel} at a time; analyses {hms(analyses)}{ratio}; "
-                 "declared costs: study.costs)")
+    analyses = sum(w.todo * w.seconds for k, w in work.items() if k != "train")
+    lines.append(f"  estimated time: about {hms(rep.estimate())} (work: training {hms(tr.todo * tr.seconds)} = "
+                 f"{tr.todo:.3g} runs x {tr.seconds:.0f} s, {tr.source}; analyses {hms(analyses)}, declared in "
+                 f"study.costs; {st.parallel} at a time, each seed's analyses as soon as its runs are trained)")
     lines += power_lines(power if power is not None else rep.power(), st)
     return "\n".join(lines)
 
@@ -356,12 +372,19 @@ def reproduce(preset: str | None = None, out: str | Path | None = None, *, confi
     dist.on_main(_prepare, rep, resume=resume, force=force)
     if dist.is_main():
         print(plan_text(rep), file=sys.stderr, flush=True)
-    steps = rep.steps()
+    t0, tasks = time.perf_counter(), rep.tasks(trusted)
+    trained = dist.on_main(lambda: {t.key for t in tasks if t.run is not None and is_complete(t.run)})
+    with trusting_code(trusted):  # the analyses rebuild the runs' models from run.json
+        spent = run_tasks(tasks, parallel=rep.study.parallel, progress=progress, desc="study", done=trained, unit=None,
+                          announce=True)
+    _say(task_times(tasks, spent), t0)
+    _say("claims", t0)
+    dist.on_main(rep.write_claims)  # reads tables, writes files: rank 0
     index = out / "report" / "index.html"
     if report is not None:
-        steps.append(Step("report", lambda: dist.on_main(report, out), 10.0))
-    with trusting_code(trusted):  # the analyses rebuild the runs' models from run.json
-        _run_steps(steps)
+        _say("report", t0)
+        dist.on_main(report, out)
+    _say("done", t0)
     verdicts = [C.Verdict(**d) for d in json.loads((out / "claims.json").read_text())["claims"]]
     return index, verdicts
 
@@ -389,20 +412,34 @@ def _source(preset: str | None, config: str | Path | None) -> str:
     return f"study file {config}" if config else f"study preset {preset or 'fmnist'}"
 
 
-def _run_steps(steps: list[Step]) -> None:
-    """Each step in turn, with a line per step saying which of how many is running and the time left."""
-    main = dist.is_main()
-    total_w = sum(s.weight for s in steps)
-    t0, done_w = time.perf_counter(), 0.0
-    for i, step in enumerate(steps, 1):
-        elapsed = time.perf_counter() - t0
-        eta = f", about {hms(elapsed / done_w * (total_w - done_w))} left" if done_w > 0.05 * total_w and elapsed > 5 else ""
-        if main:
-            print(f"[{i}/{len(steps)}] {step.name} (elapsed {hms(elapsed)}{eta})", file=sys.stderr, flush=True)
-        step.fn()
-        done_w += step.weight
-    if main:
-        print(f"done in {hms(time.perf_counter() - t0)}", file=sys.stderr)
+def _say(what: str, t0: float) -> None:
+    """A line on stderr (rank 0) after the tasks: the step and the time since the study started."""
+    if dist.is_main():
+        print(f"{what} (elapsed {hms(time.perf_counter() - t0)})", file=sys.stderr, flush=True)
+
+
+def task_times(tasks: list[Task], spent: dict[str, float]) -> str:
+    """One line: the median wall seconds of the tasks run, per kind of task (training, analyses, linearity), against
+    what the plan weighed them (to declare a study's costs from a run on your machine)."""
+    kinds: dict[str, list[tuple[float, float]]] = {}
+    for t in tasks:
+        if t.key in spent:
+            kinds.setdefault(t.kind, []).append((spent[t.key], t.weight))
+    parts = [f"{k} {statistics.median(s for s, _ in v):.1f} s (planned {statistics.median(w for _, w in v):.1f}, "
+             f"{len(v)} tasks)" for k, v in kinds.items()]
+    return "median time per task: " + ("; ".join(parts) if parts else "nothing was left to do")
+
+
+def _analyse_seed(rep: Reproduction, seed: int, trusted: bool) -> None:
+    """The task running Reproduction.analyse_seed (in a worker: its own bars off, code trusted as the caller said)."""
+    with trusting_code(trusted):
+        rep.quiet().analyse_seed(seed)
+
+
+def _linearity_seed(rep: Reproduction, seed: int, trusted: bool) -> None:
+    """The task running Reproduction.linearity_seed."""
+    with trusting_code(trusted):
+        rep.quiet().linearity_seed(seed)
 
 
 REPRODUCTION_LAYOUT: dict[str, tuple[str, ...]] = {"report": ("index.html", "*.png", "*.svg"),
@@ -467,4 +504,4 @@ def _comparable(record: dict) -> dict:
     return {"study": study, "train": train, "seeds": record.get("settings", {}).get("seeds")}
 
 
-__all__ = ["Step", "Work", "Reproduction", "reproduce", "reproduction", "plan_text", "power_lines", "share_linear_model"]
+__all__ = ["Work", "Reproduction", "reproduce", "reproduction", "plan_text", "power_lines", "share_linear_model"]

@@ -6,17 +6,21 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
+import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Any
 
 import torch
 from pydantic import Field
 
 from csn import dist
 from csn.core.processes import die_with_parent
-from csn.core.progress import bar
+from csn.core.progress import bar, hms
 from csn.core.schema import Int, Schema
 from csn.errors import CsnError
 from csn.runs.config import TrainConfig
@@ -97,55 +101,176 @@ def _worker_init(parent_pid: int) -> None:
     signal.signal(signal.SIGINT, _on_interrupt)
 
 
-def _run_job(cfg_dict: dict, out: str, threads: int | None, progress: bool = False) -> str:
-    if _worker["stopping"]:  # interrupted: start nothing new (a job already queued to this worker)
+def _run_task(fn: Callable[..., Any], args: tuple, threads: int | None) -> tuple[Any, float]:
+    """A task in a worker (or in this process) with `threads` torch threads: (its result, its wall seconds). An
+    interrupted worker starts nothing."""
+    if _worker["stopping"]:  # interrupted: start nothing new (a task already queued to this worker)
         raise KeyboardInterrupt
     _worker["in_job"] = True
+    t0 = time.perf_counter()
     try:
-        return _train_job(cfg_dict, out, threads, progress)
+        if threads:
+            torch.set_num_threads(threads)
+        return fn(*args), time.perf_counter() - t0
     finally:
         _worker["in_job"] = False
 
 
-def _train_job(cfg_dict: dict, out: str, threads: int | None, progress: bool = False) -> str:
-    if threads:
-        torch.set_num_threads(threads)
+def _train_job(cfg_dict: dict, out: str, progress: bool = False) -> str:
+    """Train (or resume) one run: the task of a training Job."""
     cfg = TrainConfig.from_dict(cfg_dict)
     resume = (Path(out) / "run.json").is_file()
     train(cfg, out, resume=resume, progress=progress)
     return out
 
 
-class _Progress:
-    """The bar of run_jobs: finished runs, or with `steps` (optimizer steps per run) the optimizer steps of every
-    run, read from the runs' manifests (checkpoint granularity) by the parent, so training is never slowed."""
+@dataclass
+class Task:
+    """One unit of work for run_tasks: fn(*args), in a worker process when several run at once (fn a module-level
+    function, args picklable). It starts once every task named in `after` has finished; among ready tasks the
+    earlier in the list starts first. `weight` is its share of the whole (the plan's seconds, or a run's steps);
+    a training task names its run folder (`run`, with `steps` per run) so its share advances with its checkpoints.
+    `kind` groups tasks in the progress line ('training 3/15')."""
 
-    def __init__(self, jobs: list[Job], todo: list[Job], steps: int | None, desc: str, progress: bool) -> None:
-        self.jobs, self.steps, self.desc, self.finished = jobs, steps, desc, len(jobs) - len(todo)
-        total, initial = (len(jobs), self.finished) if steps is None else (
-            steps * len(jobs), sum(min(last_step(j.out), steps) for j in jobs))
-        self.pbar = bar(total=total, initial=initial, unit="run" if steps is None else "step",
-                        desc=self._desc(), progress=progress, dynamic_ncols=True)
+    key: str
+    fn: Callable[..., Any]
+    args: tuple = ()
+    after: tuple[str, ...] = ()
+    weight: float = 1.0
+    kind: str = "tasks"
+    label: str = ""
+    run: Path | None = None
+    steps: int | None = None
+
+    def fraction(self) -> float:
+        """How much of a training task is done (its run's last checkpoint); 0 for other tasks."""
+        if self.run is None or not self.steps:
+            return 0.0
+        return min(last_step(self.run), self.steps) / self.steps
+
+
+def train_task(j: Job, *, steps: int | None = None, weight: float | None = None, progress: bool = False) -> Task:
+    """The task that trains (or resumes) the run of `j`."""
+    return Task(str(j.out), _train_job, (j.cfg.to_dict(), str(j.out), progress), weight=weight or steps or 1.0,
+                kind="training", label=f"train {j.out.name}", run=j.out, steps=steps)
+
+
+PERCENT_BAR = "{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}"
+"""The bar of tasks weighted by planned seconds (unit None): how much is done, not how many units."""
+
+
+class _Progress:
+    """The bar of run_tasks: the tasks' weights done, a running training task's share read from its run's manifest
+    (checkpoint granularity) by the parent, so training is never slowed; the description counts finished tasks per
+    kind ('training runs 3/15')."""
+
+    def __init__(self, tasks: list[Task], done: set[str], desc: str, progress: bool, unit: str | None = "task") -> None:
+        self.tasks, self.done, self.desc, self.t0 = tasks, set(done), desc, time.perf_counter()
+        self.n0 = self._n()  # done before this command (a resumed study): not part of the rate
+        shown = {"unit": unit} if unit else {"bar_format": PERCENT_BAR}  # weights in planned seconds: a share
+        self.pbar = bar(total=sum(t.weight for t in tasks), initial=self.n0, desc=self._desc(), progress=progress,
+                        dynamic_ncols=True, **shown)
+
+    def _n(self) -> float:
+        return sum(t.weight * (1.0 if t.key in self.done else t.fraction()) for t in self.tasks)
 
     def _desc(self) -> str:
-        return self.desc if self.steps is None else f"{self.desc} {self.finished}/{len(self.jobs)}"
+        kinds: dict[str, list[int]] = {}
+        for t in self.tasks:
+            k = kinds.setdefault(t.kind, [0, 0])
+            k[0] += t.key in self.done
+            k[1] += 1
+        return " ".join([self.desc] * bool(self.desc) + [", ".join(f"{k} {d}/{n}" for k, (d, n) in kinds.items())])
 
     def poll(self) -> None:
-        """Advance the step bar to the runs' last checkpoints."""
-        if self.steps is not None:
-            now = sum(min(last_step(j.out), self.steps) for j in self.jobs)
-            self.pbar.update(max(0, now - self.pbar.n))
+        """Advance the bar to the running training tasks' last checkpoints."""
+        self.pbar.update(max(0.0, self._n() - self.pbar.n))
 
-    def run_done(self) -> None:
-        self.finished += 1
-        if self.steps is None:
-            self.pbar.update(1)
-        else:
-            self.pbar.set_description(self._desc(), refresh=False)
-            self.poll()
+    def task_done(self, key: str) -> None:
+        self.done.add(key)
+        self.pbar.set_description(self._desc(), refresh=False)
+        self.poll()
+
+    def elapsed_and_left(self) -> tuple[float, float | None]:
+        """Seconds since the bar started and, once a twentieth is done here, the time left at the rate so far."""
+        elapsed, n, total = time.perf_counter() - self.t0, self._n(), sum(t.weight for t in self.tasks)
+        here = n - self.n0
+        return elapsed, (elapsed / here * (total - n) if here > 0.05 * total and elapsed > 5 else None)
 
     def close(self) -> None:
         self.pbar.close()
+
+
+def run_tasks(tasks: list[Task], *, parallel: int = 1, progress: bool = True, desc: str = "",
+              done: set[str] | None = None, unit: str | None = "task", announce: bool = False) -> dict[str, float]:
+    """Run `tasks` (those not in `done`), each once every task it comes `after` has finished, `parallel` at a time in
+    spawned worker processes that die with this one (cores / parallel torch threads each), or one after the other
+    in this process (parallel 1, and under torchrun, where every process runs every task alike). announce: a line on
+    stderr as each task starts ('[3/27] train baseline-s1 (elapsed 4m10s, about 21m left)'). On Ctrl-C or a failed
+    task nothing new starts and the tasks under way are stopped cleanly (resumable) before the error goes on. unit:
+    what the weights count ('run', 'step'), or None for planned seconds (the bar shows a percentage). Returns the
+    wall seconds of each task run here, by key."""
+    parallel = RunnerOptions.parse({"parallel": parallel}).parallel
+    keys = {t.key for t in tasks}
+    for t in tasks:
+        missing = [a for a in t.after if a not in keys]
+        if missing:
+            raise ValueError(f"task {t.key!r} comes after unknown task(s) {missing}")
+    done = set(done or ()) & keys
+    todo = [t for t in tasks if t.key not in done]
+    parallel = 1 if dist.is_dist() else min(parallel, len(todo) or 1)
+    threads = None if dist.is_dist() else max(1, (os.cpu_count() or 1) // parallel)  # torchrun sets OMP_NUM_THREADS
+    bars = _Progress(tasks, done, desc, progress and dist.is_main(), unit)
+
+    def started(t: Task) -> None:
+        if announce and dist.is_main():
+            elapsed, left = bars.elapsed_and_left()
+            eta = f", about {hms(left)} left" if left is not None else ""
+            bars.pbar.write(f"[{len(keys) - len(todo)}/{len(keys)}] {t.label or t.key} (elapsed {hms(elapsed)}{eta})",
+                            file=sys.stderr)
+
+    seconds: dict[str, float] = {}
+    try:
+        if parallel == 1:
+            while todo:
+                t = _next_ready(todo, bars.done)
+                todo.remove(t)
+                started(t)
+                seconds[t.key] = _run_task(t.fn, t.args, threads)[1]
+                bars.task_done(t.key)
+        else:
+            _run_in_workers(todo, parallel, threads, bars, started, seconds)
+    finally:
+        bars.close()
+    return seconds
+
+
+def _next_ready(todo: list[Task], done: set[str]) -> Task:
+    for t in todo:
+        if all(a in done for a in t.after):
+            return t
+    raise ValueError(f"tasks {[t.key for t in todo]} wait on each other: their `after` form a cycle")
+
+
+def schedule_seconds(tasks: list[Task], parallel: int, done: set[str] | frozenset = frozenset()) -> float:
+    """How long `tasks` take `parallel` at a time by run_tasks' rule (a free worker takes the earliest ready task in
+    the list), each taking its weight in seconds (a training task: the part of its run not yet trained): the plans'
+    estimate when work runs beside other work."""
+    finished, clock = set(done), 0.0
+    todo, running = [t for t in tasks if t.key not in finished], []
+    while todo or running:
+        while len(running) < max(1, parallel):
+            ready = next((t for t in todo if all(a in finished for a in t.after)), None)
+            if ready is None:
+                break
+            todo.remove(ready)
+            running.append((clock + ready.weight * (1.0 - ready.fraction()), ready.key))
+        if not running:
+            _next_ready(todo, finished)  # raises: a cycle
+        running.sort()
+        clock, key = running.pop(0)
+        finished.add(key)
+    return clock
 
 
 def run_jobs(jobs: list[Job], *, parallel: int = 1, progress: bool = True, desc: str = "training",
@@ -156,41 +281,45 @@ def run_jobs(jobs: list[Job], *, parallel: int = 1, progress: bool = True, desc:
     checkpoints) instead of finished runs, and one run at a time shows the training loop's own bar. Under torchrun
     the jobs run one after the other, each on every process (DDP), whatever `parallel`.
     """
-    parallel = RunnerOptions.parse({"parallel": parallel}).parallel
-    todo = dist.on_main(lambda: [i for i, j in enumerate(jobs) if not is_complete(j.out)])
-    todo = [jobs[i] for i in todo]
-    cores = os.cpu_count() or 1
-    parallel = 1 if dist.is_dist() else min(parallel, len(todo) or 1)
-    threads = None if dist.is_dist() else max(1, cores // parallel)  # torchrun sets OMP_NUM_THREADS
-    show = progress and dist.is_main()
-    bars = _Progress(jobs, todo, steps, desc, show)
-    try:
-        if parallel == 1:
-            for j in todo:
-                _run_job(j.cfg.to_dict(), str(j.out), threads, progress=progress and steps is not None)
-                bars.run_done()
-        else:
-            _run_in_workers(todo, parallel, threads, bars)
-    finally:
-        bars.close()
+    RunnerOptions.parse({"parallel": parallel})
+    complete = dist.on_main(lambda: [str(j.out) for j in jobs if is_complete(j.out)])
+    alone = progress and steps is not None and (parallel == 1 or len(jobs) - len(complete) <= 1)
+    tasks = [train_task(j, steps=steps, progress=alone) for j in jobs]
+    for t in tasks:
+        t.kind = desc
+    run_tasks(tasks, parallel=parallel, progress=progress, desc="", done=set(complete),
+              unit="run" if steps is None else "step")
     for j in jobs:
         if not is_complete(j.out):
             raise CsnError(f"training {j.out} did not finish; run the same command again to resume it.")
     return [Run(j.out) for j in jobs]
 
 
-def _run_in_workers(todo: list[Job], parallel: int, threads: int | None, bars: _Progress) -> None:
-    """The jobs in `parallel` spawned worker processes that die with this one. On Ctrl-C or a failed job, nothing
-    new starts and the jobs under way are stopped cleanly (resumable) before the error goes on."""
+def _run_in_workers(todo: list[Task], parallel: int, threads: int | None, bars: _Progress,
+                    started: Callable[[Task], None], seconds: dict[str, float]) -> None:
+    """The tasks in `parallel` spawned worker processes, each started when a worker is free and its `after` tasks
+    have finished (the earliest ready task in the list first); their wall seconds into `seconds`."""
     pool = ProcessPoolExecutor(parallel, mp_context=get_context("spawn"), initializer=_worker_init,
                                initargs=(os.getpid(),))
     try:
-        pending = {pool.submit(_run_job, j.cfg.to_dict(), str(j.out), threads) for j in todo}
-        while pending:
-            done, pending = wait(pending, timeout=POLL_S, return_when=FIRST_COMPLETED)
-            for f in done:
-                f.result()
-                bars.run_done()
+        running: dict[Any, Task] = {}
+        while todo or running:
+            while todo and len(running) < parallel:
+                ready = [t for t in todo if all(a in bars.done for a in t.after)]
+                if not ready:
+                    if not running:
+                        _next_ready(todo, bars.done)  # raises: a cycle
+                    break
+                t = ready[0]
+                todo.remove(t)
+                started(t)
+                running[pool.submit(_run_task, t.fn, t.args, threads)] = t
+            finished, _ = wait(running, timeout=POLL_S, return_when=FIRST_COMPLETED)
+            for f in finished:
+                spent = f.result()[1]
+                t = running.pop(f)
+                seconds[t.key] = spent
+                bars.task_done(t.key)
             bars.poll()
     except BaseException:
         _stop_workers(pool)

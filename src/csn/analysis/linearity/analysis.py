@@ -198,7 +198,8 @@ def linear_model_for_run(run: Run, data: DataSplits, *, epochs: int | None = Non
     meta = {"fit": fit, "method": "softmax regression on flattened normalized inputs, standardized per feature, "
                                   "zero init, Adam (csn.analysis.linearity.fit_linear_classifier)",
             "train_examples": int(y.shape[0]), "test_examples": int(yt.shape[0]), "train_acc": train_acc,
-            "test_acc": accuracy(layer, xt, yt), "dataset": data.name, "num_features": num_features}
+            "test_acc": accuracy(layer, xt, yt), "dataset": data.name, "num_features": num_features,
+            "fit_in": run.name}  # the run it was fit in (a study shares one fit between its runs)
     save_tensors(path, {"weight": layer.weight, "bias": layer.bias},
                  metadata={"csn_linear_model": json.dumps(meta, sort_keys=True)}, checksum=True)
     return layer, meta

@@ -1,0 +1,99 @@
+"""csn.experiments.runner.run_tasks: a task starts once the tasks it comes after have finished, the earliest ready
+task in the list first, in this process or in worker processes; a cycle or an unknown name is refused before any
+work; a failing task stops the rest."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from csn.experiments.runner import Task, run_tasks, schedule_seconds
+
+
+def record(path: str, name: str, pause: float = 0.0) -> None:
+    """A task for the tests: append `name` to a file (with the process id), after `pause` seconds."""
+    time.sleep(pause)
+    with open(path, "a") as f:
+        f.write(f"{name} {os.getpid()}\n")
+
+
+def fail(path: str) -> None:
+    raise RuntimeError("this task fails")
+
+
+def _lines(path: Path) -> list[tuple[str, int]]:
+    return [(a, int(b)) for a, b in (line.split() for line in path.read_text().splitlines())]
+
+
+def test_tasks_run_after_their_dependencies_in_list_order(tmp_path):
+    log = tmp_path / "log"
+    tasks = [Task("c", record, (str(log), "c"), after=("b",)), Task("a", record, (str(log), "a")),
+             Task("b", record, (str(log), "b"), after=("a",)), Task("d", record, (str(log), "d"))]
+    run_tasks(tasks, parallel=1, progress=False)
+    # c is first in the list but waits on b, which waits on a; d, ready from the start, is last in the list: each
+    # time, the earliest ready task in the list runs
+    assert [n for n, _ in _lines(log)] == ["a", "b", "c", "d"]
+    assert {p for _, p in _lines(log)} == {os.getpid()}
+
+
+def test_tasks_already_done_are_not_run_again(tmp_path):
+    log = tmp_path / "log"
+    tasks = [Task("a", record, (str(log), "a")), Task("b", record, (str(log), "b"), after=("a",))]
+    run_tasks(tasks, parallel=1, progress=False, done={"a"})
+    assert [n for n, _ in _lines(log)] == ["b"]
+
+
+def test_tasks_in_workers_wait_for_their_dependencies(tmp_path, capsys):
+    log = tmp_path / "log"
+    tasks = [Task("slow", record, (str(log), "slow", 5.0), label="the slow one"),
+             Task("fast", record, (str(log), "fast")),
+             Task("after-slow", record, (str(log), "after-slow"), after=("slow",)),
+             Task("after-fast", record, (str(log), "after-fast"), after=("fast",))]
+    run_tasks(tasks, parallel=2, progress=False, announce=True)
+    lines = _lines(log)
+    names = [n for n, _ in lines]
+    assert sorted(names) == sorted(t.key for t in tasks)
+    assert names.index("after-slow") > names.index("slow") and names.index("after-fast") > names.index("fast")
+    assert names.index("after-fast") < names.index("slow")  # a free worker does not wait for the slow task
+    assert os.getpid() not in {p for _, p in lines} and len({p for _, p in lines}) == 2
+    err = capsys.readouterr().err
+    assert "[1/4] the slow one (elapsed" in err and "[4/4] after-slow" in err
+
+
+@pytest.mark.parametrize("tasks, message", [
+    ([Task("a", record, ("x", "a"), after=("b",)), Task("b", record, ("x", "b"), after=("a",))], "cycle"),
+    ([Task("a", record, ("x", "a"), after=("nope",))], "unknown task"),
+])
+def test_impossible_graphs_are_refused_before_any_work(tmp_path, tasks, message):
+    with pytest.raises(ValueError, match=message):
+        run_tasks(tasks, parallel=1, progress=False)
+    assert not Path("x").exists()
+
+
+def test_a_failing_task_stops_the_graph(tmp_path):
+    log = tmp_path / "log"
+    tasks = [Task("bad", fail, (str(log),)), Task("next", record, (str(log), "next"), after=("bad",))]
+    for parallel in (1, 2):
+        with pytest.raises(RuntimeError, match="this task fails"):
+            run_tasks(tasks, parallel=parallel, progress=False)
+    assert not log.exists()
+
+
+def test_the_planned_time_follows_the_same_rule():
+    """schedule_seconds plays run_tasks' rule with each task's weight as its seconds."""
+    def t(key, w, after=()):
+        return Task(key, record, ("x", key), after=after, weight=w)
+
+    runs = [t("a", 10), t("b", 10), t("c", 10)]
+    # a and b from 0 to 10; then c (earlier in the list) and a's analysis from 10; c ends at 20
+    assert schedule_seconds(runs + [t("an-a", 4, ("a",))], 2) == 20
+    # the analysis of c waits for c: 10 + 10 + 4
+    assert schedule_seconds(runs + [t("an-c", 4, ("c",))], 2) == 24
+    # one at a time: the sum; done tasks cost nothing
+    assert schedule_seconds(runs + [t("an-a", 4, ("a",))], 1) == 34
+    assert schedule_seconds(runs + [t("an-a", 4, ("a",))], 2, done={"a", "b"}) == 10
+    with pytest.raises(ValueError, match="cycle"):
+        schedule_seconds([t("p", 1, ("q",)), t("q", 1, ("p",))], 2)
