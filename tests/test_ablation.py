@@ -339,21 +339,21 @@ def test_resnet_checkpoints_n0_all_units_and_naive(tiny_run):
     ce = float(torch.nn.functional.cross_entropy(const.expand(len(y), -1), y))
     np.testing.assert_allclose(full["loss"], ce, rtol=1e-5)
     # the run driver: fast == naive on real checkpoints (BN re-estimated early), rows are complete
-    a = ablate_run(tiny_run, checkpoints="0,last", grid="0,1,3,8", draws=2, progress=False)
+    a = ablate_run(tiny_run, checkpoints="step=0,last", grid="0,1,3,8", draws=2, progress=False)
     os.remove(run.table_path("ablation"))
-    b = ablate_run(tiny_run, checkpoints="0,last", grid="0,1,3,8", draws=2, naive=True, progress=False)
+    b = ablate_run(tiny_run, checkpoints="step=0,last", grid="0,1,3,8", draws=2, naive=True, progress=False)
     _assert_same(a, b)
     assert list(a.columns) == A.ABLATION_COLUMNS
     assert set(a["step"]) == {0, 16} and (a.loc[a["step"] == 0, "bn_recalibrated"] > 0).all()
     # same seed, same draws; another seed, other random rows (same selective rows)
     os.remove(run.table_path("ablation"))
-    c = ablate_run(tiny_run, checkpoints="0,last", grid="0,1,3,8", draws=2, progress=False)
+    c = ablate_run(tiny_run, checkpoints="step=0,last", grid="0,1,3,8", draws=2, progress=False)
     pd.testing.assert_frame_equal(a, c)
     # another seed is another configuration: refused for this table (the one compatibility rule), kept beside it
     with pytest.raises(CsnError, match=r"holds seed=0 but this request asks for seed=5; pass --seed 0 to use it, "
                                        r"--tag NAME to keep a separate table"):
-        ablate_run(tiny_run, checkpoints="0,last", grid="0,1,3,8", draws=2, progress=False, seed=5)
-    d = ablate_run(tiny_run, checkpoints="0,last", grid="0,1,3,8", draws=2, progress=False, seed=5, tag="seed5")
+        ablate_run(tiny_run, checkpoints="step=0,last", grid="0,1,3,8", draws=2, progress=False, seed=5)
+    d = ablate_run(tiny_run, checkpoints="step=0,last", grid="0,1,3,8", draws=2, progress=False, seed=5, tag="seed5")
     assert len(pd.read_parquet(run.table_path("ablation"))) == len(a)  # untouched
     assert len(pd.read_parquet(run.table_path("ablation-seed5"))) == len(a)  # its own rows, not appended
     assert (d["seed"] == 5).all()
@@ -508,7 +508,7 @@ def test_summaries_normalize_integrate_and_gap():
 # ------------------------------------------------------------------------------------------------
 
 def test_cli_happy_path(tiny_run):
-    res = CliRunner().invoke(cli, ["ablate", str(tiny_run), "--checkpoints", "0,last", "--grid", "f:0,0.5,1",
+    res = CliRunner().invoke(cli, ["ablate", str(tiny_run), "--checkpoints", "step=0,last", "--grid", "f:0,0.5,1",
                                    "--draws", "2", "--plot", "--quiet", "--device", "cpu"])
     assert res.exit_code == 0, res.output
     assert "tables/ablation.parquet" in res.output and "layer1: first" in res.output and "; last" in res.output
@@ -524,7 +524,7 @@ def test_cli_happy_path(tiny_run):
     (["--grid", "0,4,2"], "not increasing"),
     (["--orders", "selective,bogus"], "unknown order 'bogus'"),
     (["--draws", "0"], "draws must be"),
-    (["--checkpoints", "999"], "no checkpoint at step 999"),
+    (["--checkpoints", "999"], "for step 999 write step=999"),
     (["--samples", "0"], "--samples must be >= 1"),
 ])
 def test_cli_bad_input_one_line_exit_2_no_rows(tiny_run, args, message):

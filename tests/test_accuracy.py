@@ -49,7 +49,8 @@ def _naive(run: Run, step: int, bn_batches: int) -> tuple[int, int]:
 def test_accuracy_matches_a_naive_reference(tiny_run, bn):
     run = Run(tiny_run)
     steps = [c.step for c in run.checkpoints]
-    res = run_analysis(run, Accuracy(), checkpoints=",".join(map(str, steps)), bn_recalibrate=bn, progress=False)
+    res = run_analysis(run, Accuracy(), checkpoints=",".join(f"step={s}" for s in steps), bn_recalibrate=bn,
+                       progress=False)
     rows = res.rows.set_index("step")
     assert list(rows.index) == steps and (rows["n_images"] == 128).all() and (rows["split"] == "test").all()
     for c in run.checkpoints:
@@ -67,13 +68,13 @@ def test_accuracy_matches_a_naive_reference(tiny_run, bn):
 
 def test_rows_are_resumed_and_other_settings_are_refused(tiny_run):
     run = Run(tiny_run)
-    first = run_analysis(run, Accuracy(), checkpoints="0,4", bn_recalibrate=2, progress=False)
-    again = run_analysis(run, Accuracy(), checkpoints="0,4", bn_recalibrate=2, progress=False)
+    first = run_analysis(run, Accuracy(), checkpoints="step=0,step=4", bn_recalibrate=2, progress=False)
+    again = run_analysis(run, Accuracy(), checkpoints="step=0,step=4", bn_recalibrate=2, progress=False)
     assert again.computed == [] and first.computed == [0, 4]
     pd.testing.assert_frame_equal(first.rows, again.rows, check_dtype=False)  # str read back from parquet
     with pytest.raises(CsnError, match="BatchNorm statistics re-estimated from"):
-        run_analysis(run, Accuracy(), checkpoints="4", bn_recalibrate=5, progress=False)
+        run_analysis(run, Accuracy(), checkpoints="step=4", bn_recalibrate=5, progress=False)
     with pytest.raises(CsnError, match="--samples"):
-        run_analysis(run, Accuracy(samples=64), checkpoints="4", bn_recalibrate=2, progress=False)
-    sub = run_analysis(run, Accuracy(samples=64), checkpoints="4", bn_recalibrate=2, tag="sub", progress=False)
+        run_analysis(run, Accuracy(samples=64), checkpoints="step=4", bn_recalibrate=2, progress=False)
+    sub = run_analysis(run, Accuracy(samples=64), checkpoints="step=4", bn_recalibrate=2, tag="sub", progress=False)
     assert int(sub.rows["n_images"].iloc[0]) == 64

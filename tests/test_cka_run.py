@@ -100,7 +100,7 @@ def test_across_reference_is_one_at_the_reference_and_previous_rows(computed):
     prev_of = dict(zip(STEPS[1:], STEPS[:-1]))
     assert all(prev_of[a] == b for a, b in zip(p["step_a"], p["step_b"]))
     # vs previous at step 1 == vs reference "first" at step 1 (the previous checkpoint IS step 0)
-    first = cka_for_runs(computed, mode="across", reference="first", checkpoints="0,1", previous=False, progress=False)
+    first = cka_for_runs(computed, mode="across", reference="first", checkpoints="step=0,step=1", previous=False, progress=False)
     assert set(first["comparison"]) == {"reference"} and set(first["step_b"]) == {0}
     np.testing.assert_allclose(first[first["step_a"] == 0]["cka"], 1.0, atol=1e-12)
     a = first[first["step_a"] == 1].set_index("layer_a")["cka"]
@@ -108,7 +108,7 @@ def test_across_reference_is_one_at_the_reference_and_previous_rows(computed):
     np.testing.assert_allclose(a.loc[LAYERS], b.loc[LAYERS], rtol=1e-12)
     with pytest.raises(CsnError, match="--reference"):
         cka_for_runs(computed, mode="across", reference="0:1", progress=False)
-    with pytest.raises(CsnError, match="bad --reference"):
+    with pytest.raises(CsnError, match="for step 7 write step=7"):
         cka_for_runs(computed, mode="across", reference="7", progress=False)
 
 
@@ -143,7 +143,7 @@ def test_match_by_step_else_nearest_epoch():
 
 
 def test_resume_computes_only_missing_and_keeps_rows(tiny_run, computed, monkeypatch):
-    cka_for_runs(tiny_run, checkpoints="0,1", progress=False)
+    cka_for_runs(tiny_run, checkpoints="step=0,step=1", progress=False)
     first = table(tiny_run).copy()
     calls = []
     real = cr.collect_features
@@ -189,17 +189,17 @@ def test_layer_subset_and_errors(tiny_run):
 # ------------------------------------------------------------------------------------------------
 
 def test_cli_happy_path_with_plot(tiny_run, tmp_path):
-    res = CliRunner().invoke(cli, ["cka", str(tiny_run), "--checkpoints", "0,4,16", "--plot", "--quiet",
+    res = CliRunner().invoke(cli, ["cka", str(tiny_run), "--checkpoints", "step=0,step=4,step=16", "--plot", "--quiet",
                                    "--device", "cpu"])
     assert res.exit_code == 0, res.output
     assert "tables/cka.parquet (48 rows)" in res.output and "layer x layer" in res.output
     res = CliRunner().invoke(cli, ["cka", str(tiny_run), "--mode", "across", "--reference", "first", "--plot",
-                                   "--quiet", "--checkpoints", "0,4,16"])
+                                   "--quiet", "--checkpoints", "step=0,step=4,step=16"])
     assert res.exit_code == 0, res.output
     assert "vs reference step 0" in res.output and "vs previous checkpoint" in res.output
     other = tmp_path / "b" / "tiny"
     shutil.copytree(tiny_run, other)
-    res = CliRunner().invoke(cli, ["cka", str(tiny_run), str(other), "--checkpoints", "0,4", "--plot", "--quiet"])
+    res = CliRunner().invoke(cli, ["cka", str(tiny_run), str(other), "--checkpoints", "step=0,step=4", "--plot", "--quiet"])
     assert res.exit_code == 0, res.output
     assert "vs run b/tiny" in res.output and "first 1.000" in res.output
     for name in ("cka_within", "cka_pairs", "cka_across", "cka_runs_b_tiny"):
@@ -213,12 +213,12 @@ def test_cli_happy_path_with_plot(tiny_run, tmp_path):
 
 @pytest.mark.parametrize("extra, message", [
     (["--layers", "layer1.0,lyr2.0"], "layer pattern 'lyr2.0' matches no module; available names"),
-    (["--checkpoints", "7"], "no checkpoint at step 7; available steps: 0, 1, 2, 4, 8, 12, 16"),
-    (["--checkpoints", "e1.x"], "bad checkpoint selector"),
+    (["--checkpoints", "7"], "for step 7 write step=7"),
+    (["--checkpoints", "e1.x"], "'e1.x' is not a point in training"),
     (["--batch-size", "3"], "--batch-size must be >= 4, got '3'"),
     (["--samples", "3"], "CKA needs batches of more than 3 examples"),
     (["--mode", "runs"], "--mode runs compares two runs"),
-    (["--mode", "across", "--reference", "e"], "bad --reference"),
+    (["--mode", "across", "--reference", "e"], "--reference 'e' is not a point in training"),
 ])
 def test_cli_bad_input_one_line_exit_2_no_table(tiny_run, extra, message):
     res = CliRunner().invoke(cli, ["cka", str(tiny_run), "--quiet"] + extra)
@@ -267,12 +267,12 @@ def test_run_eval_batch_size_of_three_is_an_error(tiny_run):
 
 def test_bn_statistics_of_a_checkpoint_are_never_mixed(tiny_run):
     """Rows of one checkpoint share its BN setting, whatever the comparison (TableSpec.row_scope)."""
-    cka_for_runs(tiny_run, checkpoints="0", progress=False)  # default policy: step 0 re-estimated from 8 batches
+    cka_for_runs(tiny_run, checkpoints="step=0", progress=False)  # default policy: step 0 re-estimated from 8 batches
     before = table(tiny_run)
     with pytest.raises(CsnError, match="step_a 0 with BatchNorm statistics re-estimated from 8 batches, but this "
                                        "request asks for 0; pass --bn-recalibrate 8"):
-        cka_for_runs(tiny_run, mode="across", checkpoints="0", bn_recalibrate=0, progress=False)
+        cka_for_runs(tiny_run, mode="across", checkpoints="step=0", bn_recalibrate=0, progress=False)
     with pytest.raises(CsnError, match="run_b tiny, step_b 0 with BatchNorm statistics of run B re-estimated from 8 "
                                        "batches, but this request asks for 0"):
-        cka_for_runs(tiny_run, mode="across", reference="first", checkpoints="16", bn_recalibrate=0, progress=False)
+        cka_for_runs(tiny_run, mode="across", reference="first", checkpoints="step=16", bn_recalibrate=0, progress=False)
     pd.testing.assert_frame_equal(table(tiny_run), before)

@@ -336,10 +336,10 @@ def test_torchrun_train_starts_every_time(tmp_path):
 
 ANALYSES = [  # (command line after the run directory, tables it writes)
     (["selectivity"], ["selectivity", "class_means"]),
-    (["ablate", "--checkpoints", "0,4,last", "--grid", "0,1,2,4", "--orders", "selective,random,least",
+    (["ablate", "--checkpoints", "step=0,step=4,last", "--grid", "0,1,2,4", "--orders", "selective,random,least",
       "--draws", "2"], ["ablation"]),
-    (["cka", "--mode", "across", "--checkpoints", "0,2,8,last"], ["cka"]),
-    (["linearity", "--checkpoints", "0,1,4,last"], ["linearity"]),
+    (["cka", "--mode", "across", "--checkpoints", "step=0,step=2,step=8,last"], ["cka"]),
+    (["linearity", "--checkpoints", "step=0,step=1,step=4,last"], ["linearity"]),
 ]
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import string
 import typing
 from pathlib import Path
@@ -282,7 +283,7 @@ CKPTS = [Checkpoint(s, s / 8, f"step-{s:08d}.safetensors", "0" * 64) for s in (0
 
 
 @FUZZ
-@given(spec=st.text(st.sampled_from("0123456789.:,e-+ lastfirndl_"), max_size=20) | st.text(max_size=15))
+@given(spec=st.text(st.sampled_from("0123456789.:,e-+ lastfirndl_p="), max_size=20) | st.text(max_size=15))
 @example('einf')
 @example('enan')
 @example('1_6')
@@ -290,33 +291,39 @@ CKPTS = [Checkpoint(s, s / 8, f"step-{s:08d}.safetensors", "0" * 64) for s in (0
 @example('nan:1')
 @example('٨')
 @example('-1:inf')
+@example('step=1e3')
+@example('f1.5')
 def test_fuzz_checkpoint_selector(spec):
-    chosen = _only_csn_error(select_checkpoints, CKPTS, spec)
+    chosen = _only_csn_error(select_checkpoints, CKPTS, spec, note=lambda m: None)
     if chosen is not None:
         assert chosen and all(c in CKPTS for c in chosen) and chosen == sorted(chosen, key=lambda c: c.step)
+        side = r"(?:step=[0-9]+|f[0-9.eE+-]+|e?[0-9.eE+-]+|end|last|first|all|step=end)?"
         for tok in spec.split(","):  # numbers are plain finite decimals: no nan/inf, '1_6' or non-ASCII digits
-            assert tok.strip() in ("", "all", "last", "first") or all(
-                ch in "0123456789.:e+-end " for ch in tok.strip()), spec
+            assert re.fullmatch(rf"{side}(?::{side})?", tok.strip().lower()), spec
             assert "inf" not in tok and "nan" not in tok, spec
 
 
 @FUZZ
 @given(steps=st.lists(st.sampled_from([c.step for c in CKPTS]), min_size=1, max_size=5))
 def test_selector_of_steps_means_those_steps(steps):
-    assert [c.step for c in select_checkpoints(CKPTS, ",".join(map(str, steps)))] == sorted(set(steps))
+    assert [c.step for c in select_checkpoints(CKPTS, ",".join(f"step={s}" for s in steps))] == sorted(set(steps))
 
 
 @FUZZ
 @given(e=st.floats(0, 3), a=st.floats(0, 3), b=st.floats(0, 3))
 def test_selector_epochs_and_ranges_mean_what_they_say(e, a, b):
-    near = select_checkpoints(CKPTS, f"e{e!r}")
-    assert len(near) == 1 and abs(near[0].epoch - e) == min(abs(c.epoch - e) for c in CKPTS)
+    """An epoch is the step round(e * steps_per_epoch) (8 here); a point its nearest checkpoint (the earlier on a
+    tie), a range every checkpoint between its ends' steps."""
+    for text in (f"e{e!r}", f"{e!r}"):
+        near = select_checkpoints(CKPTS, text, note=lambda m: None)
+        want = round(e * 8)
+        assert len(near) == 1 and near[0].step == min((c.step for c in CKPTS), key=lambda s: (abs(s - want), s))
     for outside in (-e - 0.01, CKPTS[-1].epoch + e + 0.01):  # no nearest checkpoint outside the run: refused
-        with pytest.raises(CsnError, match="outside the checkpoints"):
+        with pytest.raises(CsnError, match="after the run's last checkpoint|not a point in training"):
             select_checkpoints(CKPTS, f"e{outside!r}")
     lo, hi = min(a, b), max(a, b)
     got = _only_csn_error(select_checkpoints, CKPTS, f"{lo!r}:{hi!r}")
-    want = [c for c in CKPTS if lo - 1e-9 <= c.epoch <= hi + 1e-9]
+    want = [c for c in CKPTS if round(lo * 8) <= c.step <= round(hi * 8)]
     assert got == (want or None)
 
 

@@ -203,7 +203,7 @@ def test_ablation_points_bounded_before_any_allocation(tiny_run, monkeypatch):
     assert "x 1,000,000,002 orders and draws" in msg and "TB of rows" in msg, msg
     assert "the limit is 1,000,000 points" in msg and "--max-points N or CSN_MAX_ABLATION_POINTS" in msg, msg
     huge_grid = "f:" + ",".join(repr(i / 10**5) for i in range(10**5 + 1))  # every count of each block
-    msg = refused(["ablate", tiny_run, "--grid", huge_grid, "--draws", "10000", "--checkpoints", "0,1,2,4"])
+    msg = refused(["ablate", tiny_run, "--grid", huge_grid, "--draws", "10000", "--checkpoints", "step=0,step=1,step=2,step=4"])
     assert "(4 checkpoints x (layer1 x 9 grid points + layer2 x 17 grid points + layer3 x 33 grid points) x 10,002 " \
            "orders and draws" in msg and "needs 2,360,472 points; the limit is 1,000,000 points" in msg, msg
     assert "the limit is 10 points" in refused(["ablate", tiny_run, "--checkpoints", "last", "--max-points", "10"])

@@ -182,32 +182,32 @@ def test_linear_model_file_metadata_and_mismatch(computed):
 
 
 def test_fit_is_deterministic(tiny_run, computed):
-    linearity_for_run(tiny_run, checkpoints="0", measures="linear", progress=False)
+    linearity_for_run(tiny_run, checkpoints="step=0", measures="linear", progress=False)
     a = (Path(tiny_run) / "tables" / "linear_model.safetensors").read_bytes()
     b = (Path(computed) / "tables" / "linear_model.safetensors").read_bytes()
     assert a == b
 
 
 def test_measure_groups_and_settings_mismatch(tiny_run):
-    df = linearity_for_run(tiny_run, checkpoints="0,1", measures=("relu",), samples=50, progress=False)
+    df = linearity_for_run(tiny_run, checkpoints="step=0,step=1", measures=("relu",), samples=50, progress=False)
     assert set(df["measure"]) == {"acc", *MEASURE_GROUPS["relu"]}
     assert set(df["samples"]) == {50}
     assert not (Path(tiny_run) / "tables" / "linear_model.safetensors").exists()  # not needed, not fit
     with pytest.raises(CsnError, match="pass --samples 50"):
-        linearity_for_run(tiny_run, checkpoints="0,1", samples=60, progress=False)
+        linearity_for_run(tiny_run, checkpoints="step=0,step=1", samples=60, progress=False)
     with pytest.raises(CsnError, match="split=test"):
-        linearity_for_run(tiny_run, checkpoints="0", split="train", samples=50, progress=False)
+        linearity_for_run(tiny_run, checkpoints="step=0", split="train", samples=50, progress=False)
     with pytest.raises(CsnError, match="re-estimated from 8 batches"):
-        linearity_for_run(tiny_run, checkpoints="0,1", bn_recalibrate=0, measures="relu", samples=50, progress=False)
+        linearity_for_run(tiny_run, checkpoints="step=0,step=1", bn_recalibrate=0, measures="relu", samples=50, progress=False)
     with pytest.raises(CsnError, match="unknown linearity measure group 'relus'"):
         linearity_for_run(tiny_run, measures="relus")
 
 
 def test_samples_all_other_groups_and_step0_requirement(tiny_run):
-    df = linearity_for_run(tiny_run, checkpoints="0,1", measures="relu", samples="all", progress=False)
+    df = linearity_for_run(tiny_run, checkpoints="step=0,step=1", measures="relu", samples="all", progress=False)
     assert set(df["samples"]) == {128}  # 'all' = the whole test split
     # --samples only concerns the linearized/ReLU rows: the linear group is added beside them
-    df = linearity_for_run(tiny_run, checkpoints="0,1", measures="linear", progress=False)
+    df = linearity_for_run(tiny_run, checkpoints="step=0,step=1", measures="linear", progress=False)
     assert set(df["measure"]) == set(MEASURE_GROUPS["linear"])
     assert set(table(tiny_run)["measure"]) == set(MEASURE_GROUPS["linear"]) | set(MEASURE_GROUPS["relu"])
     ckdir = Path(tiny_run) / "checkpoints"
@@ -221,7 +221,7 @@ def test_samples_all_other_groups_and_step0_requirement(tiny_run):
 # ------------------------------------------------------------------------------------------------
 
 def test_cli_happy_path_with_plot(tiny_run):
-    res = CliRunner().invoke(cli, ["linearity", str(tiny_run), "--checkpoints", "0,2,8", "--samples", "64",
+    res = CliRunner().invoke(cli, ["linearity", str(tiny_run), "--checkpoints", "step=0,step=2,step=8", "--samples", "64",
                                    "--plot", "--quiet", "--device", "cpu"])
     assert res.exit_code == 0, res.output
     assert "tables/linearity.parquet (45 rows)" in res.output
@@ -235,8 +235,8 @@ def test_cli_happy_path_with_plot(tiny_run):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--checkpoints", "7"], "no checkpoint at step 7; available steps: 0, 1, 2, 4, 8, 12, 16"),
-    (["--checkpoints", "e1.x"], "bad checkpoint selector"),
+    (["--checkpoints", "7"], "for step 7 write step=7"),
+    (["--checkpoints", "e1.x"], "'e1.x' is not a point in training"),
     (["--measures", "linear,foo"], "unknown linearity measure group 'foo'"),
     (["--samples", "lots"], "--samples expects an integer, got 'lots'"),
     (["--samples", "0"], "--samples must be >= 1, got '0'"),

@@ -53,7 +53,7 @@ def selectivity_run(tiny_run_master, tmp_path_factory) -> Path:
     dst = tmp_path_factory.mktemp("report") / "tiny"
     shutil.copytree(tiny_run_master, dst)
     # init, an early checkpoint (BN re-estimated), epoch 1 and the last: enough for every figure, and fast
-    run_analysis(dst, Selectivity(), checkpoints="0,2,8,16", progress=False, log=lambda s: None)
+    run_analysis(dst, Selectivity(), checkpoints="step=0,step=2,step=8,step=16", progress=False, log=lambda s: None)
     return dst
 
 

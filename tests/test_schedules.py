@@ -554,7 +554,7 @@ def test_prop_str_round_trip(raw, open_end):
                                               ("end", "end", 40), ("0", "epoch", 0), (2, "epoch", 20),
                                               (" F0.5 ", "fraction", 20), ("STEP=3", "step", 3)])
 def test_time_points_resolve_to_steps(text, unit, step):
-    from csn.core.schedules import parse_time
+    from csn.core.times import parse_time
 
     t = parse_time(text)
     assert t.unit == unit and t.step(10, 40) == step  # 10 steps per epoch, 40 steps of training
@@ -563,7 +563,7 @@ def test_time_points_resolve_to_steps(text, unit, step):
 
 @pytest.mark.parametrize("bad", ["f1.5", "f-0.1", "step=1.5", "step=-2", "-1", "x", "nan", "inf", "", "1e", True])
 def test_bad_time_points_are_one_line_errors(bad):
-    from csn.core.schedules import parse_time
+    from csn.core.times import parse_time
 
     with pytest.raises(CsnError, match="write a step 'step=64', an epoch '1.5', a fraction of training 'f0.25'"):
         parse_time(bad, "onset")

@@ -128,7 +128,7 @@ def test_samples_subset_recorded_and_not_mixed(tiny_run):
                             eval_loader(run, data, "test", samples=100), num_classes=K, progress=False)
     np.testing.assert_allclose(sel["csi"], ref["csi"], rtol=1e-12)
     with pytest.raises(CsnError, match="holds n_images=100 but this request asks for n_images=128; pass --samples 100"):
-        selectivity_for_run(tiny_run, checkpoints="0", progress=False)
+        selectivity_for_run(tiny_run, checkpoints="step=0", progress=False)
     with pytest.raises(CsnError, match="samples' must be >= 1, got 0"):
         selectivity_for_run(tiny_run, samples=0, progress=False)
 
@@ -138,7 +138,7 @@ def test_samples_subset_recorded_and_not_mixed(tiny_run):
 # ------------------------------------------------------------------------------------------------
 
 def test_resume_computes_only_missing_checkpoints_and_keeps_rows(tiny_run, computed, monkeypatch):
-    first, _ = selectivity_for_run(tiny_run, checkpoints="0,4", progress=False)
+    first, _ = selectivity_for_run(tiny_run, checkpoints="step=0,step=4", progress=False)
     assert steps_of(first) == [0, 4]
     before_sel, before_cm = tables(tiny_run)
     calls = []
@@ -284,8 +284,8 @@ def _no_checkpoints(run_dir: Path) -> None:
 
 @pytest.mark.parametrize("extra, setup, message", [
     (["--layers", "layer9.*"], None, "matches no module; available names (closest first): layer"),
-    (["--checkpoints", "7"], None, "no checkpoint at step 7; available steps: 0, 1, 2, 4, 8, 12, 16"),
-    (["--checkpoints", "e1.x"], None, "bad checkpoint selector"),
+    (["--checkpoints", "7"], None, "for step 7 write step=7"),
+    (["--checkpoints", "e1.x"], None, "'e1.x' is not a point in training"),
     (["--bn-recalibrate", "-1"], None, "--bn-recalibrate must be"),
     ([], _no_checkpoints, "has no checkpoints yet"),
 ])

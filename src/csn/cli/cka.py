@@ -12,8 +12,9 @@ from csn.report.fig_cka import cka_figures
 from csn.runs.run import Run
 from csn.runs.table import tagged
 
-_CHECKPOINTS_HELP = ("Which checkpoints of RUN: all (default), first, last, steps '0,64', nearest epochs 'e0.5,e2', "
-                     "epoch ranges '0:20'. RUN_B's are matched to them (same step, else nearest epoch).")
+_CHECKPOINTS_HELP = ("Which checkpoints of RUN: all (default), first, last/end, the checkpoint nearest 'step=64', an "
+                     "epoch '1.5' or 'f0.25', ranges '0:20'. RUN_B's are matched to them (same step, else nearest "
+                     "epoch).")
 
 
 @click.command("cka", context_settings=CONTEXT)

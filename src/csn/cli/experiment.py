@@ -33,6 +33,7 @@ from csn.report.fig_regularize import regularize_figures
 from csn.report.html import build_report
 from csn.runs.config import preset as get_preset
 from csn.runs.run import check_run_path
+from csn.training.loop import training_length
 
 # Defaults for the fmnist preset, chosen from measurement (README, "Choosing alpha and the onset").
 FMNIST_ALPHA = -1.0
@@ -53,7 +54,8 @@ def experiment() -> None:
 @click.option("--alpha", type=float, default=FMNIST_ALPHA, show_default=True,
               help="Regularizer strength; loss = ce - alpha*R, so alpha < 0 suppresses selectivity.")
 @click.option("--onsets", default=f"0,{FMNIST_LATE_ONSET:g}", show_default=True,
-              help="Epochs at which the regularizer switches on (one condition each, on until the end).")
+              help="Points in training where the regularizer switches on, one condition each, on until the end: "
+              "epochs (0,1), steps (step=0) or fractions of training (f0.33).")
 @click.option("--seeds", default="0,1,2", show_default=True, help="Seeds, comma-separated (or a count N for 0..N-1).")
 @click.option("--out", type=click.Path(file_okay=False), help="Experiment directory [default: runs/regularize-<preset>].")
 @from_schema(RunnerOptions)
@@ -77,7 +79,7 @@ def regularize(preset, alpha, onsets, seeds, out, parallel, no_selectivity, quie
         parallel = build(RunnerOptions, {"parallel": parallel}).parallel
         base = get_preset(preset).override(list(overrides))
         seed_list = _parse_seeds(seeds)
-        onset_list = parse_onsets(onsets, base.epochs)
+        onset_list = parse_onsets(onsets, *training_length(base))
     root = Path(out) if out else Path("runs") / f"regularize-{preset}"
     check_run_path(root, "--out")
     per_seed, table, grouped = regularize_experiment(base, alpha, onset_list, seed_list, root, parallel=parallel,

@@ -116,8 +116,9 @@ def reproduce(preset, config_file, print_config, dataset, data_root, model, sets
 
 @click.command(context_settings=CONTEXT)
 @click.argument("study_dir", type=click.Path(file_okay=False), metavar="DIR")
-@click.option("--late-onset", type=float, metavar="EPOCHS", help="The late condition's onset in epochs, when DIR "
-              "holds several reg-from-X conditions [default: the study's, else the one nonzero onset].")
+@click.option("--late-onset", metavar="TIME", help="The late condition's onset, a point in training (an epoch 0.667, "
+              "step=312 or f0.3333), when DIR holds several reg-from-X conditions [default: the study's, else the one "
+              "nonzero onset].")
 @click.option("--report/--no-report", "with_report", default=True, show_default=True,
               help="Also rebuild DIR/report/index.html with the verdicts.")
 def claims(study_dir, late_onset, with_report) -> None:

@@ -50,6 +50,7 @@ from collections.abc import Callable, Iterable, Sequence
 from numbers import Integral, Real
 from typing import NamedTuple
 
+from csn.core.times import TimePoint, fmt_number, parse_time
 from csn.errors import CsnError, unknown
 
 __all__ = [
@@ -136,88 +137,9 @@ def _beyond(x: float, limit: float) -> bool:
     return x > limit + _TOL * max(1.0, abs(limit))
 
 
-def _fmt(x: float) -> str:
-    """Shortest text that parses back to exactly x (integers without '.0')."""
-    if x == 0:
-        return "0"
-    if x.is_integer() and abs(x) < 1e16:
-        return str(int(x))
-    return repr(x)
-
-
 # --------------------------------------------------------------------------------------------
 # points in training time: steps, epochs, or fractions of training
 # --------------------------------------------------------------------------------------------
-
-TIME_FORMS = "a step 'step=64', an epoch '1.5', a fraction of training 'f0.25', or 'end'"
-
-
-class TimePoint:
-    """A point in training written in steps (``step=64``), epochs (``1.5``), fractions of training (``f0.25``)
-    or ``end``; `step(spe, total)` resolves it to an optimizer step.
-
-    Steps are what the early phase is counted in (SPEC: the selectivity peak comes within ~64 steps),
-    fractions transfer across dataset sizes and training lengths, epochs are the study's unit. An epoch
-    e resolves to the step round(e * steps_per_epoch), a fraction f to round(f * total_steps).
-    """
-
-    __slots__ = ("unit", "value")
-
-    def __init__(self, unit: str, value: float) -> None:
-        if unit not in ("step", "epoch", "fraction", "end"):
-            raise ValueError(unit)
-        self.unit, self.value = unit, float(value)
-
-    def step(self, steps_per_epoch: int, total: int) -> int:
-        """The optimizer step of this point in a training of `total` steps, `steps_per_epoch` per epoch."""
-        if self.unit == "end":
-            return int(total)
-        if self.unit == "step":
-            return int(self.value)
-        if self.unit == "epoch":
-            return int(round(self.value * steps_per_epoch))
-        return int(round(self.value * total))
-
-    def __str__(self) -> str:
-        if self.unit == "end":
-            return "end"
-        if self.unit == "step":
-            return f"step={int(self.value)}"
-        return ("f" if self.unit == "fraction" else "") + _fmt(self.value)
-
-    def __repr__(self) -> str:
-        return f"TimePoint({str(self)!r})"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, TimePoint) and (self.unit, self.value) == (other.unit, other.value)
-
-    def __hash__(self) -> int:
-        return hash((self.unit, self.value))
-
-
-def parse_time(text: str | float | int, what: str = "time") -> TimePoint:
-    """Parse a point in training: ``step=N`` (a whole number of steps), ``fF`` (a fraction of training in
-    [0, 1]), ``end``, or a number of epochs (>= 0). Anything else is a CsnError naming `what`."""
-    if isinstance(text, bool):
-        raise CsnError(f"{what} {text!r} is not a point in training; write {TIME_FORMS}.")
-    if isinstance(text, (int, float)):
-        text = _fmt(float(text)) if math.isfinite(text) else str(text)
-    t = str(text).strip().lower()
-    fix = f"write {TIME_FORMS}"
-    if t == "end":
-        return TimePoint("end", 0.0)
-    if t.startswith("step="):
-        return TimePoint("step", _parse_int(t[5:], f"{what} {text!r}", fix))
-    if t.startswith("f"):
-        f = _parse_float(t[1:], f"{what} {text!r}", fix)
-        if not 0 <= f <= 1:
-            raise CsnError(f"{what} {text!r} is a fraction of training outside [0, 1]; {fix}.")
-        return TimePoint("fraction", f)
-    e = _parse_float(t, f"{what} {text!r}", fix)
-    if e < 0:
-        raise CsnError(f"{what} {text!r} is a negative epoch; {fix}.")
-    return TimePoint("epoch", e)
-
 
 # --------------------------------------------------------------------------------------------
 # checkpoints
@@ -293,11 +215,11 @@ def _fraction_segment(seg: str, fields: list[str], total: int) -> list[int]:
     stop = 1.0 if stop_is_end else _parse_float(fields[1].strip()[1:], where, fix)
     for v in (start, stop):
         if not 0 <= v <= 1:
-            raise CsnError(f"{where} has a fraction of training outside [0, 1] (f{_fmt(v)}); {fix}.")
+            raise CsnError(f"{where} has a fraction of training outside [0, 1] (f{fmt_number(v)}); {fix}.")
     if every <= 0:
-        raise CsnError(f"{where} has interval f{_fmt(every)}; the interval fEVERY must be > 0.")
+        raise CsnError(f"{where} has interval f{fmt_number(every)}; the interval fEVERY must be > 0.")
     if start > stop:
-        raise CsnError(f"{where} starts at f{_fmt(start)}, after its stop f{_fmt(stop)}; write fSTART:fSTOP:fEVERY with START <= STOP.")
+        raise CsnError(f"{where} starts at f{fmt_number(start)}, after its stop f{fmt_number(stop)}; write fSTART:fSTOP:fEVERY with START <= STOP.")
     q = (stop - start) / every
     if not math.isfinite(q) or q + 1 > MAX_CHECKPOINTS:
         raise _too_many(seg, q + 1, "use a larger interval")
@@ -307,7 +229,7 @@ def _fraction_segment(seg: str, fields: list[str], total: int) -> list[int]:
 def _point_segment(seg: str, spe: int, epochs: float, total: int, clip: list[str] | None) -> list[int]:
     """One point in training (parse_time): step=N, fF, an epoch, or end; step=end is the final step."""
     low = seg.lower()
-    if not (low in ("end", "step=end") or low.startswith(("step=", "f")) or _NUM_RE.fullmatch(low)):
+    if not (low in ("end", "last", "step=end") or low.startswith(("step=", "f")) or _NUM_RE.fullmatch(low)):
         raise CsnError(f"checkpoint segment {seg!r} has an unknown form; {_CKPT_FORMS}.")
     point = TimePoint("end", 0.0) if low == "step=end" else parse_time(seg, "checkpoint segment")
     n = point.step(spe, total)
@@ -315,7 +237,7 @@ def _point_segment(seg: str, spe: int, epochs: float, total: int, clip: list[str
         if clip is not None:
             clip.append(seg)
             return []
-        at = f"epoch {_fmt(point.value)}" if point.unit == "epoch" else f"step {n}"
+        at = f"epoch {fmt_number(point.value)}" if point.unit == "epoch" else f"step {n}"
         raise CsnError(f"checkpoint segment {seg!r} is after the end of training ({at}; training is {epochs:g} epochs = "
                        f"{total} steps); use a point <= {total} steps, a fraction such as f0.5, or end.")
     return [n]
@@ -566,13 +488,13 @@ class AlphaSchedule:
             if s < 0:
                 raise CsnError(f"alpha window starts at negative epoch {s:g}; start at 0 or later.")
             if e is not None and e <= s:
-                raise CsnError(f"alpha window {_fmt(s)}:{_fmt(e)} is empty or reversed; the end epoch must be after the start.")
+                raise CsnError(f"alpha window {fmt_number(s)}:{fmt_number(e)} is empty or reversed; the end epoch must be after the start.")
             parsed.append((s + 0.0, None if e is None else e + 0.0, a + 0.0))
         parsed.sort(key=lambda t: t[0])
         for (s0, e0, _), (s1, _, _) in zip(parsed, parsed[1:]):
             if e0 is None or e0 > s1:
-                end_txt = "end" if e0 is None else _fmt(e0)
-                raise CsnError(f"alpha windows overlap (one spans {_fmt(s0)}:{end_txt}, the next starts at {_fmt(s1)}); make them disjoint.")
+                end_txt = "end" if e0 is None else fmt_number(e0)
+                raise CsnError(f"alpha windows overlap (one spans {fmt_number(s0)}:{end_txt}, the next starts at {fmt_number(s1)}); make them disjoint.")
         merged: list[Window] = []
         for s, e, a in parsed:
             if a == 0:
@@ -603,7 +525,7 @@ class AlphaSchedule:
     def __str__(self) -> str:
         if not self._windows:
             return "none"
-        return ",".join(f"{_fmt(a)}@{_fmt(s)}:{'end' if e is None else _fmt(e)}" for s, e, a in self._windows)
+        return ",".join(f"{fmt_number(a)}@{fmt_number(s)}:{'end' if e is None else fmt_number(e)}" for s, e, a in self._windows)
 
     def __repr__(self) -> str:
         return f"AlphaSchedule({list(self._windows)!r})"
@@ -706,7 +628,7 @@ class AlphaWindow(NamedTuple):
     alpha: float
 
     def __str__(self) -> str:
-        return f"{_fmt(self.alpha)}@{self.start}:{self.end}"
+        return f"{fmt_number(self.alpha)}@{self.start}:{self.end}"
 
 
 def parse_window_points(text: str, what: str = "--reg-window") -> list[tuple[TimePoint, TimePoint]]:
@@ -832,7 +754,7 @@ class AlphaWindows:
         length = f"training is {epochs:g} epochs = {total} steps"
         resolved = []
         for w in self.windows:
-            span = f"alpha {_fmt(w.alpha)} window {w.start}:{w.end}"
+            span = f"alpha {fmt_number(w.alpha)} window {w.start}:{w.end}"
             if _point_beyond(w.start, total, epochs) or first_step_at(w.start, spe, total) >= total:
                 raise CsnError(f"{span} starts at or after the end of training ({length}), so it would never apply; "
                                "start it earlier or train longer.")

@@ -25,6 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from csn.analysis.ablation import summarize_ablation
+from csn.core.times import parse_time
 from csn.errors import CsnError
 from csn.experiments import claims as C
 from csn.experiments.regularize import Condition, condition_table, final_per_run
@@ -108,19 +109,25 @@ def _c4_runs(found: StudyRuns, conds: list[Condition]) -> dict[tuple[str, int], 
     return {(c, s): r for (c, s), r in found.runs.items() if c in names and s in (reg if c == "baseline" else base)}
 
 
-def judge(out: str | Path, *, late_onset: float | None = None, judge: bool = True, name: str = "study",
+def judge(out: str | Path, *, late_onset: float | str | None = None, judge: bool = True, name: str = "study",
           study: dict | None = None) -> list[C.Verdict]:
     """Compute C1-C4 from the runs' tables under `out`, write regularize*.parquet and claims.json; return the verdicts.
 
     The early checkpoint of C2 and C3 is each baseline run's selectivity peak (claims.peak_step); late_onset: the
     late condition's onset in epochs (default: the one regularized condition with a nonzero onset); judge=False
-    reports every verdict as inconclusive (a study too small to test the claims), saying what the rule alone gave."""
+    reports every verdict as inconclusive (a study too small to test the claims), saying what the rule alone gave.
+    A late_onset given as text is a point in training (csn.core.times: 0.667, step=312, f0.3333), resolved on the
+    runs' training length."""
     out = Path(out)
     found = find_runs(out)
     base_runs = found.of("baseline")
     if not found.runs:
         raise CsnError(f"{out} holds no finished runs named <condition>-s<seed> (baseline-s0, reg-from-0-s0, ...); "
                        "pass the folder of a reproduction or of `csn experiment regularize`.")
+    if isinstance(late_onset, str):
+        ref = (base_runs or list(found.runs.values()))[0].info
+        spe, steps = int(ref["steps_per_epoch"]), int(ref["total_steps"])
+        late_onset = parse_time(late_onset, "--late-onset").step(spe, steps) / spe
     peak, last = _peak_end_steps(base_runs)
     total = int(base_runs[0].info["total_steps"]) if base_runs else 0
     c1 = C.claim_c1(_stacked(base_runs, "selectivity"), total)

@@ -18,6 +18,7 @@ from csn.analysis.selectivity import Selectivity
 from csn.core.bn import DEFAULT_BN_BATCHES
 from csn.core.schedules import lr_at
 from csn.core.stats import band, standard_error
+from csn.core.times import TimePoint, parse_times
 from csn.core.units import stage_of
 from csn.errors import CsnError
 from csn.experiments.runner import Job, run_jobs
@@ -71,18 +72,22 @@ def conditions(alpha: float, onsets: list[float]) -> list[Condition]:
     return [Condition(None)] + [Condition(float(o), float(alpha)) for o in onsets]
 
 
-def parse_onsets(text: str, epochs: float) -> list[float]:
-    """'0,1.5' -> [0.0, 1.5], each inside the training length."""
-    try:
-        vals = [float(t) for t in str(text).split(",") if t.strip()]
-    except ValueError:
-        raise CsnError(f"onsets {text!r} are not numbers; write epochs separated by commas, e.g. 0,1.") from None
-    if not vals:
-        raise CsnError("give at least one onset (epochs), e.g. --onsets 0,1.")
-    for v in vals:
-        if not (0 <= v < epochs) or math.isnan(v):
-            raise CsnError(f"onset {v:g} is outside training (0 to {epochs:g} epochs); choose onsets before the end.")
-    return vals
+def parse_onsets(text: str, steps_per_epoch: int, total: int) -> list[float]:
+    """Onsets as points in training (csn.core.times: step=0, an epoch 1.5, a fraction f0.33), each resolved to the
+    epoch step / steps_per_epoch of its optimizer step, which must lie inside training (0 to total - 1)."""
+    what = "--onsets"
+    items = parse_times(str(text), what)
+    out = []
+    for item in items:
+        if not isinstance(item, TimePoint):
+            raise CsnError(f"{what} item {item} is a range; give points where the regularizer switches on, e.g. "
+                           "step=0,f0.33 or 0,1 (epochs).")
+        step = item.step(steps_per_epoch, total)
+        if not 0 <= step < total:
+            raise CsnError(f"onset {item} is step {step}, outside training (steps 0 to {total - 1}); choose onsets "
+                           "before the end.")
+        out.append(step / steps_per_epoch)
+    return out
 
 
 def job(base: TrainConfig, cond: Condition, seed: int, root: str | Path) -> Job:

@@ -32,6 +32,7 @@ from csn.analysis.linearity import Linearity, linear_model_path
 from csn.analysis.selectivity import Selectivity
 from csn.core.progress import hms
 from csn.core.schedules import checkpoint_steps
+from csn.core.times import steps_text
 from csn.errors import CsnError
 from csn.experiments import claims as C
 from csn.experiments.judge import judge
@@ -209,7 +210,7 @@ class Reproduction:
         for j in jobs:
             steps = self.steps_of(items, j.cfg.seed)
             if steps:
-                groups.setdefault(",".join(map(str, steps)), []).append(Run(j.out))
+                groups.setdefault(steps_text(steps), []).append(Run(j.out))
         for spec, runs in groups.items():
             run_analysis(runs, analysis, checkpoints=spec, progress=self.progress)
 

@@ -38,8 +38,8 @@ from csn.analysis.ablation import AblationOptions
 from csn.analysis.cka import CkaOptions
 from csn.analysis.linearity import LinearityOptions
 from csn.analysis.selectivity import SelectivityOptions
-from csn.core.schedules import TIME_FORMS, TimePoint, parse_time
 from csn.core.schema import MAX_SEEDS, SEEDS_HINT, Float, Int, Schema, set_override
+from csn.core.times import TIME_FORMS, TimePoint, parse_time, parse_times, resolve
 from csn.errors import CsnError, unknown
 from csn.experiments.claims import Spread
 from csn.runs.config import TrainConfig, read_config_file
@@ -49,15 +49,20 @@ from csn.runs.run import Checkpoint
 STUDY_KEY = "study key"
 
 
-def _time(v: Any) -> str:
-    """A point in training, kept as its canonical text (step=64, 1.5, f0.25, end)."""
+def _valid(fn, *args, **kwargs):
+    """fn(...) with a CsnError turned into the ValueError a schema reports with its key and value."""
     try:
-        return str(parse_time(v, "time"))
-    except CsnError as e:  # a ValueError, so the schema's message names the key and the value
+        return fn(*args, **kwargs)
+    except CsnError as e:
         text = str(e)
         why = ("a fraction of training outside [0, 1]" if "outside" in text else "a negative epoch" if "negative" in text
                else "not a point in training")
         raise ValueError(f"{why}; write {TIME_FORMS}") from None
+
+
+def _time(v: Any) -> str:
+    """A point in training, kept as its canonical text (step=64, 1.5, f0.25, end)."""
+    return str(_valid(parse_time, v, "time"))
 
 
 PEAK = "peak"
@@ -65,26 +70,16 @@ PEAK = "peak"
 quarter of training where the mean CSI of every stage but the last is largest)."""
 
 
-def _point(v: Any) -> str:
-    """A study checkpoint: a point in training, or `peak`."""
-    return PEAK if isinstance(v, str) and v.strip().lower() == PEAK else _time(v)
-
-
 def _times(v: Any, *, empty: bool = False) -> tuple[str, ...]:
-    """Checkpoints of a study: points (the nearest checkpoint), `peak`, or ranges A:B (every checkpoint from A to B);
-    empty=True allows none (the analysis is off)."""
-    items = [s.strip() for s in v.split(",") if s.strip() or not empty] if isinstance(v, str) else \
-        list(v) if isinstance(v, (list, tuple)) else [v]
-    out = []
-    for item in items:
-        if isinstance(item, str) and ":" in item:
-            a, b = item.split(":", 1)
-            out.append(f"{_point(a)}:{_point(b)}")
-        else:
-            out.append(_point(item))
-    if (not out and not empty) or any(not s for s in out):
+    """Checkpoints of a study (csn.core.times' lists): points (the nearest checkpoint), `peak`, or ranges A:B (every
+    checkpoint from A to B), kept as canonical text; empty=True allows none (the analysis is off)."""
+    items = v if isinstance(v, (list, tuple)) else [v]
+    if empty and (not items or all(isinstance(i, str) and not i.strip() for i in items)):
+        return ()
+    if any(isinstance(i, str) and not i.strip() for i in items) or not items:
         raise ValueError("give at least one point in training, e.g. ['peak', 'end'] or ['step=16', 'step=64', 'end']")
-    return tuple(out)
+    return tuple(str(i) for i in _valid(parse_times, [str(i) if not isinstance(i, str) else i for i in items],
+                                        "time", keywords=(PEAK,)))
 
 
 Time = Annotated[str, BeforeValidator(_time)]
@@ -302,26 +297,17 @@ def uses_peak(items: tuple[str, ...]) -> bool:
 
 def select_steps(steps: list[int], items: tuple[str, ...], steps_per_epoch: int, total: int,
                  peak: int | None = None) -> list[int]:
-    """Checkpoint steps of a study's times on a run with checkpoints at `steps`: each point's nearest checkpoint,
-    every checkpoint of a range; `peak` is the run's selectivity peak (a checkpoint step)."""
-    def step(t: str) -> int:
-        if t != PEAK:
-            return parse_time(t).step(steps_per_epoch, total)
+    """Checkpoint steps of a study's times on a run with checkpoints at `steps` (csn.core.times.resolve: each point's
+    nearest checkpoint, every checkpoint of a range); `peak` is the run's selectivity peak (a checkpoint step)."""
+    def keyword(word: str) -> int:
         if peak is None:
             raise CsnError("the study's checkpoints name 'peak', but this run has no selectivity peak (no selectivity "
                            "table, or no checkpoint in the first quarter of training); measure selectivity first, or "
                            "name points in training instead (step=64, f0.1).")
         return int(peak)
 
-    out: set[int] = set()
-    for item in items:
-        if ":" in item:
-            a, b = (step(t) for t in item.split(":", 1))
-            out.update(s for s in steps if a <= s <= b)
-        else:
-            want = step(item)
-            out.add(min(steps, key=lambda s: (abs(s - want), s)))
-    return sorted(out)
+    return resolve(parse_times(list(items), "the study's checkpoints", keywords=(PEAK,)), steps, steps_per_epoch,
+                   total, keyword=keyword, what="the study's checkpoints")
 
 
 def select_times(ckpts: list[Checkpoint], items: tuple[str, ...], steps_per_epoch: int, total: int,

@@ -55,6 +55,7 @@ from csn.core.bn import DEFAULT_BN_BATCHES
 from csn.core.progress import bar, hms
 from csn.core.schedules import AlphaWindow, AlphaWindows, checkpoint_steps, lr_at, parse_window_points
 from csn.core.schema import MAX_SEED, MAX_SEEDS, SEEDS_HINT, CommaList, Float, Int, Schema
+from csn.core.times import steps_text
 from csn.core.units import resolve_layers, stage_of, stages
 from csn.errors import CsnError, unknown
 from csn.experiments import window_stats as ws
@@ -678,7 +679,7 @@ def measure_selectivity(plan: Plan, jobs: list[tuple[WindowCondition, int, Job]]
         run = Run(job.out)
         layers = None if cond.alpha == 0 else _layers_of(run, cond)
         run_analysis(run, Selectivity(layers=layers, samples=plan.samples), data=data,
-                     checkpoints=",".join(map(str, plan.selectivity_steps(cond))), progress=False, log=log)
+                     checkpoints=steps_text(plan.selectivity_steps(cond)), progress=False, log=log)
 
 
 def measure_accuracy(plan: Plan, jobs: list[tuple[WindowCondition, int, Job]], *, progress: bool = True,
@@ -695,7 +696,7 @@ def measure_accuracy(plan: Plan, jobs: list[tuple[WindowCondition, int, Job]], *
     for cond, _seed, job in pbar:
         steps = plan.accuracy_steps(cond)
         if steps:
-            run_analysis(Run(job.out), Accuracy(), data=data, checkpoints=",".join(map(str, steps)),
+            run_analysis(Run(job.out), Accuracy(), data=data, checkpoints=steps_text(steps),
                          bn_recalibrate=END_BN_BATCHES, progress=False, log=log)
 
 

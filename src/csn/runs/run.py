@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import re
+import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -22,6 +22,7 @@ from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from csn.core.resources import human_bytes
 from csn.core.schema import Int, Schema, Seed, schema_error
+from csn.core.times import is_bare_number, nearest_step, parse_times, resolve
 from csn.data import DataSplits
 from csn.errors import CsnError
 from csn.models.external import require_trust
@@ -207,12 +208,13 @@ class Run:
         raise CsnError(f"run {self.name} has no checkpoint at step {step}; `csn info {self.path}` lists them.")
 
     def select(self, spec: str | None) -> list[Checkpoint]:
-        """Checkpoints chosen by a spec: None/'all', 'last', 'first', comma-separated steps or 'eE' epochs
-        (nearest checkpoint), or 'A:B' epoch ranges (inclusive)."""
+        """Checkpoints chosen by a selector (select_checkpoints): 'all' (None), 'first', points step=N, an epoch E,
+        a fraction fF or end/last (each its nearest checkpoint), ranges A:B (inclusive), comma-separated."""
         ckpts = self.checkpoints
         if not ckpts:
             raise CsnError(f"run {self.name} has no checkpoints yet; train it first with `csn train`.")
-        return select_checkpoints(ckpts, spec)
+        return select_checkpoints(ckpts, spec, total=self.info.get("total_steps"),
+                                  steps_per_epoch=self.info.get("steps_per_epoch"))
 
     def load_state(self, ckpt: Checkpoint) -> dict[str, torch.Tensor]:
         """Load a checkpoint's weights after verifying its sha256 (and the file's header)."""
@@ -446,61 +448,61 @@ def write_manifest(ckpt_dir: str | Path, ckpts: list[Checkpoint]) -> None:
     write_text(Path(ckpt_dir) / MANIFEST, "".join(json.dumps(c.to_json(), sort_keys=True) + "\n" for c in ckpts))
 
 
-_STEP_RE = re.compile(r"\+?[0-9]{1,18}", re.ASCII)
-_NUMBER_RE = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]{1,3})?", re.ASCII)
-
-
-def _selector_number(text: str) -> float:
-    """A finite decimal number of a checkpoint selector (no nan/inf, '1_0' or non-ASCII digits)."""
-    t = text.strip()
-    if not _NUMBER_RE.fullmatch(t) or not math.isfinite(float(t)):
-        raise ValueError(t)
-    return float(t)
-
-
 def nearest_checkpoint(ckpts: Sequence[Checkpoint], *, step: int | None = None,
                        epoch: float | None = None) -> Checkpoint:
     """The checkpoint nearest to `step` or to `epoch` (give one); the earlier one on a tie."""
     if (step is None) == (epoch is None):
         raise TypeError("nearest_checkpoint takes step or epoch, one of them")
     if step is not None:
-        return min(ckpts, key=lambda c: (abs(c.step - step), c.step))
+        got = nearest_step([c.step for c in ckpts], step)
+        return next(c for c in ckpts if c.step == got)
     return min(ckpts, key=lambda c: (abs(c.epoch - epoch), c.step))
 
 
-def select_checkpoints(ckpts: list[Checkpoint], spec: str | None) -> list[Checkpoint]:
-    """See Run.select."""
-    if spec is None or str(spec).strip() in ("", "all"):
+_LEGACY_EPOCH = re.compile(r"e([0-9.]+(?:[eE][+-]?[0-9]+)?)", re.ASCII)
+
+
+def select_checkpoints(ckpts: Sequence[Checkpoint], spec: str | None, *, total: int | None = None,
+                       steps_per_epoch: int | None = None, what: str = "--checkpoints",
+                       note: Callable[[str], None] | None = None) -> list[Checkpoint]:
+    """The checkpoints a selector names (csn.core.times' grammar): 'all' (or None), 'first', points (step=N, an
+    epoch E, a fraction fF, end/last: each its nearest checkpoint) and ranges A:B (inclusive), comma-separated;
+    'eE' (an epoch) is read as before. total / steps_per_epoch: the run's (run.json); by default from the
+    checkpoints. A bare number is an epoch, as everywhere in csn; selectors read it as a step until 2026-12-05, so
+    each one gets a line on `note` (default: stderr) naming step=N, and one past the run names it in the error."""
+    if not ckpts:
+        raise CsnError(f"{what}: the run has no checkpoints yet; train it first with `csn train`.")
+    if spec is None or str(spec).strip().lower() in ("", "all"):
         return list(ckpts)
-    chosen: list[Checkpoint] = []
+    steps = [c.step for c in ckpts]
+    total = steps[-1] if total is None else int(total)
+    if steps_per_epoch is None:
+        known = [c for c in ckpts if c.epoch > 0]
+        steps_per_epoch = max(1, round(known[-1].step / known[-1].epoch)) if known else 1
+    say = note or _note
+    tokens = []
     for tok in str(spec).split(","):
-        tok = tok.strip()
-        try:
-            if tok == "last":
-                hits = [ckpts[-1]]
-            elif tok == "first":
-                hits = [ckpts[0]]
-            elif ":" in tok:
-                a, b = tok.split(":", 1)
-                lo = _selector_number(a) if a.strip() else -1.0
-                hi = float("inf") if b.strip() in ("", "end") else _selector_number(b)
-                hits = [c for c in ckpts if lo - 1e-9 <= c.epoch <= hi + 1e-9]
-            elif tok.startswith("e"):
-                e = _selector_number(tok[1:])
-                if not -1e-9 <= e <= ckpts[-1].epoch + 1e-9:
-                    raise CsnError(f"checkpoint selector {tok!r} asks for epoch {e:g}, outside the checkpoints (epochs "
-                                   f"0 to {ckpts[-1].epoch:g}); use an epoch in that range, or 'first' / 'last'.")
-                hits = [nearest_checkpoint(ckpts, epoch=e)]
-            else:
-                if not _STEP_RE.fullmatch(tok):
-                    raise ValueError(tok)
-                s = int(tok)
-                hits = [c for c in ckpts if c.step == s]
-                if not hits:
-                    raise CsnError(f"no checkpoint at step {s}; available steps: {', '.join(str(c.step) for c in ckpts)}.")
-        except ValueError:
-            raise CsnError(f"bad checkpoint selector {tok!r}; use 'all', 'last', 'first', steps like '0,64', epochs like 'e1.5', or an epoch range like '0:2'.") from None
-        chosen.extend(c for c in hits if c not in chosen)
+        m = _LEGACY_EPOCH.fullmatch(tok.strip())
+        tok = m.group(1) if m else tok.strip()
+        if is_bare_number(tok):
+            epoch = float(tok)
+            if epoch > ckpts[-1].epoch + 1e-9:
+                raise CsnError(f"{what} {tok!r} is epoch {tok}, after the run's last checkpoint (epoch "
+                               f"{ckpts[-1].epoch:g}, step {ckpts[-1].step}); a bare number is an epoch in every csn "
+                               f"flag and file (selectors read it as a step until 2026-12-05): for step {tok} write "
+                               f"step={tok}.")
+            if not m:
+                say(f"note: {what} {tok!r} is epoch {tok} (its nearest checkpoint): a bare number is an epoch in every "
+                    f"csn flag and file (selectors read it as a step until 2026-12-05); for step {tok} write step={tok}.")
+        tokens.append(tok)
+    items = parse_times(tokens, what, keywords=("first", "all"))
+    chosen = resolve(items, steps, steps_per_epoch, total, what=what, note=say,
+                     keyword=lambda w: steps[0] if w == "first" else list(steps))
+    by_step = {c.step: c for c in ckpts}
     if not chosen:
-        raise CsnError(f"checkpoint selector {spec!r} matches no checkpoint.")
-    return sorted(chosen, key=lambda c: c.step)
+        raise CsnError(f"{what} {spec!r} matches no checkpoint; `csn info RUN` lists them.")
+    return [by_step[s] for s in chosen]
+
+
+def _note(message: str) -> None:
+    print(message, file=sys.stderr)

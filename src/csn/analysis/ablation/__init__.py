@@ -11,7 +11,7 @@ Three layers, each usable on its own:
 * `Ablation` (analysis.py) - the sweep over a run's checkpoints into tables/ablation.parquet, on top of
   csn.analysis.base.run_analysis (resume, BN policy, one compatibility rule, torchrun):
 
-      run_analysis("runs/fmnist", Ablation(draws=5, grid="f:0,0.25,0.5,1"), checkpoints="e0.125,last")
+      run_analysis("runs/fmnist", Ablation(draws=5, grid="f:0,0.25,0.5,1"), checkpoints="0.125,end")
 
 `summarize_ablation` (summary.py) turns a table into normalized curves, areas and selective-vs-random gaps.
 """

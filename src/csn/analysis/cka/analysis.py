@@ -94,8 +94,8 @@ class CkaOptions(Schema):
         "Default: the declared read points (every residual block's output) + logits.",
         json_schema_extra={"metavar": "PATTERN", "multiple": True})
     reference: str = Field(
-        "last", description="Reference checkpoint for --mode across: first, last (= end), a step (64 or step=64) or "
-        "the checkpoint nearest an epoch (e2).", json_schema_extra={"metavar": "first|last|STEP|eE"})
+        "last", description="Reference checkpoint for --mode across: first, last (= end), or the checkpoint nearest a "
+        "point in training: step=64, an epoch (2) or a fraction (f0.5).", json_schema_extra={"metavar": "TIME"})
     previous: bool = Field(True, description="With --mode across, also compare each checkpoint with the previous "
                            "one of the run.")
     samples: Samples = Field(None, description="A seeded subset of N examples of the split [default: all].",
@@ -154,21 +154,13 @@ def match_checkpoints(ckpts_a: Sequence[Checkpoint], ckpts_b: Sequence[Checkpoin
 
 
 def resolve_reference(run: Run, reference: str | int | None) -> Checkpoint:
-    """The reference checkpoint of the across comparison: 'first', 'last', a step, or 'eE' (nearest epoch)."""
+    """The reference checkpoint of the across comparison: one point in training (csn.core.times: first, last/end,
+    step=N, an epoch E, a fraction fF; the nearest checkpoint), default the last."""
     ref = "last" if reference is None else str(reference).strip()
-    ref = {"end": "last"}.get(ref, ref.removeprefix("step="))
-    ckpts = run.checkpoints
-    digits = ref.removeprefix("+")
-    if digits.isascii() and digits.isdigit() and ckpts and int(digits) > ckpts[-1].step:
-        raise CsnError(f"--reference {reference!s} is past the run's last checkpoint (step {ckpts[-1].step}); use first, "
-                       "last, the step of a checkpoint (`csn info RUN` lists them) or eE.")
-    try:
-        hits = select_checkpoints(ckpts, ref)
-    except CsnError as e:
-        raise CsnError(f"bad --reference {ref!r} ({str(e).rstrip('.')}); use first, last, a step or eE.") from None
-    if len(hits) != 1 or "," in ref or ":" in ref:
-        raise CsnError(f"--reference {ref!r} must name one checkpoint: first, last, a step (e.g. 64) or an epoch (e.g. e2).")
-    return hits[0]
+    if "," in ref or ":" in ref or ref.lower() == "all":
+        raise CsnError(f"--reference {ref!r} must name one checkpoint: first, last, step=64, an epoch (2) or f0.5.")
+    return select_checkpoints(run.checkpoints, ref, total=run.info.get("total_steps"),
+                              steps_per_epoch=run.info.get("steps_per_epoch"), what="--reference")[0]
 
 
 def reduce_cka(acc: CKAAccumulator) -> CKAAccumulator:
