@@ -37,7 +37,7 @@ from csn.core.schema import AllIsNone, Int, Schema
 from csn.core.trace import TraceDict
 from csn.core.units import stages
 from csn.data import BatchLoader, DataSplits
-from csn.data.loaders import folder_loader, shard_split, subset
+from csn.data.loaders import in_memory, shard_split, split_loader, subset
 from csn.data.validate import require_every_class
 from csn.errors import CsnError
 from csn.runs.lock import main_lock
@@ -58,9 +58,10 @@ Samples = Annotated[Annotated[Int, Field(ge=1)] | None, AllIsNone]  # ge on the 
 class RunOptions(Schema):
     """What every analysis of a run's checkpoints shares: which checkpoints, BatchNorm, table tag, devices."""
 
-    checkpoints: str | None = Field(None, description="Which checkpoints: all (default), first, last, steps '0,64', "
-                                    "nearest epochs 'e0.5,e2', epoch ranges '0:1' (comma-separate to combine).",
-                                    json_schema_extra={"metavar": "SPEC"})
+    checkpoints: str | None = Field(None, description="Which checkpoints: all (default), first, last/end, the "
+                                    "checkpoint nearest each point 'step=64', an epoch '1.5' or a fraction 'f0.25', "
+                                    "ranges 'A:B' ('0:1', 'step=0:f0.25'); comma-separated. A bare number is an epoch.",
+                                    json_schema_extra={"metavar": "TIMES"})
     bn_recalibrate: Int | None = Field(None, ge=0, description="Re-estimate BatchNorm statistics from N training "
                                        "batches before measuring (0 = off). Default: 16 batches for checkpoints before "
                                        "epoch 1, where stored statistics lag the weights.",
@@ -106,11 +107,8 @@ def eval_loader(run: Run, data: DataSplits, split: str = "test", *, batch_size: 
     bs = batch_size or run.config.eval_batch_size
     if shard:
         s = shard_split(s, bs if whole_batches or -(-len(s) // bs) >= dist.world_size() else None)
-    if hasattr(s, "images"):
-        return BatchLoader(s, bs, shuffle=False, device=device)
     cfg = run.config
-    return folder_loader(s, batch_size=bs, train=False, device=torch.device(device), seed=cfg.seed,
-                         workers=cfg.workers, channels_last=cfg.channels_last)
+    return split_loader(s, bs, device, run_seed=cfg.seed, workers=cfg.workers, channels_last=cfg.channels_last)
 
 
 def check_subset(data: DataSplits, split: str, samples: int | None, num_classes: int | None) -> None:
@@ -137,15 +135,9 @@ def bn_loader(run: Run, data: DataSplits, device: str | torch.device = "cpu") ->
     The order is a seeded shuffle for folder datasets too (an ImageFolder lists its images class by
     class, so its first batches in file order would hold one or two classes).
     """
-    s = split_of(data, "train")
     cfg = run.config
-    seed = cfg.seed + BN_SEED_OFFSET
-    if hasattr(s, "images"):
-        return BatchLoader(s, cfg.batch_size, shuffle=True, seed=seed, device=device)
-    order = torch.randperm(len(s), generator=torch.Generator().manual_seed(seed))
-    return folder_loader(torch.utils.data.Subset(s, order.tolist()), batch_size=cfg.batch_size, train=False,
-                         device=torch.device(device), seed=cfg.seed, workers=cfg.workers,
-                         channels_last=cfg.channels_last)
+    return split_loader(split_of(data, "train"), cfg.batch_size, device, seed=cfg.seed + BN_SEED_OFFSET,
+                       run_seed=cfg.seed, workers=cfg.workers, channels_last=cfg.channels_last)
 
 
 @dataclass
@@ -191,7 +183,7 @@ def require_finite_outputs(model: torch.nn.Module, data: DataSplits, device: str
     analysis measures it, so that no row is ever computed from a diverged checkpoint."""
     split = split_of(data, "test")
     n = min(FIRST_BATCH, len(split))
-    if hasattr(split, "images"):
+    if in_memory(split):
         x = next(iter(BatchLoader(split, n, shuffle=False, device=device)))[0]
     else:
         x = torch.stack([split[i][0] for i in range(n)]).to(device)

@@ -56,8 +56,7 @@ from csn.core.schema import CommaList, Int, Schema
 from csn.core.stats import EPS, STUDY_EPS, STUDY_GROUP, group_csi_nowait
 from csn.core.trace import TraceDict
 from csn.core.units import eval_mode, resolve_layers, split_batch, stage_of, to_device
-from csn.data import BatchLoader
-from csn.data.loaders import folder_loader, subset
+from csn.data.loaders import split_loader, subset
 from csn.errors import CsnError
 from csn.runs.run import Checkpoint
 from csn.runs.table import TableSpec
@@ -121,13 +120,9 @@ def group_csi_sum(acts: Tensor, labels: Tensor, num_classes: int, group: int, cl
 def shuffled_loader(ctx: Context, split: str, samples: int | None, batch_size: int) -> Any:
     """The split (or its seeded subset) in the fixed random order SPARSITY_SEED, unaugmented; the whole split on
     every rank (not sharded)."""
-    s = subset(split_of(ctx.data, split), samples, SUBSET_SEED)
-    if hasattr(s, "images"):
-        return BatchLoader(s, batch_size, shuffle=True, seed=SPARSITY_SEED, device=ctx.device)
-    order = torch.randperm(len(s), generator=torch.Generator().manual_seed(SPARSITY_SEED))
     cfg = ctx.run.config
-    return folder_loader(torch.utils.data.Subset(s, order.tolist()), batch_size=batch_size, train=False,
-                         device=ctx.device, seed=cfg.seed, workers=cfg.workers, channels_last=cfg.channels_last)
+    return split_loader(subset(split_of(ctx.data, split), samples, SUBSET_SEED), batch_size, ctx.device,
+                       seed=SPARSITY_SEED, run_seed=cfg.seed, workers=cfg.workers, channels_last=cfg.channels_last)
 
 
 class _Sums:

@@ -9,9 +9,29 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
-from csn.data.tensors import TensorSplit, mix_seed
+from csn.data.tensors import BatchLoader, TensorSplit, mix_seed
 from csn.dist import rank, shard_range, world_size
 from csn.errors import CsnError
+
+
+def in_memory(split: Any) -> bool:
+    """Whether a split is held in memory (a TensorSplit: images and labels as tensors, batched by BatchLoader)
+    rather than a torch Dataset read from files by a DataLoader with workers (ImageFolder)."""
+    return isinstance(split, TensorSplit)
+
+
+def split_loader(split: Any, batch_size: int, device: torch.device | str, *, seed: int | None = None,
+                run_seed: int = 0, workers: int = 0, channels_last: bool = False) -> Any:
+    """The split unaugmented for measuring: in its order, or (seed given) in one fixed order shuffled by `seed`; a
+    BatchLoader for an in-memory split, else a DataLoader with `workers` (run_seed, channels_last: the run's)."""
+    device = torch.device(device)
+    if in_memory(split):
+        return BatchLoader(split, batch_size, shuffle=seed is not None, seed=0 if seed is None else seed, device=device)
+    if seed is not None:
+        order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
+        split = Subset(split, order.tolist())
+    return folder_loader(split, batch_size=batch_size, train=False, device=device, seed=run_seed, workers=workers,
+                         channels_last=channels_last)
 
 
 def subset(split: Any, n: int | None, seed: int) -> Any:

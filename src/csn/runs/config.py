@@ -18,6 +18,7 @@ from csn.core.schema import CommaList, Float, Int, Schema, Seed, set_override
 from csn.core.stats import EPS, STUDY_EPS, STUDY_GROUP
 from csn.core.units import stages, stages_from_patterns
 from csn.data import DataSplits, load_dataset
+from csn.data.loaders import in_memory
 from csn.data.validate import require_every_class
 from csn.errors import CsnError, unknown
 from csn.models import create_model
@@ -330,7 +331,7 @@ def load_data(cfg: TrainConfig) -> DataSplits:
     if cfg.dataset == "synthetic":
         kwargs.setdefault("seed", 0)
     data = load_dataset(cfg.dataset, cfg.data_root, **kwargs)
-    if hasattr(data.train, "subset"):
+    if in_memory(data.train):
         for split, n, seed in (("train", cfg.train_samples, 1234), ("test", cfg.test_samples, 4321)):
             full = getattr(data, split)
             sub = full.subset(n, seed=seed)

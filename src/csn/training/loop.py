@@ -26,7 +26,7 @@ from csn.core.progress import bar
 from csn.core.resources import check_disk_space, check_limit, env_limit, state_dict_bytes
 from csn.core.schedules import alpha_windows, checkpoint_steps, lr_at, total_steps
 from csn.data import BatchLoader
-from csn.data.loaders import folder_loader, shard_split, subset
+from csn.data.loaders import folder_loader, in_memory, shard_split, subset
 from csn.errors import CsnError, unknown
 from csn.runs.config import TrainConfig, build_model_for, data_info, is_preset_checkpoints, load_data
 from csn.runs.io import load_tensors, save_tensors, write_json, write_table
@@ -64,7 +64,7 @@ def make_loader(split, cfg: TrainConfig, *, train: bool, device: torch.device, s
     rank, world = dist.rank(), dist.world_size()
     if shard and not train and world > 1:
         split = shard_split(split)  # sums (correct, loss): one contiguous chunk of examples per rank
-    if hasattr(split, "images"):
+    if in_memory(split):
         if cfg.augment not in AUGMENT:
             raise unknown("augmentation", cfg.augment, AUGMENT)
         return BatchLoader(split, cfg.batch_size if train else cfg.eval_batch_size, shuffle=train, seed=cfg.seed,

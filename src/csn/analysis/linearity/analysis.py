@@ -77,6 +77,7 @@ from csn.analysis.linearity.measures import (
 )
 from csn.core.schema import CommaList, Int, Schema
 from csn.data import DataSplits
+from csn.data.loaders import in_memory
 from csn.dist import is_dist
 from csn.errors import CsnError, unknown
 from csn.runs.io import load_tensors, save_tensors
@@ -181,7 +182,7 @@ def linear_model_for_run(run: Run, data: DataSplits, *, epochs: int | None = Non
     and saved there atomically. Returns (nn.Linear on CPU, metadata with its train/test accuracy)."""
     fit = _fit_settings(epochs, lr)
     path = linear_model_path(run)
-    if not (hasattr(data.train, "images") and hasattr(data.test, "images")):
+    if not (in_memory(data.train) and in_memory(data.test)):
         raise CsnError(f"the linear-model measure needs an in-memory dataset (run {run.name} uses "
                        f"{data.name}); pass --measures linearized,relu.")
     num_features = int(np.prod(data.train.images.shape[1:]))
