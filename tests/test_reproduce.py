@@ -54,14 +54,20 @@ def test_claims_json_structure(smoke):
 
 def test_the_plan_comes_first(smoke):
     _, output = smoke
-    assert output.index("plan of study 'smoke'") < output.index("[1/10] train baseline-s0")
-    # each seed's analyses start once its three runs are trained; linearity after the first seed's (the shared fit)
-    order = [re.search(rf"^\[\d+/10\] {re.escape(t)}", output, re.M) for t in (
-        "train baseline-s0", "train reg-from-0-s0", "train reg-from-1-s0", "analyses of seed 0", "linearity of seed 0",
-        "linearity of seed 1")]
-    assert all(order), output
-    starts = [m.start() for m in order]
-    assert starts[3] > max(starts[:3]) and starts[5] > starts[4], output
+    assert output.index("plan of study 'smoke'") < output.index("[1/16] train baseline-s0")
+    # analyses start once the runs they read are trained (and the baseline's selectivity gives its peak); linearity
+    # after the first seed's (the shared fit)
+    def start(label: str) -> int:
+        m = re.search(rf"^\[\d+/16\] {re.escape(label)}", output, re.M)
+        assert m, (label, output)
+        return m.start()
+
+    assert start("final accuracy and selectivity of baseline-s0") > start("train baseline-s0")
+    assert start("ablation of baseline-s0") > start("final accuracy and selectivity of baseline-s0")
+    for cond in ("reg-from-0-s0", "reg-from-1-s1"):
+        assert start(f"final accuracy, selectivity, CKA of {cond}") > start(f"train {cond}")
+    assert start("linearity of baseline-s1") > start("linearity of baseline-s0")
+    assert re.search(r"^median time per task: training .* \(planned .*\); baseline ", output, re.M), output
     assert output.index("claims (elapsed") < output.index("report (elapsed") < output.index("done (elapsed")
     assert "verdicts at 2 seeds" in output and "estimated time: about" in output
 

@@ -1,6 +1,6 @@
-"""csn.experiments.runner.run_tasks: a task starts once the tasks it comes after have finished, the earliest ready
-task in the list first, in this process or in worker processes; a cycle or an unknown name is refused before any
-work; a failing task stops the rest."""
+"""csn.experiments.runner.run_tasks: a task starts once the tasks it comes after have finished; among ready tasks
+the one heading the heaviest chain of work first (the earlier in the list on a tie), in this process or in worker
+processes; a cycle or an unknown name is refused before any work; a failing task stops the rest."""
 
 from __future__ import annotations
 
@@ -28,14 +28,17 @@ def _lines(path: Path) -> list[tuple[str, int]]:
     return [(a, int(b)) for a, b in (line.split() for line in path.read_text().splitlines())]
 
 
-def test_tasks_run_after_their_dependencies_in_list_order(tmp_path):
+def test_tasks_run_after_their_dependencies_heaviest_chain_first(tmp_path):
     log = tmp_path / "log"
     tasks = [Task("c", record, (str(log), "c"), after=("b",)), Task("a", record, (str(log), "a")),
              Task("b", record, (str(log), "b"), after=("a",)), Task("d", record, (str(log), "d"))]
     run_tasks(tasks, parallel=1, progress=False)
-    # c is first in the list but waits on b, which waits on a; d, ready from the start, is last in the list: each
-    # time, the earliest ready task in the list runs
+    # a heads the chain a-b-c (3) and d only itself (1); then b (2) before d; then c and d tie: c is earlier in the list
     assert [n for n, _ in _lines(log)] == ["a", "b", "c", "d"]
+    log.unlink()
+    heavy = [Task("light", record, (str(log), "light")), Task("heavy", record, (str(log), "heavy"), weight=5.0)]
+    run_tasks(heavy, parallel=1, progress=False)
+    assert [n for n, _ in _lines(log)] == ["heavy", "light"]
     assert {p for _, p in _lines(log)} == {os.getpid()}
 
 
@@ -88,12 +91,35 @@ def test_the_planned_time_follows_the_same_rule():
         return Task(key, record, ("x", key), after=after, weight=w)
 
     runs = [t("a", 10), t("b", 10), t("c", 10)]
-    # a and b from 0 to 10; then c (earlier in the list) and a's analysis from 10; c ends at 20
+    # a heads the heaviest chain (14): a and b from 0 to 10; then c and a's analysis from 10; c ends at 20
     assert schedule_seconds(runs + [t("an-a", 4, ("a",))], 2) == 20
-    # the analysis of c waits for c: 10 + 10 + 4
-    assert schedule_seconds(runs + [t("an-c", 4, ("c",))], 2) == 24
+    # the analysis of c waits for c, so c starts first: c and a from 0, then b and c's analysis from 10
+    assert schedule_seconds(runs + [t("an-c", 4, ("c",))], 2) == 20
     # one at a time: the sum; done tasks cost nothing
     assert schedule_seconds(runs + [t("an-a", 4, ("a",))], 1) == 34
     assert schedule_seconds(runs + [t("an-a", 4, ("a",))], 2, done={"a", "b"}) == 10
     with pytest.raises(ValueError, match="cycle"):
         schedule_seconds([t("p", 1, ("q",)), t("q", 1, ("p",))], 2)
+
+
+def test_tasks_writing_in_one_run_never_run_at_once(tmp_path):
+    def w(key, weight, run):
+        return Task(key, record, (str(tmp_path / "log"), key, 0.5), weight=weight, writes=run)
+
+    assert schedule_seconds([w("a", 10, "r1"), w("b", 10, "r1"), w("c", 3, "r2")], 2) == 20
+    assert schedule_seconds([w("a", 10, "r1"), w("b", 10, "r2")], 2) == 10
+    log = tmp_path / "log"
+    spans = tmp_path / "spans"
+    tasks = [Task(k, span, (str(spans), k), writes="r1") for k in ("x", "y")] + [Task("z", span, (str(spans), "z"))]
+    run_tasks(tasks, parallel=2, progress=False)
+    times = {k: (float(a), float(b)) for k, a, b in (line.split() for line in spans.read_text().splitlines())}
+    assert times["x"][1] <= times["y"][0] or times["y"][1] <= times["x"][0], times
+    assert not log.exists()
+
+
+def span(path: str, name: str) -> None:
+    """A task for the tests: sleep 1 s and append `name start end` (wall clock) to a file."""
+    t0 = time.time()
+    time.sleep(1.0)
+    with open(path, "a") as f:
+        f.write(f"{name} {t0} {time.time()}\n")

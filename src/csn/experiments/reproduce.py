@@ -141,36 +141,48 @@ class Reproduction:
 
     # ------------------------------------------------------------------ tasks
     def tasks(self, trusted: bool = False) -> list[Task]:
-        """The study as a graph of tasks (csn.experiments.runner.run_tasks), each weighted by the plan's seconds:
-        the runs of each seed (baseline, from step 0, late), then per seed, once its three runs are trained, its
-        analyses (final accuracy of the three, selectivity of the baseline and then of the regularized runs, which
-        read their baseline's peak, the baseline's ablation sweeps, CKA) and its linearity (after the first seed's,
-        which fits the shared linear classifier). Listed training first: a free worker trains while runs are left,
-        and the analyses of finished seeds fill the cores the last runs leave idle. trusted: models named as code
-        may be rebuilt (passed to the workers)."""
+        """The study as a graph of tasks (csn.experiments.runner.run_tasks), each weighted by the plan's seconds.
+        Per seed: its three runs; once the baseline is trained, its final accuracy and selectivity (which gives its
+        peak), then its ablation sweeps and its linearity (after the first seed's linearity, which fits the shared
+        linear classifier); once a regularized run and its baseline's selectivity are done, the run's final
+        accuracy, selectivity and CKA. The runner starts the ready task heading the heaviest chain of work first, so
+        analyses fill the cores the last runs leave idle and no long analysis is left to the end; two tasks on one
+        run never run at once (each holds the run's writer lock). trusted: models named as code may be rebuilt
+        (passed to the workers)."""
         st, costs, work = self.study, self.study.costs, {w.what: w for w in self.work()}
-        train = [train_task(job(self.base, c, s, self.out), steps=self.total, weight=work["train"].seconds)
+        fit_left = work["linear_fit"].todo if "linear" in st.linearity.measures else 0
+
+        def cost(kind: str, plan: list[tuple[Job, tuple[str, ...]]]) -> float:
+            return self._passes(kind, plan)[1] * getattr(costs, f"{kind}_seconds")
+
+        def task(key: str, method: str, args: tuple, on: Job, after: tuple[str, ...], weight: float, kind: str,
+                 label: str) -> Task:
+            return Task(key, _study_task, (self, method, args, trusted), after=after, weight=MIN_WEIGHT + weight,
+                        kind=kind, label=label, writes=str(on.out))
+
+        tasks = [train_task(job(self.base, c, s, self.out), steps=self.total, weight=work["train"].seconds)
                  for s in range(st.seeds) for c in self.conds]
-        tasks, linear, fit_left = list(train), "linear" in st.linearity.measures, work["linear_fit"].todo
         for s in range(st.seeds):
             base, regs = self._seed_jobs(s)
-            left = {"accuracy": self._passes("accuracy", [(j, ("end",)) for j in (base, *regs)])[1],
-                    "selectivity": self._passes("selectivity", [(base, st.selectivity_checkpoints)] +
-                                                [(j, st.reg_selectivity_checkpoints) for j in regs])[1],
-                    "ablation": self._passes("ablation", [(base, st.ablation_checkpoints)])[1],
-                    "cka": self._passes("cka", [(j, st.cka_checkpoints) for j in regs])[1] if st.cka_checkpoints else 0,
-                    "linearity": self._passes("linearity", [(base, st.linearity_checkpoints)])[1]}
-            key = f"analyses-s{s}"
-            tasks.append(Task(key, _analyse_seed, (self, s, trusted), after=tuple(str(j.out) for j in (base, *regs)),
-                              weight=MIN_WEIGHT + sum(left[k] * getattr(costs, f"{k}_seconds") for k in
-                                                      ("accuracy", "selectivity", "ablation", "cka")),
-                              kind="analyses", label="analyses of seed {}: final accuracy, selectivity, ablation{}"
-                              .format(s, ", CKA" if st.cka_checkpoints else "")))
-            tasks.append(Task(f"linearity-s{s}", _linearity_seed, (self, s, trusted),
-                              after=(key,) if s == 0 else (key, "linearity-s0"),
-                              weight=MIN_WEIGHT + left["linearity"] * costs.linearity_seconds +
-                              (fit_left * costs.linear_fit_seconds if s == 0 and linear else 0.0),
-                              kind="linearity", label=f"linearity of seed {s}"))
+            b, sel = str(base.out), f"baseline-analyses-s{s}"
+            tasks.append(task(sel, "analyse_baseline", (s,), base, (b,), cost("accuracy", [(base, ("end",))]) +
+                              cost("selectivity", [(base, st.selectivity_checkpoints)]), "baseline",
+                              f"final accuracy and selectivity of {base.out.name}"))
+            tasks.append(task(f"ablation-s{s}", "ablate_baseline", (s,), base, (sel,),
+                              cost("ablation", [(base, st.ablation_checkpoints)]), "ablation",
+                              f"ablation of {base.out.name}"))
+            tasks.append(task(f"linearity-s{s}", "linearity_seed", (s,), base,
+                              (sel,) if s == 0 else (sel, "linearity-s0"),
+                              cost("linearity", [(base, st.linearity_checkpoints)]) +
+                              (fit_left * costs.linear_fit_seconds if s == 0 else 0.0), "linearity",
+                              f"linearity of {base.out.name}"))
+            for i, j in enumerate(regs):
+                cka = cost("cka", [(j, st.cka_checkpoints)]) if st.cka_checkpoints else 0.0
+                tasks.append(task(f"reg-analyses-{j.out.name}", "analyse_regularized", (s, i), j, (str(j.out), sel),
+                                  cost("accuracy", [(j, ("end",))]) +
+                                  cost("selectivity", [(j, st.reg_selectivity_checkpoints)]) + cka, "regularized",
+                                  f"final accuracy, selectivity{', CKA' if st.cka_checkpoints else ''} of "
+                                  f"{j.out.name}"))
         return tasks
 
     def estimate(self) -> float:
@@ -182,37 +194,45 @@ class Reproduction:
         """The baseline job of `seed` and its regularized jobs."""
         return job(self.base, self.conds[0], seed, self.out), [job(self.base, c, seed, self.out) for c in self.conds[1:]]
 
-    def analyse_seed(self, seed: int) -> None:
-        """Every analysis of one seed's runs but linearity (see tasks)."""
-        st = self.study
-        base, regs = self._seed_jobs(seed)
-        measure_final(self.runs([base, *regs]), progress=self.progress)
-        self._analyse([base], st.selectivity_checkpoints, Selectivity(st.selectivity))
-        self._analyse(regs, st.reg_selectivity_checkpoints, Selectivity(st.selectivity))
-        self._analyse([base], st.ablation_checkpoints, Ablation(st.ablation))
-        if st.cka_checkpoints:
-            for j in regs:
-                self._analyse([j], st.cka_checkpoints, Cka(st.cka.replace(mode="runs", run_b=str(base.out))))
+    def analyse_baseline(self, seed: int) -> None:
+        """Final accuracy and selectivity of the baseline run of `seed` (see tasks)."""
+        base = self._seed_jobs(seed)[0]
+        data = Run(base.out).dataset()  # read once for the task's analyses
+        measure_final(self.runs([base]), data=data, progress=self.progress)
+        self._analyse([base], self.study.selectivity_checkpoints, Selectivity(self.study.selectivity), data)
+
+    def ablate_baseline(self, seed: int) -> None:
+        """The ablation sweeps of the baseline run of `seed`, at the checkpoints its selectivity peak gives."""
+        self._analyse([self._seed_jobs(seed)[0]], self.study.ablation_checkpoints, Ablation(self.study.ablation))
 
     def linearity_seed(self, seed: int) -> None:
         """Linearity of one seed's baseline run. The linear classifier depends on the data alone: the first seed's
         task fits it, the others copy it (share_linear_model, with its sha256 sidecar) and check it when they load it."""
         st, (base, _) = self.study, self._seed_jobs(seed)
-        first = self._seed_jobs(0)[0]
         if "linear" in st.linearity.measures and seed != 0:
-            dist.on_main(share_linear_model, Run(first.out), [Run(base.out)])
+            dist.on_main(share_linear_model, Run(self._seed_jobs(0)[0].out), [Run(base.out)])
         self._analyse([base], st.linearity_checkpoints, Linearity(st.linearity))
 
-    def _analyse(self, jobs: list[Job], items: tuple[str, ...], analysis) -> None:
+    def analyse_regularized(self, seed: int, index: int) -> None:
+        """Final accuracy, selectivity and CKA against its baseline of regularized run `index` of `seed`."""
+        st, (base, regs) = self.study, self._seed_jobs(seed)
+        j = regs[index]
+        data = Run(j.out).dataset()
+        measure_final(self.runs([j]), data=data, progress=self.progress)
+        self._analyse([j], st.reg_selectivity_checkpoints, Selectivity(st.selectivity), data)
+        if st.cka_checkpoints:
+            self._analyse([j], st.cka_checkpoints, Cka(st.cka.replace(mode="runs", run_b=str(base.out))), data)
+
+    def _analyse(self, jobs: list[Job], items: tuple[str, ...], analysis, data=None) -> None:
         """`analysis` on the runs of `jobs` at the checkpoints the study's times select on each (runs grouped by
-        their steps, so runs that share them share one call)."""
+        their steps, so runs that share them share one call); data: the runs' DataSplits, if already read."""
         groups: dict[str, list[Run]] = {}
         for j in jobs:
             steps = self.steps_of(items, j.cfg.seed)
             if steps:
                 groups.setdefault(steps_text(steps), []).append(Run(j.out))
         for spec, runs in groups.items():
-            run_analysis(runs, analysis, checkpoints=spec, progress=self.progress)
+            run_analysis(runs, analysis, data=data, checkpoints=spec, progress=self.progress)
 
     # ------------------------------------------------------------------ plan
     def work(self) -> list[Work]:
@@ -328,7 +348,7 @@ def plan_text(rep: Reproduction, power: list[dict] | None = None) -> str:
     analyses = sum(w.todo * w.seconds for k, w in work.items() if k != "train")
     lines.append(f"  estimated time: about {hms(rep.estimate())} (work: training {hms(tr.todo * tr.seconds)} = "
                  f"{tr.todo:.3g} runs x {tr.seconds:.0f} s, {tr.source}; analyses {hms(analyses)}, declared in "
-                 f"study.costs; {st.parallel} at a time, each seed's analyses as soon as its runs are trained)")
+                 f"study.costs; {st.parallel} at a time, analyses as soon as their runs are trained)")
     lines += power_lines(power if power is not None else rep.power(), st)
     return "\n".join(lines)
 
@@ -431,16 +451,11 @@ def task_times(tasks: list[Task], spent: dict[str, float]) -> str:
     return "median time per task: " + ("; ".join(parts) if parts else "nothing was left to do")
 
 
-def _analyse_seed(rep: Reproduction, seed: int, trusted: bool) -> None:
-    """The task running Reproduction.analyse_seed (in a worker: its own bars off, code trusted as the caller said)."""
+def _study_task(rep: Reproduction, method: str, args: tuple, trusted: bool) -> None:
+    """A task of Reproduction.tasks: one of its analysis methods (in a worker: its own bars off, code trusted as the
+    caller said)."""
     with trusting_code(trusted):
-        rep.quiet().analyse_seed(seed)
-
-
-def _linearity_seed(rep: Reproduction, seed: int, trusted: bool) -> None:
-    """The task running Reproduction.linearity_seed."""
-    with trusting_code(trusted):
-        rep.quiet().linearity_seed(seed)
+        getattr(rep.quiet(), method)(*args)
 
 
 REPRODUCTION_LAYOUT: dict[str, tuple[str, ...]] = {"report": ("index.html", "*.png", "*.svg"),

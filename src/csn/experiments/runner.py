@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -130,7 +130,8 @@ class Task:
     function, args picklable). It starts once every task named in `after` has finished; among ready tasks the
     earlier in the list starts first. `weight` is its share of the whole (the plan's seconds, or a run's steps);
     a training task names its run folder (`run`, with `steps` per run) so its share advances with its checkpoints.
-    `kind` groups tasks in the progress line ('training 3/15')."""
+    `kind` groups tasks in the progress line ('training 3/15'). `writes`: the run folder the task writes in; two
+    tasks that write in one folder never run at once (each holds the run's writer lock)."""
 
     key: str
     fn: Callable[..., Any]
@@ -141,6 +142,7 @@ class Task:
     label: str = ""
     run: Path | None = None
     steps: int | None = None
+    writes: str | None = None
 
     def fraction(self) -> float:
         """How much of a training task is done (its run's last checkpoint); 0 for other tasks."""
@@ -152,10 +154,10 @@ class Task:
 def train_task(j: Job, *, steps: int | None = None, weight: float | None = None, progress: bool = False) -> Task:
     """The task that trains (or resumes) the run of `j`."""
     return Task(str(j.out), _train_job, (j.cfg.to_dict(), str(j.out), progress), weight=weight or steps or 1.0,
-                kind="training", label=f"train {j.out.name}", run=j.out, steps=steps)
+                kind="training", label=f"train {j.out.name}", run=j.out, steps=steps, writes=str(j.out))
 
 
-PERCENT_BAR = "{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}"
+PERCENT_BAR = "{desc}{percentage:3.0f}%|{bar}| {elapsed}<{remaining}"
 """The bar of tasks weighted by planned seconds (unit None): how much is done, not how many units."""
 
 
@@ -201,24 +203,70 @@ class _Progress:
         self.pbar.close()
 
 
+class _Queue:
+    """The tasks not started yet and the rule that picks the next: among the ready tasks (every task it comes
+    `after` done, and no running task writing where it writes), the one heading the heaviest chain of work still to come (its weight plus the heaviest path of
+    tasks that wait on it: critical-path list scheduling, so a long analysis is not left to the end), the earlier
+    in the list on a tie. Unknown names and cycles in `after` are refused when the queue is made."""
+
+    def __init__(self, tasks: list[Task], done: set[str]) -> None:
+        keys = {t.key for t in tasks}
+        for t in tasks:
+            missing = [a for a in t.after if a not in keys]
+            if missing:
+                raise ValueError(f"task {t.key!r} comes after unknown task(s) {missing}")
+        self.order = {t.key: i for i, t in enumerate(tasks)}
+        self.chain = _chains(tasks)
+        self.todo = [t for t in tasks if t.key not in done]
+
+    def pop(self, done: set[str], running: Iterable[Task] = ()) -> Task | None:
+        """The next task to start beside `running` (removed from the queue), or None when none is ready."""
+        busy = {t.writes for t in running if t.writes is not None}
+        ready = [t for t in self.todo if all(a in done for a in t.after) and (t.writes is None or t.writes not in busy)]
+        if not ready:
+            return None
+        best = max(ready, key=lambda t: (self.chain[t.key], -self.order[t.key]))
+        self.todo.remove(best)
+        return best
+
+
+def _chains(tasks: list[Task]) -> dict[str, float]:
+    """Per task: its weight plus the heaviest chain of tasks that come after it (directly or not)."""
+    waiting: dict[str, list[str]] = {t.key: [] for t in tasks}
+    for t in tasks:
+        for a in t.after:
+            waiting[a].append(t.key)
+    weight = {t.key: t.weight for t in tasks}
+    chain: dict[str, float] = {}
+    state: dict[str, int] = {}  # 1: being resolved, 2: resolved
+
+    def resolve(key: str) -> float:
+        if state.get(key) == 1:
+            raise ValueError(f"tasks wait on each other through {key!r}: their `after` form a cycle")
+        if state.get(key) != 2:
+            state[key] = 1
+            chain[key] = weight[key] + max((resolve(k) for k in waiting[key]), default=0.0)
+            state[key] = 2
+        return chain[key]
+
+    for t in tasks:
+        resolve(t.key)
+    return chain
+
+
 def run_tasks(tasks: list[Task], *, parallel: int = 1, progress: bool = True, desc: str = "",
               done: set[str] | None = None, unit: str | None = "task", announce: bool = False) -> dict[str, float]:
-    """Run `tasks` (those not in `done`), each once every task it comes `after` has finished, `parallel` at a time in
-    spawned worker processes that die with this one (cores / parallel torch threads each), or one after the other
-    in this process (parallel 1, and under torchrun, where every process runs every task alike). announce: a line on
-    stderr as each task starts ('[3/27] train baseline-s1 (elapsed 4m10s, about 21m left)'). On Ctrl-C or a failed
-    task nothing new starts and the tasks under way are stopped cleanly (resumable) before the error goes on. unit:
-    what the weights count ('run', 'step'), or None for planned seconds (the bar shows a percentage). Returns the
-    wall seconds of each task run here, by key."""
+    """Run `tasks` (those not in `done`), each once every task it comes `after` has finished, by _Queue's rule,
+    `parallel` at a time in spawned worker processes that die with this one (cores / parallel torch threads each),
+    or one after the other in this process (parallel 1, and under torchrun, where every process runs every task
+    alike). announce: a line on stderr as each task starts ('[3/27] train baseline-s1 (elapsed 4m10s, about 21m
+    left)'). On Ctrl-C or a failed task nothing new starts and the tasks under way are stopped cleanly (resumable)
+    before the error goes on. unit: what the weights count ('run', 'step'), or None for planned seconds (the bar
+    shows a percentage). Returns the wall seconds of each task run here, by key."""
     parallel = RunnerOptions.parse({"parallel": parallel}).parallel
-    keys = {t.key for t in tasks}
-    for t in tasks:
-        missing = [a for a in t.after if a not in keys]
-        if missing:
-            raise ValueError(f"task {t.key!r} comes after unknown task(s) {missing}")
-    done = set(done or ()) & keys
-    todo = [t for t in tasks if t.key not in done]
-    parallel = 1 if dist.is_dist() else min(parallel, len(todo) or 1)
+    done = set(done or ()) & {t.key for t in tasks}
+    queue = _Queue(tasks, done)
+    parallel = 1 if dist.is_dist() else min(parallel, len(queue.todo) or 1)
     threads = None if dist.is_dist() else max(1, (os.cpu_count() or 1) // parallel)  # torchrun sets OMP_NUM_THREADS
     bars = _Progress(tasks, done, desc, progress and dist.is_main(), unit)
 
@@ -226,50 +274,34 @@ def run_tasks(tasks: list[Task], *, parallel: int = 1, progress: bool = True, de
         if announce and dist.is_main():
             elapsed, left = bars.elapsed_and_left()
             eta = f", about {hms(left)} left" if left is not None else ""
-            bars.pbar.write(f"[{len(keys) - len(todo)}/{len(keys)}] {t.label or t.key} (elapsed {hms(elapsed)}{eta})",
-                            file=sys.stderr)
+            bars.pbar.write(f"[{len(tasks) - len(queue.todo)}/{len(tasks)}] {t.label or t.key} (elapsed "
+                            f"{hms(elapsed)}{eta})", file=sys.stderr)
 
     seconds: dict[str, float] = {}
     try:
         if parallel == 1:
-            while todo:
-                t = _next_ready(todo, bars.done)
-                todo.remove(t)
+            while (t := queue.pop(bars.done)) is not None:
                 started(t)
                 seconds[t.key] = _run_task(t.fn, t.args, threads)[1]
                 bars.task_done(t.key)
         else:
-            _run_in_workers(todo, parallel, threads, bars, started, seconds)
+            _run_in_workers(queue, parallel, threads, bars, started, seconds)
     finally:
         bars.close()
     return seconds
 
 
-def _next_ready(todo: list[Task], done: set[str]) -> Task:
-    for t in todo:
-        if all(a in done for a in t.after):
-            return t
-    raise ValueError(f"tasks {[t.key for t in todo]} wait on each other: their `after` form a cycle")
-
-
 def schedule_seconds(tasks: list[Task], parallel: int, done: set[str] | frozenset = frozenset()) -> float:
-    """How long `tasks` take `parallel` at a time by run_tasks' rule (a free worker takes the earliest ready task in
-    the list), each taking its weight in seconds (a training task: the part of its run not yet trained): the plans'
-    estimate when work runs beside other work."""
-    finished, clock = set(done), 0.0
-    todo, running = [t for t in tasks if t.key not in finished], []
-    while todo or running:
-        while len(running) < max(1, parallel):
-            ready = next((t for t in todo if all(a in finished for a in t.after)), None)
-            if ready is None:
-                break
-            todo.remove(ready)
-            running.append((clock + ready.weight * (1.0 - ready.fraction()), ready.key))
-        if not running:
-            _next_ready(todo, finished)  # raises: a cycle
-        running.sort()
-        clock, key = running.pop(0)
-        finished.add(key)
+    """How long `tasks` take `parallel` at a time by run_tasks' rule (_Queue), each taking its weight in seconds (a
+    training task: the part of its run not yet trained): the plans' estimate when work runs beside other work."""
+    finished, clock, running = set(done), 0.0, []
+    queue = _Queue(tasks, finished)
+    while queue.todo or running:
+        while len(running) < max(1, parallel) and (t := queue.pop(finished, [r for _, _, r in running])) is not None:
+            running.append((clock + t.weight * (1.0 - t.fraction()), queue.order[t.key], t))
+        running.sort(key=lambda r: r[:2])
+        clock, _, t = running.pop(0)
+        finished.add(t.key)
     return clock
 
 
@@ -295,23 +327,16 @@ def run_jobs(jobs: list[Job], *, parallel: int = 1, progress: bool = True, desc:
     return [Run(j.out) for j in jobs]
 
 
-def _run_in_workers(todo: list[Task], parallel: int, threads: int | None, bars: _Progress,
+def _run_in_workers(queue: _Queue, parallel: int, threads: int | None, bars: _Progress,
                     started: Callable[[Task], None], seconds: dict[str, float]) -> None:
-    """The tasks in `parallel` spawned worker processes, each started when a worker is free and its `after` tasks
-    have finished (the earliest ready task in the list first); their wall seconds into `seconds`."""
+    """The queue's tasks in `parallel` spawned worker processes, each started when a worker is free and the queue
+    gives a ready task; their wall seconds into `seconds`."""
     pool = ProcessPoolExecutor(parallel, mp_context=get_context("spawn"), initializer=_worker_init,
                                initargs=(os.getpid(),))
     try:
         running: dict[Any, Task] = {}
-        while todo or running:
-            while todo and len(running) < parallel:
-                ready = [t for t in todo if all(a in bars.done for a in t.after)]
-                if not ready:
-                    if not running:
-                        _next_ready(todo, bars.done)  # raises: a cycle
-                    break
-                t = ready[0]
-                todo.remove(t)
+        while queue.todo or running:
+            while len(running) < parallel and (t := queue.pop(bars.done, running.values())) is not None:
                 started(t)
                 running[pool.submit(_run_task, t.fn, t.args, threads)] = t
             finished, _ = wait(running, timeout=POLL_S, return_when=FIRST_COMPLETED)
