@@ -377,7 +377,7 @@ def test_resume_per_checkpoint(tiny_run, monkeypatch):
         return real(*args, step=step, **kw)
 
     monkeypatch.setattr(analysis_mod, "ablation_sweep", failing)
-    kw = {"checkpoints": "0,4,8", "grid": "0,2,8", "draws": 2, "stages": "layer1,layer3", "progress": False}
+    kw = {"checkpoints": "step=0,step=4,step=8", "grid": "0,2,8", "draws": 2, "stages": "layer1,layer3", "progress": False}
     with pytest.raises(KeyboardInterrupt):
         ablate_run(tiny_run, **kw)
     partial = pd.read_parquet(run.table_path("ablation"))
@@ -400,7 +400,7 @@ def test_resume_per_checkpoint(tiny_run, monkeypatch):
     df = ablate_run(tiny_run, **{**kw, "grid": "0,2,4,8", "stages": "layer1,layer2,layer3"})
     assert swept == [(0, ["layer2"]), (4, ["layer2"]), (8, ["layer2"])]  # only the stage the table lacks
     assert len(df) == 3 * 3 * 4 * 4 and set(df["stage"]) == {"layer1", "layer2", "layer3"}
-    ablate_run(tiny_run, **{**kw, "grid": "0,1,8", "checkpoints": "0"})  # a grid the table lacks: the stages are redone
+    ablate_run(tiny_run, **{**kw, "grid": "0,1,8", "checkpoints": "step=0"})  # a grid the table lacks: the stages are redone
     table = pd.read_parquet(run.table_path("ablation"))
     at0 = table[(table["step"] == 0) & table["stage"].isin(["layer1", "layer3"])]
     assert sorted(set(at0["n"])) == [0, 1, 8]  # never the union of two grids: n=2 and n=4 were replaced

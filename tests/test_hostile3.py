@@ -490,8 +490,8 @@ def test_samples_names_the_subset_not_the_split(tiny_run):
 
 def test_cka_reference_checked_before_work(tiny_run):
     msg = refused(["cka", tiny_run, "--mode", "across", "--reference", "step=12345"])
-    assert msg == ("error: --reference step=12345 is past the run's last checkpoint (step 16); use first, last, the step "
-                   "of a checkpoint (`csn info RUN` lists them) or eE."), msg
+    assert msg == ("error: --reference step=12345 is after the run's last checkpoint (step 16); choose a point up to "
+                   "step=16 (or 'end')."), msg
     assert "--reference 'yes' is not a point in training" in refused(["cka", tiny_run, "--mode", "across", "--reference", "yes"])
     assert "--reference 4 applies to --mode across only (this is --mode within)" in refused(
         ["cka", tiny_run, "--reference", "4"])

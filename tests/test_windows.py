@@ -88,8 +88,8 @@ def test_resolution_matches_exact_decimal_arithmetic(spe, epochs, a, b, unit):
     ("step=4:0.25", "covers no optimizer step"),                    # reversed across units: [4, 2)
     ("0:1,0.5:1.5", "overlap"),
     ("1:1", "starts at or after its end"), ("step=5:step=3", "starts at or after its end"),
-    ("end:end", "starts at the end of training"), ("0:", "not a number"), ("0-1", "is not START:END"),
-    ("0:1,", "empty window"), ("x:1", "not a number"), ("step=1.5:2", "not a whole number"), ("f2:end", r"outside \[0, 1\]"),
+    ("end:end", "starts at the end of training"), ("0:", "not a point in training"), ("0-1", "is not START:END"),
+    ("0:1,", "empty window"), ("x:1", "not a point in training"), ("step=1.5:2", "not a whole number"), ("f2:end", r"outside \[0, 1\]"),
 ])
 def test_bad_windows_are_one_line_errors(window, match):
     with pytest.raises(CsnError, match=match) as e:

@@ -213,8 +213,9 @@ def resolve(items: Sequence[Item], steps: Sequence[int], steps_per_epoch: int, t
         else:
             want = at(item)
             if want > last and not (isinstance(item, TimePoint) and item.unit == "end"):
-                raise CsnError(f"{what}: {item} is step {want}, after the run's last checkpoint (step {last}); choose a "
-                               f"point up to step={last} (or 'end').")
+                at = "" if item.unit == "step" else f" (step {want})"
+                raise CsnError(f"{what} {item}{at} is after the run's last checkpoint (step {last}); choose a point up "
+                               f"to step={last} (or 'end').")
             got = nearest_step(steps, want)
             if got != want and isinstance(item, TimePoint) and item.unit == "step" and note is not None:
                 note(f"note: {what} {item}: no checkpoint at step {want}; using the nearest, step {got}.")

@@ -1,5 +1,6 @@
-"""Run many training jobs (conditions x seeds), skipping finished runs and resuming partial ones,
-optionally several at once in worker processes (small models use 2 cores better as 2 single-thread jobs)."""
+"""Run many tasks, several at once in worker processes (small models use 2 cores better as 2 single-thread jobs):
+training runs (conditions x seeds; finished runs skipped, partial ones resumed) and, for `csn reproduce`, the
+analyses that wait on them (run_tasks, a graph of Tasks)."""
 
 from __future__ import annotations
 
@@ -127,8 +128,8 @@ def _train_job(cfg_dict: dict, out: str, progress: bool = False) -> str:
 @dataclass
 class Task:
     """One unit of work for run_tasks: fn(*args), in a worker process when several run at once (fn a module-level
-    function, args picklable). It starts once every task named in `after` has finished; among ready tasks the
-    earlier in the list starts first. `weight` is its share of the whole (the plan's seconds, or a run's steps);
+    function, args picklable). It starts once every task named in `after` has finished (which ready task starts
+    first: _Queue). `weight` is its share of the whole (the plan's seconds, or a run's steps);
     a training task names its run folder (`run`, with `steps` per run) so its share advances with its checkpoints.
     `kind` groups tasks in the progress line ('training 3/15'). `writes`: the run folder the task writes in; two
     tasks that write in one folder never run at once (each holds the run's writer lock)."""

@@ -481,19 +481,17 @@ def select_checkpoints(ckpts: Sequence[Checkpoint], spec: str | None, *, total: 
         steps_per_epoch = max(1, round(known[-1].step / known[-1].epoch)) if known else 1
     say = note or _note
     tokens = []
-    for tok in str(spec).split(","):
-        m = _LEGACY_EPOCH.fullmatch(tok.strip())
-        tok = m.group(1) if m else tok.strip()
+    for raw in str(spec).split(","):
+        m = _LEGACY_EPOCH.fullmatch(raw.strip())
+        tok = m.group(1) if m else raw.strip()
         if is_bare_number(tok):
-            epoch = float(tok)
-            if epoch > ckpts[-1].epoch + 1e-9:
-                raise CsnError(f"{what} {tok!r} is epoch {tok}, after the run's last checkpoint (epoch "
-                               f"{ckpts[-1].epoch:g}, step {ckpts[-1].step}); a bare number is an epoch in every csn "
-                               f"flag and file (selectors read it as a step until 2026-12-05): for step {tok} write "
-                               f"step={tok}.")
-            if not m:
-                say(f"note: {what} {tok!r} is epoch {tok} (its nearest checkpoint): a bare number is an epoch in every "
-                    f"csn flag and file (selectors read it as a step until 2026-12-05); for step {tok} write step={tok}.")
+            hint = "" if m else (f"; a bare number is an epoch in every csn flag and file (selectors read it as a step "
+                                 f"until 2026-12-05): for step {tok} write step={tok}")
+            if float(tok) > ckpts[-1].epoch + 1e-9:
+                raise CsnError(f"{what} {raw.strip()!r} is epoch {tok}, after the run's last checkpoint (epoch "
+                               f"{ckpts[-1].epoch:g}, step {ckpts[-1].step}){hint}.")
+            if hint:
+                say(f"note: {what} {tok!r} is epoch {tok} (its nearest checkpoint){hint}.")
         tokens.append(tok)
     items = parse_times(tokens, what, keywords=("first", "all"))
     chosen = resolve(items, steps, steps_per_epoch, total, what=what, note=say,
