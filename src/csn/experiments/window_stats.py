@@ -90,7 +90,7 @@ def suppression_rule(rules: Mapping[str, float] = WINDOW_RULES) -> str:
             f"({_pct(r['confidence'])}); late windows start at >= {_pct(r['late_from'])} of training. "
             f"'{Q_EARLIEST}': harm of the earliest window >= {r['min_harm']:g}, interval above 0. '{Q_MORE}': per seed "
             f"harm(earliest) − mean harm(late windows) >= {r['min_harm']:g}, interval above 0. Each does not hold when "
-            f"its interval lies inside ±{r['min_harm']:g}. '{Q_LITTLE}': the late windows' mean harm has its interval "
+            f"its interval lies below {r['min_harm']:g} (no harm of that size; or one the other way). '{Q_LITTLE}': the late windows' mean harm has its interval "
             f"below {r['little']:g} (does not hold: above it). Inconclusive otherwise, with < {int(r['min_seeds'])} "
             f"seeds, or when the earliest window lowered the stages' CSI at its end (vs the baseline at that step) by < "
             f"{_pct(r['min_csi_reduction'])}.")
