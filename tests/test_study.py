@@ -16,6 +16,7 @@ from csn.analysis.ablation import AblationOptions
 from csn.analysis.cka import CkaOptions
 from csn.analysis.linearity import LinearityOptions
 from csn.cli import main as cli
+from csn.core.times import onset_epoch
 from csn.data import write_idx
 from csn.errors import CsnError
 from csn.experiments.claims import INCONCLUSIVE, planned_power
@@ -24,7 +25,6 @@ from csn.experiments.study import (
     Study,
     StudyConfig,
     load_study,
-    onset_epoch,
     select_steps,
     select_times,
     study_names,

@@ -231,7 +231,7 @@ def _point_segment(seg: str, spe: int, epochs: float, total: int, clip: list[str
     low = seg.lower()
     if not (low in ("end", "last", "step=end") or low.startswith(("step=", "f")) or _NUM_RE.fullmatch(low)):
         raise CsnError(f"checkpoint segment {seg!r} has an unknown form; {_CKPT_FORMS}.")
-    point = TimePoint("end", 0.0) if low == "step=end" else parse_time(seg, "checkpoint segment")
+    point = parse_time(seg, "checkpoint segment")
     n = point.step(spe, total)
     if n > total:
         if clip is not None:

@@ -170,6 +170,18 @@ def parse_times(text: str | Sequence[str], what: str = "--checkpoints", keywords
     return items
 
 
+def onset_epoch(point: str | TimePoint, steps_per_epoch: int, total: int, *, what: str = "late_onset",
+                from_zero: bool = False) -> float:
+    """The epoch (step / steps_per_epoch, exact) where a condition starting at `point` switches on: its step must lie
+    inside training, after step 0 unless from_zero (a regularizer from the first step)."""
+    tp = point if isinstance(point, TimePoint) else parse_time(point, what)
+    step, first = tp.step(steps_per_epoch, total), 0 if from_zero else 1
+    if not first <= step < total:
+        raise CsnError(f"{what} {tp} is step {step}, outside training (steps {first} to {total - 1}): choose a point "
+                       f"strictly inside training (e.g. f0.33){'' if from_zero else ', after step 0'} and before the end.")
+    return step / steps_per_epoch
+
+
 def steps_text(steps: Sequence[int]) -> str:
     """Checkpoint steps as a selector that names exactly them: 'step=0,step=64,step=936'."""
     return ",".join(f"step={int(s)}" for s in steps)
@@ -224,4 +236,4 @@ def resolve(items: Sequence[Item], steps: Sequence[int], steps_per_epoch: int, t
 
 
 __all__ = ["TIME_FORMS", "LIST_FORMS", "TimePoint", "TimeRange", "Item", "parse_time", "parse_times", "is_bare_number",
-           "nearest_step", "resolve", "fmt_number", "steps_text"]
+           "nearest_step", "resolve", "fmt_number", "steps_text", "onset_epoch"]

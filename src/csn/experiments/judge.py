@@ -25,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from csn.analysis.ablation import summarize_ablation
-from csn.core.times import parse_time
+from csn.core.times import onset_epoch
 from csn.errors import CsnError
 from csn.experiments import claims as C
 from csn.experiments.regularize import Condition, condition_table, final_per_run
@@ -127,7 +127,7 @@ def judge(out: str | Path, *, late_onset: float | str | None = None, judge: bool
     if isinstance(late_onset, str):
         ref = (base_runs or list(found.runs.values()))[0].info
         spe, steps = int(ref["steps_per_epoch"]), int(ref["total_steps"])
-        late_onset = parse_time(late_onset, "--late-onset").step(spe, steps) / spe
+        late_onset = onset_epoch(late_onset, spe, steps, what="--late-onset")
     peak, last = _peak_end_steps(base_runs)
     total = int(base_runs[0].info["total_steps"]) if base_runs else 0
     c1 = C.claim_c1(_stacked(base_runs, "selectivity"), total)

@@ -18,7 +18,7 @@ from csn.analysis.selectivity import Selectivity
 from csn.core.bn import DEFAULT_BN_BATCHES
 from csn.core.schedules import lr_at
 from csn.core.stats import band, standard_error
-from csn.core.times import TimePoint, parse_times
+from csn.core.times import TimePoint, onset_epoch, parse_times
 from csn.core.units import stage_of
 from csn.errors import CsnError
 from csn.experiments.runner import Job, run_jobs
@@ -75,19 +75,12 @@ def conditions(alpha: float, onsets: list[float]) -> list[Condition]:
 def parse_onsets(text: str, steps_per_epoch: int, total: int) -> list[float]:
     """Onsets as points in training (csn.core.times: step=0, an epoch 1.5, a fraction f0.33), each resolved to the
     epoch step / steps_per_epoch of its optimizer step, which must lie inside training (0 to total - 1)."""
-    what = "--onsets"
-    items = parse_times(str(text), what)
-    out = []
-    for item in items:
-        if not isinstance(item, TimePoint):
-            raise CsnError(f"{what} item {item} is a range; give points where the regularizer switches on, e.g. "
-                           "step=0,f0.33 or 0,1 (epochs).")
-        step = item.step(steps_per_epoch, total)
-        if not 0 <= step < total:
-            raise CsnError(f"onset {item} is step {step}, outside training (steps 0 to {total - 1}); choose onsets "
-                           "before the end.")
-        out.append(step / steps_per_epoch)
-    return out
+    items = parse_times(str(text), "--onsets")
+    ranges = [item for item in items if not isinstance(item, TimePoint)]
+    if ranges:
+        raise CsnError(f"--onsets item {ranges[0]} is a range; give points where the regularizer switches on, e.g. "
+                       "step=0,f0.33 or 0,1 (epochs).")
+    return [onset_epoch(item, steps_per_epoch, total, what="onset", from_zero=True) for item in items]
 
 
 def job(base: TrainConfig, cond: Condition, seed: int, root: str | Path) -> Job:

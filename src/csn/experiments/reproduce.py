@@ -32,7 +32,7 @@ from csn.analysis.linearity import Linearity, linear_model_path
 from csn.analysis.selectivity import Selectivity
 from csn.core.progress import hms
 from csn.core.schedules import checkpoint_steps
-from csn.core.times import steps_text
+from csn.core.times import onset_epoch, steps_text
 from csn.errors import CsnError
 from csn.experiments import claims as C
 from csn.experiments.judge import judge
@@ -47,7 +47,7 @@ from csn.experiments.runner import (
     schedule_seconds,
     train_task,
 )
-from csn.experiments.study import PEAK, StudyConfig, load_study, onset_epoch, select_steps, uses_peak
+from csn.experiments.study import PEAK, StudyConfig, load_study, select_steps, uses_peak
 from csn.models.external import require_trust, trusting_code
 from csn.runs.config import check_model, data_info, is_preset_checkpoints, load_data
 from csn.runs.io import checksum_problem, sidecar, write_json

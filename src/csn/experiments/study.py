@@ -39,7 +39,7 @@ from csn.analysis.cka import CkaOptions
 from csn.analysis.linearity import LinearityOptions
 from csn.analysis.selectivity import SelectivityOptions
 from csn.core.schema import MAX_SEEDS, SEEDS_HINT, Float, Int, Schema, set_override
-from csn.core.times import TIME_FORMS, TimePoint, parse_time, parse_times, resolve
+from csn.core.times import TIME_FORMS, parse_time, parse_times, resolve
 from csn.errors import CsnError, unknown
 from csn.experiments.claims import Spread
 from csn.runs.config import TrainConfig, read_config_file
@@ -317,17 +317,6 @@ def select_times(ckpts: list[Checkpoint], items: tuple[str, ...], steps_per_epoc
     return select_steps([c.step for c in ckpts], items, steps_per_epoch, total, peak)
 
 
-def onset_epoch(point: str | TimePoint, steps_per_epoch: int, total: int) -> float:
-    """The epoch (step / steps_per_epoch) where a regularized condition starting at `point` switches on;
-    it must fall strictly inside training."""
-    tp = point if isinstance(point, TimePoint) else parse_time(point, "late_onset")
-    step = tp.step(steps_per_epoch, total)
-    if not 0 < step < total:
-        raise CsnError(f"late_onset {tp} is step {step} of a training of {total} steps; choose a point strictly inside "
-                       "training (e.g. f0.33), after step 0 and before the end.")
-    return step / steps_per_epoch
-
-
 # ------------------------------------------------------------------------------------------------
 # a study as TOML (csn reproduce --print-config)
 # ------------------------------------------------------------------------------------------------
@@ -390,4 +379,4 @@ def to_toml(cfg: StudyConfig, header: str = "") -> str:
 
 
 __all__ = ["PEAK", "Study", "StudyCosts", "StudyConfig", "study_names", "study_text", "load_study", "uses_peak",
-           "select_steps", "select_times", "onset_epoch", "to_toml"]
+           "select_steps", "select_times", "to_toml"]
