@@ -125,7 +125,7 @@ def test_training_switches_at_exactly_the_resolved_steps(tmp_path, window, on):
     assert list(log["step"]) == list(range(1, TOTAL + 1))
     assert _on_steps(log) == on
     assert log["reg_value"].notna().tolist() == [s - 1 in on for s in log["step"]]
-    assert [(w["start_step"], w["end_step"]) for w in run.info["reg_steps"]] == \
+    assert [(w.start_step, w.end_step) for w in run.reg_windows] == \
         [w[:2] for w in alpha_windows(alpha=-2, window=window).resolve(SPE, TOTAL).windows]
 
 

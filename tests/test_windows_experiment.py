@@ -57,7 +57,7 @@ def test_every_run_trained_with_its_window_and_the_shared_seeds(experiment):
     assert all(r.config.reg_reduce == "sum" and r.config.lr_schedule == "constant" for r in runs.values())
     reg = runs["a-3_step4-step8-s1"]
     assert reg.config.reg_window == "step=4:step=8" and reg.config.reg_alpha == -3
-    assert reg.info["reg_steps"] == [{"start_step": 4, "end_step": 8, "alpha": -3.0}]
+    assert [w.to_dict() for w in reg.reg_windows] == [{"start_step": 4, "end_step": 8, "alpha": -3.0}]
     assert runs["a+3_step0-step4_layer3-s0"].config.reg_layers == ["layer3.0"]
     # the baseline has a checkpoint at every window boundary; a condition at its own
     assert {0, 4, 8, 12, 16} <= {c.step for c in runs["baseline-s0"].checkpoints}

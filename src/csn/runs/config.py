@@ -53,6 +53,18 @@ def _reg_group(v: Any) -> Any:
     return n
 
 
+def _interventions(v: Any) -> Any:
+    """interventions: a list of tables, each naming its kind (the kind's own keys are checked when training is set
+    up, by csn.training.interventions, which this layer cannot import)."""
+    if isinstance(v, dict):
+        v = [v]
+    if isinstance(v, list):
+        for i, entry in enumerate(v):
+            if not isinstance(entry, dict) or not isinstance(entry.get("kind"), str):
+                raise ValueError(f"entry {i} must be a table with a 'kind' (e.g. {{kind = \"rewind\", ...}})")
+    return v
+
+
 RESOLVED = "reg_resolved"
 """The computed key of TrainConfig that records what the regularizer runs (recomputed when read back)."""
 
@@ -80,8 +92,11 @@ class TrainConfig(Schema):
     # optimisation
     epochs: Float = Field(5.0, gt=0, description="Training length in epochs (fractions allowed).")
     batch_size: Int = Field(128, ge=1)
+    optimizer: Literal["sgd", "adamw"] = Field("sgd", description="sgd (momentum, nesterov, weight_decay) or adamw "
+                                             "(betas, decoupled weight_decay; for transformers).")
     lr: Float = Field(0.1, gt=0)
-    momentum: Float = Field(0.9, ge=0, lt=1)
+    momentum: Float = Field(0.9, ge=0, lt=1, description="SGD's momentum.")
+    betas: Annotated[tuple[Float, Float], CommaList] = Field((0.9, 0.999), description="AdamW's betas.")
     weight_decay: Float = Field(5e-4, ge=0)
     nesterov: bool = False
     lr_schedule: str = "constant"
@@ -115,6 +130,9 @@ class TrainConfig(Schema):
         json_schema_extra={"metavar": "batch|N"})
     reg_reduce: Literal["mean", "sum"] = Field(
         "mean", description="R = mean over the regularized stages (the study's) or their sum (alpha in full per stage).")
+    # other interventions (csn.training.interventions): [{kind = "rewind", stages = [...], at = ..., to = ...}, ...]
+    interventions: Annotated[list[dict[str, Any]], BeforeValidator(_interventions)] = Field(
+        [], description="Interventions besides the regularizer, each a table with its kind (e.g. rewind) and options.")
     # execution
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1.")
     channels_last: bool = True
@@ -168,6 +186,8 @@ class TrainConfig(Schema):
 
     @model_validator(mode="after")
     def _nesterov_needs_momentum(self) -> TrainConfig:
+        if self.nesterov and self.optimizer != "sgd":
+            raise CsnError("config key 'nesterov' is SGD's; set optimizer=sgd or nesterov=false.")
         if self.nesterov and self.momentum == 0:
             raise CsnError("config key 'nesterov' needs momentum > 0 (Nesterov momentum is a form of momentum); set "
                            "momentum (e.g. momentum=0.9) or nesterov=false.")

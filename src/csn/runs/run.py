@@ -70,6 +70,28 @@ class DataInfo(Schema):
         return self
 
 
+class RegWindow(Schema):
+    """One window of the selectivity regularizer in optimizer steps [start_step, end_step) at strength alpha."""
+
+    start_step: Int = Field(ge=0, lt=MAX_STEP)
+    end_step: Int = Field(ge=0, lt=MAX_STEP)
+    alpha: float
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RegWindow:
+        if self.end_step <= self.start_step:
+            raise ValueError(f"a regularizer window ends (step {self.end_step}) where or before it starts "
+                             f"(step {self.start_step})")
+        return self
+
+
+class InterventionRecord(Schema):
+    """One entry of run.json's `interventions`: its kind and what it did (the kind's own keys are kept as written)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False)
+    kind: str
+
+
 class RunInfo(Schema):
     """The schema of run.json (the keys csn reads back; other keys are kept as written)."""
 
@@ -83,6 +105,7 @@ class RunInfo(Schema):
     world_size: Int = Field(1, ge=1)
     csn_version: str = "unknown"
     torch_version: str = "unknown"
+    interventions: list[InterventionRecord] = []
 
     @model_validator(mode="after")
     def _config_names_its_model_and_data(self) -> RunInfo:
@@ -240,6 +263,21 @@ class Run:
         load_weights(model, state, f"checkpoint {self.ckpt_dir / ckpt.file} (step {ckpt.step})",
                      damaged_checkpoint_fix(self.path))
         return model.to(device).eval()
+
+    @functools.cached_property
+    def reg_windows(self) -> list[RegWindow]:
+        """The selectivity regularizer's windows in optimizer steps, as run.json records them (its `interventions`
+        entry of kind selectivity; `reg_steps` in runs trained before 2026-12-05), checked on reading; empty for a run
+        trained without the regularizer."""
+        found = [r.get("steps") for r in self.info.get("interventions", []) if r["kind"] == "selectivity"]
+        windows = found[0] if found else self.info.get("reg_steps")
+        if windows is None:
+            return []
+        fix = f"restore {self.path / 'run.json'} or re-create the run with `csn train --force`."
+        if not isinstance(windows, list):
+            raise CsnError(f"{self.path / 'run.json'} records the regularizer's windows as {type(windows).__name__}, not "
+                           f"a list; {fix}")
+        return [RegWindow.parse(w, what=f"{self.path / 'run.json'} regularizer window key") for w in windows]
 
     def dataset(self) -> DataSplits:
         """The run's dataset (same name and data root as at training time), refused when it no longer matches

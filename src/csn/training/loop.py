@@ -1,8 +1,9 @@
-"""The one training loop: SGD, lr schedule, dense checkpoints, optional selectivity regularizer, resume.
+"""The one training loop: SGD or AdamW, lr schedule, dense checkpoints, interventions (the selectivity regularizer,
+stage rewinds: csn.training.interventions), resume.
 
 `train(cfg, out)` reads top to bottom as its steps: prepare the run directory, set up data, model and
 optimizer (`_Training.__init__`), restore the last checkpoint when resuming, check the disk, then for
-every batch one optimizer step, a log line every `log_every` steps and a checkpoint at each scheduled
+every batch one optimizer step (with the interventions' hooks around it), a log line every `log_every` steps and a checkpoint at each scheduled
 step. Resumed runs give bitwise the same checkpoints as uninterrupted ones on CPU.
 """
 
@@ -24,7 +25,7 @@ from csn import dist
 from csn._version import __version__
 from csn.core.progress import bar
 from csn.core.resources import check_disk_space, check_limit, env_limit, state_dict_bytes
-from csn.core.schedules import alpha_windows, checkpoint_steps, lr_at, total_steps
+from csn.core.schedules import checkpoint_steps, lr_at, total_steps
 from csn.data import BatchLoader
 from csn.data.loaders import folder_loader, in_memory, shard_split, subset
 from csn.errors import CsnError, unknown
@@ -35,7 +36,7 @@ from csn.runs.naming import STATE_GLOB, state_file, weights_file
 from csn.runs.run import Checkpoint, Run, check_run_path, delete_run_files, load_weights, read_manifest, write_manifest
 from csn.runs.table import TableSpec
 from csn.training.ddp import sync_batchnorm, wrap_ddp
-from csn.training.regularizer import SelectivityRegularizer, check_group_fits
+from csn.training.interventions import LOG_DEFAULTS, Context, Intervention, build_interventions
 
 AUGMENT = {"none": {}, "flip": {"flip": True}, "crop": {"crop_pad": 2}, "crop+flip": {"crop_pad": 2, "flip": True},
            "cifar": {"crop_pad": 4, "flip": True}, "imagenet": {}}
@@ -127,25 +128,42 @@ def eval_sums(model: torch.nn.Module, loader, device: torch.device, *, amp: bool
 # checkpoint files
 # ------------------------------------------------------------------------------------------------
 
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+OPTIMIZER_STATE = {"sgd": {"momentum": "momentum_buffer"}, "adamw": {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq",
+                                                                     "step": "step"}}
+"""Per optimizer: the name of each per-parameter state tensor in a state file ('momentum.3') -> torch's state key."""
+
+
+def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    """The config's optimizer over `params` (its lr is set per step from the schedule)."""
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                           nesterov=cfg.nesterov)
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer, kind: str) -> dict[str, torch.Tensor]:
     out = {}
-    for i, (_p, st) in enumerate((p, opt.state.get(p, {})) for g in opt.param_groups for p in g["params"]):
-        if "momentum_buffer" in st and st["momentum_buffer"] is not None:
-            out[f"momentum.{i}"] = st["momentum_buffer"]
+    for i, st in enumerate(opt.state.get(p, {}) for g in opt.param_groups for p in g["params"]):
+        for name, key in OPTIMIZER_STATE[kind].items():
+            if st.get(key) is not None:
+                out[f"{name}.{i}"] = st[key]
     return out
 
 
-def _load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], what: str, fix: str) -> None:
+def _load_optimizer_tensors(opt: torch.optim.Optimizer, kind: str, tensors: dict[str, torch.Tensor], what: str,
+                            fix: str) -> None:
     params = [p for g in opt.param_groups for p in g["params"]]
-    names = {f"momentum.{i}": p for i, p in enumerate(params)}
+    names = {f"{name}.{i}": (p, key) for i, p in enumerate(params) for name, key in OPTIMIZER_STATE[kind].items()}
     for name, buf in tensors.items():
-        p = names.get(name)
-        if p is None or tuple(buf.shape) != tuple(p.shape):
-            where = "" if p is None else f" of shape {list(buf.shape)} where the parameter has {list(p.shape)}"
-            raise CsnError(f"{what} holds {name}{where}: it does not fit the model; {fix}")
-    for name, p in names.items():
-        if name in tensors:
-            opt.state[p]["momentum_buffer"] = tensors[name].to(device=p.device, dtype=p.dtype).clone()
+        p, key = names.get(name, (None, None))
+        shape = () if key == "step" else None if p is None else tuple(p.shape)
+        if p is None or tuple(buf.shape) != shape:
+            where = "" if p is None else f" of shape {list(buf.shape)} where it should be {list(shape)}"
+            raise CsnError(f"{what} holds {name}{where}: it does not fit the model and optimizer; {fix}")
+    for name, (p, key) in names.items():
+        if name in tensors:  # AdamW keeps its step count in float32 on the CPU (unless capturable/fused)
+            dtype, device = (torch.float32, torch.device("cpu")) if key == "step" else (p.dtype, p.device)
+            opt.state[p][key] = tensors[name].to(device=device, dtype=dtype).clone()
 
 
 def _check_model_size(cfg: TrainConfig, info: dict) -> None:
@@ -229,8 +247,11 @@ class _Training:
         if cfg.channels_last and device.type != "mps":
             self.model = self.model.to(memory_format=torch.channels_last)
         self._setup_schedules()
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                   weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+        self.opt = make_optimizer(cfg, self.model.parameters())
+        self.interventions: list[Intervention] = build_interventions(cfg, Context(
+            self.model, self.opt, cfg, self.info["num_classes"], self.steps_per_epoch, self.total, out, device))
+        extra = {s for i in self.interventions for s in i.checkpoint_steps()} - set(self.ckpt_steps)
+        self.ckpt_steps = sorted(set(self.ckpt_steps) | extra)
         self.step, self.logs = 0, []
         self.ckpt_dir = out / "checkpoints"
         self.manifest: list[Checkpoint] = []
@@ -265,14 +286,6 @@ class _Training:
                                            note=lambda m: print(m, file=sys.stderr) if self.main else None)
         lr_at(0, max(self.total, 1), self.steps_per_epoch, cfg.lr, cfg.lr_schedule, milestones=cfg.milestones,
               gamma=cfg.gamma, warmup_epochs=cfg.warmup_epochs)  # the schedule is checked before training starts
-        # alpha windows in steps, epochs or fractions, resolved to optimizer steps now that the length is known
-        self.alphas = alpha_windows(cfg.reg_schedule, cfg.reg_alpha, cfg.reg_window).resolve(
-            self.steps_per_epoch, self.total, cfg.epochs)
-        self.reg = None
-        if not self.alphas.is_zero:
-            reg = cfg.reg_resolved  # statistic, group, eps, reduce (reg_mode's defaults filled in)
-            check_group_fits(reg["group"], cfg.batch_size, dist.world_size())  # groups are per process
-            self.reg = SelectivityRegularizer(self.model, cfg.reg_layers, num_classes=self.info["num_classes"], **reg)
 
     def _restore(self) -> None:
         """Weights, momentum and logs of the last checkpoint (exact resume)."""
@@ -283,7 +296,7 @@ class _Training:
         if last.step > 0:
             path = self.ckpt_dir / state_file(last.step)
             state = load_tensors(path, what="optimizer state", fix=fix)
-            _load_optimizer_tensors(self.opt, state, f"optimizer state {path}", fix)
+            _load_optimizer_tensors(self.opt, self.cfg.optimizer, state, f"optimizer state {path}", fix)
         self.step = last.step
         old = run.read("training")
         if old is not None:
@@ -293,9 +306,11 @@ class _Training:
         """Refuse before the first write when the checkpoints still to come cannot fit the disk."""
         todo = [s for s in self.ckpt_steps if s > self.step or (s == 0 and not self.manifest)]
         weights = state_dict_bytes(self.model.state_dict())
-        momentum = state_dict_bytes(list(self.model.parameters()))
+        # the optimizer's state per parameter: SGD's momentum (if any) or AdamW's two moments
+        state = state_dict_bytes(list(self.model.parameters())) * (
+            2 if self.cfg.optimizer == "adamw" else 1 if self.cfg.momentum else 0)
         # every checkpoint's weights, plus the newest optimizer state twice (the old one is deleted after the new)
-        check_disk_space(self.out, len(todo) * weights + (2 * momentum if self.cfg.momentum else 0),
+        check_disk_space(self.out, len(todo) * weights + 2 * state,
                          what=f"{len(todo)} checkpoints of {weights / 1e6:.3g} MB each and the optimizer state",
                          fix="free some space, pass --out on a larger disk, or use a sparser --checkpoints schedule")
 
@@ -320,11 +335,8 @@ class _Training:
         pbar = bar(total=self.total, initial=self.step, desc=f"train {self.out.name}", progress=progress and self.main,
                    unit="step", dynamic_ncols=True)
         self.model.train()
-        # Window statistics stay on the device (no host sync per step): [sum of loss * n, correct], sum of R.
+        # Window statistics stay on the device (no host sync per step): [sum of loss * n, correct].
         self.window = torch.zeros(2, dtype=torch.float64, device=self.device)
-        self.window_reg = torch.zeros((), dtype=torch.float64, device=self.device)
-        self.n_reg = torch.zeros((), dtype=torch.long, device=self.device)  # steps whose R counted, in the window
-        self.reg_skipped = torch.zeros((), dtype=torch.long, device=self.device)  # batches with < 2 classes, in all
         self.window_n = 0
         self.t0 = time.perf_counter()
         try:
@@ -332,9 +344,9 @@ class _Training:
                 epoch = self.step // spe
                 self.train_loader.set_epoch(epoch, start_batch=self.step - epoch * spe)
                 for x, y in self.train_loader:
-                    lr, alpha = self._train_step(x, y)
+                    lr = self._train_step(x, y)
                     if self.step % self.cfg.log_every == 0 or self.step in ckpt_set or self.step == self.total:
-                        self._log(lr, alpha)
+                        self._log(lr)
                         pbar.set_postfix(loss=f"{self.logs[-1]['train_loss']:.3f}",
                                          acc=f"{self.logs[-1]['train_acc']:.3f}", refresh=False)
                     pbar.update(1)
@@ -347,27 +359,26 @@ class _Training:
                     break
         finally:
             pbar.close()
-            if self.reg is not None:
-                self.reg.detach()
+            for intervention in self.interventions:
+                intervention.close()
 
-    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-        """One optimizer step on a batch (the regularizer on where alpha != 0); returns (lr, alpha)."""
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """One optimizer step on a batch, the interventions' hooks around it; returns the step's lr."""
         cfg, step, spe = self.cfg, self.step, self.steps_per_epoch
         lr = lr_at(step, self.total, spe, cfg.lr, cfg.lr_schedule, milestones=cfg.milestones, gamma=cfg.gamma,
                    warmup_epochs=cfg.warmup_epochs)
         for g in self.opt.param_groups:
             g["lr"] = lr
-        alpha = self.alphas.alpha_at(step)
-        use_reg = self.reg is not None and alpha != 0.0
-        if use_reg:
-            self.reg.attach()
-        elif self.reg is not None:
-            self.reg.detach()
+        for intervention in self.interventions:
+            intervention.before_forward(step)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.amp and self.device.type == "cuda"):
             logits = self.ddp_model(x)
             loss = F.cross_entropy(logits.float(), y)
-            r, counted = self.reg.value_nowait(y) if use_reg else (None, None)
-        total_loss = loss - alpha * r if r is not None else loss
+            total_loss = loss
+            for intervention in self.interventions:
+                term = intervention.loss_term(y)
+                if term is not None:
+                    total_loss = total_loss + term
         self.opt.zero_grad(set_to_none=True)
         total_loss.backward()
         self.opt.step()
@@ -376,30 +387,25 @@ class _Training:
             self.window[0] += loss.detach().double() * len(y)
             self.window[1] += (logits.argmax(1) == y).sum()
             self.window_n += len(y)
-            if r is not None:  # no GPU sync: batches with < 2 classes add 0 and are not counted
-                self.window_reg += r.detach().double()
-                self.n_reg += counted
-                self.reg_skipped += ~counted
-        return lr, alpha
+        for intervention in self.interventions:
+            intervention.after_step(self.step)
+        return lr
 
-    def _log(self, lr: float, alpha: float) -> None:
+    def _log(self, lr: float) -> None:
         """A line of training.parquet: loss and accuracy averaged since the last line (global batches under DDP)."""
         w = self.window
         sums = torch.cat([w, w.new_tensor([self.window_n])]) if dist.is_dist() else w
         w_loss, w_correct, w_n = (dist.all_reduce_(sums).tolist() + [self.window_n])[:3]
         train_loss = w_loss / w_n
-        n_reg = int(self.n_reg)
         if not math.isfinite(train_loss):
             raise CsnError(f"training diverged by step {self.step} (mean loss {train_loss} over the last "
                            f"{self.cfg.log_every} steps or fewer); lower the learning rate or alpha.")
-        self.logs.append({"step": self.step, "epoch": self.step / self.steps_per_epoch, "lr": lr, "alpha": alpha,
-                          "train_loss": train_loss, "train_acc": w_correct / w_n,
-                          "reg_value": (float(self.window_reg) / n_reg) if n_reg else float("nan"),
-                          "reg_skipped": int(self.reg_skipped),
-                          "time_s": time.perf_counter() - self.t0})
+        line = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "lr": lr, **LOG_DEFAULTS,
+                "train_loss": train_loss, "train_acc": w_correct / w_n, "time_s": time.perf_counter() - self.t0}
+        for intervention in self.interventions:
+            line.update(intervention.log())
+        self.logs.append(line)
         w.zero_()
-        self.window_reg.zero_()
-        self.n_reg.zero_()
         self.window_n = 0
 
     def save_checkpoint(self, step: int, train_metrics: dict) -> None:
@@ -417,7 +423,7 @@ class _Training:
         ckpt_dir = self.ckpt_dir
         digest = save_tensors(ckpt_dir / weights_file(step), self.model.state_dict(), metadata={"step": str(step)})
         if step > 0:
-            save_tensors(ckpt_dir / state_file(step), _optimizer_tensors(self.opt), metadata={"step": str(step)},
+            save_tensors(ckpt_dir / state_file(step), _optimizer_tensors(self.opt, self.cfg.optimizer), metadata={"step": str(step)},
                          checksum=True)
         entry = Checkpoint(step, step / self.steps_per_epoch, weights_file(step), digest, metrics)
         self.manifest[:] = sorted([c for c in self.manifest if c.step != step] + [entry], key=lambda c: c.step)
@@ -433,8 +439,8 @@ class _Training:
                "torch_version": torch.__version__, "python": platform.python_version(), "device": str(self.device),
                "world_size": dist.world_size(), "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total,
                "checkpoint_steps": self.ckpt_steps, "host": platform.node(), "pid": os.getpid()}
-        if not self.alphas.is_zero:
-            out["reg_steps"] = self.alphas.to_json()  # the regularizer's windows as optimizer steps [start, end)
+        if self.interventions:  # what each did, e.g. the regularizer's windows as optimizer steps [start, end)
+            out["interventions"] = [{"kind": i.kind, **i.record()} for i in self.interventions]
         if dist.is_dist():
             import torch.distributed as tdist
 
