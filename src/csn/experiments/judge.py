@@ -2,7 +2,8 @@
 
 What a study folder needs: run folders named `<condition>-s<seed>` (`baseline-s0`, `reg-from-0-s0`,
 `reg-from-1-s0`, as `csn reproduce` and `csn experiment regularize` write them), each a finished run
-(its last checkpoint saved). Each claim reads what it needs and is inconclusive, saying what is missing,
+(its last checkpoint saved). A run's condition is what its run.json records: no regularizer (a baseline), or the
+regularizer from an onset (its first window's start step, exact) at an alpha; the folder name only labels it. Each claim reads what it needs and is inconclusive, saying what is missing,
 when the tables are not there:
 
 - C1: tables/selectivity.parquet of the baseline runs;
@@ -28,10 +29,10 @@ from csn.analysis.ablation import summarize_ablation
 from csn.core.times import onset_epoch
 from csn.errors import CsnError
 from csn.experiments import claims as C
-from csn.experiments.regularize import Condition, condition_table, final_per_run
+from csn.experiments.regularize import Condition, condition_table, final_per_run, recorded_condition
 from csn.experiments.runner import is_complete
 from csn.runs.io import write_json, write_table
-from csn.runs.naming import condition_order, onset_of, parse_run_name
+from csn.runs.naming import parse_run_name
 from csn.runs.run import Run
 
 
@@ -51,15 +52,23 @@ class StudyRuns:
 
 
 def find_runs(out: Path) -> StudyRuns:
-    """Every `<condition>-s<seed>` run folder under `out` (baseline, reg-from-X), finished ones kept."""
+    """Every `<condition>-s<seed>` run folder under `out` that is a baseline (no regularizer in its run.json) or
+    regularized from an onset to the end of training; finished ones kept, ordered baseline first, then by onset (run.json's), then name."""
     found, unfinished = [], []
     for p in sorted(Path(out).iterdir()) if Path(out).is_dir() else []:
         cond, seed = parse_run_name(p.name)
-        if seed is None or not (p / "run.json").is_file() or (cond != "baseline" and onset_of(cond) is None):
+        if seed is None or not (p / "run.json").is_file():
             continue
-        (found if is_complete(p) else unfinished).append((cond, seed, p))
-    found.sort(key=lambda t: (condition_order(t[0]), t[1]))
-    return StudyRuns({(c, s): Run(p) for c, s, p in found}, [p.name for _, _, p in sorted(unfinished)])
+        if not is_complete(p):
+            unfinished.append(p.name)
+            continue
+        run = Run(p)
+        onset, _ = recorded_condition(run)
+        to_end = onset is not None and run.reg_windows[-1].end_step == int(run.info["total_steps"])
+        if (cond == "baseline" and onset is None) or (cond != "baseline" and to_end):  # a baseline, or from an onset on
+            found.append(((0 if onset is None else 1, onset or 0.0, cond), seed, cond, run))
+    found.sort(key=lambda t: (t[0], t[1]))
+    return StudyRuns({(c, s): r for _, s, c, r in found}, sorted(unfinished, key=parse_run_name))
 
 
 def _stacked(runs: list[Run], table: str) -> pd.DataFrame | None:
@@ -84,19 +93,23 @@ def _peak_end_steps(runs: list[Run]) -> tuple[dict, dict]:
 
 
 def _late_condition(found: StudyRuns, late_onset: float | None) -> tuple[list[Condition], float | None]:
-    """Baseline, from-0 and late conditions present (alpha from the runs' configs); the late onset in epochs."""
-    reg = [c for c in found.conditions if c != "baseline"]
-    late = [c for c in reg if onset_of(c) != 0]
-    if late_onset is None and len(late) == 1:
-        late_onset = onset_of(late[0])
-    elif late_onset is not None and late:  # names carry the onset to 6 digits (reg-from-0.332623)
-        near = min(late, key=lambda c: abs(onset_of(c) - late_onset))
-        if abs(onset_of(near) - late_onset) <= 1e-5 * max(1.0, abs(late_onset)):
-            late_onset = onset_of(near)
+    """Baseline, from-0 and late conditions present, onset and alpha as the runs' run.json record them (every seed of
+    a condition must agree); the late onset in epochs: the given one, else the one regularized condition whose onset
+    is not 0."""
     conds = [Condition(None)]
-    for c in reg:
-        alpha = found.of(c)[0].config.reg_alpha
-        conds.append(Condition(onset_of(c), float("nan") if alpha is None else float(alpha)))
+    for c in found.conditions:
+        if c == "baseline":
+            continue
+        recorded = {recorded_condition(r) for r in found.of(c)}
+        if len(recorded) > 1:
+            shown = ", ".join(f"onset {o:g}, alpha {a:g}" for o, a in sorted(recorded))
+            raise CsnError(f"the runs of condition {c} were trained differently ({shown}, by their run.json); give each "
+                           "condition its own folder name.")
+        ((onset, alpha),) = recorded
+        conds.append(Condition(onset, alpha, label=c))
+    late = [c.onset for c in conds[1:] if c.onset != 0]
+    if late_onset is None and len(late) == 1:
+        late_onset = late[0]
     return conds, late_onset
 
 

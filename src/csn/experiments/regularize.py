@@ -83,6 +83,15 @@ def parse_onsets(text: str, steps_per_epoch: int, total: int) -> list[float]:
     return [onset_epoch(item, steps_per_epoch, total, what="onset", from_zero=True) for item in items]
 
 
+def recorded_condition(run: Run) -> tuple[float | None, float]:
+    """(onset in epochs, alpha) of a run as its run.json records the regularizer (Run.reg_windows): the first window's
+    start step / steps per epoch, exact; (None, 0.0) for a run trained without the regularizer (a baseline)."""
+    windows = [w for w in run.reg_windows if w.alpha != 0]
+    if not windows:
+        return None, 0.0
+    return windows[0].start_step / int(run.info["steps_per_epoch"]), float(windows[0].alpha)
+
+
 def job(base: TrainConfig, cond: Condition, seed: int, root: str | Path) -> Job:
     """The training job of one condition and seed: its config, and its folder ROOT/<condition>-s<seed>."""
     cfg = cond.apply(base, seed)
@@ -102,12 +111,11 @@ def train_conditions(base: TrainConfig, conds: list[Condition], seeds: list[int]
 
 
 def dose(run: Run) -> dict[str, float]:
-    """How much regularization a run received: reg_steps = optimizer steps with alpha != 0 (run.json's reg_steps),
+    """How much regularization a run received: reg_steps = optimizer steps with alpha != 0 (Run.reg_windows),
     reg_mean_lr = the mean learning rate over those steps, reg_mean_abs_alpha = the mean |alpha| over them (0 and
     NaN for a baseline)."""
     cfg, info = run.config, run.info
-    windows = [(int(w["start_step"]), int(w["end_step"]), float(w["alpha"])) for w in info.get("reg_steps") or []]
-    steps = [(t, a) for s, e, a in windows for t in range(s, e) if a != 0]
+    steps = [(t, w.alpha) for w in run.reg_windows for t in range(w.start_step, w.end_step) if w.alpha != 0]
     if not steps:
         return {"reg_steps": 0, "reg_mean_lr": math.nan, "reg_mean_abs_alpha": math.nan}
     total, spe = int(info["total_steps"]), int(info["steps_per_epoch"])
