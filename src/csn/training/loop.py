@@ -91,17 +91,6 @@ def training_length(cfg: TrainConfig, data=None) -> tuple[int, int]:
     return spe, total_steps(spe, cfg.epochs)
 
 
-def evaluate(model: torch.nn.Module, loader, device: torch.device, *, amp: bool = False, max_samples: int | None = None,
-             reduce: bool = False) -> dict:
-    """Top-1 accuracy and mean cross-entropy of a model over a loader, in eval mode.
-
-    reduce=True (under torchrun, with each rank holding a shard of the split) sums the counts over
-    ranks, so every rank gets the metrics of the whole split.
-    """
-    correct, loss, n = eval_sums(model, loader, device, amp=amp, max_samples=max_samples, reduce=reduce)
-    return {"test_acc": correct / max(n, 1), "test_loss": loss / max(n, 1)}
-
-
 def eval_sums(model: torch.nn.Module, loader, device: torch.device, *, amp: bool, max_samples: int | None,
               reduce: bool) -> tuple[int, float, int]:
     """(correct, summed cross-entropy, examples) over a loader in eval mode, optionally summed over ranks."""
@@ -512,4 +501,4 @@ def _is_debris(p: Path) -> bool:
     return p.name == ".lock" or (p.name.startswith(".run.json.") and p.name.endswith(".tmp"))
 
 
-__all__ = ["train", "make_loader", "training_length", "evaluate", "eval_sums", "state_file", "weights_file", "AUGMENT", "LOG_COLUMNS"]
+__all__ = ["train", "make_loader", "training_length", "eval_sums", "state_file", "weights_file", "AUGMENT", "LOG_COLUMNS"]
