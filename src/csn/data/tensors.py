@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from csn.data.split import Split
 from csn.errors import CsnError
 
 
@@ -52,14 +53,14 @@ class DataSplits:
     """A dataset: train and test splits plus what models need to know about it."""
 
     name: str
-    train: object
-    test: object
+    train: Split
+    test: Split
     num_classes: int
     in_channels: int
     image_size: int | tuple[int, int]  # an int for square images, else (height, width)
     class_names: list[str] = field(default_factory=list)
-    train_eval: object = None  # the training split under the evaluation transform, where `train` augments
-                               # (ImageFolder); None: `train` itself is unaugmented (in-memory splits)
+    train_eval: Split | None = None  # the training split under the evaluation transform, where `train` augments
+                                     # (ImageFolder); None: `train` itself is unaugmented (in-memory splits)
 
 
 def random_crop_flip(x: Tensor, gen: torch.Generator, *, pad: int = 0, flip: bool = False) -> Tensor:
