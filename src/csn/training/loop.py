@@ -22,9 +22,11 @@ import torch.nn.functional as F
 
 from csn import dist
 from csn._version import __version__
+from csn.core.alpha import alpha_windows
+from csn.core.checkpoint_schedule import checkpoint_steps, total_steps
+from csn.core.lr import lr_at
 from csn.core.progress import bar
 from csn.core.resources import check_disk_space, check_limit, env_limit, state_dict_bytes
-from csn.core.schedules import alpha_windows, checkpoint_steps, lr_at, total_steps
 from csn.data import BatchLoader
 from csn.data.loaders import folder_loader, in_memory, shard_split, subset
 from csn.errors import CsnError, unknown
