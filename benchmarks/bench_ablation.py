@@ -198,7 +198,7 @@ def main() -> None:
         return child(args)
 
     from csn.analysis.ablation import check_orders, parse_grid
-    from csn.analysis.ablation.sweep import probe, stage_plans
+    from csn.analysis.ablation.sweep import SweepRequest, probe, stage_plans
     from csn.analysis.selectivity import collect_class_stats, selectivity_frame
 
     torch.set_num_threads(args.threads)
@@ -224,8 +224,8 @@ def main() -> None:
     segs = list(macs)
     full = sum(macs.values())
     pr = probe(model, x1, layers)
-    plans = stage_plans(model, pr, stage_layers, csi, parse_grid(None), check_orders("selective,random,least", 3), 3,
-                         SEED, 0, False)
+    plans = stage_plans(model, pr, stage_layers, csi,
+                        SweepRequest(parse_grid(None), check_orders("selective,random,least", 3), 3, SEED, 0, False))
     naive_cost = fast_cost = 0
     secs = seconds_per_segment(model, batches[0][0])
     t_full = sum(secs.values())

@@ -23,7 +23,8 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from csn.core.schedules import alpha_schedule, checkpoint_steps
+from csn.core.alpha import alpha_schedule
+from csn.core.checkpoint_schedule import checkpoint_steps
 from csn.errors import CsnError
 from csn.runs import MANIFEST, Checkpoint, read_manifest, select_checkpoints
 from csn.runs.config import TrainConfig, load_config_file

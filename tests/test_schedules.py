@@ -1,4 +1,4 @@
-"""Tests for csn.core.schedules: checkpoints, learning rate, alpha windows."""
+"""Tests for the schedules in csn.core: checkpoints (checkpoint_schedule), learning rate (lr), alpha windows (alpha)."""
 
 from __future__ import annotations
 
@@ -8,19 +8,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from csn.core.schedules import (
-    DEFAULT_CHECKPOINTS,
-    LR_SCHEDULES,
-    AlphaSchedule,
-    alpha_schedule,
-    alpha_windows,
-    checkpoint_steps,
-    lr_at,
-    parse_alpha_windows,
-    parse_milestones,
-    parse_study_string,
-    total_steps,
-)
+from csn.core.alpha import AlphaSchedule, alpha_schedule, alpha_windows, parse_alpha_windows, parse_study_string
+from csn.core.checkpoint_schedule import DEFAULT_CHECKPOINTS, checkpoint_steps, total_steps
+from csn.core.lr import LR_SCHEDULES, lr_at, parse_milestones
 from csn.errors import CsnError
 
 PROP = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])

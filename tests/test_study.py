@@ -78,7 +78,7 @@ def test_fmnist_study_defaults_decide_c4_at_half_a_point():
 def test_fmnist_times_resolve_to_the_former_epochs_on_fashion_mnist(spe):
     """On Fashion-MNIST (468 steps x 3 epochs; 469 too): the former checkpoint schedule, late onset epoch 1, early
     checkpoint = the one nearest epoch 0.125, ablation checkpoints = the former selector e0.03,e0.125,last."""
-    from csn.core.schedules import checkpoint_steps
+    from csn.core.checkpoint_schedule import checkpoint_steps
 
     _, cfg = load_study("fmnist")
     st, total = cfg.study, spe * FMNIST_EPOCHS
@@ -104,7 +104,7 @@ def test_fmnist_times_resolve_to_the_former_epochs_on_fashion_mnist(spe):
 def test_the_fmnist_study_on_fashion_mnist():
     """2 epochs of 468 steps: the late onset is step 312 (epoch 0.667); the selectivity peak is searched in the first
     234 steps, where 6 of the 13 checkpoints lie."""
-    from csn.core.schedules import checkpoint_steps
+    from csn.core.checkpoint_schedule import checkpoint_steps
 
     _, cfg = load_study("fmnist")
     total = FMNIST_SPE * 2

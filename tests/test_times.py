@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from csn.core.schedules import checkpoint_steps
+from csn.core.checkpoint_schedule import checkpoint_steps
 from csn.core.times import TimePoint, TimeRange, nearest_step, parse_time, parse_times, resolve
 from csn.errors import CsnError
 from csn.experiments.regularize import parse_onsets

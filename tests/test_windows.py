@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from csn.core.schedules import AlphaWindow, AlphaWindows, alpha_windows, parse_window_points
+from csn.core.alpha import AlphaWindow, AlphaWindows, alpha_windows, parse_window_points
 from csn.core.times import parse_time
 from csn.errors import CsnError
 from csn.runs.run import Run

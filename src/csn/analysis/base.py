@@ -38,6 +38,7 @@ from csn.core.trace import TraceDict
 from csn.core.units import stages
 from csn.data import BatchLoader, DataSplits
 from csn.data.loaders import in_memory, shard_split, split_loader, subset
+from csn.data.split import split_labels
 from csn.data.validate import require_every_class
 from csn.errors import CsnError
 from csn.runs.lock import main_lock
@@ -118,11 +119,8 @@ def check_subset(data: DataSplits, split: str, samples: int | None, num_classes:
     s = subset(whole, samples, SUBSET_SEED)
     if s is whole or not num_classes:
         return
-    if hasattr(s, "labels"):
-        labels = torch.as_tensor(s.labels)
-    elif isinstance(s, torch.utils.data.Subset) and hasattr(s.dataset, "targets"):
-        labels = torch.as_tensor([s.dataset.targets[i] for i in s.indices])
-    else:
+    labels = split_labels(s)
+    if labels is None:
         return
     require_every_class(labels, int(num_classes), f"the {len(s):,}-image subset of the {split} split (--samples "
                         f"{samples}; the split itself holds every class)", "raise --samples so that every class has an "

@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from pydantic import Field
 
 from csn import dist
-from csn.cli.options import CONTEXT, build, echo, from_schema, trust_code_for_command
+from csn.cli.options import CONTEXT, build, echo, exec_options, from_schema, trust_code_for_command
+from csn.core.schema import Float
 from csn.errors import CsnError
 from csn.experiments import regime as rg
 from csn.experiments.regularize import (
@@ -49,20 +51,27 @@ def experiment() -> None:
     trust_code_for_command(True)
 
 
+class RegularizeOptions(RunnerOptions):
+    """What `csn experiment regularize` takes (its command-line options are built from these fields; --parallel
+    from RunnerOptions, --quiet from the execution group)."""
+
+    preset: str = Field("fmnist", description="Training preset of every run.")
+    alpha: Float = Field(FMNIST_ALPHA, description="Regularizer strength; loss = ce - alpha*R, so alpha < 0 suppresses "
+                         "selectivity.", json_schema_extra={"metavar": "FLOAT"})
+    onsets: str = Field(f"0,{FMNIST_LATE_ONSET:g}", description="Points in training where the regularizer switches on, "
+                        "one condition each, on until the end: epochs (0,1), steps (step=0) or fractions of training "
+                        "(f0.33).")
+    seeds: str = Field("0,1,2", description="Seeds, comma-separated (or a count N for 0..N-1).")
+    out: str | None = Field(None, description="Experiment directory [default: runs/regularize-<preset>].",
+                            json_schema_extra={"metavar": "DIR"})
+    no_selectivity: bool = Field(False, description="Skip the per-checkpoint selectivity pass (accuracy only).")
+
+
 @experiment.command(context_settings=CONTEXT)
-@click.option("--preset", default="fmnist", show_default=True, help="Training preset of every run.")
-@click.option("--alpha", type=float, default=FMNIST_ALPHA, show_default=True,
-              help="Regularizer strength; loss = ce - alpha*R, so alpha < 0 suppresses selectivity.")
-@click.option("--onsets", default=f"0,{FMNIST_LATE_ONSET:g}", show_default=True,
-              help="Points in training where the regularizer switches on, one condition each, on until the end: "
-              "epochs (0,1), steps (step=0) or fractions of training (f0.33).")
-@click.option("--seeds", default="0,1,2", show_default=True, help="Seeds, comma-separated (or a count N for 0..N-1).")
-@click.option("--out", type=click.Path(file_okay=False), help="Experiment directory [default: runs/regularize-<preset>].")
-@from_schema(RunnerOptions)
-@click.option("--no-selectivity", is_flag=True, help="Skip the per-checkpoint selectivity pass (accuracy only).")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@from_schema(RegularizeOptions, include=("preset", "alpha", "onsets", "seeds", "out", "parallel", "no_selectivity"))
+@exec_options("quiet")
 @click.argument("overrides", nargs=-1)
-def regularize(preset, alpha, onsets, seeds, out, parallel, no_selectivity, quiet, overrides) -> None:
+def regularize(overrides, quiet, **values) -> None:
     """Baseline vs the selectivity regularizer from each onset, same seeds for every condition.
 
     Trains the unregularized baseline and one regularized condition per onset (finished runs are
@@ -76,17 +85,17 @@ def regularize(preset, alpha, onsets, seeds, out, parallel, no_selectivity, quie
     """
     dist.init_from_env()  # under torchrun: DDP training, sharded selectivity, rank 0 writes and reports
     with dist.same_outcome():
-        parallel = build(RunnerOptions, {"parallel": parallel}).parallel
-        base = get_preset(preset).override(list(overrides))
-        seed_list = _parse_seeds(seeds)
-        onset_list = parse_onsets(onsets, *training_length(base))
-    root = Path(out) if out else Path("runs") / f"regularize-{preset}"
+        o = build(RegularizeOptions, values)
+        base = get_preset(o.preset).override(list(overrides))
+        seed_list = _parse_seeds(o.seeds)
+        onset_list = parse_onsets(o.onsets, *training_length(base))
+    root = Path(o.out) if o.out else Path("runs") / f"regularize-{o.preset}"
     check_run_path(root, "--out")
-    per_seed, table, grouped = regularize_experiment(base, alpha, onset_list, seed_list, root, parallel=parallel,
-                                                     progress=not quiet, selectivity=not no_selectivity)
+    per_seed, table, grouped = regularize_experiment(base, o.alpha, onset_list, seed_list, root, parallel=o.parallel,
+                                                     progress=not quiet, selectivity=not o.no_selectivity)
     if dist.is_main():
         stages = regularized_stages(next(r for runs in grouped.values() for r in runs))
-        regularize_figures(condition_curves(grouped, stages), {c.name: c.onset for c in conditions(alpha, onset_list)},
+        regularize_figures(condition_curves(grouped, stages), {c.name: c.onset for c in conditions(o.alpha, onset_list)},
                            root / "report", stages=stages)
     cols = [c for c in ("condition", "seeds", "final_test_acc_mean", "final_test_acc_se", "final_csi_mean",
                         "final_eta2_mean", "final_test_acc_per_seed") if c in table]

@@ -99,7 +99,7 @@ def analysis_options(analysis_cls: type[Analysis], *, exclude: Iterable[str] = (
     groups = [from_schema(analysis_cls.Options, exclude=exclude),
               from_schema(RunOptions, exclude=("device", "progress"), help=run_help),
               from_schema(PlotOptions, include=plot),
-              from_schema(ExecOptions)]
+              exec_options()]
 
     def decorate(fn: F) -> F:
         for group in reversed(groups):
@@ -121,8 +121,6 @@ def take(values: dict[str, Any], schema: type[Schema]) -> dict[str, Any]:
     return {k: values.pop(k) for k in list(values) if k in schema.model_fields}
 
 
-
-
 class ExecOptions(Schema):
     """How a command runs: on which device, with how many CPU threads, with or without progress bars."""
 
@@ -131,6 +129,13 @@ class ExecOptions(Schema):
     quiet: bool = Field(False, description="No progress bars.")
     trust_code: bool = Field(False, description="Build runs whose run.json names the model as 'package.module:factory' "
                              "(code named by data: csn imports and runs it); only the command line can grant this.")
+
+
+def exec_options(*names: str, help: dict[str, str] | None = None) -> Callable[[F], F]:
+    """Options of the execution group (ExecOptions), declared there once: all of them, or the fields `names`
+    (e.g. exec_options("quiet") for a command that runs no model). help: a command's own words for what a flag
+    does there (what --trust-code grants differs between `csn train` and `csn verify`)."""
+    return from_schema(ExecOptions, include=names or None, help=help)
 
 
 class PlotOptions(Schema):
@@ -193,5 +198,5 @@ def rel(p: str | Path) -> str:
         return str(p)
 
 
-__all__ = ["CONTEXT", "from_schema", "build", "take", "flag", "ExecOptions", "PlotOptions", "start", "run_options",
+__all__ = ["CONTEXT", "from_schema", "build", "take", "flag", "ExecOptions", "exec_options", "PlotOptions", "start", "run_options",
            "analysis_options", "analysis_request", "echo", "rel", "trust_code_for_command"]

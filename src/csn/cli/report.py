@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from csn.cli.options import CONTEXT
+from csn.cli.options import CONTEXT, exec_options
 from csn.core.progress import progress_enabled
 from csn.report.html import build_report
 
@@ -15,7 +15,7 @@ from csn.report.html import build_report
               help="Folder for index.html and its figures (or a path ending in .html) "
                    "[default: PATH/report; for several paths, the first's parent /report].")
 @click.option("--title", help="Page title [default: 'csn report: <name>'].")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@exec_options("quiet")
 def report(paths, out, title, quiet) -> None:
     """Write one HTML page (figures beside it) from the tables of runs or an experiment.
 

@@ -4,12 +4,13 @@ recomputed from the tables of a study folder)."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
 from csn import dist
-from csn.cli.options import CONTEXT, echo
+from csn.cli.options import CONTEXT, echo, exec_options
 from csn.errors import CsnError
 from csn.experiments.claims import verdict_table
 from csn.experiments.judge import judge
@@ -17,6 +18,26 @@ from csn.experiments.reproduce import plan_text, reproduction
 from csn.experiments.reproduce import reproduce as run
 from csn.experiments.study import load_study, study_names, study_text, to_toml
 from csn.report.html import build_report
+
+
+@dataclass(frozen=True)
+class ReproduceArgs:
+    """What `csn reproduce` was asked: its command-line values as one object (names as the options')."""
+
+    preset: str | None
+    config_file: str | None
+    print_config: str | None
+    dataset: str | None
+    data_root: str | None
+    model: str | None
+    sets: tuple[str, ...]
+    out: str | None
+    seeds: int | None
+    resume: bool
+    force: bool
+    dry_run: bool
+    quiet: bool
+    trust_code: bool
 
 
 def _print_config(name: str) -> None:
@@ -51,11 +72,11 @@ def _print_config(name: str) -> None:
 @click.option("--force", is_flag=True, help="Delete an existing reproduction in --out and start over.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (runs, analyses and where, estimated time, each "
               "verdict's power, minimal detectable effect and seeds needed) and exit; writes nothing.")
-@click.option("--quiet", is_flag=True, help="Only the plan and the step lines, no progress bars.")
-@click.option("--trust-code", is_flag=True, help="Let a model the study FILE names as 'package.module:factory' be "
-              "imported and run (code named by data runs only with this flag; --model typed here is explicit).")
-def reproduce(preset, config_file, print_config, dataset, data_root, model, sets, out, seeds, resume, force, dry_run,
-              quiet, trust_code) -> None:
+@exec_options("quiet", "trust_code", help={
+    "quiet": "Only the plan and the step lines, no progress bars.",
+    "trust_code": "Let a model the study FILE names as 'package.module:factory' be imported and run (code named by "
+                  "data runs only with this flag; --model typed here is explicit)."})
+def reproduce(**values) -> None:
     """Reproduce the study: train, measure, ablate, regularize, compare, judge, report.
 
     \b
@@ -93,23 +114,22 @@ def reproduce(preset, config_file, print_config, dataset, data_root, model, sets
       csn reproduce --preset fmnist-vit --seeds 2           # on a Vision Transformer
       csn reproduce --config study.toml --set study.alpha=-2 --set train.width=0.5
     """
-    if print_config:
-        _print_config(print_config)
+    a = ReproduceArgs(**values)
+    if a.print_config:
+        _print_config(a.print_config)
         return
-    if dry_run:
-        rep = reproduction(preset, out, config=config_file, dataset=dataset, data_root=data_root, model=model,
-                           sets=sets, seeds=seeds, progress=False, trust_code=trust_code)
-        echo(plan_text(rep))
+    study = {"config": a.config_file, "dataset": a.dataset, "data_root": a.data_root, "model": a.model, "sets": a.sets,
+             "seeds": a.seeds, "trust_code": a.trust_code}
+    if a.dry_run:
+        echo(plan_text(reproduction(a.preset, a.out, progress=False, **study)))
         return
     dist.init_from_env()  # under torchrun: DDP training, sharded analyses, rank 0 writes and reports
-    progress = not quiet
+    progress = not a.quiet
 
     def report_of(out_dir):
         return build_report([out_dir], out=out_dir / "report", progress=progress)
 
-    report, verdicts = run(preset, out, config=config_file, dataset=dataset, data_root=data_root, model=model,
-                           sets=sets, seeds=seeds, resume=resume, force=force, progress=progress, trust_code=trust_code,
-                           report=report_of)
+    report, verdicts = run(a.preset, a.out, resume=a.resume, force=a.force, progress=progress, report=report_of, **study)
     echo(verdict_table(verdicts))
     echo(f"report: {report}")
 

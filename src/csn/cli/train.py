@@ -8,7 +8,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 import click
 
 from csn import dist
-from csn.cli.options import CONTEXT, from_schema
+from csn.cli.options import CONTEXT, exec_options, from_schema
 from csn.errors import CsnError
 from csn.models.external import require_trust
 from csn.runs.config import TrainConfig, load_config_file
@@ -28,9 +28,8 @@ SHORTCUTS = ("dataset", "data_root", "model", "epochs", "seed", "checkpoints", "
 @click.option("--resume", is_flag=True, help="Continue an existing run from its last checkpoint (same config).")
 @click.option("--force", is_flag=True, help="Overwrite an existing run directory.")
 @from_schema(TrainConfig, include=SHORTCUTS)
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-@click.option("--trust-code", is_flag=True, help="Let a model named as 'package.module:factory' in --config's file "
-              "(or in run.json with --resume) be imported and run; code typed here (--model, model=) needs no flag.")
+@exec_options("quiet", "trust_code", help={"trust_code": "Let a model named as 'package.module:factory' in --config's "
+              "file (or in run.json with --resume) be imported and run; code typed here (--model, model=) needs no flag."})
 @click.argument("overrides", nargs=-1)
 def train(preset, config_file, out, resume, force, quiet, trust_code, overrides, **flags) -> None:
     """Train a classifier with dense early checkpoints into a run directory.

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import click
 
-from csn.cli.options import CONTEXT, trust_code_for_command
+from csn.cli.options import CONTEXT, exec_options, trust_code_for_command
 from csn.runs.verify import untrusted_model, verify_path
 
 
 @click.command(context_settings=CONTEXT)
 @click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False))
-@click.option("--trust-code", is_flag=True, help="Build the models that run.json names as 'package.module:factory' "
-              "(code named by data) to check the checkpoints' tensors against them.")
+@exec_options("trust_code", help={"trust_code": "Build the models that run.json names as 'package.module:factory' "
+              "(code named by data) to check the checkpoints' tensors against them."})
 def verify(runs, trust_code) -> None:
     """Check run directories, or experiment and reproduction directories (every run inside them and their own
     files): run.json against its schema, the manifest, every checkpoint's sha256, header and tensor shapes,

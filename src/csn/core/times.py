@@ -22,6 +22,7 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from numbers import Real
 
 from csn.errors import CsnError
 
@@ -30,8 +31,11 @@ TIME_FORMS = "a step 'step=64', an epoch '1.5', a fraction of training 'f0.25', 
 
 LIST_FORMS = f"points ({TIME_FORMS}) and ranges 'A:B' separated by commas"
 
-_NUM_RE = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
-_INT_RE = re.compile(r"\+?\d{1,18}", re.ASCII)
+NUMBER = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?"
+"""A decimal number as csn reads one from text (no nan/inf/underscores/non-ASCII digits), for grammars built on it."""
+_NUM_RE = re.compile(NUMBER, re.ASCII)
+TOL = 1e-9
+"""Relative float noise forgiven where a point is compared with the end of training (`beyond`)."""
 
 
 def fmt_number(x: float) -> str:
@@ -82,15 +86,40 @@ class TimePoint:
         return hash((self.unit, self.value))
 
 
-def _number(text: str, where: str, fix: str, *, whole: bool = False) -> float:
+def number(text: str, where: str, fix: str, *, whole: bool = False, digits: int = 4000) -> int | float:
+    """The one parser of a number a user typed: a finite decimal number (NUMBER) as a float, or (whole=True) a
+    non-negative whole number of steps of at most `digits` decimal digits as an int; anything else is a CsnError
+    '<where>: <text> is not ...; <fix>.'"""
     t = text.strip()
-    if not (_INT_RE if whole else _NUM_RE).fullmatch(t):
-        kind = "a whole number of steps" if whole else "a number"
-        raise CsnError(f"{where}: {t!r} is not {kind}; {fix}.")
+    if whole:
+        if not re.fullmatch(rf"\+?\d{{1,{int(digits)}}}", t, re.ASCII):
+            raise CsnError(f"{where}: {t!r} is not a whole number of steps; {fix}.")
+        return int(t)
+    if not _NUM_RE.fullmatch(t):
+        raise CsnError(f"{where}: {t!r} is not a number; {fix}.")
     value = float(t)
     if not math.isfinite(value):
         raise CsnError(f"{where}: {t!r} is out of range; {fix}.")
     return value
+
+
+def real(value: object, what: str) -> float:
+    """A number given as a value (int/float) or text (`number`) as a finite float, or a CsnError naming `what`."""
+    if isinstance(value, bool) or value is None:
+        raise CsnError(f"{what} must be a number, got {value!r}; pass a finite number.")
+    if isinstance(value, str):
+        return number(value, what, "pass a finite number such as -20 or 0.5")
+    if not isinstance(value, Real):
+        raise CsnError(f"{what} must be a number, got {type(value).__name__}; pass a finite number.")
+    out = float(value)
+    if not math.isfinite(out):
+        raise CsnError(f"{what} must be finite, got {value!r}; pass a finite number.")
+    return out
+
+
+def beyond(x: float, limit: float) -> bool:
+    """x > limit, forgiving float noise of a few ulps (TOL)."""
+    return x > limit + TOL * max(1.0, abs(limit))
 
 
 def parse_time(text: str | float | int, what: str = "time") -> TimePoint:
@@ -106,15 +135,15 @@ def parse_time(text: str | float | int, what: str = "time") -> TimePoint:
     if t in ("end", "last", "step=end"):
         return TimePoint("end", 0.0)
     if t.startswith("step="):
-        return TimePoint("step", _number(t[5:], where, fix, whole=True))
+        return TimePoint("step", number(t[5:], where, fix, whole=True, digits=18))
     if t.startswith("f"):
-        f = _number(t[1:], where, fix)
+        f = number(t[1:], where, fix)
         if not 0 <= f <= 1:
             raise CsnError(f"{what} {text!r} is a fraction of training outside [0, 1]; {fix}.")
         return TimePoint("fraction", f)
     if not _NUM_RE.fullmatch(t):
         raise CsnError(f"{what} {text!r} is not a point in training; {fix}.")
-    e = _number(t, where, fix)
+    e = number(t, where, fix)
     if e < 0:
         raise CsnError(f"{what} {text!r} is a negative epoch; {fix}.")
     return TimePoint("epoch", e)
@@ -236,4 +265,4 @@ def resolve(items: Sequence[Item], steps: Sequence[int], steps_per_epoch: int, t
 
 
 __all__ = ["TIME_FORMS", "LIST_FORMS", "TimePoint", "TimeRange", "Item", "parse_time", "parse_times", "is_bare_number",
-           "nearest_step", "resolve", "fmt_number", "steps_text", "onset_epoch"]
+           "nearest_step", "resolve", "fmt_number", "steps_text", "onset_epoch", "NUMBER", "TOL", "number", "real", "beyond"]

@@ -85,10 +85,6 @@ class TraceDict(dict):
             h.remove()
         self.clear()
 
-    @property
-    def is_open(self) -> bool:
-        return bool(self._handles)
-
     def __enter__(self) -> TraceDict:
         return self.open()
 

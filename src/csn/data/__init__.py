@@ -9,7 +9,6 @@ from csn.data.idx import (
     FASHION_MNIST_CLASSES,
     fashion_mnist_root,
     idx_splits,
-    load_idx_dir,
     read_idx,
     write_idx,
 )
@@ -75,7 +74,6 @@ __all__ = [
     "fmnist_pairs",
     "idx_splits",
     "load_dataset",
-    "load_idx_dir",
     "load_npz",
     "random_crop_flip",
     "read_idx",

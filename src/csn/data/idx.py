@@ -10,7 +10,6 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from csn.data.tensors import DataSplits
 from csn.data.validate import check_memory, path_problem, to_nchw, validate_splits
@@ -118,14 +117,6 @@ def idx_paths(root: str | Path, apt_hint: bool = False) -> dict[str, Path]:
                f"${FASHION_MNIST_ENV} at a directory that holds them") if apt_hint else "point --data-root at a directory that holds them"
         raise CsnError(f"missing IDX file(s) {', '.join(missing)} in {root}; {fix}.")
     return found  # type: ignore[return-value]
-
-
-def load_idx_dir(root: str | Path, *, apt_hint: bool = False) -> dict[str, torch.Tensor]:
-    """The four standard IDX files of a directory, checked (csn.data.validate), as tensors: images
-    [N, C, H, W] (uint8 pixels, or float32 intensities in [0, 1]), labels int64 [N]."""
-    data = idx_splits("idx", root, apt_hint=apt_hint)
-    return {"train_images": data.train.images, "train_labels": data.train.labels,
-            "test_images": data.test.images, "test_labels": data.test.labels}
 
 
 def idx_splits(name: str, root: str | Path, class_names: list[str] | None = None, *,

@@ -3,25 +3,24 @@ DataLoaders with worker processes for folder datasets (ImageFolder), resumable m
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
+from csn.data.split import Split, TensorData
 from csn.data.tensors import BatchLoader, TensorSplit, mix_seed
 from csn.dist import rank, shard_range, world_size
 from csn.errors import CsnError
 
 
-def in_memory(split: Any) -> bool:
-    """Whether a split is held in memory (a TensorSplit: images and labels as tensors, batched by BatchLoader)
-    rather than a torch Dataset read from files by a DataLoader with workers (ImageFolder)."""
-    return isinstance(split, TensorSplit)
+def in_memory(split: Split) -> bool:
+    """Whether a split is held in memory (TensorData: images and labels as tensors, batched by BatchLoader)
+    rather than a torch Dataset read from files by a DataLoader with workers (FolderData, e.g. ImageFolder)."""
+    return isinstance(split, TensorData)
 
 
-def split_loader(split: Any, batch_size: int, device: torch.device | str, *, seed: int | None = None,
-                run_seed: int = 0, workers: int = 0, channels_last: bool = False) -> Any:
+def split_loader(split: Split, batch_size: int, device: torch.device | str, *, seed: int | None = None,
+                run_seed: int = 0, workers: int = 0, channels_last: bool = False) -> BatchLoader | _DeviceLoader:
     """The split unaugmented for measuring: in its order, or (seed given) in one fixed order shuffled by `seed`; a
     BatchLoader for an in-memory split, else a DataLoader with `workers` (run_seed, channels_last: the run's)."""
     device = torch.device(device)
@@ -34,18 +33,18 @@ def split_loader(split: Any, batch_size: int, device: torch.device | str, *, see
                          channels_last=channels_last)
 
 
-def subset(split: Any, n: int | None, seed: int) -> Any:
+def subset(split: Split, n: int | None, seed: int) -> Split:
     """A fixed seeded subset of n examples of a split, in the split's order (the whole split if n is None
     or >= its size): TensorSplit.subset for in-memory splits, the same choice as a torch Subset otherwise."""
     if not n or n >= len(split):
         return split
-    if isinstance(split, TensorSplit):
+    if in_memory(split):
         return split.subset(n, seed=seed)
     idx = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:n].sort().values
     return Subset(split, idx.tolist())
 
 
-def shard_split(split: Any, batch_size: int | None = None, rank_: int | None = None, world: int | None = None) -> Any:
+def shard_split(split: Split, batch_size: int | None = None, rank_: int | None = None, world: int | None = None) -> Split:
     """This rank's shard (see shard_range) of a split: a TensorSplit slice, or a torch Subset of a Dataset.
 
     Returns the split itself in a single process.
@@ -54,11 +53,10 @@ def shard_split(split: Any, batch_size: int | None = None, rank_: int | None = N
     if w <= 1:
         return split
     idx = shard_range(len(split), batch_size, rank_, w)
-    if isinstance(split, TensorSplit):
+    if in_memory(split):
         sl = slice(idx.start, idx.stop)
         return TensorSplit(split.images[sl], split.labels[sl], split.mean, split.std)
     return Subset(split, list(idx))
-
 
 
 class EpochSampler(DistributedSampler):
@@ -83,7 +81,7 @@ class EpochSampler(DistributedSampler):
         return max(self.num_samples - self.start, 0)
 
 
-def folder_loader(split: Any, *, batch_size: int, train: bool, device: torch.device, seed: int = 0, workers: int = 0,
+def folder_loader(split: Split, *, batch_size: int, train: bool, device: torch.device, seed: int = 0, workers: int = 0,
                   channels_last: bool = False) -> _DeviceLoader:
     """A torch DataLoader with worker processes over a torchvision-style dataset, yielding batches on `device`.
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from csn.data.split import Split
 from csn.errors import CsnError
 
 
@@ -52,14 +54,14 @@ class DataSplits:
     """A dataset: train and test splits plus what models need to know about it."""
 
     name: str
-    train: object
-    test: object
+    train: Split
+    test: Split
     num_classes: int
     in_channels: int
     image_size: int | tuple[int, int]  # an int for square images, else (height, width)
     class_names: list[str] = field(default_factory=list)
-    train_eval: object = None  # the training split under the evaluation transform, where `train` augments
-                               # (ImageFolder); None: `train` itself is unaugmented (in-memory splits)
+    train_eval: Split | None = None  # the training split under the evaluation transform, where `train` augments
+                                     # (ImageFolder); None: `train` itself is unaugmented (in-memory splits)
 
 
 def random_crop_flip(x: Tensor, gen: torch.Generator, *, pad: int = 0, flip: bool = False) -> Tensor:
@@ -87,24 +89,39 @@ def mix_seed(*values: int) -> int:
     return h & 0x3FFFFFFFFFFFFFFF
 
 
+@dataclass(frozen=True)
+class BatchOptions:
+    """How a BatchLoader batches (its keyword settings): order, augmentation, this rank's slice, device, layout."""
+
+    shuffle: bool = False
+    seed: int = 0
+    augment: dict | None = None
+    drop_last: bool = False
+    rank: int = 0
+    world_size: int = 1
+    device: str | torch.device = "cpu"
+    channels_last: bool = False
+
+
 class BatchLoader:
     """Iterate (images, labels) batches of an in-memory split: normalized float32, optionally augmented.
 
     Shuffling and augmentation are seeded per (seed, epoch, batch), so any batch can be reproduced
     exactly (resume mid-epoch) and every data-parallel rank sees its slice of the same global batch.
+    The settings (shuffle, seed, augment, drop_last, rank, world_size, device, channels_last) are the fields of
+    BatchOptions.
     """
 
-    def __init__(self, split: TensorSplit, batch_size: int, *, shuffle: bool = False, seed: int = 0,
-                 augment: dict | None = None, drop_last: bool = False, rank: int = 0, world_size: int = 1,
-                 device: str | torch.device = "cpu", channels_last: bool = False) -> None:
+    def __init__(self, split: TensorSplit, batch_size: int, **settings: Any) -> None:
+        o = BatchOptions(**settings)
         if batch_size <= 0:
             raise CsnError(f"batch size must be positive, got {batch_size}.")
-        if batch_size % world_size:
-            raise CsnError(f"global batch size {batch_size} is not divisible by the world size {world_size}; choose a multiple.")
-        self.split, self.batch_size, self.shuffle, self.seed = split, batch_size, shuffle, seed
-        self.augment = augment or {}
-        self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
-        self.device, self.channels_last = torch.device(device), channels_last
+        if batch_size % o.world_size:
+            raise CsnError(f"global batch size {batch_size} is not divisible by the world size {o.world_size}; choose a multiple.")
+        self.split, self.batch_size, self.shuffle, self.seed = split, batch_size, o.shuffle, o.seed
+        self.augment = o.augment or {}
+        self.drop_last, self.rank, self.world_size = o.drop_last, o.rank, o.world_size
+        self.device, self.channels_last = torch.device(o.device), o.channels_last
         self.epoch = 0
         self.start_batch = 0
 

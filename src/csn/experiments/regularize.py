@@ -16,7 +16,7 @@ from csn.analysis.accuracy import Accuracy
 from csn.analysis.base import run_analysis
 from csn.analysis.selectivity import Selectivity
 from csn.core.bn import DEFAULT_BN_BATCHES
-from csn.core.schedules import lr_at
+from csn.core.lr import lr_at
 from csn.core.stats import band, standard_error
 from csn.core.times import TimePoint, onset_epoch, parse_times
 from csn.core.units import stage_of

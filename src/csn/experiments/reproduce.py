@@ -30,8 +30,8 @@ from csn.analysis.base import run_analysis
 from csn.analysis.cka import Cka
 from csn.analysis.linearity import Linearity, linear_model_path
 from csn.analysis.selectivity import Selectivity
+from csn.core.checkpoint_schedule import checkpoint_steps
 from csn.core.progress import hms
-from csn.core.schedules import checkpoint_steps
 from csn.core.times import onset_epoch, steps_text
 from csn.errors import CsnError
 from csn.experiments import claims as C

@@ -51,9 +51,11 @@ from csn.analysis.accuracy import Accuracy
 from csn.analysis.base import Samples, run_analysis
 from csn.analysis.selectivity import Selectivity, summarize
 from csn.core import inference as I
+from csn.core.alpha import AlphaWindow, AlphaWindows, parse_window_points
 from csn.core.bn import DEFAULT_BN_BATCHES
+from csn.core.checkpoint_schedule import checkpoint_steps
+from csn.core.lr import lr_at
 from csn.core.progress import bar, hms
-from csn.core.schedules import AlphaWindow, AlphaWindows, checkpoint_steps, lr_at, parse_window_points
 from csn.core.schema import MAX_SEED, MAX_SEEDS, SEEDS_HINT, CommaList, Float, Int, Schema
 from csn.core.times import steps_text
 from csn.core.units import resolve_layers, stage_of, stages

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, computed_field, model_validator
 
-from csn.core.schedules import checkpoint_steps
+from csn.core.checkpoint_schedule import checkpoint_steps
 from csn.core.schema import CommaList, Float, Int, Schema, Seed, set_override
 from csn.core.stats import EPS, STUDY_EPS, STUDY_GROUP
 from csn.core.units import stages, stages_from_patterns

@@ -23,9 +23,10 @@ import torch.nn.functional as F
 
 from csn import dist
 from csn._version import __version__
+from csn.core.checkpoint_schedule import checkpoint_steps, total_steps
+from csn.core.lr import lr_at
 from csn.core.progress import bar
 from csn.core.resources import check_disk_space, check_limit, env_limit, state_dict_bytes
-from csn.core.schedules import checkpoint_steps, lr_at, total_steps
 from csn.data import BatchLoader
 from csn.data.loaders import folder_loader, in_memory, shard_split, subset
 from csn.errors import CsnError, unknown
@@ -90,17 +91,6 @@ def training_length(cfg: TrainConfig, data=None) -> tuple[int, int]:
     data = load_data(cfg) if data is None else data
     spe = _steps_per_epoch(make_loader(data.train, cfg, train=True, device=torch.device("cpu")), data, cfg)
     return spe, total_steps(spe, cfg.epochs)
-
-
-def evaluate(model: torch.nn.Module, loader, device: torch.device, *, amp: bool = False, max_samples: int | None = None,
-             reduce: bool = False) -> dict:
-    """Top-1 accuracy and mean cross-entropy of a model over a loader, in eval mode.
-
-    reduce=True (under torchrun, with each rank holding a shard of the split) sums the counts over
-    ranks, so every rank gets the metrics of the whole split.
-    """
-    correct, loss, n = eval_sums(model, loader, device, amp=amp, max_samples=max_samples, reduce=reduce)
-    return {"test_acc": correct / max(n, 1), "test_loss": loss / max(n, 1)}
 
 
 def eval_sums(model: torch.nn.Module, loader, device: torch.device, *, amp: bool, max_samples: int | None,
@@ -518,4 +508,4 @@ def _is_debris(p: Path) -> bool:
     return p.name == ".lock" or (p.name.startswith(".run.json.") and p.name.endswith(".tmp"))
 
 
-__all__ = ["train", "make_loader", "training_length", "evaluate", "eval_sums", "state_file", "weights_file", "AUGMENT", "LOG_COLUMNS"]
+__all__ = ["train", "make_loader", "training_length", "eval_sums", "state_file", "weights_file", "AUGMENT", "LOG_COLUMNS"]

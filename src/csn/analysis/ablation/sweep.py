@@ -26,7 +26,7 @@ same set) are evaluated once and reported under every order and draw.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -76,6 +76,37 @@ SWEEP_COLUMNS = ["step", "stage", "order", "n", "fraction", "draw", "top1", "top
 def default_max_elements(device: torch.device | str) -> int:
     """DEFAULT_MAX_ELEMENTS for a device."""
     return DEFAULT_MAX_ELEMENTS["cpu" if torch.device(device).type == "cpu" else "other"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SweepOptions:
+    """What an ablation sweep measures and how: the keyword arguments of `ablation_sweep` (see there)."""
+
+    num_classes: int
+    grid: Any = None
+    orders: Sequence[str] | str = ORDERS
+    draws: int = 3
+    seed: int = 0
+    naive: bool = False
+    max_batch_masks: int | None = None
+    max_elements: int | None = None
+    mode: str = "zero"
+    means: Mapping[str, Any] | None = None
+    step: int = 0
+    device: torch.device | str | None = None
+    progress: bool = False
+
+
+@dataclass(frozen=True)
+class SweepRequest:
+    """What every stage of a sweep plans its points from, checked: the grid and orders resolved (`_check_request`)."""
+
+    grid: Grid
+    orders: tuple[str, ...]
+    draws: int = 3
+    seed: int = 0
+    step: int = 0
+    naive: bool = False
 
 
 # ------------------------------------------------------------------------------------------------
@@ -170,21 +201,21 @@ def _rankings(stage: str, layers: list[str], widths: Mapping[str, int], csi: Map
     return ranks
 
 
-def _points(stage: str, layers: list[str], widths: Mapping[str, int], counts: list[int], orders: tuple[str, ...],
-            draws: int, ranks: Mapping[tuple[str, str], np.ndarray], seed: int,
-            step: int) -> tuple[list[tuple[str, int, int, int]], list[dict[str, Tensor]]]:
+def _points(stage: str, layers: list[str], widths: Mapping[str, int], counts: list[int],
+            ranks: Mapping[tuple[str, str], np.ndarray],
+            req: SweepRequest) -> tuple[list[tuple[str, int, int, int]], list[dict[str, Tensor]]]:
     """(points (order, n, draw, mask index), distinct masks) of one stage; identical masks are shared."""
     masks: list[dict[str, Tensor]] = []
     index: dict[tuple, int] = {}
     points = []
-    for order in orders:
+    for order in req.orders:
         for n in counts:
-            for draw in range(draws if order == "random" else 1):
+            for draw in range(req.draws if order == "random" else 1):
                 m = {}
                 for layer in layers:
                     u = widths[layer]
                     if order == "random":
-                        sel = random_units(u, n, seed=seed, step=step, stage=stage, layer=layer, draw=draw)
+                        sel = random_units(u, n, seed=req.seed, step=req.step, stage=stage, layer=layer, draw=draw)
                     else:
                         sel = ranks[(layer, order)][:n]
                     m[layer] = units_mask(layer, sel, u)
@@ -197,7 +228,7 @@ def _points(stage: str, layers: list[str], widths: Mapping[str, int], counts: li
 
 
 def stage_plans(model: nn.Module, pr: Probe, stage_layers: Mapping[str, Sequence[str]], csi: Mapping[str, Any],
-                grid: Grid, orders: tuple[str, ...], draws: int, seed: int, step: int, naive: bool) -> list[StagePlan]:
+                req: SweepRequest) -> list[StagePlan]:
     """The StagePlan of every stage (CSI checked, grid resolved against the narrowest block)."""
     plans = []
     for stage, layers in stage_layers.items():
@@ -206,11 +237,11 @@ def stage_plans(model: nn.Module, pr: Probe, stage_layers: Mapping[str, Sequence
             raise CsnError(f"stage {stage!r} has no layers; give it at least one module name.")
         widths = {layer: pr.units[layer] for layer in layers}
         width = min(widths.values())
-        counts = grid.counts(width, stage)
-        ranks = _rankings(stage, layers, widths, csi, orders)
-        points, masks = _points(stage, layers, widths, counts, orders, draws, ranks, seed, step)
+        counts = req.grid.counts(width, stage)
+        ranks = _rankings(stage, layers, widths, csi, req.orders)
+        points, masks = _points(stage, layers, widths, counts, ranks, req)
         segment = None
-        if isinstance(model, CsnModel) and not naive:
+        if isinstance(model, CsnModel) and not req.naive:
             segment = min((pr.segment[layer] for layer in layers), key=pr.seg_order.index)
         if segment is not None:
             suffix = pr.seg_order[pr.seg_order.index(segment):]
@@ -283,20 +314,39 @@ def _batches(loader: Iterable[Any], num_classes: int, dev: torch.device) -> Iter
 # the naive reference and the fast path
 # ------------------------------------------------------------------------------------------------
 
-def _naive(model: nn.Module, loader: Iterable[Any], plans: list[StagePlan], counts: dict[str, _Counts], mode: str,
-           mean_t: dict[str, Tensor], num_classes: int, dev: torch.device, top5: bool, tick: _Ticker) -> int:
+@dataclass
+class _Pass:
+    """What the forward passes of one sweep share: the model and data, the stage plans, the counts they fill."""
+
+    model: nn.Module
+    loader: Iterable[Any]
+    plans: list[StagePlan]
+    counts: dict[str, _Counts]
+    mean_t: dict[str, Tensor]
+    tick: _Ticker
+    dev: torch.device
+    o: SweepOptions                # mode, num_classes, max_batch_masks
+    max_elements: int
+    top5: bool
+
+    def batches(self) -> Iterator[tuple[Any, Tensor]]:
+        return _batches(self.loader, self.o.num_classes, self.dev)
+
+
+def _naive(s: _Pass) -> int:
     """The reference: one full forward pass over the split per distinct mask, through ablate_units."""
     total = 0
-    for p in plans:
+    mode = s.o.mode
+    for p in s.plans:
         reps = np.bincount([d for *_, d in p.points], minlength=len(p.masks))
         for d, masks in enumerate(p.masks):
             total = 0
-            with ablate_units(model, masks, mode, mean_t if mode == "mean" else None):
-                for x, y in _batches(loader, num_classes, dev):
-                    a, b, c = score(model(x), y, 1, top5)
-                    counts[p.stage].add(d, (a, b, c))
+            with ablate_units(s.model, masks, mode, s.mean_t if mode == "mean" else None):
+                for x, y in s.batches():
+                    a, b, c = score(s.model(x), y, 1, s.top5)
+                    s.counts[p.stage].add(d, (a, b, c))
                     total += int(y.shape[0])
-            tick.add(int(reps[d]))
+            s.tick.add(int(reps[d]))
     return total
 
 
@@ -348,23 +398,22 @@ def _forward_chunk(run: Callable[[Any], Tensor], h: Any, m: int, dev: torch.devi
     return None
 
 
-def _fast(model: nn.Module, loader: Iterable[Any], plans: list[StagePlan], counts: dict[str, _Counts], mode: str,
-          mean_t: dict[str, Tensor], num_classes: int, dev: torch.device, top5: bool, tick: _Ticker,
-          n_batches: int | None, max_batch_masks: int | None, max_elements: int) -> int:
+def _fast(s: _Pass, n_batches: int | None) -> int:
     """Stage input once per batch, then chunks of M masks per forward of the suffix ([M*B, ...])."""
     total = 0
+    plans, model, dev = s.plans, s.model, s.dev
     reps = {p.stage: np.bincount([d for *_, d in p.points], minlength=len(p.masks)) for p in plans}
     state: dict[str, tuple] = {}
     cache: dict[tuple, dict[str, tuple]] = {}
     layers = [layer for p in plans for layer in p.layers]
     with TraceDict(model, layers, retain=None, edit=_per_sample_edit(state)):
-        for x, y in _batches(loader, num_classes, dev):
+        for x, y in s.batches():
             b = int(y.shape[0])
             total += b
             for p in plans:
                 state.clear()
                 h, run = _stage_input(model, p, x)
-                cap = min(p.cap, max_batch_masks or p.cap, max(1, int(max_elements) // max(1, b * p.per_sample)))
+                cap = min(p.cap, s.o.max_batch_masks or p.cap, max(1, int(s.max_elements) // max(1, b * p.per_sample)))
                 if not isinstance(h, Tensor):
                     cap = 1
                 i = 0
@@ -372,7 +421,7 @@ def _fast(model: nn.Module, loader: Iterable[Any], plans: list[StagePlan], count
                     m = min(cap, len(p.masks) - i)
                     key = (p.stage, i, m, b)
                     if key not in cache:
-                        cache[key] = _chunk_state(p, i, m, b, h, mode, mean_t, dev)
+                        cache[key] = _chunk_state(p, i, m, b, h, s.o.mode, s.mean_t, dev)
                     state.clear()
                     state.update(cache[key])
                     logits = _forward_chunk(run, h, m, dev)
@@ -381,13 +430,13 @@ def _fast(model: nn.Module, loader: Iterable[Any], plans: list[StagePlan], count
                         cap = p.cap = max(1, m // 2)
                         continue
                     p.used = max(p.used, m)
-                    counts[p.stage].add(i, score(logits, y, m, top5))
+                    s.counts[p.stage].add(i, score(logits, y, m, s.top5))
                     del logits
                     if n_batches:
-                        tick.add(float(reps[p.stage][i:i + m].sum()) / n_batches)
+                        s.tick.add(float(reps[p.stage][i:i + m].sum()) / n_batches)
                     i += m
     if n_batches is None:
-        tick.add(sum(len(p.points) for p in plans))
+        s.tick.add(sum(len(p.points) for p in plans))
     return total
 
 
@@ -395,25 +444,22 @@ def _fast(model: nn.Module, loader: Iterable[Any], plans: list[StagePlan], count
 # the sweep
 # ------------------------------------------------------------------------------------------------
 
-def _check_request(stage_layers: Mapping[str, Sequence[str]], orders: Sequence[str] | str, draws: int, grid: Any,
-                   num_classes: int, max_batch_masks: int | None, mode: str,
-                   means: Mapping[str, Any] | None) -> tuple[tuple[str, ...], Grid]:
-    """Validate a sweep request before any forward pass; returns (orders, grid)."""
-    orders = check_orders(orders, draws)
-    g = parse_grid(grid)
-    if not isinstance(num_classes, int) or num_classes < 2:
-        raise CsnError(f"num_classes must be an integer >= 2, got {num_classes!r}.")
-    if max_batch_masks is not None and max_batch_masks < 1:
-        raise CsnError(f"max_batch_masks must be >= 1, got {max_batch_masks}.")
+def _check_request(stage_layers: Mapping[str, Sequence[str]], o: SweepOptions) -> SweepRequest:
+    """Validate a sweep request before any forward pass; returns it with the orders and the grid resolved."""
+    orders = check_orders(o.orders, o.draws)
+    g = parse_grid(o.grid)
+    if not isinstance(o.num_classes, int) or o.num_classes < 2:
+        raise CsnError(f"num_classes must be an integer >= 2, got {o.num_classes!r}.")
+    if o.max_batch_masks is not None and o.max_batch_masks < 1:
+        raise CsnError(f"max_batch_masks must be >= 1, got {o.max_batch_masks}.")
     if not stage_layers:
         raise CsnError("no stage to ablate; pass {stage: [layer names]} with at least one stage.")
-    check_mode(mode, means, [layer for layers in stage_layers.values() for layer in layers])
-    return orders, g
+    check_mode(o.mode, o.means, [layer for layers in stage_layers.values() for layer in layers])
+    return SweepRequest(g, orders, o.draws, o.seed, o.step, o.naive)
 
 
 def _plan_sweep(model: nn.Module, loader: Iterable[Any], stage_layers: Mapping[str, Sequence[str]],
-                csi: Mapping[str, Any], grid: Grid, orders: tuple[str, ...], draws: int, seed: int, step: int,
-                naive: bool, mode: str, means: Mapping[str, Any] | None,
+                csi: Mapping[str, Any], req: SweepRequest, mode: str, means: Mapping[str, Any] | None,
                 dev: torch.device) -> tuple[list[StagePlan], dict[str, Tensor]]:
     """Probe the model on the loader's first example, plan every stage, and put the per-unit means on the device."""
     if iter(loader) is loader:  # type: ignore[call-overload]
@@ -426,7 +472,7 @@ def _plan_sweep(model: nn.Module, loader: Iterable[Any], stage_layers: Mapping[s
     x0 = to_device(x0, dev)
     all_layers = [layer for layers in stage_layers.values() for layer in layers]
     pr = probe(model, x0[:1] if isinstance(x0, Tensor) else x0, all_layers)
-    plans = stage_plans(model, pr, stage_layers, csi, grid, orders, draws, seed, step, naive)
+    plans = stage_plans(model, pr, stage_layers, csi, req)
     mean_t = {}
     if mode == "mean":
         for layer in all_layers:
@@ -456,27 +502,9 @@ def _sweep_frame(plans: list[StagePlan], counts: Mapping[str, _Counts], total: i
     return df
 
 
-def ablation_sweep(
-    model: nn.Module,
-    loader: Iterable[Any],
-    stage_layers: Mapping[str, Sequence[str]],
-    csi: Mapping[str, Any],
-    *,
-    grid: Any = None,
-    orders: Sequence[str] | str = ORDERS,
-    draws: int = 3,
-    seed: int = 0,
-    naive: bool = False,
-    num_classes: int,
-    max_batch_masks: int | None = None,
-    max_elements: int | None = None,
-    mode: str = "zero",
-    means: Mapping[str, Any] | None = None,
-    step: int = 0,
-    device: torch.device | str | None = None,
-    progress: bool = False,
-    bar: Any = None,
-) -> pd.DataFrame:
+def ablation_sweep(model: nn.Module, loader: Iterable[Any], stage_layers: Mapping[str, Sequence[str]],
+                   csi: Mapping[str, Any], options: SweepOptions | None = None, *, bar: Any = None,
+                   **settings: Any) -> pd.DataFrame:
     """Ablation curves of one model: a row per (stage, order, n, draw) with top1, top5, loss, correct, total.
 
     stage_layers: {stage: [block module names]}; all blocks of a stage are ablated at once, n units each.
@@ -488,33 +516,32 @@ def ablation_sweep(
     max_batch_masks masks per forward and M*B*(largest per-sample activation) <= max_elements (None:
     default_max_elements(device)). `bar`: an external progress bar to advance by one per point (the
     Ablation analysis's bar over the whole run). df.attrs records masks_per_pass and distinct_masks per stage.
+
+    The settings (num_classes, grid, orders, draws, seed, naive, max_batch_masks, max_elements, mode, means, step,
+    device, progress) are the fields of SweepOptions, given as `options` and/or as keywords (which win).
     """
-    orders, g = _check_request(stage_layers, orders, draws, grid, num_classes, max_batch_masks, mode, means)
-    dev = torch.device(device) if device is not None else model_device(model)
-    if max_elements is None:
-        max_elements = default_max_elements(dev)
-    top5 = num_classes > 5
+    o = SweepOptions(**settings) if options is None else replace(options, **settings)
+    req = _check_request(stage_layers, o)
+    dev = torch.device(o.device) if o.device is not None else model_device(model)
+    max_elements = default_max_elements(dev) if o.max_elements is None else o.max_elements
+    top5 = o.num_classes > 5
     with eval_mode(model):
-        plans, mean_t = _plan_sweep(model, loader, stage_layers, csi, g, orders, draws, seed, step, naive, mode, means,
-                                    dev)
-        own = new_bar(total=sum(len(p.points) for p in plans), desc="ablation", progress=progress, unit="point") \
+        plans, mean_t = _plan_sweep(model, loader, stage_layers, csi, req, o.mode, o.means, dev)
+        own = new_bar(total=sum(len(p.points) for p in plans), desc="ablation", progress=o.progress, unit="point") \
             if bar is None else None
         tick = _Ticker(own if own is not None else bar)
         counts = {p.stage: _Counts.zeros(len(p.masks)) for p in plans}
         n_batches = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
+        sweep = _Pass(model, loader, plans, counts, mean_t, tick, dev, o, max_elements, top5)
         try:
             with torch.no_grad():
-                if naive:
-                    total = _naive(model, loader, plans, counts, mode, mean_t, num_classes, dev, top5, tick)
-                else:
-                    total = _fast(model, loader, plans, counts, mode, mean_t, num_classes, dev, top5, tick, n_batches,
-                                  max_batch_masks, max_elements)
+                total = _naive(sweep) if o.naive else _fast(sweep, n_batches)
         finally:
             if own is not None:
                 own.close()
     if total == 0:
         raise CsnError("the evaluation data yielded no examples; pass a non-empty loader of (inputs, labels) batches.")
-    return _sweep_frame(plans, counts, total, step, top5, naive)
+    return _sweep_frame(plans, counts, total, o.step, top5, o.naive)
 
 
 __all__ = [
@@ -522,6 +549,8 @@ __all__ = [
     "SWEEP_COLUMNS",
     "Probe",
     "StagePlan",
+    "SweepOptions",
+    "SweepRequest",
     "ablation_sweep",
     "default_max_elements",
     "probe",

@@ -28,6 +28,7 @@ import math
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -379,19 +380,20 @@ def reduce_linearity(acc: LinearityAccumulator) -> LinearityAccumulator:
     return acc
 
 
-def linearity_measures(
-    model_t: nn.Module,
-    model_0: nn.Module,
-    loader: Iterable[Any],
-    *,
-    model_prev: nn.Module | None = None,
-    linear_model: nn.Module | None = None,
-    device: torch.device | str | None = None,
-    linearized: bool = True,
-    relu: bool = True,
-    max_batches: int | None = None,
-    reduce: bool = False,
-) -> dict[str, float]:
+@dataclass(frozen=True)
+class MeasureSettings:
+    """How linearity_measures runs (its keyword settings): which measures, where, over how much data."""
+
+    device: torch.device | str | None = None
+    linearized: bool = True
+    relu: bool = True
+    max_batches: int | None = None
+    reduce: bool = False
+
+
+def linearity_measures(model_t: nn.Module, model_0: nn.Module, loader: Iterable[Any], *,
+                       model_prev: nn.Module | None = None, linear_model: nn.Module | None = None,
+                       **settings: Any) -> dict[str, float]:
     """All linearity measures of checkpoint `model_t` over an evaluation loader of (x, y), one pass.
 
     Keys (those whose inputs are None or switched off are left out):
@@ -408,19 +410,20 @@ def linearity_measures(
     information measures; ReLU masks are kept for one batch only. reduce=True (under torchrun, each
     rank passing its shard of the evaluation data): counts and norms are summed and predictions
     gathered across ranks (reduce_linearity), so every rank returns the measures of the whole split.
+    The settings (device, linearized, relu, max_batches, reduce) are the fields of MeasureSettings.
     """
-    with same_outcome(enabled=reduce):  # an error on one rank stops every rank before the reduction
-        acc = _accumulate(model_t, model_0, loader, model_prev=model_prev, linear_model=linear_model, device=device,
-                          linearized=linearized, relu=relu, max_batches=max_batches)
-    if reduce:
+    o = MeasureSettings(**settings)
+    with same_outcome(enabled=o.reduce):  # an error on one rank stops every rank before the reduction
+        acc = _accumulate(model_t, model_0, loader, model_prev, linear_model, o)
+    if o.reduce:
         reduce_linearity(acc)
     return acc.result()
 
 
-def _accumulate(model_t: nn.Module, model_0: nn.Module, loader: Iterable[Any], *, model_prev: nn.Module | None,
-                linear_model: nn.Module | None, device: torch.device | str | None, linearized: bool, relu: bool,
-                max_batches: int | None) -> LinearityAccumulator:
+def _accumulate(model_t: nn.Module, model_0: nn.Module, loader: Iterable[Any], model_prev: nn.Module | None,
+                linear_model: nn.Module | None, o: MeasureSettings) -> LinearityAccumulator:
     """One pass of linearity_measures over this process's loader."""
+    device, linearized, relu, max_batches = o.device, o.linearized, o.relu, o.max_batches
     if device is not None:
         device = torch.device(device)
         for m in (model_t, model_0, model_prev, linear_model):
@@ -482,6 +485,7 @@ def _measure_batch(acc: LinearityAccumulator, model_t: nn.Module, x: Tensor, y: 
 
 __all__ = [
     "LinearityAccumulator",
+    "MeasureSettings",
     "accuracy",
     "conditional_mutual_information",
     "fit_linear_classifier",

@@ -14,7 +14,7 @@ from pydantic import Field
 from torch import Tensor
 
 from csn import dist
-from csn.core.schedules import alpha_windows
+from csn.core.alpha import alpha_windows
 from csn.core.schema import Float, Schema
 from csn.runs.config import TrainConfig
 from csn.training.interventions.base import Context, Intervention, register
