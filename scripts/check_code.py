@@ -23,7 +23,7 @@ OVER_PARAMETERS = {
     ("analysis/linearity/measures.py", "linearity_measures"), ("analysis/linearity/measures.py", "_accumulate"),
     ("cli/experiment.py", "regularize"), ("cli/reproduce.py", "reproduce"), ("data/tensors.py", "__init__"),
     ("experiments/regularize.py", "regularize_experiment"), ("experiments/reproduce.py", "reproduce"),
-    ("experiments/reproduce.py", "reproduction"), ("models/vit.py", "__init__"),
+    ("experiments/reproduce.py", "reproduction"),
 }
 
 
