@@ -4,14 +4,25 @@ toy registered here, in a test module, that appears without editing any other fi
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import pandas as pd
 import pytest
 import torch
+from click.testing import CliRunner
+from pydantic import Field
 from torch import nn
 
+from csn.analysis.base import Analysis, Context
+from csn.analysis.registry import analyses, analysis, register_analysis
+from csn.cli import main as cli
+from csn.core.schema import Float, Schema
 from csn.data import DATASETS, DataSplits, TensorSplit, load_dataset, register_dataset
 from csn.errors import CsnError
 from csn.models import MODELS, create_model, list_models, register_model
 from csn.runs.config import TrainConfig
+from csn.runs.run import Checkpoint, Run
+from csn.runs.table import TableSpec
 
 # ------------------------------------------------------------------------------------------------
 # models
@@ -117,3 +128,69 @@ def test_a_dataset_format_registered_in_a_test_module_loads():
         load_dataset("toy-constant", m=4)
     with pytest.raises(CsnError, match="toy-constant"):
         load_dataset("toy-constan")
+
+
+# ------------------------------------------------------------------------------------------------
+# analyses
+# ------------------------------------------------------------------------------------------------
+
+OLD_ANALYSES = {"selectivity": "selectivity", "ablation": "ablate", "linearity": "linearity", "cka": "cka",
+                "accuracy": "accuracy", "sparsity": "sparsity"}
+"""Every Analysis subclass before the registry, with the command that runs it (sparsity had none: it gets one)."""
+
+
+def test_every_analysis_is_registered_where_it_is_defined():
+    entries = {e.name: e for e in analyses() if not e.name.startswith("toy")}
+    assert {n: e.command for n, e in entries.items()} == OLD_ANALYSES
+    for name, e in entries.items():
+        assert e.cls.__module__.startswith("csn.analysis.") and e.cls.name == name and e.summary
+    assert analysis("cka").table.step == "step_a" and analysis("cka").label == "CKA"
+    with pytest.raises(CsnError, match=r"unknown analysis name 'selectivty' \(closest: 'selectivity'\); valid analysis names are"):
+        analysis("selectivty")
+
+
+class ToyMeanOptions(Schema):
+    """Options of the toy analysis."""
+
+    scale: Float = Field(1.0, description="Multiply the mean logit by this.")
+
+
+TOY_TABLE = TableSpec("toy_mean", {"step": "int64", "epoch": "float64", "scale": "float64", "mean_logit": "float64"},
+                      key=("step",), settings=("scale",), flags={"scale": "--scale"})
+
+
+@register_analysis(label="toy mean logit")
+class ToyMean(Analysis):
+    """The mean logit of the first test batch at every checkpoint (a toy registered in a test module)."""
+
+    name = "toy_mean"
+    Options = ToyMeanOptions
+    tables = (TOY_TABLE,)
+
+    def settings(self, ctx: Context) -> dict:
+        return {"toy_mean": {"scale": self.options.scale}}
+
+    def expected(self, ctx: Context, ckpt: Checkpoint) -> dict:
+        return {"toy_mean": pd.DataFrame({"step": [ckpt.step]})}
+
+    def compute(self, ctx: Context, ckpt: Checkpoint, missing: Mapping) -> dict:
+        x = next(iter(ctx.loader("test")))[0]
+        with torch.no_grad():
+            mean = float(ctx.model(ckpt).model(x).mean()) * self.options.scale
+        return {"toy_mean": TOY_TABLE.frame([{"step": ckpt.step, "epoch": ckpt.epoch, "scale": self.options.scale,
+                                              "mean_logit": mean}])}
+
+
+def test_an_analysis_registered_in_a_test_module_is_a_csn_command(tiny_run):
+    runner = CliRunner()
+    listed = runner.invoke(cli, ["--help"])
+    assert listed.exit_code == 0 and "toy_mean" in listed.output and "sparsity" in listed.output
+    helped = runner.invoke(cli, ["toy_mean", "--help"])
+    assert helped.exit_code == 0 and "--scale" in helped.output and "tables/toy_mean.parquet" in helped.output
+    res = runner.invoke(cli, ["toy_mean", str(tiny_run), "--checkpoints", "first,last", "--scale", "2"])
+    assert res.exit_code == 0, res.output
+    assert "2 rows of toy_mean" in res.output
+    table = Run(tiny_run).read("toy_mean")
+    assert list(table["scale"]) == [2.0, 2.0] and len(table) == 2
+    bad = runner.invoke(cli, ["toy_mean", str(tiny_run), "--scale", "x"])
+    assert bad.exit_code == 2 and "error:" in bad.output
