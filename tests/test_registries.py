@@ -20,6 +20,8 @@ from csn.core.schema import Float, Schema
 from csn.data import DATASETS, DataSplits, TensorSplit, load_dataset, register_dataset
 from csn.errors import CsnError
 from csn.models import MODELS, create_model, list_models, register_model
+from csn.report.html import build_report
+from csn.report.page import Page, Section, page_sections, section, table_item
 from csn.runs.config import TrainConfig
 from csn.runs.run import Checkpoint, Run
 from csn.runs.table import TableSpec
@@ -194,3 +196,40 @@ def test_an_analysis_registered_in_a_test_module_is_a_csn_command(tiny_run):
     assert list(table["scale"]) == [2.0, 2.0] and len(table) == 2
     bad = runner.invoke(cli, ["toy_mean", str(tiny_run), "--scale", "x"])
     assert bad.exit_code == 2 and "error:" in bad.output
+
+
+# ------------------------------------------------------------------------------------------------
+# report sections
+# ------------------------------------------------------------------------------------------------
+
+OLD_SECTIONS = ["configuration", "training", "selectivity", "ablation", "linearity", "regularization",
+                "how early is early", "which regularizer", "cka"]
+"""The sections html.py built by hand before the registry, in page order."""
+
+
+def test_every_report_section_is_registered_in_its_own_module_in_page_order():
+    entries = [e for e in page_sections() if not e.name.startswith("toy")]
+    assert [e.name for e in entries] == OLD_SECTIONS
+    modules = [e.build.__module__ for e in entries]
+    assert all(m.startswith("csn.report.sections.") for m in modules) and len(set(modules)) == len(modules)
+
+
+@section("toy mean logit", order=95)
+def _toy_section(page: Page) -> Section | None:
+    """The toy analysis's section (registered in this test module): its table's rows, when a run has them."""
+    have = page.runs_with("toy_mean")
+    if not have:
+        return None
+    rows = [[run.name, int(r.step), f"{r.mean_logit:.3f}"] for _, runs in have for run in runs
+            for r in page.table(run, "toy_mean").itertuples()]
+    return Section("toy-mean", "Toy: mean logit", "A section registered in a test module.",
+                   [table_item(["run", "step", "mean logit"], rows, "Mean logit per checkpoint.", numeric=(1, 2))])
+
+
+def test_a_section_registered_in_a_test_module_is_on_the_page(tiny_run, tmp_path):
+    assert page_sections()[-1].name == "toy mean logit"
+    html = build_report([tiny_run], out=tmp_path / "before", progress=False).read_text()
+    assert "Toy: mean logit" not in html  # no toy table yet: no section, no note
+    assert CliRunner().invoke(cli, ["toy_mean", str(tiny_run), "--checkpoints", "last"]).exit_code == 0
+    html = build_report([tiny_run], out=tmp_path / "after", progress=False).read_text()
+    assert "Toy: mean logit" in html and html.index('id="toy-mean"') > html.index('id="training"')
