@@ -22,8 +22,7 @@ OVER_PARAMETERS = {
     ("analysis/ablation/sweep.py", "_plan_sweep"), ("analysis/ablation/sweep.py", "ablation_sweep"),
     ("analysis/linearity/measures.py", "linearity_measures"), ("analysis/linearity/measures.py", "_accumulate"),
     ("cli/experiment.py", "regularize"), ("cli/reproduce.py", "reproduce"), ("data/tensors.py", "__init__"),
-    ("experiments/regularize.py", "regularize_experiment"), ("experiments/reproduce.py", "reproduce"),
-    ("experiments/reproduce.py", "reproduction"),
+    ("experiments/regularize.py", "regularize_experiment"),
 }
 
 
