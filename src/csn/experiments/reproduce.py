@@ -31,6 +31,7 @@ from csn.analysis.ablation import Ablation
 from csn.analysis.base import run_analysis
 from csn.analysis.cka import Cka
 from csn.analysis.linearity import Linearity, linear_model_path
+from csn.analysis.registry import analysis
 from csn.analysis.selectivity import Selectivity
 from csn.core.progress import hms
 from csn.core.schedules import checkpoint_steps
@@ -276,7 +277,7 @@ class Reproduction:
                     t = Run(j.out).read(table)
                 except CsnError:
                     t = None
-                col = "step_a" if table == "cka" else "step"  # cka: run A's (this run's) checkpoint
+                col = analysis(table).table.step  # the checkpoint column (cka: run A's, this run's)
                 done = set(t[col].unique().tolist()) if t is not None and col in t else set()
             total += len(steps)
             left += len(steps - done)
