@@ -11,7 +11,9 @@ import pytest
 from click.testing import CliRunner
 
 from csn.cli import main as cli
+from csn.errors import CsnError
 from csn.experiments.claims import Spread, planned_power
+from csn.experiments.reproduce import StudyRequest, reproduction
 from csn.experiments.runner import Job, _Progress, train_task
 from csn.runs.config import preset
 from csn.runs.run import Checkpoint, write_manifest
@@ -98,3 +100,15 @@ def test_the_runner_counts_optimizer_steps_from_the_manifests(tmp_path, monkeypa
     runs.task_done(str(b.out))
     assert runs.pbar.n == 2
     runs.close()
+
+
+def test_reproduction_takes_its_options_as_one_study_request(tmp_path):
+    """reproduce/reproduction take a StudyRequest's keys as keywords (no function of 9+ parameters); a misspelt one
+    is one sentence naming the closest, before anything is read."""
+    with pytest.raises(CsnError, match=r"unknown reproduce option 'sedes' \(closest: 'seeds'\)"):
+        reproduction("smoke", tmp_path / "out", sedes=2)
+    req = StudyRequest(model=None, sets=("train.model=resnet8",), config=None)
+    assert req.model_typed and req.source("smoke") == "study preset smoke"
+    assert StudyRequest(config="s.toml").source(None) == "study file s.toml" and not StudyRequest().model_typed
+    rep = reproduction("smoke", tmp_path / "out", seeds=1, progress=False, config=None)
+    assert rep.study.seeds == 1 and not rep.progress

@@ -23,6 +23,7 @@ from pydantic import Field
 
 from csn import dist
 from csn.analysis.base import Analysis, Context, Samples, Split, nonfinite_error
+from csn.analysis.registry import register_analysis
 from csn.core.schema import Schema
 from csn.runs.run import Checkpoint
 from csn.runs.table import TableSpec
@@ -61,6 +62,7 @@ def correct_and_loss(model: torch.nn.Module, loader: Any, device: torch.device |
     return correct, loss, n
 
 
+@register_analysis()
 class Accuracy(Analysis):
     """Top-1 accuracy and mean cross-entropy at every checkpoint, BatchNorm re-estimated by the policy (or as asked).
 

@@ -26,6 +26,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from csn.analysis.base import Analysis, Context, Samples, Split, nonfinite_error
+from csn.analysis.registry import register_analysis
 from csn.core.progress import bar
 from csn.core.schema import CommaList, Schema
 from csn.core.stats import (
@@ -286,6 +287,7 @@ class SelectivityOptions(Schema):
                              "noisier) [default: all].", json_schema_extra={"metavar": "N|all"})
 
 
+@register_analysis()
 class Selectivity(Analysis):
     """CSI, eta² and per-class means of every unit at every checkpoint: ONE streaming pass per checkpoint.
 

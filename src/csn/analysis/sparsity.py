@@ -52,6 +52,7 @@ from pydantic import Field
 from torch import Tensor
 
 from csn.analysis.base import SUBSET_SEED, Analysis, Context, Samples, Split, nonfinite_error, split_of
+from csn.analysis.registry import register_analysis
 from csn.core.schema import CommaList, Int, Schema
 from csn.core.stats import EPS, STUDY_EPS, STUDY_GROUP, group_csi_nowait
 from csn.core.trace import TraceDict
@@ -186,6 +187,7 @@ def sparsity_frame(sums: Mapping[str, _Sums], stage_map: Mapping[str, str]) -> p
     return pd.concat(frames, ignore_index=True)
 
 
+@register_analysis()
 class Sparsity(Analysis):
     """Per-image sparsity and the study's group CSI of every unit at every checkpoint: ONE eval-mode pass."""
 

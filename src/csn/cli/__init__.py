@@ -2,23 +2,41 @@
 
 Every command prints where it wrote its outputs; a user error prints one sentence (`error: ...`)
 naming the fix and exits with status 2; Ctrl-C stops cleanly and says how to resume.
+
+The commands are the COMMANDS of every module of this package (found, not listed), plus one command per registered
+analysis that no module provides (csn.analysis.registry: built from the analysis's Options by `analysis_command`),
+so a new analysis is a command without an edit here.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import shlex
 import sys
 
 import click
 
-from csn.cli import ablate, accuracy, cka, experiment, linearity, report, reproduce, selectivity, train, verify
-from csn.cli.options import CONTEXT
+from csn.analysis.base import run_analysis
+from csn.analysis.registry import AnalysisEntry, analyses
+from csn.cli.options import CONTEXT, analysis_options, analysis_request, echo, rel
 from csn.core.resources import is_disk_full, is_write_refused
 from csn.errors import CsnError
 
 
 class CsnGroup(click.Group):
     """Turns CsnError into a one-line message and exit status 2, and Ctrl-C into the command that continues."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | {e.command for e in analyses()})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        """A module's command, else the command of the registered analysis it names (analysis_command)."""
+        found = super().get_command(ctx, cmd_name)
+        if found is None:
+            entry = next((e for e in analyses() if e.command == cmd_name), None)
+            found = analysis_command(entry) if entry is not None else None
+        return found
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         ctx.meta["csn.argv"] = list(args)  # the command line, for "run `csn ...` to continue"
@@ -84,9 +102,28 @@ def main() -> None:
     """
 
 
-for _module in (train, selectivity, ablate, linearity, cka, accuracy, report, experiment, reproduce, verify):
-    for _command in _module.COMMANDS:
+def analysis_command(entry: AnalysisEntry) -> click.Command:
+    """`csn COMMAND RUN...` for a registered analysis without a command module of its own: its options (from its
+    Options), the checkpoint and execution groups, and a line per table it wrote."""
+    cls = entry.cls
+    doc = (cls.__doc__ or entry.summary).strip()
+    tables = ", ".join(f"tables/{spec.name}.parquet" for spec in cls.tables)
+
+    @click.command(entry.command, context_settings=CONTEXT, help=f"{doc}\n\nWrites {tables} of each run.")
+    @click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False))
+    @analysis_options(cls, plot=())
+    def command(runs: tuple[str, ...], **values: object) -> None:
+        analysis, opts, _plot = analysis_request(values, cls)
+        for res in run_analysis(list(runs), analysis, opts, log=lambda s: echo(s, err=True)):
+            for name, rows in res.tables.items():
+                echo(f"{res.run.name}: {len(rows)} rows of {name} -> {rel(res.run.table_path(name))}")
+
+    return command
+
+
+for _info in pkgutil.iter_modules(__path__):
+    for _command in getattr(importlib.import_module(f"{__name__}.{_info.name}"), "COMMANDS", ()):
         main.add_command(_command)
 
 
-__all__ = ["main", "CsnGroup", "os_error_message"]
+__all__ = ["main", "CsnGroup", "os_error_message", "analysis_command"]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from csn.data.registry import register_dataset
 from csn.data.tensors import DataSplits
 from csn.data.validate import check_memory, path_problem, to_nchw, validate_splits
 from csn.errors import CsnError
@@ -161,3 +162,17 @@ def write_idx(path: str | Path, array: np.ndarray) -> None:
             f.write(data)
     else:
         path.write_bytes(data)
+
+
+@register_dataset("fashion-mnist", aliases=("fmnist",))
+def fashion_mnist(data_root: str | None = None) -> DataSplits:
+    """Fashion-MNIST (10 classes); data_root optional: $CSN_FASHION_MNIST, else the Debian package's folder."""
+    return idx_splits("fashion-mnist", fashion_mnist_root(data_root), list(FASHION_MNIST_CLASSES), apt_hint=True)
+
+
+@register_dataset("idx")
+def idx_dataset(data_root: str | None = None) -> DataSplits:
+    """A directory of the four MNIST-format IDX files (classes, channels and image size read from them)."""
+    if not data_root:
+        raise CsnError("dataset 'idx' needs a directory of MNIST-format IDX files; pass --data-root DIR.")
+    return idx_splits("idx", data_root)

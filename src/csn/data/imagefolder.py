@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+from csn.data.registry import register_dataset
 from csn.data.tensors import DataSplits
 from csn.data.validate import path_problem
 from csn.errors import CsnError
@@ -54,6 +55,8 @@ def check_folders(root: Path) -> list[str]:
     return classes["train"]
 
 
+@register_dataset("imagefolder", options=("image_size", "resize"), summary="data_root with train/ and val/ "
+                  "class folders (torchvision)")
 def imagefolder(data_root: str | None, image_size: int = 224, resize: int = 256) -> DataSplits:
     """Train/val ImageFolders under data_root (data_root/train/<class>/*.JPEG, data_root/val/<class>/*.JPEG).
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from csn.data.registry import register_dataset
 from csn.data.tensors import DataSplits
 from csn.data.validate import check_memory, note, path_problem, to_nchw, validate_splits
 from csn.errors import CsnError
@@ -49,6 +50,8 @@ def _header(z: np.lib.npyio.NpzFile, key: str, path: Path) -> tuple[tuple[int, .
     return tuple(int(d) for d in shape), dtype
 
 
+@register_dataset("npz", options=("layout",), summary="data_root: a .npz file with x_train, y_train, x_test, "
+                  "y_test (option layout='NHWC'/'NCHW')")
 def load_npz(path: str | Path | None, layout: str | None = None, name: str = "npz") -> DataSplits:
     """Load and check the .npz dataset at `path` (see the module docstring for the format and rules)."""
     if not path:

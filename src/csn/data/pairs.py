@@ -42,6 +42,7 @@ import numpy as np
 
 from csn.core.resources import new_file_mode
 from csn.data.idx import FASHION_MNIST_CLASSES, fashion_mnist_root, idx_paths, idx_splits
+from csn.data.registry import register_dataset
 from csn.data.tensors import DataSplits
 from csn.data.validate import check_memory, note, validate_splits
 from csn.errors import CsnError
@@ -262,6 +263,8 @@ def _cached(path: Path, build: Callable[[], dict[str, np.ndarray]]) -> dict[str,
 
 
 # ----------------------------------------------------------------------------- the dataset
+@register_dataset(PAIRS_NAME, summary="100 classes: two Fashion-MNIST images side by side, label 10*a + b "
+                  "(data_root optional, as for fashion-mnist; cached)")
 def fmnist_pairs(data_root: str | Path | None = None, *, cache: str | Path | None = None) -> DataSplits:
     """The fmnist-pairs dataset (module docstring) of the Fashion-MNIST files in `data_root` (default:
     $CSN_FASHION_MNIST, else the Debian package's folder), read from the cache in `cache` (default

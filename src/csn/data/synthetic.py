@@ -7,6 +7,7 @@ from numbers import Integral, Real
 
 import torch
 
+from csn.data.registry import register_dataset
 from csn.data.tensors import DataSplits, TensorSplit
 from csn.data.validate import check_memory, validate_splits
 from csn.errors import CsnError
@@ -78,3 +79,9 @@ def synthetic(num_train: int = 512, num_test: int = 256, num_classes: int = 4, c
     return validate_splits(train.images, train.labels, test.images, test.labels, name="synthetic", sources=sources,
                            class_names=[f"class{k}" for k in range(num_classes)],
                            norm=((0.0,) * channels, (1.0,) * channels))
+
+
+@register_dataset("synthetic", options=SYNTHETIC_KEYS, option_kind="key")
+def synthetic_dataset(data_root: str | None = None, **params) -> DataSplits:
+    """Seeded class prototypes plus noise, no files (options: SYNTHETIC_KEYS); data_root is not read."""
+    return synthetic(**params)

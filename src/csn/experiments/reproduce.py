@@ -24,14 +24,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import StrictBool
+
 from csn import dist
 from csn.analysis.ablation import Ablation
 from csn.analysis.base import run_analysis
 from csn.analysis.cka import Cka
 from csn.analysis.linearity import Linearity, linear_model_path
+from csn.analysis.registry import analysis
 from csn.analysis.selectivity import Selectivity
 from csn.core.checkpoint_schedule import checkpoint_steps
 from csn.core.progress import hms
+from csn.core.schema import Int, Schema
 from csn.core.times import onset_epoch, steps_text
 from csn.errors import CsnError
 from csn.experiments import claims as C
@@ -273,7 +277,7 @@ class Reproduction:
                     t = Run(j.out).read(table)
                 except CsnError:
                     t = None
-                col = "step_a" if table == "cka" else "step"  # cka: run A's (this run's) checkpoint
+                col = analysis(table).table.step  # the checkpoint column (cka: run A's, this run's)
                 done = set(t[col].unique().tolist()) if t is not None and col in t else set()
             total += len(steps)
             left += len(steps - done)
@@ -368,15 +372,43 @@ def power_lines(power: list[dict], study) -> list[str]:
     return lines
 
 
-def reproduce(preset: str | None = None, out: str | Path | None = None, *, config: str | Path | None = None,
-              dataset: str | None = None, data_root: str | None = None, model: str | None = None,
-              sets: tuple[str, ...] | list[str] = (), seeds: int | None = None, resume: bool = False,
-              force: bool = False, progress: bool = True, trust_code: bool = False,
-              report: Callable[[Path], Path] | None = None) -> tuple[Path, list[C.Verdict]]:
+class StudyRequest(Schema):
+    """Which study `reproduce` and `reproduction` run besides the preset: a study file (config), the shortcuts dataset,
+    data_root and model, `train.KEY=VALUE` / `study.KEY=VALUE` overrides (sets; csn.experiments.study.load_study),
+    seeds (every condition's, replacing the study's), progress bars, and trust_code (a model a study file names as
+    code may be imported and run)."""
+
+    config: str | None = None
+    dataset: str | None = None
+    data_root: str | None = None
+    model: str | None = None
+    sets: tuple[str, ...] = ()
+    seeds: Int | None = None
+    progress: StrictBool = True
+    trust_code: StrictBool = False
+
+    @property
+    def model_typed(self) -> bool:
+        """Whether the model was typed on the command line (model, --set train.model=...): explicit, no --trust-code."""
+        return self.model is not None or any(p.replace(" ", "").startswith("train.model=") for p in self.sets)
+
+    def source(self, preset: str | None) -> str:
+        """Where the study comes from, for messages: 'study file F' or 'study preset NAME'."""
+        return f"study file {self.config}" if self.config else f"study preset {preset or 'fmnist'}"
+
+
+def _request(options: dict) -> StudyRequest:
+    """The StudyRequest of reproduce's / reproduction's keyword options (paths given as Path objects read as text)."""
+    data = {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()}
+    return StudyRequest.parse(data, what="reproduce option")
+
+
+def reproduce(preset: str | None = None, out: str | Path | None = None, *, resume: bool = False, force: bool = False,
+              report: Callable[[Path], Path] | None = None, **options) -> tuple[Path, list[C.Verdict]]:
     """Run (or resume) the whole study; return the report path and the verdicts.
 
-    The study is a shipped preset (default fmnist) or a study file (config), with the shortcuts dataset,
-    data_root, model and `train.KEY=VALUE` / `study.KEY=VALUE` overrides (csn.experiments.study.load_study).
+    The study is a shipped preset (default fmnist) or a study file, with the options of a StudyRequest as keywords
+    (config, dataset, data_root, model, sets, seeds, progress, trust_code; csn.experiments.study.load_study).
     report(out) -> the report's index.html, run as the last step (the CLI passes csn.report's
     build_report; this layer does not draw). Under torchrun every step runs on every process
     (training with DDP, analyses sharded over the evaluation split) and rank 0 alone writes; the
@@ -385,10 +417,10 @@ def reproduce(preset: str | None = None, out: str | Path | None = None, *, confi
     checked before any run starts.
     """
     with dist.same_outcome():  # a bad request fails on every rank together
-        rep = reproduction(preset, out, config=config, dataset=dataset, data_root=data_root, model=model, sets=sets,
-                           seeds=seeds, progress=progress, trust_code=trust_code)
-        trusted = trust_code or _model_typed(model, sets)
-        check_model(rep.base, data_info(load_data(rep.base)), trust_code=trusted, where=_source(preset, config))
+        req = _request(options)
+        rep = reproduction(preset, out, **req.to_dict())
+        trusted = req.trust_code or req.model_typed
+        check_model(rep.base, data_info(load_data(rep.base)), trust_code=trusted, where=req.source(preset))
     out = rep.out
     dist.on_main(_prepare, rep, resume=resume, force=force)
     if dist.is_main():
@@ -396,8 +428,8 @@ def reproduce(preset: str | None = None, out: str | Path | None = None, *, confi
     t0, tasks = time.perf_counter(), rep.tasks(trusted)
     trained = dist.on_main(lambda: {t.key for t in tasks if t.run is not None and is_complete(t.run)})
     with trusting_code(trusted):  # the analyses rebuild the runs' models from run.json
-        spent = run_tasks(tasks, parallel=rep.study.parallel, progress=progress, desc="study", done=trained, unit=None,
-                          announce=True)
+        spent = run_tasks(tasks, parallel=rep.study.parallel, progress=req.progress, desc="study", done=trained,
+                          unit=None, announce=True)
     _say(task_times(tasks, spent), t0)
     _say("claims", t0)
     dist.on_main(rep.write_claims)  # reads tables, writes files: rank 0
@@ -410,27 +442,17 @@ def reproduce(preset: str | None = None, out: str | Path | None = None, *, confi
     return index, verdicts
 
 
-def reproduction(preset: str | None = None, out: str | Path | None = None, *, config: str | Path | None = None,
-                 dataset: str | None = None, data_root: str | None = None, model: str | None = None,
-                 sets: tuple[str, ...] | list[str] = (), seeds: int | None = None,
-                 progress: bool = True, trust_code: bool = False) -> Reproduction:
-    """The Reproduction of a study (as `reproduce` takes it), resolved on its data; writes nothing (`csn reproduce
-    --dry-run` prints its plan_text). Refuses, before anything is imported, a model a study file names as code
-    without trust_code, and an --out no run folder can be made in."""
-    name, cfg = load_study(preset, config, dataset=dataset, data_root=data_root, model=model, sets=sets)
-    require_trust(cfg.train.model, trust_code or _model_typed(model, sets), _source(preset, config))
+def reproduction(preset: str | None = None, out: str | Path | None = None, **options) -> Reproduction:
+    """The Reproduction of a study (as `reproduce` takes it: the options of a StudyRequest as keywords), resolved on
+    its data; writes nothing (`csn reproduce --dry-run` prints its plan_text). Refuses, before anything is imported,
+    a model a study file names as code without trust_code, and an --out no run folder can be made in."""
+    req = _request(options)
+    name, cfg = load_study(preset, req.config, dataset=req.dataset, data_root=req.data_root, model=req.model,
+                           sets=req.sets)
+    require_trust(cfg.train.model, req.trust_code or req.model_typed, req.source(preset))
     out = Path(out) if out else Path("runs") / f"reproduce-{name}"
     check_run_path(out, "--out")
-    return Reproduction(cfg, out, name=name, seeds=seeds, progress=progress)
-
-
-def _model_typed(model: str | None, sets: tuple[str, ...] | list[str]) -> bool:
-    """Whether the model was typed on the command line (--model, --set train.model=...): explicit, no --trust-code."""
-    return model is not None or any(p.replace(" ", "").startswith("train.model=") for p in sets)
-
-
-def _source(preset: str | None, config: str | Path | None) -> str:
-    return f"study file {config}" if config else f"study preset {preset or 'fmnist'}"
+    return Reproduction(cfg, out, name=name, seeds=req.seeds, progress=req.progress)
 
 
 def _say(what: str, t0: float) -> None:
@@ -520,4 +542,4 @@ def _comparable(record: dict) -> dict:
     return {"study": study, "train": train, "seeds": record.get("settings", {}).get("seeds")}
 
 
-__all__ = ["Work", "Reproduction", "reproduce", "reproduction", "plan_text", "power_lines", "share_linear_model"]
+__all__ = ["Work", "Reproduction", "StudyRequest", "reproduce", "reproduction", "plan_text", "power_lines", "share_linear_model"]

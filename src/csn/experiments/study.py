@@ -12,7 +12,7 @@
     [study.ablation]
     draws = 3
 
-TOML or YAML (safe loaders). Every time in a study is a point in training (csn.core.schedules.parse_time):
+TOML or YAML (safe loaders). Every time in a study is a point in training (csn.core.times.parse_time):
 steps (`step=64`), epochs (`1.5`), fractions of training (`f0.33`) or `end`. The shipped studies count the
 early phase in steps (the selectivity peak comes within ~64 optimizer steps, SPEC) and the rest in
 fractions, so a study keeps its meaning on a dataset 8x smaller or larger; imagenet keeps the study's own

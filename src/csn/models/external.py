@@ -32,9 +32,6 @@ from torch import nn
 
 from csn.errors import CsnError
 
-FACTORY_ARGS = ("num_classes", "in_channels", "image_size", "width")
-"""What a factory may take (by these parameter names); it gets those its signature names."""
-
 _TRUSTED = [False]
 """Whether code named by data may run in this process now (set by --trust-code for one command)."""
 
@@ -249,5 +246,5 @@ def check_output(model: nn.Module, name: str, num_classes: int, in_channels: int
     return model
 
 
-__all__ = ["FACTORY_ARGS", "factory_model", "timm_model", "check_output", "names_code", "code_trusted", "set_trust_code",
+__all__ = ["factory_model", "timm_model", "check_output", "names_code", "code_trusted", "set_trust_code",
            "trusting_code", "require_trust"]

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from csn.models.base import CsnModel
+from csn.models.registry import register_model
 
 
 class BasicBlock(nn.Module):
@@ -63,3 +64,34 @@ class CifarResNet(CsnModel):
             ("layer1", self.layer1), ("layer2", self.layer2), ("layer3", self.layer3),
             ("head", lambda h: self.fc(torch.flatten(self.avgpool(h), 1))),
         ]
+
+
+
+@register_model("resnet8")
+def resnet8(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> CifarResNet:
+    """CIFAR ResNet-8: 1 basic block per stage, widths 16/32/64 x width."""
+    return CifarResNet(1, num_classes, in_channels, width)
+
+
+@register_model("resnet14")
+def resnet14(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> CifarResNet:
+    """CIFAR ResNet-14: 2 basic blocks per stage, widths 16/32/64 x width."""
+    return CifarResNet(2, num_classes, in_channels, width)
+
+
+@register_model("resnet20")
+def resnet20(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> CifarResNet:
+    """CIFAR ResNet-20: 3 basic blocks per stage, widths 16/32/64 x width."""
+    return CifarResNet(3, num_classes, in_channels, width)
+
+
+@register_model("resnet32")
+def resnet32(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> CifarResNet:
+    """CIFAR ResNet-32: 5 basic blocks per stage, widths 16/32/64 x width."""
+    return CifarResNet(5, num_classes, in_channels, width)
+
+
+@register_model("resnet56")
+def resnet56(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> CifarResNet:
+    """CIFAR ResNet-56: 9 basic blocks per stage, widths 16/32/64 x width."""
+    return CifarResNet(9, num_classes, in_channels, width)

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from csn.models.base import CsnModel
+from csn.models.registry import register_model
 
 
 def _downsample(cin: int, cout: int, stride: int) -> nn.Sequential | None:
@@ -103,3 +104,21 @@ class ImageNetResNet(CsnModel):
             ("layer1", self.layer1), ("layer2", self.layer2), ("layer3", self.layer3), ("layer4", self.layer4),
             ("head", lambda h: self.fc(torch.flatten(self.avgpool(h), 1))),
         ]
+
+
+@register_model("resnet18")
+def resnet18(num_classes: int = 1000, in_channels: int = 3, width: float = 1.0, **kwargs) -> ImageNetResNet:
+    """ImageNet ResNet-18 (basic blocks 2/2/2/2), torchvision's module names."""
+    return ImageNetResNet(BasicBlock, [2, 2, 2, 2], num_classes, in_channels, width, **kwargs)
+
+
+@register_model("resnet34")
+def resnet34(num_classes: int = 1000, in_channels: int = 3, width: float = 1.0, **kwargs) -> ImageNetResNet:
+    """ImageNet ResNet-34 (basic blocks 3/4/6/3), torchvision's module names."""
+    return ImageNetResNet(BasicBlock, [3, 4, 6, 3], num_classes, in_channels, width, **kwargs)
+
+
+@register_model("resnet50")
+def resnet50(num_classes: int = 1000, in_channels: int = 3, width: float = 1.0, **kwargs) -> ImageNetResNet:
+    """ImageNet ResNet-50 (bottleneck blocks 3/4/6/3), torchvision's module names."""
+    return ImageNetResNet(Bottleneck, [3, 4, 6, 3], num_classes, in_channels, width, **kwargs)

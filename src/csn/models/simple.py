@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from csn.models.base import CsnModel
+from csn.models.registry import register_model
 
 VGG16_CFG = [[64, 64], [128, 128], [256, 256, 256], [512, 512, 512], [512, 512, 512]]
 
@@ -106,3 +107,29 @@ class MLP(CsnModel):
             segs.append((f"hidden{i + 1}", lambda h, fc=fc, relu=relu: relu(fc(h))))
         segs.append(("head", self.out))
         return segs
+
+
+@register_model("vgg16")
+def vgg16(num_classes: int = 10, in_channels: int = 3, width: float = 1.0, image_size: int | Sequence[int] = 32) -> VGG:
+    """VGG-16 for small images, with BatchNorm (stages block1..block5)."""
+    return VGG(num_classes, in_channels, width, batchnorm=True, image_size=image_size)
+
+
+@register_model("vgg16-nobn")
+def vgg16_nobn(num_classes: int = 10, in_channels: int = 3, width: float = 1.0,
+               image_size: int | Sequence[int] = 32) -> VGG:
+    """VGG-16 for small images, without BatchNorm."""
+    return VGG(num_classes, in_channels, width, batchnorm=False, image_size=image_size)
+
+
+@register_model("cnn")
+def cnn(num_classes: int = 10, in_channels: int = 1, width: float = 1.0) -> SmallCNN:
+    """A small CNN: three conv-BN-ReLU blocks (widths 16/32/64 x width)."""
+    return SmallCNN(num_classes, in_channels, width)
+
+
+@register_model("mlp")
+def mlp(num_classes: int = 10, in_channels: int = 1, width: float = 1.0, image_size: int | Sequence[int] = 28,
+        hidden: tuple[int, ...] = (256, 128)) -> MLP:
+    """An MLP: hidden Linear-ReLU layers (256/128 x width), read at each hidden ReLU."""
+    return MLP(num_classes, in_channels, width, image_size, hidden)

@@ -19,12 +19,16 @@ accuracy) 0 % are out of range at every checkpoint. The block outputs stay reada
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
+from csn.core.schema import Float, Int, Schema
 from csn.errors import CsnError
 from csn.models.base import CsnModel
+from csn.models.registry import register_model
 
 GRID = 4
 """vit-tiny cuts every image into a GRID x GRID grid of patches (16 tokens)."""
@@ -91,13 +95,27 @@ def _patch_size(image_size: int | Sequence[int], patch: int | Sequence[int] | No
     return (h, w), (ph, pw)
 
 
+class ViTShape(Schema):
+    """A ViT's architecture besides the dataset's sizes and the width (the defaults are vit-tiny's)."""
+
+    patch: Int | tuple[Int, Int] | None = Field(None, description="Patch size (an int, or (height, width)); default: "
+                                                 f"a {GRID}x{GRID} grid of patches.")
+    dim: Int = Field(64, ge=1, description="Embedding dimension at width 1 (rounded to a multiple of heads).")
+    depth: Int = Field(6, ge=1, description="Transformer blocks.")
+    heads: Int = Field(4, ge=1, description="Attention heads.")
+    mlp_ratio: Float = Field(2.0, gt=0, description="MLP hidden units per embedding dimension.")
+    stages: Int = Field(3, ge=1, description="Stages the blocks are grouped into (depth must divide by it).")
+    pool: str = Field("mean", description="'mean' (mean of the final tokens) or 'cls' (a class token).")
+
+
 class ViT(CsnModel):
     """A plain ViT for small images; stages stage1..stageS of `depth // stages` blocks each.
 
     Defaults (vit-tiny): a 4x4 grid of patches (7x7 patches for 28x28 images, so 16 tokens), dim 64,
     4 heads, 6 blocks, MLP ratio 2, 3 stages of 2 blocks; about 0.2 M parameters. width scales the
     embedding dimension, rounded to a multiple of `heads` so every head has the same size.
-    image_size: an int (square) or (H, W).
+    image_size: an int (square) or (H, W). The rest of the architecture is a ViTShape (or its keys as keyword
+    arguments: patch, dim, depth, heads, mlp_ratio, stages, pool).
 
     pool="mean" (default) classifies from the mean of the final tokens: the same reduction csn uses
     to read a token layer's units, so no token is special under ablation (plain ViTs do as well with
@@ -106,9 +124,12 @@ class ViT(CsnModel):
     """
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, width: float = 1.0,
-                 image_size: int | Sequence[int] = 28, patch: int | Sequence[int] | None = None, dim: int = 64,
-                 depth: int = 6, heads: int = 4, mlp_ratio: float = 2.0, stages: int = 3, pool: str = "mean") -> None:
+                 image_size: int | Sequence[int] = 28, shape: ViTShape | None = None, **options: Any) -> None:
         super().__init__()
+        if shape is not None and options:
+            raise TypeError("pass either a ViTShape or keyword options (patch=, dim=, ...), not both")
+        shape = shape if shape is not None else ViTShape.parse(options, what="vit option")
+        patch, dim, depth, heads, stages, pool = shape.patch, shape.dim, shape.depth, shape.heads, shape.stages, shape.pool
         (h, w), (ph, pw) = _patch_size(image_size, patch)
         if depth % stages:
             raise CsnError(f"vit depth {depth} cannot be split into {stages} equal stages; choose a depth divisible by {stages}.")
@@ -120,7 +141,7 @@ class ViT(CsnModel):
         self.patch_embed = nn.Conv2d(in_channels, d, (ph, pw), stride=(ph, pw))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if pool == "cls" else None
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + (pool == "cls"), d))
-        self.blocks = nn.Sequential(*[Block(d, heads, max(1, round(d * mlp_ratio))) for _ in range(depth)])
+        self.blocks = nn.Sequential(*[Block(d, heads, max(1, round(d * shape.mlp_ratio))) for _ in range(depth)])
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, num_classes)
         per = depth // stages
@@ -162,3 +183,10 @@ class ViT(CsnModel):
         segs = [("embed", self.embed)]
         segs += [(name, self.blocks[blocks.start:blocks.stop]) for name, blocks in self._stage_blocks]
         return segs + [("head", self.classify)]
+
+
+@register_model("vit-tiny")
+def vit_tiny(num_classes: int = 10, in_channels: int = 1, width: float = 1.0, image_size: int | Sequence[int] = 28,
+             **options: Any) -> ViT:
+    """A small Vision Transformer (4x4 patches, dim 64, 6 blocks in 3 stages), read at its MLP hidden units."""
+    return ViT(num_classes, in_channels, width, image_size, **options)

@@ -17,11 +17,11 @@ from csn.core.checkpoint_schedule import checkpoint_steps
 from csn.core.schema import CommaList, Float, Int, Schema, Seed, set_override
 from csn.core.stats import EPS, STUDY_EPS, STUDY_GROUP
 from csn.core.units import stages, stages_from_patterns
-from csn.data import DataSplits, load_dataset
+from csn.data import DataSplits, dataset_help, load_dataset
 from csn.data.loaders import in_memory
 from csn.data.validate import require_every_class
 from csn.errors import CsnError, unknown
-from csn.models import create_model
+from csn.models import create_model, model_help
 from csn.models.external import require_trust, trusting_code
 
 WHAT = "config key"
@@ -74,8 +74,8 @@ class TrainConfig(Schema):
 
     name: str = "run"
     # data
-    dataset: str = Field("fashion-mnist", description="fashion-mnist, idx or npz (with --data-root), synthetic, "
-                         "imagefolder.")
+    dataset: str = Field("fashion-mnist", description=f"A dataset format: {dataset_help()} (idx, npz and imagefolder "
+                         "read --data-root).")
     data_root: str | None = Field(None, description="Dataset directory (IDX files or ImageFolder) or .npz file.",
                                   json_schema_extra={"metavar": "DIR"})
     train_samples: Int | None = Field(None, ge=1)
@@ -83,8 +83,8 @@ class TrainConfig(Schema):
     synthetic: dict[str, Any] = {}
     augment: str = "none"
     # model
-    model: str = Field("resnet20", description="Model name (resnet20, resnet50, vgg16, cnn, mlp, vit-tiny), "
-                       "'package.module:factory' (any importable nn.Module) or 'timm:NAME'.")
+    model: str = Field("resnet20", description=f"Model name ({model_help()}), 'package.module:factory' (any "
+                       "importable nn.Module) or 'timm:NAME'.")
     width: Float = Field(1.0, gt=0)
     layers: Annotated[list[str] | dict[str, list[str]] | None, BeforeValidator(_layer_spec)] = Field(
         None, description="The model's read points as layer patterns: one stage per pattern ('layer1.*,layer2.*'), or "

@@ -39,6 +39,7 @@ from csn.analysis.base import (
     Split,
     eval_loader,
 )
+from csn.analysis.registry import register_analysis
 from csn.analysis.selectivity import (
     collect_class_stats,
     reduce_class_stats,
@@ -254,6 +255,7 @@ class _Plan:
                 for d in range(draws if o == "random" else 1)]
 
 
+@register_analysis("ablate")
 class Ablation(Analysis):
     """Selective, random and least selective units ablated stage by stage, at every checkpoint (SPEC C2).
 

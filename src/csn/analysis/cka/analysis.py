@@ -49,6 +49,7 @@ from csn.analysis.cka.estimator import (
     collect_features,
     resolve_cka_layers,
 )
+from csn.analysis.registry import register_analysis
 from csn.core.schema import CommaList, Int, Schema
 from csn.dist import all_reduce_tensors, is_dist, same_outcome
 from csn.errors import CsnError
@@ -212,6 +213,7 @@ def _check_run_b(run_a: Run, run_b: Run, names: Sequence[str]) -> None:
         raise CsnError(f"run {run_b.name} has no layer {missing[0]!r}; compare layers both models have (pass --layers).")
 
 
+@register_analysis(label="CKA")
 class Cka(Analysis):
     """Linear CKA within a checkpoint, across a run's checkpoints, or between two runs at matched checkpoints.
 

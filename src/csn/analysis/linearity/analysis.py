@@ -75,6 +75,7 @@ from csn.analysis.linearity.measures import (
     fit_linear_classifier,
     linearity_measures,
 )
+from csn.analysis.registry import register_analysis
 from csn.core.schema import CommaList, Int, Schema
 from csn.data import DataSplits
 from csn.data.loaders import in_memory
@@ -245,6 +246,7 @@ class LinearityState:
     models: dict[int, AnalysisModel] = field(default_factory=dict)  # theta_0 and the last checkpoint measured
 
 
+@register_analysis()
 class Linearity(Analysis):
     """Agreement with a linear classifier, distance to the linearized network and ReLU-pattern stability at
     every checkpoint (two passes per checkpoint: the whole split, and a seeded subset for the costly measures).
