@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 import pytest
 import torch
 
+from csn.core.schema import Schema
 from csn.errors import CsnError
 from csn.runs.io import load_tensors
 from csn.runs.naming import state_file
@@ -112,7 +113,7 @@ class _Counting(Intervention):
     """A toy intervention defined outside csn: counts its hook calls and adds a zero loss term."""
 
     kind = "test-counting"
-    Options: ClassVar = INTERVENTIONS["rewind"].Options.__base__  # any Schema: no keys
+    Options: ClassVar = Schema  # no keys
     calls: ClassVar[dict[str, int]] = {}
 
     def before_forward(self, step: int) -> None:
@@ -135,7 +136,7 @@ def test_a_new_intervention_is_one_registered_class(tmp_path, one_thread):
         run = train(tiny_config(epochs=0.5, checkpoints="0:end:0.25", interventions=[{"kind": "test-counting"}]),
                     tmp_path / "r", progress=False)
     finally:
-        del INTERVENTIONS["test-counting"]
+        INTERVENTIONS.unregister("test-counting")
     assert _Counting.calls["before"] == _Counting.calls["loss"] == 4 and _Counting.calls["steps"] == [1, 2, 3, 4]
     assert json.loads((run.path / "run.json").read_text())["interventions"] == [{"kind": "test-counting", "seen": "yes"}]
 

@@ -1,13 +1,10 @@
 """Interventions on a training run as plug-ins (the protocol: csn.training.interventions.base).
 
-Every module of this package is imported here, so an intervention registers itself by being in the package: a new
-kind is its module and its test, nothing else.
+The registry finds this package's modules by itself (csn.registry), so an intervention registers itself by being in
+the package: a new kind is its module and its test, nothing else.
 """
 
 from __future__ import annotations
-
-import importlib
-import pkgutil
 
 from csn.training.interventions.base import (
     INTERVENTIONS,
@@ -18,9 +15,6 @@ from csn.training.interventions.base import (
     parse_interventions,
     register,
 )
-
-for _module in pkgutil.iter_modules(__path__):
-    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["Context", "Intervention", "INTERVENTIONS", "LOG_DEFAULTS", "register", "parse_interventions",
            "build_interventions"]

@@ -30,7 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from csn.core.schema import Schema
-from csn.errors import CsnError, unknown
+from csn.errors import CsnError
+from csn.registry import Registry
 from csn.runs.config import TrainConfig
 
 LOG_DEFAULTS: dict[str, Any] = {"alpha": 0.0, "reg_value": float("nan"), "reg_skipped": 0}
@@ -88,23 +89,20 @@ class Intervention:
         """Release hooks; called when training ends or fails."""
 
 
-INTERVENTIONS: dict[str, type[Intervention]] = {}
-"""Every intervention kind, registered where it is defined (this package's modules)."""
+INTERVENTIONS: Registry[type[Intervention]] = Registry("intervention kind", package="csn.training.interventions")
+"""Every intervention kind, registered where it is defined (this package's modules are found by themselves)."""
 
 
 def register(cls: type[Intervention]) -> type[Intervention]:
     """Class decorator: make an intervention available to configs by its `kind`."""
-    if cls.kind in INTERVENTIONS and INTERVENTIONS[cls.kind] is not cls:
-        raise ValueError(f"two interventions of kind {cls.kind!r}: {INTERVENTIONS[cls.kind]} and {cls}")
-    INTERVENTIONS[cls.kind] = cls
-    return cls
+    return INTERVENTIONS.register(cls.kind, cls)
 
 
 def parse_interventions(cfg: TrainConfig) -> list[tuple[type[Intervention], Schema]]:
     """The config's interventions as (class, validated options), the selectivity regularizer (reg_* keys) first; an
     unknown kind or a bad key is one CsnError naming the fix. Needs no model: experiments check their plans with it."""
     out: list[tuple[type[Intervention], Schema]] = []
-    selectivity = INTERVENTIONS["selectivity"]
+    selectivity = INTERVENTIONS.get("selectivity")
     options = selectivity.Options.from_config(cfg)  # type: ignore[attr-defined]
     if options is not None:
         out.append((selectivity, options))
@@ -114,8 +112,6 @@ def parse_interventions(cfg: TrainConfig) -> list[tuple[type[Intervention], Sche
             raise CsnError(f"interventions[{i}] is of kind 'selectivity': the selectivity regularizer is set by the reg_* "
                            "keys (reg_alpha, reg_window, reg_layers, ...); use those instead.")
         cls = INTERVENTIONS.get(kind)
-        if cls is None:
-            raise unknown("intervention kind", str(kind), sorted(k for k in INTERVENTIONS if k != "selectivity"))
         out.append((cls, cls.Options.parse({k: v for k, v in entry.items() if k != "kind"},
                                            what=f"interventions[{i}] ({kind}) key")))
     return out
