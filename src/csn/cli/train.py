@@ -16,7 +16,7 @@ from csn.runs.config import preset as get_preset
 from csn.runs.run import Run
 from csn.training import loop
 
-SHORTCUTS = ("dataset", "data_root", "model", "epochs", "seed", "checkpoints", "reg_alpha", "reg_window", "reg_schedule",
+SHORTCUTS = ("dataset", "data_root", "model", "epochs", "optimizer", "seed", "checkpoints", "reg_alpha", "reg_window", "reg_schedule",
              "reg_layers", "reg_mode", "reg_statistic", "reg_group", "reg_reduce", "device", "threads")
 """Config keys that `csn train` also takes as --options."""
 

@@ -69,7 +69,7 @@ from csn.experiments.regularize import (
     regularized_stages,
     train_conditions,
 )
-from csn.experiments.runner import finished_seconds, is_complete
+from csn.experiments.runner import PresetRunnerOptions, finished_seconds, is_complete
 from csn.experiments.windows import Seeds
 from csn.runs.config import TrainConfig, load_data
 from csn.runs.config import preset as train_preset
@@ -147,7 +147,7 @@ def get_regime_preset(name: str) -> RegimePreset:
     return REGIME_PRESETS[name]
 
 
-class RegimeOptions(Schema):
+class RegimeOptions(PresetRunnerOptions):
     """What `csn experiment regime` takes (its command-line options are built from these fields)."""
 
     preset: str = Field("fmnist", description="Regime preset: fmnist (Fashion-MNIST vs fmnist-pairs, 50 runs, under "
@@ -156,13 +156,10 @@ class RegimeOptions(Schema):
                                 "condition [default: the preset's].", json_schema_extra={"metavar": "N|LIST"})
     out: str | None = Field(None, description="Study folder [default: runs/regime-<preset>].",
                             json_schema_extra={"metavar": "DIR"})
-    parallel: Int | None = Field(None, ge=1, description="Training runs at once, each with cores/parallel threads "
-                                 "[default: the preset's].", json_schema_extra={"metavar": "N"})
     pilot: bool = Field(False, description="Run the pilot instead (the first part of the recipe at the preset's pilot "
                         "alphas, one seed) into OUT/pilot, and print each statistic's own value against the baseline.")
     dry_run: bool = Field(False, description="Print the plan (conditions, seeds, estimated time, C4 power per cell) "
                           "and stop; writes nothing.")
-    quiet: bool = Field(False, description="No progress bars.")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -28,12 +28,22 @@ from csn.runs.config import TrainConfig
 from csn.runs.run import Run, read_manifest
 from csn.training.loop import train
 
+PARALLEL_HELP = "Training runs at once, each in its own process with cores/parallel threads (1: one after the other in this process)"
+
 
 class RunnerOptions(Schema):
     """How an experiment's training runs are executed (the --parallel of `csn experiment ...`)."""
 
-    parallel: Int = Field(2, ge=1, description="Training runs at once, each in its own process with cores/parallel "
-                          "threads (1: one after the other in this process).", json_schema_extra={"metavar": "N"})
+    parallel: Int = Field(2, ge=1, description=f"{PARALLEL_HELP}.", json_schema_extra={"metavar": "N"})
+
+
+class PresetRunnerOptions(Schema):
+    """How an experiment declared by a preset runs: --parallel (the preset's unless given) and --quiet; the options
+    schemas of `csn experiment windows` and `regime` extend it."""
+
+    parallel: Int | None = Field(None, ge=1, description=f"{PARALLEL_HELP} [default: the preset's].",
+                                 json_schema_extra={"metavar": "N"})
+    quiet: bool = Field(False, description="No progress bars.")
 
 
 @dataclass

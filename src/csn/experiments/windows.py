@@ -63,7 +63,7 @@ from csn.errors import CsnError, unknown
 from csn.experiments import window_stats as ws
 from csn.experiments.claims import Spread
 from csn.experiments.regularize import dose
-from csn.experiments.runner import Job, finished_seconds, is_complete, run_jobs
+from csn.experiments.runner import Job, PresetRunnerOptions, finished_seconds, is_complete, run_jobs
 from csn.runs.config import TrainConfig, build_model_for, data_info, is_preset_checkpoints, load_data
 from csn.runs.config import preset as train_preset
 from csn.runs.io import read_table, write_json, write_table
@@ -199,7 +199,7 @@ def get_windows_preset(name: str) -> WindowsPreset:
     return WINDOW_PRESETS[name]
 
 
-class WindowsOptions(Schema):
+class WindowsOptions(PresetRunnerOptions):
     """What `csn experiment windows` takes (its command-line options are built from these fields)."""
 
     preset: str = Field("fmnist", description="Windows preset: smoke (seconds; tests and a first look) or fmnist (the "
@@ -224,8 +224,6 @@ class WindowsOptions(Schema):
         "final accuracy is read after an anneal) or cosine (a late window gets less) [default: the preset's].")
     out: str | None = Field(None, description="Experiment directory [default: runs/windows-<preset>].",
                             json_schema_extra={"metavar": "DIR"})
-    parallel: Int | None = Field(None, ge=1, description="Training runs at once, each with cores/parallel threads "
-                                 "[default: the preset's].", json_schema_extra={"metavar": "N"})
     selectivity: bool = Field(True, description="Measure CSI and eta² at the window ends and the end of training "
                               "(--no-selectivity: accuracy only, no verdicts).")
     samples: Samples = Field(None, description="Selectivity on a fixed subset of N test images, or all "
@@ -235,7 +233,6 @@ class WindowsOptions(Schema):
                           "needs; write nothing.")
     run_sd: Float | None = Field(None, gt=0, description="Per-run SD of final test accuracy the dry run plans power with "
                                  "[default: the preset's, which the dry run names].", json_schema_extra={"metavar": "SD"})
-    quiet: bool = Field(False, description="No progress bars.")
 
 
 # ------------------------------------------------------------------------------------------------
