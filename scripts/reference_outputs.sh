@@ -16,9 +16,9 @@ if [ ! -d "$OUT/fmnist" ]; then
 fi
 echo "train: $(( $(date +%s) - T0 )) s"
 R="$OUT/fmnist"
-python3 -m csn selectivity "$R" --checkpoints 0,8,64,last --threads 1 --quiet > "$OUT/sel.log" 2>&1
-python3 -m csn ablate "$R" --checkpoints 8,last --draws 2 --grid f:0,0.25,0.5,1 --samples 1000 --threads 1 --quiet > "$OUT/abl.log" 2>&1
-python3 -m csn linearity "$R" --checkpoints 0,8,64,last --samples 500 --threads 1 --quiet > "$OUT/lin.log" 2>&1
-python3 -m csn cka "$R" --checkpoints 0,8,64,last --samples 500 --threads 1 --quiet > "$OUT/cka1.log" 2>&1
-python3 -m csn cka "$R" --mode across --checkpoints 0,8,64,last --samples 500 --threads 1 --quiet > "$OUT/cka2.log" 2>&1
+python3 -m csn selectivity "$R" --checkpoints step=0,step=8,step=64,last --threads 1 --quiet > "$OUT/sel.log" 2>&1
+python3 -m csn ablate "$R" --checkpoints step=8,last --draws 2 --grid f:0,0.25,0.5,1 --samples 1000 --threads 1 --quiet > "$OUT/abl.log" 2>&1
+python3 -m csn linearity "$R" --checkpoints step=0,step=8,step=64,last --samples 500 --threads 1 --quiet > "$OUT/lin.log" 2>&1
+python3 -m csn cka "$R" --checkpoints step=0,step=8,step=64,last --samples 500 --threads 1 --quiet > "$OUT/cka1.log" 2>&1
+python3 -m csn cka "$R" --mode across --checkpoints step=0,step=8,step=64,last --samples 500 --threads 1 --quiet > "$OUT/cka2.log" 2>&1
 echo "all: $(( $(date +%s) - T0 )) s"

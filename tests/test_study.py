@@ -369,23 +369,28 @@ def test_a_shortened_preset_trains(tmp_path):
     assert res.exit_code == 2 and "after the end of training" in res.output
 
 
-def test_the_late_onset_matches_its_condition_name():
-    """An onset resolved from a fraction (0.3326... epochs) is named reg-from-0.332623: judge pairs them."""
+def test_the_onsets_are_read_from_run_json_not_from_names():
+    """An onset resolved from a fraction (step 156 of 469 per epoch: 0.3326... epochs) is read back exactly from the
+    run's recorded regularizer window, whatever its folder is called; judge pairs it with the late onset exactly."""
     from types import SimpleNamespace
 
     from csn.experiments.judge import StudyRuns, _late_condition
+    from csn.runs.run import RegWindow
 
-    def run(alpha):
-        return SimpleNamespace(config=SimpleNamespace(reg_alpha=alpha))
+    def run(start, alpha=-1.0):
+        windows = [] if start is None else [RegWindow(start_step=start, end_step=938, alpha=alpha)]
+        return SimpleNamespace(reg_windows=windows, info={"steps_per_epoch": 469})
 
-    onset = 156 / 469
-    cond = Condition(onset, -1.0)
-    assert cond.name == "reg-from-0.332623"
-    found = StudyRuns({("baseline", 0): run(None), ("reg-from-0", 0): run(-1.0), (cond.name, 0): run(-1.0)})
+    onset = onset_epoch("f0.16631", 469, 938)
+    assert onset == 156 / 469
+    found = StudyRuns({("baseline", 0): run(None), ("reg-from-0", 0): run(0), ("late-any-name", 0): run(156)})
     conds, late = _late_condition(found, onset)
-    assert late == 0.332623 and [c.name for c in conds] == ["baseline", "reg-from-0", cond.name]
-    assert _late_condition(found, None)[1] == 0.332623  # inferred: the one nonzero onset
+    assert late == onset and [(c.name, c.onset, c.alpha) for c in conds] == [
+        ("baseline", None, 0.0), ("reg-from-0", 0.0, -1.0), ("late-any-name", onset, -1.0)]
+    assert _late_condition(found, None)[1] == onset  # inferred: the one nonzero onset
     assert _late_condition(found, 2.0)[1] == 2.0  # no such condition: C4 then says one is missing
+    with pytest.raises(CsnError, match="trained differently"):  # seeds of one condition must agree
+        _late_condition(StudyRuns({("late", 0): run(156), ("late", 1): run(157)}), None)
 
 
 def test_nearest_checkpoint_by_step_or_epoch_takes_the_earlier_on_a_tie():

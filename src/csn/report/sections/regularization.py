@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from csn.core.stats import standard_error
 from csn.errors import CsnError
-from csn.experiments.regularize import condition_curves, regularized_stages
+from csn.experiments.regularize import condition_curves, recorded_condition, regularized_stages
 from csn.report.fig_regularize import regularize_figures
 from csn.report.page import (
     Page,
@@ -23,25 +23,15 @@ from csn.report.page import (
     table_item,
 )
 from csn.runs.io import atomic_path, read_table
-from csn.runs.naming import onset_of
 
 
 def _onset(cond: RunGroup) -> float | None:
-    onset = onset_of(cond.name)
-    if onset is not None:
-        return onset
-    cfg = cond.runs[0].config
-    if cfg.reg_alpha and cfg.reg_window:
-        try:
-            return float(str(cfg.reg_window).split(":")[0])
-        except ValueError:
-            return None
-    return None
+    """The condition's onset in epochs as its first run's run.json records the regularizer (None: not regularized)."""
+    return recorded_condition(cond.runs[0])[0]
 
 
 def _is_regularized(cond: RunGroup) -> bool:
-    cfg = cond.runs[0].config
-    return bool(cfg.reg_alpha or cfg.reg_schedule)
+    return _onset(cond) is not None
 
 
 @section("regularization", order=60)
