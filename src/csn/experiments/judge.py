@@ -33,7 +33,7 @@ from csn.experiments.regularize import Condition, condition_table, final_per_run
 from csn.experiments.runner import is_complete
 from csn.runs.io import write_json, write_table
 from csn.runs.naming import parse_run_name
-from csn.runs.run import Run
+from csn.runs.run import Run, run_dirs
 
 
 @dataclass
@@ -51,13 +51,13 @@ class StudyRuns:
         return list(dict.fromkeys(c for c, _ in self.runs))
 
 
-def find_runs(out: Path) -> StudyRuns:
+def study_runs(out: Path) -> StudyRuns:
     """Every `<condition>-s<seed>` run folder under `out` that is a baseline (no regularizer in its run.json) or
     regularized from an onset to the end of training; finished ones kept, ordered baseline first, then by onset (run.json's), then name."""
     found, unfinished = [], []
-    for p in sorted(Path(out).iterdir()) if Path(out).is_dir() else []:
+    for p in run_dirs(out):
         cond, seed = parse_run_name(p.name)
-        if seed is None or not (p / "run.json").is_file():
+        if seed is None or p == Path(out):
             continue
         if not is_complete(p):
             unfinished.append(p.name)
@@ -132,7 +132,7 @@ def judge(out: str | Path, *, late_onset: float | str | None = None, judge: bool
     A late_onset given as text is a point in training (csn.core.times: 0.667, step=312, f0.3333), resolved on the
     runs' training length."""
     out = Path(out)
-    found = find_runs(out)
+    found = study_runs(out)
     base_runs = found.of("baseline")
     if not found.runs:
         raise CsnError(f"{out} holds no finished runs named <condition>-s<seed> (baseline-s0, reg-from-0-s0, ...); "
@@ -170,4 +170,4 @@ def judge(out: str | Path, *, late_onset: float | str | None = None, judge: bool
     return verdicts
 
 
-__all__ = ["StudyRuns", "find_runs", "judge"]
+__all__ = ["StudyRuns", "study_runs", "judge"]

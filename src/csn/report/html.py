@@ -37,7 +37,7 @@ from csn.report.sections.training import training_figure
 from csn.runs.io import write_text
 from csn.runs.lock import lock_owner
 from csn.runs.naming import condition_order, parse_run_name
-from csn.runs.run import Run
+from csn.runs.run import Run, run_dirs
 
 TEMPLATE = "report.html"
 """The jinja2 template (src/csn/report/templates/report.html)."""
@@ -64,10 +64,8 @@ def discover_runs(paths: Sequence[str | os.PathLike]) -> tuple[list[Run], Path |
             raise CsnError(f"{p} does not exist; pass a run directory (with run.json) or an experiment directory holding runs.")
         if not p.is_dir():
             raise CsnError(f"{p} is not a directory; pass a run directory (with run.json) or an experiment directory holding runs.")
-        if (p / "run.json").is_file():
-            found = [p]
-        else:
-            found = sorted(d for d in p.iterdir() if d.is_dir() and (d / "run.json").is_file())
+        found = run_dirs(p)
+        if found != [p]:
             if not found:
                 raise CsnError(f"{p} holds no csn run (no run.json in it or in its sub-directories); pass a run "
                                "directory written by `csn train` or an experiment directory holding such runs.")

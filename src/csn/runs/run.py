@@ -362,6 +362,27 @@ def delete_run_files(path: str | Path, layout: dict[str, tuple[str, ...]] = RUN_
     return sorted(Path(root, f) for root, _, files in os.walk(path) for f in files if f != ".lock")
 
 
+def run_dirs(path: str | Path, *, deep: bool = False) -> list[Path]:
+    """`[path]` when `path` is a run directory (holds run.json); else the run directories below it, sorted: its
+    sub-directories holding run.json (deep=True: at any depth, never looking inside a run). The one way csn finds runs
+    (csn verify looks deep; csn report, csn claims and the experiments one level down)."""
+    path = Path(path)
+    if (path / "run.json").is_file():
+        return [path]
+    if not path.is_dir():
+        return []
+    if not deep:
+        return sorted(d for d in path.iterdir() if d.is_dir() and (d / "run.json").is_file())
+    found = []
+    for root, dirs, _ in os.walk(path):
+        dirs.sort()
+        for d in list(dirs):
+            if (Path(root, d) / "run.json").is_file():
+                found.append(Path(root, d))
+                dirs.remove(d)  # a run's own folders hold no runs
+    return found
+
+
 def damaged_checkpoint_fix(run_path: str | Path) -> str:
     """What to do about a missing or corrupt checkpoint (the optimizer state of older steps is not kept,
     so training cannot restart from an earlier checkpoint)."""

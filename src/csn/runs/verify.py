@@ -10,7 +10,6 @@ directory: every run inside it, and its own files (reproduce.json, claims.json, 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pandas as pd
@@ -22,7 +21,7 @@ from csn.models.external import code_trusted, names_code
 from csn.runs.config import TrainConfig, build_model_for
 from csn.runs.io import SIDECAR, TABLE_STEP, checksum_problem, read_table, table_name, tensor_shapes
 from csn.runs.naming import STATE_GLOB, state_file
-from csn.runs.run import check_run_path, damaged_checkpoint_fix, read_manifest, read_run_info
+from csn.runs.run import check_run_path, damaged_checkpoint_fix, read_manifest, read_run_info, run_dirs
 from csn.runs.table import PROVENANCE
 
 EXPERIMENT_FILES = ("reproduce.json", "claims.json")
@@ -174,21 +173,6 @@ def _table_problems(tables: Path, manifest: dict[int, str] | None = None) -> lis
     return out
 
 
-def find_runs(path: str | Path) -> list[Path]:
-    """The run directories (holding run.json) at or below `path`, not looking inside runs."""
-    path = Path(path)
-    if (path / "run.json").is_file():
-        return [path]
-    found = []
-    for root, dirs, _ in os.walk(path):
-        dirs.sort()
-        for d in list(dirs):
-            if (Path(root, d) / "run.json").is_file():
-                found.append(Path(root, d))
-                dirs.remove(d)  # a run's own folders hold no runs
-    return found
-
-
 def verify_experiment(path: str | Path) -> list[str]:
     """Problems with an experiment or reproduction directory's own files (its JSON files and tables)."""
     path = Path(path)
@@ -215,7 +199,7 @@ def verify_path(path: str | Path) -> dict[Path, list[str]]:
     check_run_path(path, "the directory", new=False)
     if not path.is_dir():
         raise CsnError(f"{path} is not a directory; pass a run directory or an experiment directory holding runs.")
-    runs = find_runs(path)
+    runs = run_dirs(path, deep=True)
     if not runs:
         raise CsnError(f"{path} holds no csn run (no run.json in it or below it); pass a run directory written by "
                        "`csn train`, or an experiment or reproduction directory.")
@@ -224,4 +208,4 @@ def verify_path(path: str | Path) -> dict[Path, list[str]]:
     return {path: verify_experiment(path), **{r: verify_run(r) for r in runs}}
 
 
-__all__ = ["verify_run", "verify_experiment", "verify_path", "find_runs", "untrusted_model"]
+__all__ = ["verify_run", "verify_experiment", "verify_path", "untrusted_model"]
