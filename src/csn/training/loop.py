@@ -3,8 +3,8 @@ stage rewinds: csn.training.interventions), resume.
 
 `train(cfg, out)` reads top to bottom as its steps: prepare the run directory, set up data, model and
 optimizer (`_Training.__init__`), restore the last checkpoint when resuming, check the disk, then for
-every batch one optimizer step (with the interventions' hooks around it), a log line every `log_every` steps and a checkpoint at each scheduled
-step. Resumed runs give bitwise the same checkpoints as uninterrupted ones on CPU.
+every batch one optimizer step (the interventions' hooks around it), a log line every `log_every` steps and a
+checkpoint at each scheduled step. Resumed runs give bitwise the same checkpoints as uninterrupted ones on CPU.
 """
 
 from __future__ import annotations
@@ -240,8 +240,7 @@ class _Training:
         self.opt = make_optimizer(cfg, self.model.parameters())
         self.interventions: list[Intervention] = build_interventions(cfg, Context(
             self.model, self.opt, cfg, self.info["num_classes"], self.steps_per_epoch, self.total, out, device))
-        extra = {s for i in self.interventions for s in i.checkpoint_steps()} - set(self.ckpt_steps)
-        self.ckpt_steps = sorted(set(self.ckpt_steps) | extra)
+        self.ckpt_steps = sorted(set(self.ckpt_steps).union(*(i.checkpoint_steps() for i in self.interventions)))
         self.step, self.logs = 0, []
         self.ckpt_dir = out / "checkpoints"
         self.manifest: list[Checkpoint] = []
