@@ -3,8 +3,8 @@
 What a study folder needs: run folders named `<condition>-s<seed>` (`baseline-s0`, `reg-from-0-s0`,
 `reg-from-1-s0`, as `csn reproduce` and `csn experiment regularize` write them), each a finished run
 (its last checkpoint saved). A run's condition is what its run.json records: no regularizer (a baseline), or the
-regularizer from an onset (its first window's start step, exact) at an alpha; the folder name only labels it. Each claim reads what it needs and is inconclusive, saying what is missing,
-when the tables are not there:
+regularizer from an onset (its first window's start step, exact) at an alpha; the folder name only labels it.
+Each claim reads what it needs and is inconclusive, saying what is missing, when the tables are not there:
 
 - C1: tables/selectivity.parquet of the baseline runs;
 - C2: tables/ablation.parquet of the baseline runs (at the run's selectivity peak and its last checkpoint);
@@ -53,7 +53,8 @@ class StudyRuns:
 
 def study_runs(out: Path) -> StudyRuns:
     """Every `<condition>-s<seed>` run folder under `out` that is a baseline (no regularizer in its run.json) or
-    regularized from an onset to the end of training; finished ones kept, ordered baseline first, then by onset (run.json's), then name."""
+    regularized from an onset to the end of training; finished ones kept, ordered baseline first, then by onset
+    (run.json's), then name."""
     found, unfinished = [], []
     for p in run_dirs(out):
         cond, seed = parse_run_name(p.name)
