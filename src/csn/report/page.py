@@ -163,7 +163,15 @@ class Page:
     def omit(self, title: str, text: str) -> None:
         self.omitted.append({"title": title, "text": text})
 
-    def runs_with(self, name: str) -> list[tuple[RunGroup, list[Run]]]:
+    def runs_with(self, name: str, *, or_omit: tuple[str, str] | None = None) -> list[tuple[RunGroup, list[Run]]]:
+        """(condition, its runs that have table `name`) for every condition with one; with or_omit=(title, hint),
+        a page without any such run notes the section as omitted (an analysis section's usual first step)."""
+        out = self._runs_with(name)
+        if not out and or_omit is not None:
+            self.omit(*or_omit)
+        return out
+
+    def _runs_with(self, name: str) -> list[tuple[RunGroup, list[Run]]]:
         out = []
         for c in self.conds:
             rs = [r for r in c.runs if self.table(r, name) is not None]

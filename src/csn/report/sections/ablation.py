@@ -25,9 +25,8 @@ from csn.report.page import (
 
 @section("ablation", order=40)
 def ablation_section(rep: Page) -> Section | None:
-    have = rep.runs_with("ablation")
+    have = rep.runs_with("ablation", or_omit=("Ablation", "no ablation table: run `csn ablate RUN`."))
     if not have:
-        rep.omit("Ablation", "no ablation table: run `csn ablate RUN`.")
         return None
     sec = Section("ablation", "Ablation: selective vs random units (C2)",
                   "Accuracy as the most class-selective units of every block of a stage are zeroed, against as many "

@@ -22,9 +22,8 @@ from csn.runs.naming import parse_run_name
 
 @section("cka", order=90)
 def cka_section(rep: Page) -> Section | None:
-    have = rep.runs_with("cka")
+    have = rep.runs_with("cka", or_omit=("Representational similarity (CKA)", "no CKA table: run `csn cka RUN` (or `csn cka RUN_A RUN_B`)."))
     if not have:
-        rep.omit("Representational similarity (CKA)", "no CKA table: run `csn cka RUN` (or `csn cka RUN_A RUN_B`).")
         return None
     sec = Section("cka", "Representational similarity (CKA)",
                   "Linear CKA (unbiased minibatch estimator) between layers, across checkpoints, and between runs at "

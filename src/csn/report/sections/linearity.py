@@ -18,9 +18,8 @@ from csn.report.page import (
 
 @section("linearity", order=50)
 def linearity_section(rep: Page) -> Section | None:
-    have = rep.runs_with("linearity")
+    have = rep.runs_with("linearity", or_omit=("Linearity", "no linearity table: run `csn linearity RUN`."))
     if not have:
-        rep.omit("Linearity", "no linearity table: run `csn linearity RUN`.")
         return None
     sec = Section("linearity", "Linearity (C3)",
                   "How close the network is to a linear model at each checkpoint: agreement with a linear classifier "

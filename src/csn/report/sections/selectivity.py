@@ -19,9 +19,8 @@ from csn.report.page import (
 
 @section("selectivity", order=30)
 def selectivity_section(rep: Page) -> Section | None:
-    have = rep.runs_with("selectivity")
+    have = rep.runs_with("selectivity", or_omit=("Class selectivity", "no selectivity table: run `csn selectivity RUN`."))
     if not have:
-        rep.omit("Class selectivity", "no selectivity table: run `csn selectivity RUN`.")
         return None
     sec = Section("selectivity", "Class selectivity (C1)",
                   "Mean class selectivity index (CSI) of each stage's units versus epoch, with the offset-invariant "
