@@ -123,7 +123,7 @@ def test_anneal_gives_every_window_before_it_the_same_learning_rate(tmp_path):
 
 
 def test_alpha_split_over_stages_is_refused(tmp_path):
-    with pytest.raises(CsnError, match="reg_reduce=mean splits alpha") as e:
+    with pytest.raises(CsnError, match="reg_reduce=mean is not the map.s: preset smoke gives alpha to the regularized stages with reg_reduce=sum") as e:
         make_plan(WindowsOptions(preset="smoke", out=str(tmp_path / "x")), ["reg_reduce=mean"])
     assert "\n" not in str(e.value)
     assert make_plan(WindowsOptions(preset="smoke", out=str(tmp_path / "x")), ["reg_reduce=sum"]).base.reg_reduce == "sum"

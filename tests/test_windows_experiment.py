@@ -153,7 +153,7 @@ def test_rerun_resumes_without_training_and_changed_windows_are_refused(experime
     (["--windows", "step=0:step=4,step=0:step=4"], "are the same"),
     (["--windows", "tile:99"], "asks for 99 tiles of a training of 16 steps"),
     (["--windows", "tile:4,tile:4:0"], "are the same"),
-    (["reg_reduce=mean"], "the map gives alpha to every stage in full"),
+    (["reg_reduce=mean"], "is not the map's: preset smoke gives alpha"),
     (["epochs=x"], "epochs"),
 ])
 def test_bad_requests_are_one_line_errors_before_any_work(tmp_path, args, message):

@@ -43,7 +43,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import BeforeValidator, Field
+from pydantic import BeforeValidator, Field, model_validator
 
 from csn import dist
 from csn._version import __version__
@@ -57,7 +57,7 @@ from csn.core.checkpoint_schedule import checkpoint_steps
 from csn.core.lr import lr_at
 from csn.core.progress import bar, hms
 from csn.core.schema import MAX_SEED, MAX_SEEDS, SEEDS_HINT, CommaList, Float, Int, Schema
-from csn.core.times import steps_text
+from csn.core.times import TimePoint, number, parse_time, parse_times, resolve, steps_text
 from csn.core.units import resolve_layers, stage_of, stages
 from csn.errors import CsnError, unknown
 from csn.experiments import window_stats as ws
@@ -119,11 +119,25 @@ Seeds = Annotated[list[Int], BeforeValidator(_seeds_field)]
 
 
 class WindowGrid(Schema):
-    """A grid of conditions: every alpha x window x stage set (windows as --windows takes them, tile:N included)."""
+    """A grid of conditions, by kind of intervention. selectivity (the regularizer): every alpha x window x stage set
+    (windows as --windows takes them, tile:N included). rewind (csn.training.interventions.rewind): every point `at`
+    x source `to` x stage set: at `at` the stages are set back to their own weights at `to` (a point in training, or
+    at*X: the fraction X of `at`, e.g. at*0.5)."""
 
-    alphas: Annotated[list[Float], CommaList] = Field(min_length=1)
-    windows: str
+    kind: Literal["selectivity", "rewind"] = "selectivity"
+    alphas: Annotated[list[Float], CommaList] = []
+    windows: str = ""
+    at: str = ""
+    to: Annotated[list[str], CommaList] = ["step=0"]
     stages: Annotated[list[str], CommaList] = ["default"]
+
+    @model_validator(mode="after")
+    def _keys_of_kind(self) -> WindowGrid:
+        if self.kind == "selectivity" and (not self.alphas or not self.windows or self.at):
+            raise ValueError("a selectivity grid takes alphas and windows (not at/to)")
+        if self.kind == "rewind" and (self.alphas or self.windows or not self.at):
+            raise ValueError("a rewind grid takes at (and to), not alphas or windows")
+        return self
 
 
 class WindowsPreset(Schema):
@@ -147,6 +161,12 @@ class WindowsPreset(Schema):
                           "power with (default: recorded on the fmnist study, claims.Spread().c4_run_sd).")
     run_sd_source: str = Field("recorded on the fmnist study under the cosine schedule, claims.Spread",
                                description="Where run_sd was measured, printed by the dry run.")
+    reg_reduce: Literal["sum", "mean"] = Field("sum", description="How alpha meets the regularized stages: sum (every "
+                                               "stage gets alpha in full, so stage sets of different sizes compare) or "
+                                               "mean (alpha split over them, as `csn train`'s default).")
+    measure_checkpoints: str | None = Field(None, description="Checkpoints where selectivity is measured besides the "
+                                            "window ends and the end (a selector, e.g. 0:f0.5): every run's from its "
+                                            "condition's start on (before it, a run equals its baseline bitwise).")
 
 
 WINDOW_PRESETS: dict[str, WindowsPreset] = {
@@ -189,6 +209,30 @@ WINDOW_PRESETS: dict[str, WindowsPreset] = {
         grids=[WindowGrid(alphas=[-3.0], windows="tile:6"),
                WindowGrid(alphas=[0.3], windows="tile:6:0")],
     ),
+    # The mechanism study at toy size (seconds; tests): suppression from step 0 and from the middle, rewinds of the
+    # default stages at step 4 and at the middle, to step 0 and to half-way there.
+    "mechanism-smoke": WindowsPreset(
+        name="mechanism-smoke", train_preset="smoke", lr_schedule="constant", seeds=[0, 1], samples=128,
+        run_seconds=6.0, checkpoint_seconds=0.3, accuracy_seconds=0.3, reg_reduce="mean", measure_checkpoints="0:end",
+        grids=[WindowGrid(alphas=[-3.0], windows="step=0:end,f0.5:end"),
+               WindowGrid(kind="rewind", at="step=4,f0.5", to=["step=0", "at*0.5"])],
+    ),
+    # The mechanism study (issue "By which mechanism?"): the regime study's Fashion-MNIST cell where suppression harmed
+    # (README "Which regularizer, which regime": ResNet-8, 2 epochs = 936 steps at constant lr 0.1, the study's
+    # statistic reg_mode=study at alpha -20 split over stages 1-2, reg_reduce=mean; from step 0 it cost 1.27 points
+    # [0.69, 1.86], from the late onset step 234 = f0.25 1.03), the same seeds 0-4 (so its baselines and suppressed
+    # runs retrain the regime's bitwise: extra checkpoints never change training). Beside them, rewinds of the same
+    # stages: at the early stages' selectivity peak (step 64: README "What csn reproduce found", the fmnist study) and
+    # at the late onset (step 234), each to step 0 (re-initialization) and to half-way (step 32, step 117). Measured
+    # at every checkpoint of the first half of training (0:f0.5: 0, 8, ..., 256, 312, 468) and the end.
+    "mechanism": WindowsPreset(
+        name="mechanism", train_preset="fmnist", overrides=["epochs=2", "reg_mode=study"], lr_schedule="constant",
+        seeds=[0, 1, 2, 3, 4], samples=2000, reg_reduce="mean", measure_checkpoints="0:f0.5",
+        run_seconds=120.0, checkpoint_seconds=1.5, accuracy_seconds=4.0, run_sd=0.0031,
+        run_sd_source="measured on fmnist at a constant learning rate: the regime study's 2-epoch baselines, 2026-12-05",
+        grids=[WindowGrid(alphas=[-20.0], windows="step=0:end,step=234:end"),
+               WindowGrid(kind="rewind", at="step=64,step=234", to=["step=0", "at*0.5"])],
+    ),
 }
 
 
@@ -202,8 +246,9 @@ def get_windows_preset(name: str) -> WindowsPreset:
 class WindowsOptions(PresetRunnerOptions):
     """What `csn experiment windows` takes (its command-line options are built from these fields)."""
 
-    preset: str = Field("fmnist", description="Windows preset: smoke (seconds; tests and a first look) or fmnist (the "
-                        "map on Fashion-MNIST, about 1 h 33 min on 2 CPU cores).")
+    preset: str = Field("fmnist", description="Windows preset: smoke (seconds; tests and a first look), fmnist (the "
+                        "map on Fashion-MNIST, about 1 h 33 min on 2 CPU cores), mechanism-smoke or mechanism (suppression "
+                        "beside stage rewinds, README \"By which mechanism\", about 46 min).")
     alphas: Annotated[list[Float], CommaList] | None = Field(
         None, min_length=1, description="Regularizer strengths, comma-separated (loss = ce - alpha*R: < 0 suppresses, "
         "> 0 promotes) [default: the preset's conditions]. Giving --alphas, --windows or --stages replaces the preset's "
@@ -247,7 +292,9 @@ def _slug(text: str) -> str:
 
 @dataclass(frozen=True)
 class WindowCondition:
-    """The baseline (alpha 0), or the regularizer at `alpha` on `stages` inside `window` (steps [start_step, end_step))."""
+    """A condition of the map: the baseline; the regularizer at `alpha` on `stages` inside `window` (steps
+    [start_step, end_step)); or a rewind of `stages` at step end_step (= start_step: the run equals its baseline up to
+    there) to their weights at step `to_step`."""
 
     alpha: float = 0.0
     window: str = ""
@@ -256,25 +303,39 @@ class WindowCondition:
     stage_set: str = ""
     stages: tuple[str, ...] = ()
     layers: tuple[str, ...] | None = None  # reg_layers; None = the training config's own (the default set)
+    to_step: int | None = None  # a rewind's source step
 
     @property
     def name(self) -> str:
-        if self.alpha == 0:
+        suffix = "" if self.stage_set == "default" else f"_{self.stage_set}"
+        if self.kind == "baseline":
             return BASELINE
+        if self.kind == "rewind":
+            return f"rewind_step{self.end_step}-to{self.to_step}{suffix}"
         start, end = self.window.split(":")
-        return f"a{self.alpha:+g}_{_slug(start)}-{_slug(end)}" + ("" if self.stage_set == "default" else f"_{self.stage_set}")
+        return f"a{self.alpha:+g}_{_slug(start)}-{_slug(end)}{suffix}"
 
     @property
     def kind(self) -> str:
+        """baseline, suppress (alpha < 0), promote (alpha > 0) or rewind."""
+        if self.to_step is not None:
+            return "rewind"
         return "baseline" if self.alpha == 0 else "promote" if self.alpha > 0 else "suppress"
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.kind == "baseline"
 
     def apply(self, base: TrainConfig, seed: int, checkpoints: str) -> TrainConfig:
         """The training config of this condition and seed (named `<condition>-s<seed>`)."""
-        reg: dict[str, Any] = dict(reg_alpha=None, reg_window=None, reg_schedule=None)
-        if self.alpha != 0:
-            reg = dict(reg_alpha=self.alpha, reg_window=self.window, reg_schedule=None,
-                       reg_layers=list(self.layers) if self.layers is not None else base.reg_layers)
-        return base.replace(seed=seed, name=run_name(self.name, seed), checkpoints=checkpoints, **reg)
+        keys: dict[str, Any] = dict(reg_alpha=None, reg_window=None, reg_schedule=None)
+        if self.kind in ("suppress", "promote"):
+            keys = dict(reg_alpha=self.alpha, reg_window=self.window, reg_schedule=None,
+                        reg_layers=list(self.layers) if self.layers is not None else base.reg_layers)
+        elif self.kind == "rewind":
+            keys["interventions"] = [*base.interventions, {"kind": "rewind", "stages": list(self.stages),
+                                                           "at": f"step={self.end_step}", "to": f"step={self.to_step}"}]
+        return base.replace(seed=seed, name=run_name(self.name, seed), checkpoints=checkpoints, **keys)
 
 
 def stage_sets(tokens: Sequence[str], model: torch.nn.Module, reg_layers: Sequence[str] | None) -> list[tuple]:
@@ -350,8 +411,38 @@ def expand_tiles(text: str, total: int, what: str = "--windows") -> str:
     return ",".join(out)
 
 
+def _rewind_steps(grid: WindowGrid, spe: int, total: int) -> list[tuple[int, int]]:
+    """A rewind grid's (at, to) steps: every point `at` x source `to` (at*X: round(X * at)), each checked."""
+    out = []
+    for item in parse_times(grid.at, "a rewind grid's at"):
+        if not isinstance(item, TimePoint):
+            raise CsnError(f"a rewind grid's at {item} is a range; give points, e.g. at = \"step=64,step=234\".")
+        at = item.step(spe, total)
+        if not 1 <= at < total:
+            raise CsnError(f"a rewind at {item} (step {at}) is not inside training (steps 1 to {total - 1}); choose "
+                           "points after the first step and before the end.")
+        for text in grid.to:
+            t = str(text).strip()
+            if t.startswith("at*"):
+                x = number(t[3:], f"a rewind grid's to {t!r}", "write at*X with 0 <= X < 1, e.g. at*0.5")
+                if not 0 <= x < 1:
+                    raise CsnError(f"a rewind grid's to {t!r} is not before at; write at*X with 0 <= X < 1, e.g. at*0.5.")
+                to = int(round(x * at))
+            else:
+                to = parse_time(t, "a rewind grid's to").step(spe, total)
+            if to >= at:
+                raise CsnError(f"a rewind at step {at} to {t} (step {to}) does not go back in time; choose 'to' "
+                               "earlier than 'at'.")
+            out.append((at, to))
+    return out
+
+
 def grid_conditions(grid: WindowGrid, sets: list[tuple], spe: int, total: int, epochs: float) -> list[WindowCondition]:
-    """Every alpha x window x stage set of a grid, each window resolved to steps (CsnError if outside training)."""
+    """Every condition of a grid (alpha x window x stage set; or rewind point x source x stage set), resolved to
+    steps (CsnError if outside training)."""
+    if grid.kind == "rewind":
+        return [WindowCondition(0.0, f"step={at}", at, at, label, st, layers, to_step=to)
+                for at, to in _rewind_steps(grid, spe, total) for label, st, layers in sets]
     points = parse_window_points(expand_tiles(grid.windows, total), "--windows")
     out = []
     for alpha in grid.alphas:
@@ -390,9 +481,13 @@ class Plan:
     def checkpoints(self, cond: WindowCondition) -> str:
         """The condition's checkpoint schedule: the preset's plus its window's boundaries (the baseline: every
         condition's boundaries), as step=N segments; extra checkpoints never change training."""
-        conds = self.conditions if cond.alpha == 0 else [cond]
-        extra = sorted({s for c in conds if c.alpha != 0 for s in (c.start_step, c.end_step)} - set(self.base_steps))
+        extra = sorted(self._boundaries(cond) - set(self.base_steps))
         return ",".join([self.base_spec or self.base.checkpoints] + [f"step={s}" for s in extra])
+
+    def _boundaries(self, cond: WindowCondition) -> set[int]:
+        """The condition's window boundaries (a rewind's: its step); the baseline's: every condition's."""
+        conds = self.conditions if cond.is_baseline else [cond]
+        return {s for c in conds if not c.is_baseline for s in (c.start_step, c.end_step)}
 
     def jobs(self) -> list[tuple[WindowCondition, int, Job]]:
         out = []
@@ -405,15 +500,24 @@ class Plan:
     def selectivity_steps(self, cond: WindowCondition) -> list[int]:
         """Where selectivity is measured: the window's end and the end of training (the baseline: 0, every window
         boundary and the end; a condition equals its baseline up to its window's start, bitwise)."""
-        if cond.alpha == 0:
-            return sorted({0, self.total} | {s for c in self.conditions for s in (c.start_step, c.end_step)})
-        return sorted({cond.end_step, self.total})
+        extra = self.measured_steps(cond)
+        if cond.is_baseline:
+            return sorted({0, self.total} | self._boundaries(cond) | set(extra))
+        return sorted({cond.end_step, self.total} | {s for s in extra if s >= cond.start_step})
+
+    def measured_steps(self, cond: WindowCondition) -> list[int]:
+        """The condition's checkpoints the preset's measure_checkpoints selects (none when it names none)."""
+        if not self.preset.measure_checkpoints:
+            return []
+        steps = sorted(set(self.base_steps) | self._boundaries(cond) | {self.total})
+        return resolve(parse_times(self.preset.measure_checkpoints, "measure_checkpoints"), steps,
+                       self.steps_per_epoch, self.total, what="measure_checkpoints")
 
     def accuracy_steps(self, cond: WindowCondition) -> list[int]:
         """Where accuracy is measured after BatchNorm re-estimation: the window's end and the end of training (the
         baseline: every window's end and the end)."""
-        if cond.alpha == 0:
-            return sorted({c.end_step for c in self.conditions if c.alpha != 0} | {self.total})
+        if cond.is_baseline:
+            return sorted({c.end_step for c in self.conditions if not c.is_baseline} | {self.total})
         return sorted({cond.end_step, self.total})
 
     def estimate(self) -> dict[str, float]:
@@ -457,16 +561,17 @@ def make_plan(opts: WindowsOptions, overrides: Sequence[str] = ()) -> Plan:
     if base.reg_alpha is not None or base.reg_window is not None or base.reg_schedule:
         raise CsnError("the training config already has a regularizer (reg_alpha/reg_window/reg_schedule); the windows "
                        "experiment sets it per condition, so drop those overrides.")
-    if any(str(o).split("=", 1)[0].strip() == "reg_reduce" for o in overrides) and base.reg_reduce != "sum":
-        raise CsnError(f"reg_reduce={base.reg_reduce} splits alpha over the regularized stages; the map gives alpha to "
-                       "every stage in full (reg_reduce=sum, so stage sets of different sizes compare), so drop that override.")
-    base = base.replace(reg_reduce="sum")
+    if any(str(o).split("=", 1)[0].strip() == "reg_reduce" for o in overrides) and base.reg_reduce != pre.reg_reduce:
+        raise CsnError(f"reg_reduce={base.reg_reduce} is not the map's: preset {pre.name} gives alpha to the regularized "
+                       f"stages with reg_reduce={pre.reg_reduce} (the same for every condition, so they compare), so drop "
+                       "that override.")
+    base = base.replace(reg_reduce=pre.reg_reduce)
     data = load_data(base)
     spe, total = training_length(base, data)
     model = build_model_for(base, data_info(data))
     grids = list(pre.grids)
     if given & {"alphas", "windows", "stages"}:
-        first = grids[0]
+        first = next((g for g in grids if g.kind == "selectivity"), WindowGrid(alphas=[-3.0], windows="tile:4"))
         grids = [WindowGrid(alphas=opts.alphas if opts.alphas is not None else first.alphas,
                             windows=opts.windows if opts.windows is not None else first.windows,
                             stages=opts.stages if opts.stages is not None else first.stages)]
@@ -501,7 +606,7 @@ def _base_schedule(base: TrainConfig, spe: int) -> tuple[list[int], str]:
 def _refuse_duplicates(conds: list[WindowCondition]) -> None:
     seen: dict[tuple, str] = {}
     for c in conds:
-        key = (c.alpha, c.start_step, c.end_step, c.stages)
+        key = (c.alpha, c.start_step, c.end_step, c.stages, c.to_step)
         if key in seen or c.name in seen.values():
             raise CsnError(f"conditions {seen.get(key, c.name)} and {c.name} are the same (alpha, steps and stages); "
                            "give each window and stage set once.")
@@ -517,16 +622,18 @@ def plan_text(plan: Plan) -> str:
              f"{plan.parallel} at a time",
              f"  each run: {b.model} on {b.dataset}, {b.epochs:g} epochs x {plan.steps_per_epoch} steps = {plan.total} "
              f"steps, {lr}",
-             "  alpha per stage (reg_reduce=sum): every regularized stage gets alpha in full, whatever the stage set",
+             ("  alpha per stage (reg_reduce=sum): every regularized stage gets alpha in full, whatever the stage set"
+              if b.reg_reduce == "sum" else "  alpha split over the regularized stages (reg_reduce=mean)"),
              f"  accuracy at each window's end and the end of training: whole test split, BatchNorm re-estimated from "
              f"{END_BN_BATCHES} training batches (condition and baseline)",
              f"  {'condition':<34} {'alpha':>6}  {'window (steps)':<16} {'epochs':<13} {'lr':<8} stages"]
     for c in plan.conditions:
-        reg = c.alpha != 0
-        win = f"[{c.start_step}, {c.end_step})" if reg else "–"
-        ep = f"{c.start_step / plan.steps_per_epoch:.3g}-{c.end_step / plan.steps_per_epoch:.3g}" if reg else "–"
+        reg = c.kind in ("suppress", "promote")
+        win = f"[{c.start_step}, {c.end_step})" if reg else f"at {c.end_step} to {c.to_step}" if c.kind == "rewind" else "–"
+        ep = f"{c.start_step / plan.steps_per_epoch:.3g}-{c.end_step / plan.steps_per_epoch:.3g}" if reg else \
+            f"{c.end_step / plan.steps_per_epoch:.3g}" if c.kind == "rewind" else "–"
         mean_lr = f"{_mean_lr(plan, c):.3g}" if reg else "–"
-        st = "+".join(c.stages) + (" (default)" if c.stage_set == "default" else "") if reg else "–"
+        st = "+".join(c.stages) + (" (default)" if c.stage_set == "default" else "") if not c.is_baseline else "–"
         lines.append(f"  {c.name:<34} {c.alpha:>6g}  {win:<16} {ep:<13} {mean_lr:<8} {st}")
     src = (f"median of {e['measured_runs']} finished runs here" if e["measured_runs"]
            else f"declared for preset {plan.preset.name}")
@@ -557,7 +664,7 @@ def _shapes(plan: Plan) -> list[dict]:
     """The plan's families grouped by what their verdicts' power depends on: kind, windows and late windows."""
     fams: dict[tuple, list[WindowCondition]] = {}
     for c in plan.conditions:
-        if c.alpha != 0:
+        if c.kind in ("suppress", "promote"):
             fams.setdefault((c.alpha, c.stage_set), []).append(c)
     shapes: dict[tuple, dict] = {}
     for (alpha, stage_set), conds in fams.items():
@@ -651,7 +758,7 @@ def check_existing(plan: Plan) -> None:
         if diff:
             k, (a, b) = next(iter(diff.items()))
             why = (" (the baseline needs a checkpoint at every window's start and end, so new windows need a new "
-                   "baseline)" if k == "checkpoints" and cond.alpha == 0 else "")
+                   "baseline)" if k == "checkpoints" and cond.is_baseline else "")
             raise CsnError(f"{job.out} was trained with {k} {a!r}, this experiment needs {b!r}{why}; use another --out, "
                            "or the same settings to resume.")
 
@@ -676,7 +783,7 @@ def measure_selectivity(plan: Plan, jobs: list[tuple[WindowCondition, int, Job]]
     pbar = bar(jobs, desc="selectivity", unit="run", progress=progress and dist.is_main())
     for cond, _seed, job in pbar:
         run = Run(job.out)
-        layers = None if cond.alpha == 0 else _layers_of(run, cond)
+        layers = None if cond.is_baseline else _layers_of(run, cond)
         run_analysis(run, Selectivity(layers=layers, samples=plan.samples), data=data,
                      checkpoints=steps_text(plan.selectivity_steps(cond)), progress=False, log=log)
 
@@ -745,6 +852,8 @@ DESIGN_NOTES = {
                     "intermediate checkpoints on the training's test subset)",
 }
 """What windows.json says about the design (beside the resolved config)."""
+MEAN_NOTE = ("this map's conditions train with reg_reduce=mean (its preset's): R is the mean over the regularized stages "
+             "of their mean unit CSI, so alpha is split over the stages of a set")
 
 
 def _record(plan: Plan, wall: dict[str, float]) -> dict:
@@ -753,10 +862,12 @@ def _record(plan: Plan, wall: dict[str, float]) -> dict:
     return {"preset": plan.preset.to_dict(), "train_config": b.to_dict(), "seeds": plan.seeds,
             "steps_per_epoch": plan.steps_per_epoch, "total_steps": plan.total, "samples": plan.samples,
             "lr_schedule": b.lr_schedule, "reg_reduce": b.reg_reduce, "end_bn_batches": END_BN_BATCHES,
-            "design": DESIGN_NOTES, "run_sd": plan.run_sd,
+            "design": DESIGN_NOTES if b.reg_reduce == "sum" else {**DESIGN_NOTES, "alpha_per_stage": MEAN_NOTE},
+            "run_sd": plan.run_sd,
             "conditions": [{"name": c.name, "kind": c.kind, "alpha": c.alpha, "window": c.window,
                             "start_step": c.start_step, "end_step": c.end_step, "start_fraction": c.start_step / plan.total,
-                            "stage_set": c.stage_set, "stages": list(c.stages)} for c in plan.conditions],
+                            "stage_set": c.stage_set, "stages": list(c.stages),
+                            **({"to_step": c.to_step} if c.kind == "rewind" else {})} for c in plan.conditions],
             "rules": ws.WINDOW_RULES, "rules_version": ws.RULES_VERSION, "rules_declared": ws.RULES_DECLARED,
             "suppression_rule": ws.suppression_rule(), "promotion_rule": ws.promotion_rule(),
             "wall_seconds": {k: round(v, 1) for k, v in wall.items()}, "parallel": plan.parallel,
@@ -826,11 +937,12 @@ def _seed_row(plan: Plan, cond: WindowCondition, seed: int, run: Run, acc: tuple
     nan = float("nan")
     final, base_final = bn.get(plan.total, {}).get("acc", nan), base_bn.get(plan.total, {}).get("acc", nan)
     final_eval, base_final_eval = ck[plan.total]["test_acc"], base_ck[plan.total]["test_acc"]
-    end = cond.end_step if cond.alpha != 0 else plan.total
+    end = plan.total if cond.is_baseline else cond.end_step
     row = {"condition": cond.name, "kind": cond.kind, "alpha": cond.alpha, "window": cond.window,
            "start_step": cond.start_step, "end_step": cond.end_step, "start_fraction": cond.start_step / plan.total,
            "end_fraction": cond.end_step / plan.total, "start_epoch": cond.start_step / plan.steps_per_epoch,
            "end_epoch": cond.end_step / plan.steps_per_epoch, "stage_set": cond.stage_set, "stages": "+".join(cond.stages),
+           **({"rewind_to_step": cond.to_step} if cond.kind == "rewind" else {}),
            "seed": seed, "run": str(run.path), "final_test_acc": final, "base_final_test_acc": base_final,
            "harm": base_final - final, "final_test_acc_eval": final_eval, "base_final_test_acc_eval": base_final_eval,
            "harm_eval": base_final_eval - final_eval, "end_test_acc": bn.get(end, {}).get("acc", nan),
@@ -895,11 +1007,12 @@ def trajectories(sel: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
     if sel is None or sel.empty or table is None or table.empty:
         return pd.DataFrame(columns=cols)
     out = []
-    for c in table[table["alpha"] != 0].itertuples():
+    for c in table[table["kind"] != "baseline"].itertuples():
         st = str(c.stages).split("+")
         base = _set_means(sel[sel["condition"] == BASELINE], st)
         own = _set_means(sel[sel["condition"] == c.condition], st)
-        own = pd.concat([base[base["step"] == c.start_step], own], ignore_index=True)
+        if c.kind != "rewind":  # a rewind changes the weights at its own step: its curve starts there
+            own = pd.concat([base[base["step"] == c.start_step], own], ignore_index=True)
         for curve, d in (("condition", own), ("baseline", base)):
             for metric in ("csi", "eta2"):
                 g = d.groupby(["step", "epoch"])[metric]
@@ -976,7 +1089,7 @@ def verdict_text(verdicts: pd.DataFrame) -> str:
 
 def heatmap_text(table: pd.DataFrame) -> str:
     """Paired harm (accuracy points: baseline - condition, mean ± paired SE) per window x alpha, per stage set."""
-    reg = table[table["alpha"] != 0]
+    reg = table[table["kind"].isin(["suppress", "promote"])]
     blocks = []
     for stage_set, g in reg.groupby("stage_set", sort=False):
         windows = g.drop_duplicates("window").sort_values(["start_step", "end_step"])["window"].tolist()
