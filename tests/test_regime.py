@@ -22,7 +22,8 @@ from csn.core.units import resolve_layers
 from csn.data import BatchLoader
 from csn.experiments import claims, runner
 from csn.experiments import regime as rg
-from csn.experiments.regularize import Condition, conditions
+from csn.experiments.conditions import onset_condition
+from csn.experiments.regularize import conditions
 from csn.report.html import build_report
 from csn.runs.config import preset
 from csn.runs.io import read_table
@@ -71,7 +72,7 @@ def test_condition_extension_keeps_regularize():
     cfg = conds[2].apply(base, 1)
     assert (cfg.name, cfg.seed, cfg.reg_alpha, cfg.reg_window, cfg.dataset) == ("reg-from-1-s1", 1, -2.0, "1:end", "synthetic")
     assert conds[0].apply(base, 0).reg_alpha is None
-    labeled = Condition(1.0, -2.0, label="mine", overrides=(("reg_mode", "study"),))
+    labeled = onset_condition(1.0, -2.0, label="mine", overrides=(("reg_mode", "study"),))
     assert labeled.name == "mine" and labeled.apply(base, 0).reg_mode == "study"
     assert labeled.record() == {"name": "mine", "onset": 1.0, "alpha": -2.0, "overrides": {"reg_mode": "study"}}
 

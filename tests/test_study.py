@@ -20,7 +20,7 @@ from csn.core.times import onset_epoch
 from csn.data import write_idx
 from csn.errors import CsnError
 from csn.experiments.claims import INCONCLUSIVE, planned_power
-from csn.experiments.regularize import Condition
+from csn.experiments.conditions import onset_condition
 from csn.experiments.study import (
     Study,
     StudyConfig,
@@ -92,7 +92,7 @@ def test_fmnist_times_resolve_to_the_former_epochs_on_fashion_mnist(spe):
     assert select_times(ckpts, st.ablation_checkpoints, spe, total, peak=32) == [32, total]
     with pytest.raises(CsnError, match="no selectivity peak"):
         select_times(ckpts, st.ablation_checkpoints, spe, total)
-    cond = Condition(onset_epoch(st.late_onset, spe, total), st.alpha)
+    cond = onset_condition(onset_epoch(st.late_onset, spe, total), st.alpha)
     assert cond.name == "reg-from-1" and cond.apply(cfg.train, 0).reg_window == "1:end"
     # smoke: 8 steps x 2 epochs; the former e0.25,last and late onset 1.0
     _, smoke = load_study("smoke")
@@ -150,7 +150,7 @@ def test_times_transfer_across_dataset_sizes():
     ckpts = _ckpts(list(range(0, total, 4)) + [total], spe)
     assert select_times(ckpts, ("step=16", "f0.5", "end"), spe, total) == [16, 88, total]
     assert select_times(ckpts, ("0:1", "end"), spe, total) == [c.step for c in ckpts if c.step <= spe] + [total]
-    assert Condition(onset_epoch("f0.3", spe, total), -1.0).apply(preset("fmnist"), 0).reg_window == f"{52 / 58!r}:end"
+    assert onset_condition(onset_epoch("f0.3", spe, total), -1.0).apply(preset("fmnist"), 0).reg_window == f"{52 / 58!r}:end"
     with pytest.raises(CsnError, match="strictly inside training"):
         onset_epoch("end", spe, total)
     with pytest.raises(CsnError, match="strictly inside training"):

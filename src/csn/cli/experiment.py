@@ -13,8 +13,8 @@ from csn.core.schema import Float
 from csn.errors import CsnError
 from csn.experiments import regime as rg
 from csn.experiments.regularize import (
+    OnsetGrid,
     condition_curves,
-    conditions,
     parse_onsets,
     regularize_experiment,
     regularized_stages,
@@ -91,11 +91,11 @@ def regularize(overrides, quiet, **values) -> None:
         onset_list = parse_onsets(o.onsets, *training_length(base))
     root = Path(o.out) if o.out else Path("runs") / f"regularize-{o.preset}"
     check_run_path(root, "--out")
-    per_seed, table, grouped = regularize_experiment(base, o.alpha, onset_list, seed_list, root, parallel=o.parallel,
-                                                     progress=not quiet, selectivity=not o.no_selectivity)
+    grid = OnsetGrid(o.alpha, onset_list, seed_list, root, parallel=o.parallel, selectivity=not o.no_selectivity)
+    per_seed, table, grouped = regularize_experiment(base, grid, progress=not quiet)
     if dist.is_main():
         stages = regularized_stages(next(r for runs in grouped.values() for r in runs))
-        regularize_figures(condition_curves(grouped, stages), {c.name: c.onset for c in conditions(o.alpha, onset_list)},
+        regularize_figures(condition_curves(grouped, stages), {c.name: c.onset for c in grid.conditions},
                            root / "report", stages=stages)
     cols = [c for c in ("condition", "seeds", "final_test_acc_mean", "final_test_acc_se", "final_csi_mean",
                         "final_eta2_mean", "final_test_acc_per_seed") if c in table]

@@ -29,7 +29,8 @@ from csn.analysis.ablation import summarize_ablation
 from csn.core.times import onset_epoch
 from csn.errors import CsnError
 from csn.experiments import claims as C
-from csn.experiments.regularize import Condition, condition_table, final_per_run, recorded_condition
+from csn.experiments.conditions import Condition, onset_condition
+from csn.experiments.regularize import condition_table, final_per_run, recorded_condition
 from csn.experiments.runner import is_complete
 from csn.runs.io import write_json, write_table
 from csn.runs.naming import parse_run_name
@@ -97,7 +98,7 @@ def _late_condition(found: StudyRuns, late_onset: float | None) -> tuple[list[Co
     """Baseline, from-0 and late conditions present, onset and alpha as the runs' run.json record them (every seed of
     a condition must agree); the late onset in epochs: the given one, else the one regularized condition whose onset
     is not 0."""
-    conds = [Condition(None)]
+    conds = [onset_condition(None)]
     for c in found.conditions:
         if c == "baseline":
             continue
@@ -107,7 +108,7 @@ def _late_condition(found: StudyRuns, late_onset: float | None) -> tuple[list[Co
             raise CsnError(f"the runs of condition {c} were trained differently ({shown}, by their run.json); give each "
                            "condition its own folder name.")
         ((onset, alpha),) = recorded
-        conds.append(Condition(onset, alpha, label=c))
+        conds.append(onset_condition(onset, alpha, label=c))
     late = [c.onset for c in conds[1:] if c.onset != 0]
     if late_onset is None and len(late) == 1:
         late_onset = late[0]

@@ -5,7 +5,7 @@ csn's C4 said "not reproduced" with csn's regularizer statistic (class MEANS ove
 all-reduced), class SUMS over the classes present: with 1,000 classes nearly every class appears once, so it
 penalizes how sparse each unit's responses are across images (SPEC "Selectivity regularizer"). This experiment
 crosses the two statistics with two regimes, on the framework of `csn experiment regularize`
-(csn.experiments.regularize: Condition, train_conditions, final_per_run, dose):
+(csn.experiments.conditions: Condition, train_conditions; csn.experiments.regularize: final_per_run, dose):
 
     dataset      fashion-mnist (10 classes)  x  fmnist-pairs (100 classes, about one image per class per group)
     regularizer  csn (reg_mode=csn: class means over the global batch)
@@ -57,17 +57,15 @@ from csn.core.progress import hms
 from csn.core.schema import Float, Int, Schema
 from csn.core.stats import STUDY_GROUP
 from csn.errors import CsnError, unknown
-from csn.experiments import claims
+from csn.experiments import claims, conditions
+from csn.experiments.conditions import Condition, job, onset_condition, train_conditions
 from csn.experiments.regularize import (
     FINAL_BN_BATCHES,
-    Condition,
     condition_table,
     final_accuracy,
     final_per_run,
-    job,
     measure_final,
     regularized_stages,
-    train_conditions,
 )
 from csn.experiments.runner import PresetRunnerOptions, finished_seconds, is_complete
 from csn.experiments.windows import Seeds
@@ -193,7 +191,7 @@ def grid(pre: RegimePreset, epochs: float) -> tuple[list[Condition], list[Cell]]
     late = pre.late_fraction * epochs
     conds, cells = [], []
     for d in pre.datasets:
-        conds.append(Condition(None, label=condition_name(d), overrides=_keys(pre, d)))
+        conds.append(onset_condition(None, label=condition_name(d), overrides=_keys(pre, d)))
         for r in REGULARIZERS:
             alpha = pre.alphas.get(r, {}).get(d)
             if alpha is None or not alpha < 0:
@@ -201,7 +199,7 @@ def grid(pre: RegimePreset, epochs: float) -> tuple[list[Condition], list[Cell]]
                                "give a negative alpha (suppression) for every regularizer and dataset.")
             cells.append(Cell(d, r, float(alpha)))
             for role, onset in (("from0", 0.0), ("late", late)):
-                conds.append(Condition(onset, float(alpha), condition_name(d, r, role), _keys(pre, d, r)))
+                conds.append(onset_condition(onset, float(alpha), condition_name(d, r, role), _keys(pre, d, r)))
     return conds, cells
 
 
@@ -341,19 +339,10 @@ def plan_text(plan: RegimePlan) -> str:
 
 def check_existing(plan: RegimePlan, base: TrainConfig | None = None, conds: list[Condition] | None = None,
                    seeds: list[int] | None = None, root: Path | None = None) -> None:
-    """Refuse runs already in the study folder that were trained with another configuration (a finished run would
-    otherwise be reused as it is): name the difference and the fix."""
+    """Refuse runs already in the study folder that were trained with another configuration."""
     base, conds = base or plan.base, conds or plan.conditions
-    for cond in conds:
-        for seed in seeds or plan.seeds:
-            j = job(base, cond, seed, root or plan.root)
-            if not (j.out / "run.json").is_file():
-                continue
-            diff = Run(j.out).config.diff(j.cfg)
-            if diff:
-                k, (a, b) = next(iter(diff.items()))
-                raise CsnError(f"{j.out} was trained with {k} {a!r}, this study needs {b!r}; use another --out, or the "
-                               "same settings to resume.")
+    conditions.check_existing(((c, job(base, c, s, root or plan.root)) for c in conds for s in seeds or plan.seeds),
+                              what="study")
 
 
 def measure(runs: dict[tuple[str, int], Run], *, progress: bool = True) -> None:
@@ -544,10 +533,10 @@ def pilot_plan(plan: RegimePlan) -> tuple[TrainConfig, list[Condition], list[int
     base = plan.base.replace(epochs=pre.pilot_fraction * plan.base.epochs, checkpoints=PILOT_CHECKPOINTS)
     conds = []
     for d in pre.datasets:
-        conds.append(Condition(None, label=condition_name(d), overrides=_keys(pre, d)))
+        conds.append(onset_condition(None, label=condition_name(d), overrides=_keys(pre, d)))
         for r in REGULARIZERS:
             for a in pre.pilot_alphas.get(r, []):
-                conds.append(Condition(0.0, float(a), f"{d}-{r}-a{a:g}", _keys(pre, d, r)))
+                conds.append(onset_condition(0.0, float(a), f"{d}-{r}-a{a:g}", _keys(pre, d, r)))
     return base, conds, [pre.pilot_seed], plan.root / "pilot"
 
 

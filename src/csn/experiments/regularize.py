@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -17,59 +16,24 @@ from csn.analysis.base import run_analysis
 from csn.analysis.selectivity import Selectivity
 from csn.core.bn import DEFAULT_BN_BATCHES
 from csn.core.lr import lr_at
-from csn.core.stats import band, standard_error
+from csn.core.stats import band
 from csn.core.times import TimePoint, onset_epoch, parse_times
 from csn.core.units import stage_of
 from csn.errors import CsnError
-from csn.experiments.runner import Job, run_jobs
+from csn.experiments.conditions import Condition, check_existing, condition_rows, job, onset_condition, train_conditions
 from csn.runs.config import TrainConfig
 from csn.runs.io import write_table
-from csn.runs.naming import run_name
 from csn.runs.run import Run
 from csn.training.regularizer import default_reg_layers
 
 
-@dataclass(frozen=True)
-class Condition:
-    """A training condition: alpha switched on from `onset` (epochs) to the end; onset None = baseline.
-
-    label: the condition's own name (default: baseline / reg-from-<onset>); overrides: extra training-config keys
-    of this condition, as (key, value) pairs (e.g. (("dataset", "fmnist-pairs"), ("reg_mode", "study"))), applied
-    after the regularizer's keys and recorded by `record()` and in run.json (the config that trained)."""
-
-    onset: float | None
-    alpha: float = 0.0
-    label: str | None = None
-    overrides: tuple[tuple[str, Any], ...] = ()
-
-    @property
-    def name(self) -> str:
-        if self.label:
-            return self.label
-        return "baseline" if self.onset is None else f"reg-from-{self.onset:g}"
-
-    def apply(self, cfg: TrainConfig, seed: int) -> TrainConfig:
-        """The config of this condition trained with `seed` (named `<condition>-s<seed>`)."""
-        if self.onset is None:
-            reg = dict(reg_alpha=None, reg_window=None, reg_schedule=None)
-        else:
-            # the exact epoch (an onset resolved from steps or fractions is step / steps_per_epoch: 0.3326...)
-            onset = f"{self.onset:g}" if float(f"{self.onset:g}") == self.onset else repr(float(self.onset))
-            reg = dict(reg_alpha=self.alpha, reg_window=f"{onset}:end", reg_schedule=None)
-        return cfg.replace(seed=seed, name=run_name(self.name, seed), **{**reg, **dict(self.overrides)})
-
-    def record(self) -> dict[str, Any]:
-        """The condition as plain data (name, onset, alpha, overrides), for an experiment's JSON record."""
-        return {"name": self.name, "onset": self.onset, "alpha": self.alpha, "overrides": dict(self.overrides)}
-
-
 def conditions(alpha: float, onsets: list[float]) -> list[Condition]:
-    """Baseline plus one regularized condition per onset."""
+    """Baseline plus one regularized condition per onset (epochs)."""
     if alpha == 0:
         raise CsnError("--alpha 0 regularizes nothing; give a negative alpha to suppress selectivity (e.g. -2).")
     if len(set(onsets)) != len(onsets):
         raise CsnError(f"onsets {onsets} repeat a value; give distinct onsets such as 0,1.")
-    return [Condition(None)] + [Condition(float(o), float(alpha)) for o in onsets]
+    return [onset_condition(None)] + [onset_condition(float(o), float(alpha)) for o in onsets]
 
 
 def parse_onsets(text: str, steps_per_epoch: int, total: int) -> list[float]:
@@ -90,24 +54,6 @@ def recorded_condition(run: Run) -> tuple[float | None, float]:
     if not windows:
         return None, 0.0
     return windows[0].start_step / int(run.info["steps_per_epoch"]), float(windows[0].alpha)
-
-
-def job(base: TrainConfig, cond: Condition, seed: int, root: str | Path) -> Job:
-    """The training job of one condition and seed: its config, and its folder ROOT/<condition>-s<seed>."""
-    cfg = cond.apply(base, seed)
-    return Job(cfg, Path(root) / cfg.name)
-
-
-def train_conditions(base: TrainConfig, conds: list[Condition], seeds: list[int], root: str | Path, *,
-                     parallel: int = 1, progress: bool = True) -> dict[tuple[str, int], Run]:
-    """Train every (condition, seed) run under root (finished runs are skipped, partial ones resumed)."""
-    jobs, keys = [], []
-    for cond in conds:
-        for seed in seeds:
-            jobs.append(job(base, cond, seed, root))
-            keys.append((cond.name, seed))
-    runs = run_jobs(jobs, parallel=parallel, progress=progress, desc="regularization runs")
-    return dict(zip(keys, runs))
 
 
 def dose(run: Run) -> dict[str, float]:
@@ -203,34 +149,43 @@ def condition_curves(runs_by_cond: dict[str, list[Run]], stages: list[str]) -> d
 
 def condition_table(per_seed: pd.DataFrame) -> pd.DataFrame:
     """Per condition: mean and standard error over seeds of final accuracy and selectivity, and every seed's accuracy."""
-    out = []
-    for name, g in per_seed.groupby("condition", sort=False):
-        row = {"condition": name, "onset": g["onset"].iloc[0], "alpha": g["alpha"].iloc[0], "seeds": len(g)}
-        for col in ("final_test_acc", "final_test_acc_eval", "final_csi", "final_eta2"):
-            if col in g:
-                v = g[col].to_numpy(dtype=float)
-                row[f"{col}_mean"] = float(np.mean(v))
-                row[f"{col}_se"] = standard_error(v)
-        row["final_test_acc_per_seed"] = ", ".join(f"{a:.4f}" for a in g["final_test_acc"])
-        out.append(row)
-    return pd.DataFrame(out)
+    return pd.DataFrame(condition_rows(per_seed, ("condition", "onset", "alpha"),
+                                  ("final_test_acc", "final_test_acc_eval", "final_csi", "final_eta2")))
 
 
-def regularize_experiment(base: TrainConfig, alpha: float, onsets: list[float], seeds: list[int], root: str | Path, *,
-                          parallel: int = 1, progress: bool = True, selectivity: bool = True,
-                          selectivity_samples: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """Train every condition and seed, measure selectivity at every checkpoint, write the tables.
+@dataclass(frozen=True)
+class OnsetGrid:
+    """`csn experiment regularize` as a grid of conditions (csn.experiments.conditions): the baseline and the
+    regularizer at `alpha` from each onset (epochs) to the end, every condition with every seed, under `root`."""
+
+    alpha: float
+    onsets: list[float]
+    seeds: list[int]
+    root: Path
+    parallel: int = 1
+    selectivity: bool = True
+    selectivity_samples: int | None = None
+
+    @property
+    def conditions(self) -> list[Condition]:
+        return conditions(self.alpha, self.onsets)
+
+
+def regularize_experiment(base: TrainConfig, grid: OnsetGrid, *,
+                          progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Train every condition and seed (runs trained with another configuration refused first), measure the final
+    accuracy and selectivity at every checkpoint, write the tables.
 
     Returns (per-seed table, per-condition table, {condition: [Run]}); `csn experiment regularize`
     draws the figures from them. Under torchrun the runs train with DDP one after the other,
     selectivity is sharded, and rank 0 writes the tables.
     """
-    root = Path(root)
-    conds = conditions(alpha, onsets)
-    runs = train_conditions(base, conds, seeds, root, parallel=parallel, progress=progress)
+    root, conds = Path(grid.root), grid.conditions
+    dist.on_main(check_existing, ((c, job(base, c, s, root)) for c in conds for s in grid.seeds))
+    runs = train_conditions(base, conds, grid.seeds, root, parallel=grid.parallel, progress=progress)
     measure_final(list(runs.values()), progress=progress)
-    if selectivity:
-        run_analysis(list(runs.values()), Selectivity(samples=selectivity_samples), progress=progress)
+    if grid.selectivity:
+        run_analysis(list(runs.values()), Selectivity(samples=grid.selectivity_samples), progress=progress)
     per_seed = final_per_run(runs, conds)
     table = condition_table(per_seed)
     grouped: dict[str, list[Run]] = {}

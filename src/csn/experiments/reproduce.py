@@ -39,8 +39,9 @@ from csn.core.schema import Int, Schema
 from csn.core.times import onset_epoch, steps_text
 from csn.errors import CsnError
 from csn.experiments import claims as C
+from csn.experiments.conditions import job, onset_condition
 from csn.experiments.judge import judge
-from csn.experiments.regularize import Condition, job, measure_final
+from csn.experiments.regularize import measure_final
 from csn.experiments.runner import (
     Job,
     Task,
@@ -90,7 +91,7 @@ class Reproduction:
         self.base = cfg.train
         self.steps_per_epoch, self.total = training_length(self.base)
         self.late_epoch = onset_epoch(study.late_onset, self.steps_per_epoch, self.total)
-        self.conds = [Condition(None), Condition(0.0, study.alpha), Condition(self.late_epoch, study.alpha)]
+        self.conds = [onset_condition(None), onset_condition(0.0, study.alpha), onset_condition(self.late_epoch, study.alpha)]
         clip = True if is_preset_checkpoints(self.base.checkpoints) else None
         self.ckpt_steps = checkpoint_steps(self.base.checkpoints, self.steps_per_epoch, self.base.epochs, clip=clip)
 

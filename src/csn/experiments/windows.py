@@ -60,19 +60,19 @@ from csn.core.schema import MAX_SEED, MAX_SEEDS, SEEDS_HINT, CommaList, Float, I
 from csn.core.times import TimePoint, number, parse_time, parse_times, resolve, steps_text
 from csn.core.units import resolve_layers, stage_of, stages
 from csn.errors import CsnError, unknown
+from csn.experiments import conditions
 from csn.experiments import window_stats as ws
 from csn.experiments.claims import Spread
+from csn.experiments.conditions import BASELINE, Condition, condition_rows
 from csn.experiments.regularize import dose
 from csn.experiments.runner import Job, PresetRunnerOptions, finished_seconds, is_complete, run_jobs
 from csn.runs.config import TrainConfig, build_model_for, data_info, is_preset_checkpoints, load_data
 from csn.runs.config import preset as train_preset
 from csn.runs.io import read_table, write_json, write_table
-from csn.runs.naming import run_name
 from csn.runs.run import Run, check_run_path
 from csn.training.loop import training_length
 from csn.training.regularizer import default_reg_layers
 
-BASELINE = "baseline"
 MAX_RUNS = 1000
 """The most runs one map plans (conditions x seeds): about 2 days on 2 CPU cores at fmnist's 175 s per run."""
 END_BN_BATCHES = DEFAULT_BN_BATCHES
@@ -287,60 +287,6 @@ class WindowsOptions(PresetRunnerOptions):
 # conditions
 # ------------------------------------------------------------------------------------------------
 
-def _slug(text: str) -> str:
-    """A time point as part of a folder name: step=20 -> step20, 0.25 -> ep0.25, f0.1 and end as written."""
-    t = str(text)
-    return t.replace("step=", "step") if t.startswith("step=") else t if t[:1] in ("f", "e") else f"ep{t}"
-
-
-@dataclass(frozen=True)
-class WindowCondition:
-    """A condition of the map: the baseline; the regularizer at `alpha` on `stages` inside `window` (steps
-    [start_step, end_step)); or a rewind of `stages` at step end_step (= start_step: the run equals its baseline up to
-    there) to their weights at step `to_step`."""
-
-    alpha: float = 0.0
-    window: str = ""
-    start_step: int = 0
-    end_step: int = 0
-    stage_set: str = ""
-    stages: tuple[str, ...] = ()
-    layers: tuple[str, ...] | None = None  # reg_layers; None = the training config's own (the default set)
-    to_step: int | None = None  # a rewind's source step
-
-    @property
-    def name(self) -> str:
-        suffix = "" if self.stage_set == "default" else f"_{self.stage_set}"
-        if self.kind == "baseline":
-            return BASELINE
-        if self.kind == "rewind":
-            return f"rewind_step{self.end_step}-to{self.to_step}{suffix}"
-        start, end = self.window.split(":")
-        return f"a{self.alpha:+g}_{_slug(start)}-{_slug(end)}{suffix}"
-
-    @property
-    def kind(self) -> str:
-        """baseline, suppress (alpha < 0), promote (alpha > 0) or rewind."""
-        if self.to_step is not None:
-            return "rewind"
-        return "baseline" if self.alpha == 0 else "promote" if self.alpha > 0 else "suppress"
-
-    @property
-    def is_baseline(self) -> bool:
-        return self.kind == "baseline"
-
-    def apply(self, base: TrainConfig, seed: int, checkpoints: str) -> TrainConfig:
-        """The training config of this condition and seed (named `<condition>-s<seed>`)."""
-        keys: dict[str, Any] = dict(reg_alpha=None, reg_window=None, reg_schedule=None)
-        if self.kind in ("suppress", "promote"):
-            keys = dict(reg_alpha=self.alpha, reg_window=self.window, reg_schedule=None,
-                        reg_layers=list(self.layers) if self.layers is not None else base.reg_layers)
-        elif self.kind == "rewind":
-            keys["interventions"] = [*base.interventions, {"kind": "rewind", "stages": list(self.stages),
-                                                           "at": f"step={self.end_step}", "to": f"step={self.to_step}"}]
-        return base.replace(seed=seed, name=run_name(self.name, seed), checkpoints=checkpoints, **keys)
-
-
 def stage_sets(tokens: Sequence[str], model: torch.nn.Module, reg_layers: Sequence[str] | None) -> list[tuple]:
     """[(label, stages, layers | None)] from `default`, `each`, `all` and `stageA+stageB` tokens (model order)."""
     declared = stages(model)
@@ -440,11 +386,11 @@ def _rewind_steps(grid: WindowGrid, spe: int, total: int) -> list[tuple[int, int
     return out
 
 
-def grid_conditions(grid: WindowGrid, sets: list[tuple], spe: int, total: int, epochs: float) -> list[WindowCondition]:
+def grid_conditions(grid: WindowGrid, sets: list[tuple], spe: int, total: int, epochs: float) -> list[Condition]:
     """Every condition of a grid (alpha x window x stage set; or rewind point x source x stage set), resolved to
     steps (CsnError if outside training)."""
     if grid.kind == "rewind":
-        return [WindowCondition(0.0, f"step={at}", at, at, label, st, layers, to_step=to)
+        return [Condition(0.0, f"step={at}", at, at, label, st, layers, to_step=to)
                 for at, to in _rewind_steps(grid, spe, total) for label, st, layers in sets]
     points = parse_window_points(expand_tiles(grid.windows, total), "--windows")
     out = []
@@ -455,7 +401,7 @@ def grid_conditions(grid: WindowGrid, sets: list[tuple], spe: int, total: int, e
         for start, end in points:
             (a, b, _), = AlphaWindows([AlphaWindow(start, end, float(alpha))]).resolve(spe, total, epochs).windows
             for label, st, layers in sets:
-                out.append(WindowCondition(float(alpha), f"{start}:{end}", a, b, label, st, layers))
+                out.append(Condition(float(alpha), f"{start}:{end}", a, b, label, st, layers, onset=a / spe))
     return out
 
 
@@ -469,7 +415,7 @@ class Plan:
 
     preset: WindowsPreset
     base: TrainConfig
-    conditions: list[WindowCondition]  # baseline first
+    conditions: list[Condition]  # baseline first
     seeds: list[int]
     steps_per_epoch: int
     total: int
@@ -481,26 +427,25 @@ class Plan:
     base_spec: str = ""  # its schedule as written (as steps when a shortened training dropped some points)
     run_sd: float = Spread().c4_run_sd  # per-run SD of final accuracy the power is planned with
 
-    def checkpoints(self, cond: WindowCondition) -> str:
+    def checkpoints(self, cond: Condition) -> str:
         """The condition's checkpoint schedule: the preset's plus its window's boundaries (the baseline: every
         condition's boundaries), as step=N segments; extra checkpoints never change training."""
         extra = sorted(self._boundaries(cond) - set(self.base_steps))
         return ",".join([self.base_spec or self.base.checkpoints] + [f"step={s}" for s in extra])
 
-    def _boundaries(self, cond: WindowCondition) -> set[int]:
+    def _boundaries(self, cond: Condition) -> set[int]:
         """The condition's window boundaries (a rewind's: its step); the baseline's: every condition's."""
         conds = self.conditions if cond.is_baseline else [cond]
         return {s for c in conds if not c.is_baseline for s in (c.start_step, c.end_step)}
 
-    def jobs(self) -> list[tuple[WindowCondition, int, Job]]:
+    def jobs(self) -> list[tuple[Condition, int, Job]]:
         out = []
         for cond in self.conditions:
             for seed in self.seeds:
-                cfg = cond.apply(self.base, seed, self.checkpoints(cond))
-                out.append((cond, seed, Job(cfg, self.root / cfg.name)))
+                out.append((cond, seed, conditions.job(self.base, cond, seed, self.root, self.checkpoints(cond))))
         return out
 
-    def selectivity_steps(self, cond: WindowCondition) -> list[int]:
+    def selectivity_steps(self, cond: Condition) -> list[int]:
         """Where selectivity is measured: the window's end and the end of training (the baseline: 0, every window
         boundary and the end; a condition equals its baseline up to its window's start, bitwise)."""
         extra = self.measured_steps(cond)
@@ -508,7 +453,7 @@ class Plan:
             return sorted({0, self.total} | self._boundaries(cond) | set(extra))
         return sorted({cond.end_step, self.total} | {s for s in extra if s >= cond.start_step})
 
-    def measured_steps(self, cond: WindowCondition) -> list[int]:
+    def measured_steps(self, cond: Condition) -> list[int]:
         """The condition's checkpoints the preset's measure_checkpoints selects (none when it names none)."""
         if not self.preset.measure_checkpoints:
             return []
@@ -516,7 +461,7 @@ class Plan:
         return resolve(parse_times(self.preset.measure_checkpoints, "measure_checkpoints"), steps,
                        self.steps_per_epoch, self.total, what="measure_checkpoints")
 
-    def accuracy_steps(self, cond: WindowCondition) -> list[int]:
+    def accuracy_steps(self, cond: Condition) -> list[int]:
         """Where accuracy is measured after BatchNorm re-estimation: the window's end and the end of training (the
         baseline: every window's end and the end)."""
         if cond.is_baseline:
@@ -578,7 +523,7 @@ def make_plan(opts: WindowsOptions, overrides: Sequence[str] = ()) -> Plan:
         grids = [WindowGrid(alphas=opts.alphas if opts.alphas is not None else first.alphas,
                             windows=opts.windows if opts.windows is not None else first.windows,
                             stages=opts.stages if opts.stages is not None else first.stages)]
-    conds = [WindowCondition()]
+    conds = [Condition(start_step=0, end_step=0)]
     for grid in grids:
         conds += grid_conditions(grid, stage_sets(grid.stages, model, base.reg_layers), spe, total, base.epochs)
     _refuse_duplicates(conds)
@@ -606,7 +551,7 @@ def _base_schedule(base: TrainConfig, spe: int) -> tuple[list[int], str]:
     return steps, ",".join(f"step={s}" for s in steps)
 
 
-def _refuse_duplicates(conds: list[WindowCondition]) -> None:
+def _refuse_duplicates(conds: list[Condition]) -> None:
     seen: dict[tuple, str] = {}
     for c in conds:
         key = (c.alpha, c.start_step, c.end_step, c.stages, c.to_step)
@@ -648,7 +593,7 @@ def plan_text(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def _mean_lr(plan: Plan, cond: WindowCondition) -> float:
+def _mean_lr(plan: Plan, cond: Condition) -> float:
     """The mean learning rate over a condition's regularized steps (the dose's reg_mean_lr, from the plan)."""
     b = plan.base
     return float(np.mean([lr_at(t, plan.total, plan.steps_per_epoch, b.lr, b.lr_schedule, milestones=b.milestones,
@@ -665,7 +610,7 @@ MDE_UPPER = 0.05
 
 def _shapes(plan: Plan) -> list[dict]:
     """The plan's families grouped by what their verdicts' power depends on: kind, windows and late windows."""
-    fams: dict[tuple, list[WindowCondition]] = {}
+    fams: dict[tuple, list[Condition]] = {}
     for c in plan.conditions:
         if c.kind in ("suppress", "promote"):
             fams.setdefault((c.alpha, c.stage_set), []).append(c)
@@ -752,18 +697,8 @@ def power_text(plan: Plan, shapes: list[dict]) -> str:
 # ------------------------------------------------------------------------------------------------
 
 def check_existing(plan: Plan) -> None:
-    """Refuse runs already in the experiment directory that were trained with another configuration (a finished
-    run would otherwise be reused as it is): name the difference and the fix."""
-    for cond, _seed, job in plan.jobs():
-        if not (job.out / "run.json").is_file():
-            continue
-        diff = Run(job.out).config.diff(job.cfg, steps_per_epoch=plan.steps_per_epoch)
-        if diff:
-            k, (a, b) = next(iter(diff.items()))
-            why = (" (the baseline needs a checkpoint at every window's start and end, so new windows need a new "
-                   "baseline)" if k == "checkpoints" and cond.is_baseline else "")
-            raise CsnError(f"{job.out} was trained with {k} {a!r}, this experiment needs {b!r}{why}; use another --out, "
-                           "or the same settings to resume.")
+    """Refuse runs already in the experiment directory that were trained with another configuration."""
+    conditions.check_existing(((c, j) for c, _, j in plan.jobs()), steps_per_epoch=plan.steps_per_epoch)
 
 
 def _once() -> Any:
@@ -778,7 +713,7 @@ def _once() -> Any:
     return log
 
 
-def measure_selectivity(plan: Plan, jobs: list[tuple[WindowCondition, int, Job]], *, progress: bool = True,
+def measure_selectivity(plan: Plan, jobs: list[tuple[Condition, int, Job]], *, progress: bool = True,
                         data: Any = None) -> None:
     """CSI and eta² at each run's selectivity steps (regularized stages only; the baseline every stage), resumable."""
     log = _once()
@@ -791,7 +726,7 @@ def measure_selectivity(plan: Plan, jobs: list[tuple[WindowCondition, int, Job]]
                      checkpoints=steps_text(plan.selectivity_steps(cond)), progress=False, log=log)
 
 
-def measure_accuracy(plan: Plan, jobs: list[tuple[WindowCondition, int, Job]], *, progress: bool = True,
+def measure_accuracy(plan: Plan, jobs: list[tuple[Condition, int, Job]], *, progress: bool = True,
                      data: Any = None) -> None:
     """Test accuracy (whole split) at each run's window ends, BatchNorm statistics re-estimated from END_BN_BATCHES
     training batches (csn.analysis.accuracy; tables/accuracy.parquet of each run), resumable."""
@@ -809,7 +744,7 @@ def measure_accuracy(plan: Plan, jobs: list[tuple[WindowCondition, int, Job]], *
                          bn_recalibrate=END_BN_BATCHES, progress=False, log=log)
 
 
-def _layers_of(run: Run, cond: WindowCondition) -> list[str]:
+def _layers_of(run: Run, cond: Condition) -> list[str]:
     """The read points of a condition's regularized stages."""
     if cond.layers is not None:
         return list(cond.layers)
@@ -905,7 +840,7 @@ def _bn_accuracy(run: Run) -> dict[int, dict]:
     return {int(r.step): {"acc": float(r.acc), "bn": int(r.bn_recalibrated), "n": int(r.n_images)} for r in t.itertuples()}
 
 
-def build_tables(plan: Plan, jobs: list[tuple[WindowCondition, int, Job]]) -> dict[str, pd.DataFrame]:
+def build_tables(plan: Plan, jobs: list[tuple[Condition, int, Job]]) -> dict[str, pd.DataFrame]:
     """windows_runs, windows, windows_verdicts, windows_accuracy and windows_selectivity from the runs' files."""
     runs = {(c.name, s): Run(j.out) for c, s, j in jobs}
     summaries = {}
@@ -933,7 +868,7 @@ def build_tables(plan: Plan, jobs: list[tuple[WindowCondition, int, Job]]) -> di
             "windows_accuracy": pd.DataFrame(acc_rows), "windows_selectivity": sel_df}
 
 
-def _seed_row(plan: Plan, cond: WindowCondition, seed: int, run: Run, acc: tuple[dict, dict], base_acc: tuple[dict, dict],
+def _seed_row(plan: Plan, cond: Condition, seed: int, run: Run, acc: tuple[dict, dict], base_acc: tuple[dict, dict],
               summary: pd.DataFrame | None, base_summary: pd.DataFrame | None) -> dict:
     """One (condition, seed) of windows_runs: acc and base_acc are (checkpoint metrics, BN re-estimated accuracy)."""
     (ck, bn), (base_ck, base_bn) = acc, base_acc
@@ -974,21 +909,12 @@ def condition_table(per_seed: pd.DataFrame) -> pd.DataFrame:
     the early accuracy gap (BN re-estimated, and the checkpoints' eval-mode one), CSI/eta² of the regularized stages at
     the window's end and the end of training, and the dose (regularized steps, mean lr and |alpha| over them; CSI and
     eta² reduction at the window's end)."""
-    rows = []
-    for _, g in per_seed.groupby("condition", sort=False):
-        first = g.iloc[0]
-        row = {k: first[k] for k in ("condition", "kind", "alpha", "window", "start_step", "end_step", "start_fraction",
-                                     "end_fraction", "start_epoch", "end_epoch", "stage_set", "stages", "end_bn_batches")
-               if k in g}
-        row["seeds"] = len(g)
-        row.update({k: v for k, v in ws.paired(g["final_test_acc"], g["base_final_test_acc"]).items() if k != "n"})
-        for col in AGGREGATE:
-            v = g[col].to_numpy(dtype=float)
-            row[f"{col}_mean"] = float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
-            row[f"{col}_se"] = ws.standard_error(v)
-        row["final_test_acc_per_seed"] = ", ".join(f"{a:.4f}" for a in g["final_test_acc"])
-        rows.append(row)
-    out = pd.DataFrame(rows)
+    def harm(g: pd.DataFrame) -> dict[str, float]:
+        return {k: v for k, v in ws.paired(g["final_test_acc"], g["base_final_test_acc"]).items() if k != "n"}
+
+    first = ("condition", "kind", "alpha", "window", "start_step", "end_step", "start_fraction", "end_fraction",
+             "start_epoch", "end_epoch", "stage_set", "stages", "end_bn_batches")
+    out = pd.DataFrame(condition_rows(per_seed, first, AGGREGATE, harm))
     if out.empty:
         return out
     return out.merge(ws.condition_intervals(per_seed), on="condition", how="left")
@@ -1110,7 +1036,7 @@ def heatmap_text(table: pd.DataFrame) -> str:
 
 
 __all__ = ["BASELINE", "END_BN_BATCHES", "ANNEAL_FROM", "DESIGN_NOTES", "WINDOW_PRESETS", "WindowGrid", "WindowsPreset",
-           "WindowsOptions", "WindowCondition", "Plan", "get_windows_preset", "parse_seeds", "stage_sets", "tile_steps",
+           "WindowsOptions", "Condition", "Plan", "get_windows_preset", "parse_seeds", "stage_sets", "tile_steps",
            "expand_tiles", "grid_conditions", "lr_overrides", "make_plan", "plan_text", "planned_power", "power_text",
            "check_existing", "measure_selectivity", "measure_accuracy", "run_windows", "build_tables", "condition_table",
            "verdict_text", "heatmap_text", "trajectories", "gap_curves", "MAP_TABLES", "read_map"]

@@ -66,6 +66,8 @@ def _windows_design(info: dict) -> str:
     lr = f"learning rate {cfg.get('lr_schedule', '?')}" if cfg else "learning rate not recorded"
     if info.get("reg_reduce", cfg.get("reg_reduce", "mean")) == "sum":
         alpha = "α applied in full to every regularized stage (reg_reduce=sum)"
+    elif (info.get("preset") or {}).get("reg_reduce") == "mean":
+        alpha = "α split over the regularized stages (reg_reduce=mean, as the map's preset declares)"
     else:
         alpha = "α split over the regularized stages (reg_reduce=mean: a map run before 2026-12-05)"
     bn = info.get("end_bn_batches")
