@@ -78,7 +78,7 @@ def test_condition_extension_keeps_regularize():
 
 
 def test_bad_preset_alpha_and_regularizer_overrides():
-    pre = rg.REGIME_PRESETS["smoke"]
+    pre = rg.get_regime_preset("smoke")
     bad = pre.replace(alphas={"csn": {"few": 0.0, "many": -1.0}, "study": {"few": -1.0, "many": -1.0}})
     with pytest.raises(rg.CsnError, match="negative alpha"):
         rg.grid(bad, 1.0)
@@ -276,7 +276,7 @@ def test_end_to_end_tables_and_report(study):
     assert [(r.dataset, r.regularizer) for r in cells.itertuples()] == [("few", "csn"), ("few", "study"),
                                                                         ("many", "csn"), ("many", "study")]
     assert set(cells["verdict"]) <= {"reproduced", "not reproduced", "inconclusive"}
-    for cell in rg.grid(rg.REGIME_PRESETS["smoke"], 0.5)[1]:  # the table is cell_row of the written runs table
+    for cell in rg.grid(rg.get_regime_preset("smoke"), 0.5)[1]:  # the table is cell_row of the written runs table
         got = cells[(cells["dataset"] == cell.dataset) & (cells["regularizer"] == cell.regularizer)].iloc[0]
         want = rg.cell_row(cell, runs)
         assert got["early_harm_mean"] == pytest.approx(want["early_harm_mean"], nan_ok=True)

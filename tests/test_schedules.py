@@ -80,19 +80,19 @@ def test_time_points_and_fraction_segments():
 def test_fmnist_preset_schedule_resolves_to_the_old_epoch_schedule_on_fashion_mnist():
     """The fmnist preset's fractions give exactly the steps of its former epoch schedule on Fashion-MNIST
     (60,000 // 128 = 468 steps x 3 epochs; and with 469)."""
-    from csn.runs.config import PRESETS
+    from csn.runs.config import preset
 
     former = "step=8,step=16,step=32,step=64,step=128,step=256,0.75:1:0.25,1:end:0.5"
     assert checkpoint_steps(former, 468, 3) == [0, 8, 16, 32, 64, 128, 256, 351, 468, 702, 936, 1170, 1404]
     for spe in (468, 469):
-        assert checkpoint_steps(PRESETS["fmnist"]["checkpoints"], spe, 3) == checkpoint_steps(former, spe, 3)
-    assert checkpoint_steps(PRESETS["smoke"]["checkpoints"], 8, 2) == checkpoint_steps("0:1:0.25,1:end:0.5", 8, 2)
+        assert checkpoint_steps(preset("fmnist").checkpoints, spe, 3) == checkpoint_steps(former, spe, 3)
+    assert checkpoint_steps(preset("smoke").checkpoints, 8, 2) == checkpoint_steps("0:1:0.25,1:end:0.5", 8, 2)
 
 
 def test_a_presets_schedule_is_clipped_with_a_note_a_users_is_an_error():
-    from csn.runs.config import PRESETS, is_preset_checkpoints
+    from csn.runs.config import is_preset_checkpoints, preset
 
-    spec = PRESETS["fmnist"]["checkpoints"]
+    spec = preset("fmnist").checkpoints
     assert is_preset_checkpoints(spec) and is_preset_checkpoints(spec.replace(",", ", "))
     assert not is_preset_checkpoints("step=8,step=128") and not is_preset_checkpoints(None)
     notes: list[str] = []

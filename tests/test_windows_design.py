@@ -17,10 +17,10 @@ from csn.errors import CsnError
 from csn.experiments import window_stats as ws
 from csn.experiments.claims import Spread
 from csn.experiments.windows import (
-    WINDOW_PRESETS,
     WindowsOptions,
     _mean_lr,
     expand_tiles,
+    get_windows_preset,
     make_plan,
     planned_power,
     tile_steps,
@@ -94,8 +94,8 @@ def test_the_fmnist_map_tiles_training_at_a_constant_learning_rate_with_alpha_pe
 def test_the_fmnist_seeds_give_power_on_the_suppression_verdicts(fmnist_plan):
     """The preset's seeds were chosen for power >= 0.8 on 'early harms more' and 'late costs little' at the declared
     effect, with the per-run spread measured on fmnist at a constant learning rate (the cosine spread is smaller)."""
-    assert WINDOW_PRESETS["fmnist"].run_sd == 0.0031 > Spread().c4_run_sd
-    assert "constant learning rate" in WINDOW_PRESETS["fmnist"].run_sd_source
+    assert get_windows_preset("fmnist").run_sd == 0.0031 > Spread().c4_run_sd
+    assert "constant learning rate" in get_windows_preset("fmnist").run_sd_source
     rows = {r["question"]: r for shape in planned_power(fmnist_plan, studies=1000) for r in shape["rows"]}
     assert rows[ws.Q_MORE]["power"] >= 0.8 and rows[ws.Q_LITTLE]["power"] >= 0.8
     assert rows[ws.Q_MORE]["seeds_needed"] <= len(fmnist_plan.seeds) and rows[ws.Q_LITTLE]["seeds_needed"] <= len(

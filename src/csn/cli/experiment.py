@@ -9,6 +9,7 @@ from pydantic import Field
 
 from csn import dist
 from csn.cli.options import CONTEXT, build, echo, exec_options, from_schema, trust_code_for_command
+from csn.core import presets
 from csn.core.schema import Float
 from csn.errors import CsnError
 from csn.experiments import regime as rg
@@ -20,6 +21,7 @@ from csn.experiments.regularize import (
     regularized_stages,
 )
 from csn.experiments.runner import RunnerOptions
+from csn.experiments.study import load_study
 from csn.experiments.windows import (
     WindowsOptions,
     heatmap_text,
@@ -37,10 +39,6 @@ from csn.runs.config import preset as get_preset
 from csn.runs.run import check_run_path
 from csn.training.loop import training_length
 
-# Defaults for the fmnist preset, chosen from measurement (README, "Choosing alpha and the onset").
-FMNIST_ALPHA = -1.0
-FMNIST_LATE_ONSET = 1.0
-
 
 @click.group(context_settings=CONTEXT)
 def experiment() -> None:
@@ -56,11 +54,13 @@ class RegularizeOptions(RunnerOptions):
     from RunnerOptions, --quiet from the execution group)."""
 
     preset: str = Field("fmnist", description="Training preset of every run.")
-    alpha: Float = Field(FMNIST_ALPHA, description="Regularizer strength; loss = ce - alpha*R, so alpha < 0 suppresses "
-                         "selectivity.", json_schema_extra={"metavar": "FLOAT"})
-    onsets: str = Field(f"0,{FMNIST_LATE_ONSET:g}", description="Points in training where the regularizer switches on, "
-                        "one condition each, on until the end: epochs (0,1), steps (step=0) or fractions of training "
-                        "(f0.33).")
+    alpha: Float | None = Field(None, description="Regularizer strength; loss = ce - alpha*R, so alpha < 0 suppresses "
+                                "selectivity [default: the alpha of the shipped study of the preset's name, e.g. -1 "
+                                "for fmnist].", json_schema_extra={"metavar": "FLOAT"})
+    onsets: str | None = Field(None, description="Points in training where the regularizer switches on, one condition "
+                               "each, on until the end: epochs (0,1), steps (step=0) or fractions of training (f0.33) "
+                               "[default: step=0 and the late onset of the shipped study of the preset's name, e.g. "
+                               "step=0,f0.3333 for fmnist].", json_schema_extra={"metavar": "POINTS"})
     seeds: str = Field("0,1,2", description="Seeds, comma-separated (or a count N for 0..N-1).")
     out: str | None = Field(None, description="Experiment directory [default: runs/regularize-<preset>].",
                             json_schema_extra={"metavar": "DIR"})
@@ -88,10 +88,11 @@ def regularize(overrides, quiet, **values) -> None:
         o = build(RegularizeOptions, values)
         base = get_preset(o.preset).override(list(overrides))
         seed_list = _parse_seeds(o.seeds)
-        onset_list = parse_onsets(o.onsets, *training_length(base))
+        alpha, onsets = _study_defaults(o)
+        onset_list = parse_onsets(onsets, *training_length(base))
     root = Path(o.out) if o.out else Path("runs") / f"regularize-{o.preset}"
     check_run_path(root, "--out")
-    grid = OnsetGrid(o.alpha, onset_list, seed_list, root, parallel=o.parallel, selectivity=not o.no_selectivity)
+    grid = OnsetGrid(alpha, onset_list, seed_list, root, parallel=o.parallel, selectivity=not o.no_selectivity)
     per_seed, table, grouped = regularize_experiment(base, grid, progress=not quiet)
     if dist.is_main():
         stages = regularized_stages(next(r for runs in grouped.values() for r in runs))
@@ -101,6 +102,18 @@ def regularize(overrides, quiet, **values) -> None:
                         "final_eta2_mean", "final_test_acc_per_seed") if c in table]
     echo(table[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     echo(f"tables: {root / 'regularize.parquet'}, {root / 'regularize_runs.parquet'}; figures: {root / 'report'}")
+
+
+def _study_defaults(o: RegularizeOptions) -> tuple[float, str]:
+    """--alpha and --onsets as given, else from the shipped study of the preset's name (one place for them)."""
+    if o.alpha is not None and o.onsets is not None:
+        return o.alpha, o.onsets
+    if o.preset not in presets.names("study"):
+        raise CsnError(f"no shipped study is named {o.preset!r} to take the defaults from; give --alpha and --onsets "
+                       "(e.g. --alpha -1 --onsets step=0,f0.3333).")
+    study = load_study(o.preset)[1].study
+    return (o.alpha if o.alpha is not None else study.alpha,
+            o.onsets if o.onsets is not None else f"step=0,{study.late_onset}")
 
 
 def _parse_seeds(text: str) -> list[int]:

@@ -53,10 +53,11 @@ from csn.analysis.base import run_analysis
 from csn.analysis.selectivity import Selectivity
 from csn.analysis.sparsity import Sparsity
 from csn.core import inference as I
+from csn.core import presets
 from csn.core.progress import hms
 from csn.core.schema import Float, Int, Schema
 from csn.core.stats import STUDY_GROUP
-from csn.errors import CsnError, unknown
+from csn.errors import CsnError
 from csn.experiments import claims, conditions
 from csn.experiments.conditions import Condition, job, onset_condition, train_conditions
 from csn.experiments.regularize import (
@@ -107,42 +108,9 @@ class RegimePreset(Schema):
     pilot_seed: Int = 0
 
 
-REGIME_PRESETS: dict[str, RegimePreset] = {
-    # Seconds on a CPU, synthetic data: tests and a first look (4 vs 16 classes; too few seeds for verdicts).
-    "smoke": RegimePreset(
-        name="smoke", train_preset="smoke", overrides=["lr_schedule=constant", "epochs=1", "checkpoints=f0.25,end"],
-        datasets={"few": {"synthetic": dict(num_train=256, num_test=128, num_classes=4, channels=1, size=8)},
-                  "many": {"synthetic": dict(num_train=256, num_test=128, num_classes=16, channels=1, size=8)}},
-        alphas={"csn": {"few": -3.0, "many": -3.0}, "study": {"few": -3.0, "many": -3.0}}, seeds=[0, 1],
-        run_seconds={"few": 3.0, "many": 3.0}, analysis_seconds={"few": 0.5, "many": 0.5}, pilot_fraction=0.5,
-        pilot_alphas={"csn": [-3.0], "study": [-3.0]}),
-    # Fashion-MNIST (10 classes) vs fmnist-pairs (100 classes), ResNet-8 (the fmnist training preset's model), 2 epochs
-    # (936 steps) at constant lr 0.1 (the study's recipe shape: lr 0.1 constant over its 20 regularized epochs, the
-    # late onset at 25 %: here epoch 0.5 = step 234, well after the early stages' CSI peak at ~64 steps, SPEC "How
-    # early is early"; 2 epochs keep the 50 runs under 2 hours on 2 quiet cores); 5 seeds, 50 runs.
-    # Alphas from the pilot (`csn experiment regime --pilot`, 2026-12-05: the first 25 % of the recipe, seed 0, from
-    # step 0, measured at step 234 in eval mode on the whole test split, regularized stages 1-2), each statistic's
-    # own measure (csn: batch_csi, class means per batch of 128; study: group_csi above its class-count floor 0.346)
-    # against the baseline's, fashion-mnist / fmnist-pairs:
-    #   csn   alpha -1: -72 % / -66 %   -3: -88 % / -85 %   -10: -94 % / -94 %
-    #   study alpha -5: -88 % / -75 %  -20: -93 % / -91 %   -60: -95 % / -95 %
-    # csn -3 and study -20 (the study's own alpha) cut their own measures by 85-93 % on both datasets (and the
-    # dataset-level CSI by 87-92 %, per-image sparsity by 77-89 %) without collapsing them (csn -10 leaves a CSI of
-    # 0.009-0.010). README "Which regularizer, which regime" has the whole pilot.
-    "fmnist": RegimePreset(
-        name="fmnist", train_preset="fmnist", overrides=["epochs=2", "lr_schedule=constant"],
-        datasets={"fmnist": {"dataset": "fashion-mnist"}, "pairs": {"dataset": "fmnist-pairs"}},
-        alphas={"csn": {"fmnist": -3.0, "pairs": -3.0}, "study": {"fmnist": -20.0, "pairs": -20.0}},
-        run_seconds={"fmnist": 120.0, "pairs": 215.0}, analysis_seconds={"fmnist": 20.0, "pairs": 35.0},
-        pilot_alphas={"csn": [-1.0, -3.0, -10.0], "study": [-5.0, -20.0, -60.0]}),
-}
-
-
 def get_regime_preset(name: str) -> RegimePreset:
     """A regime preset by name."""
-    if name not in REGIME_PRESETS:
-        raise unknown("regime preset", name, REGIME_PRESETS)
-    return REGIME_PRESETS[name]
+    return RegimePreset.model_validate(presets.data("regime", name))
 
 
 class RegimeOptions(PresetRunnerOptions):
@@ -660,7 +628,7 @@ def cell_text(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["REGULARIZERS", "REGULARIZER_TEXT", "OWN_MEASURE", "ROLES", "END_BN_BATCHES", "RegimePreset", "REGIME_PRESETS",
+__all__ = ["REGULARIZERS", "REGULARIZER_TEXT", "OWN_MEASURE", "ROLES", "END_BN_BATCHES", "RegimePreset",
            "get_regime_preset", "RegimeOptions", "condition_name", "Cell", "grid", "RegimePlan", "make_plan", "c4_power",
            "measured_spread", "plan_text", "check_existing", "measure", "per_seed_table", "MEASURES", "cell_row",
            "cell_table", "c4_rule_text", "run_regime", "record", "PILOT_CHECKPOINTS", "pilot_plan", "pilot_text_plan",

@@ -18,7 +18,7 @@ early phase in steps (the selectivity peak comes within ~64 optimizer steps, SPE
 fractions, so a study keeps its meaning on a dataset 8x smaller or larger; imagenet keeps the study's own
 protocol, written in epochs. Checkpoint lists also take `peak`: each baseline run's own selectivity peak
 (csn.experiments.claims.peak_step, the "early" checkpoint of C2 and C3). The shipped studies are the files in
-csn/experiments/studies/.
+csn/presets/study/.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import math
 import re
 import sys
 import tomllib
-from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -38,6 +37,7 @@ from csn.analysis.ablation import AblationOptions
 from csn.analysis.cka import CkaOptions
 from csn.analysis.linearity import LinearityOptions
 from csn.analysis.selectivity import SelectivityOptions
+from csn.core import presets
 from csn.core.schema import MAX_SEEDS, SEEDS_HINT, Float, Int, Schema, set_override
 from csn.core.times import TIME_FORMS, parse_time, parse_times, resolve
 from csn.errors import CsnError, unknown
@@ -173,20 +173,14 @@ class StudyConfig(Schema):
 # shipped studies and study files
 # ------------------------------------------------------------------------------------------------
 
-def _studies_dir():
-    return resources.files("csn.experiments").joinpath("studies")
-
-
 def study_names() -> list[str]:
-    """Names of the shipped studies (csn/experiments/studies/NAME.toml)."""
-    return sorted(p.name[:-5] for p in _studies_dir().iterdir() if p.name.endswith(".toml"))
+    """Names of the shipped studies (csn/presets/study/NAME.toml)."""
+    return presets.names("study")
 
 
 def study_text(name: str) -> str:
     """The TOML text of a shipped study."""
-    if name not in study_names():
-        raise unknown("study preset", name, study_names())
-    return _studies_dir().joinpath(f"{name}.toml").read_text(encoding="utf-8")
+    return presets.text("study", name)
 
 
 def _tables(raw: dict, where: str, seen: tuple[str, ...] = ()) -> tuple[dict, dict]:

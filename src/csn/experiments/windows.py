@@ -51,6 +51,7 @@ from csn.analysis.accuracy import Accuracy
 from csn.analysis.base import Samples, run_analysis
 from csn.analysis.selectivity import Selectivity, summarize
 from csn.core import inference as I
+from csn.core import presets
 from csn.core.alpha import AlphaWindow, AlphaWindows, parse_window_points
 from csn.core.bn import DEFAULT_BN_BATCHES
 from csn.core.checkpoint_schedule import checkpoint_steps
@@ -169,81 +170,9 @@ class WindowsPreset(Schema):
                                             "condition's start on (before it, a run equals its baseline bitwise).")
 
 
-WINDOW_PRESETS: dict[str, WindowsPreset] = {
-    # Seconds on a CPU: tests and a first look (too few seeds for verdicts). The fmnist map's shape at toy size: a
-    # constant learning rate, four windows tiling the 16 steps (two of them late), alpha per stage, promotion in the
-    # earliest window on the last stage.
-    "smoke": WindowsPreset(
-        name="smoke", train_preset="smoke", lr_schedule="constant", seeds=[0, 1], samples=128,
-        run_seconds=6.0, checkpoint_seconds=0.3, accuracy_seconds=0.3,
-        grids=[WindowGrid(alphas=[-3.0], windows="tile:4"),
-               WindowGrid(alphas=[3.0], windows="tile:4:0", stages=["layer3"])],
-    ),
-    # Fashion-MNIST, ResNet-8, 3 epochs of 468 steps (the fmnist training preset) at a CONSTANT learning rate 0.1, so
-    # every window gets the same learning rate (under the training preset's cosine a late window gets less: a dose
-    # confound). Six windows of 234 steps (half an epoch) tile the 1,404 steps (tile:6: they start at 0, 1/6, ..., 5/6
-    # of training; the last three start at >= 50 %, the verdicts' late windows). Alpha per stage (reg_reduce=sum, as in
-    # every map condition) on stages 1-2. Pilot (2026-12-05; seed 0, constant lr, window [0, 234), measured at step
-    # 234: live-unit mean CSI / eta² of stages 1-2 on 2,000 test images, whole-test accuracy, BN re-estimated from 16
-    # batches; baseline CSI 0.211, eta² 0.599, accuracy 83.00 %): alpha -1 cuts CSI 83 % (eta² 54 %), accuracy 83.45 %;
-    # -3 cuts 94 % (67 %), 83.52 %; -10 cuts 97 % (72 %) but accuracy falls to 79.25 %. Promotion: +0.1 raises CSI 49 %
-    # (82.72 %), +0.3 145 % (81.50 %), +1 98 % with accuracy 59.84 %, +3 only 20 % (68.43 %). So: alpha -3 (far above the
-    # 50 % the suppression verdicts need, accuracy intact at the window's end), promotion +0.3 in the earliest window
-    # (clearly above the 20 % the promotion verdicts need, training intact). Eval-mode accuracy at step 234 was 3.3-40
-    # points lower than after BN re-estimation in every regularized run (-1: 79.56 %, +0.3: 55.26 %; the baseline 0.4
-    # lower): hence accuracy at a window's end and at the end of training after re-estimation. Seeds from power
-    # (window_stats simulations) at the per-run spread of final accuracy measured at a constant learning rate: SD 0.0031
-    # (after BN re-estimation, the regime study's five 2-epoch Fashion-MNIST baselines at lr 0.1, 2026-12-05; the
-    # cosine-schedule spread claims.Spread().c4_run_sd = 0.0014 does not hold without annealing): 7 seeds give 0.97 on
-    # "the earliest window harms", 1.00 on "early harms more", 0.87 on "late costs little", 0.93-0.95 on the promotion
-    # verdicts at the declared effects (6 seeds: 0.94 / 0.99 / 0.77 / 0.88-0.89; 4 seeds: 0.70 / 0.84 / 0.49). One
-    # strength, not two: at this spread two strengths at 4 seeds would each be underpowered. 8 conditions x 7 seeds =
-    # 56 runs, about 1 h 22 min of training at 175 s per run 2 at a time, about 1 h 30 min in all with the selectivity
-    # and accuracy passes.
-    # The map of 2026-11-28 (rule set 1) had five 40-step windows in steps 0-104 and one at epoch 1.5 under cosine,
-    # alpha -10 / -20 split over stages 1-2 (reg_reduce=mean: -5 / -10 per stage) and promotion +3 (+1.5 per stage).
-    "fmnist": WindowsPreset(
-        name="fmnist", train_preset="fmnist", lr_schedule="constant", seeds=[0, 1, 2, 3, 4, 5, 6], samples=2000,
-        run_seconds=175.0, checkpoint_seconds=1.5, accuracy_seconds=4.0, run_sd=0.0031,
-        run_sd_source="measured on fmnist at a constant learning rate: the regime study's 2-epoch baselines, 2026-12-05",
-        grids=[WindowGrid(alphas=[-3.0], windows="tile:6"),
-               WindowGrid(alphas=[0.3], windows="tile:6:0")],
-    ),
-    # The mechanism study at toy size (seconds; tests): suppression from step 0 and from the middle, rewinds of the
-    # default stages at step 4 and at the middle, to step 0 and to half-way there.
-    "mechanism-smoke": WindowsPreset(
-        name="mechanism-smoke", train_preset="smoke", lr_schedule="constant", seeds=[0, 1], samples=128,
-        run_seconds=6.0, checkpoint_seconds=0.3, accuracy_seconds=0.3, reg_reduce="mean", measure_checkpoints="0:end",
-        grids=[WindowGrid(alphas=[-3.0], windows="step=0:end,f0.5:end"),
-               WindowGrid(kind="rewind", at="step=4,f0.5", to=["step=0", "at*0.5"])],
-    ),
-    # The mechanism study (issue "By which mechanism?"): the regime study's Fashion-MNIST cell where suppression harmed
-    # (README "Which regularizer, which regime": ResNet-8, 2 epochs = 936 steps at constant lr 0.1, the study's
-    # statistic reg_mode=study at alpha -20 split over stages 1-2, reg_reduce=mean; from step 0 it cost 1.27 points
-    # [0.69, 1.86], from the late onset step 234 = f0.25 1.03), the same seeds 0-4 (so its baselines and suppressed
-    # runs retrain the regime's bitwise: extra checkpoints never change training). Beside them, rewinds of the same
-    # stages: at the early stages' selectivity peak (step 64: README "What csn reproduce found", the fmnist study) and
-    # at the late onset (step 234), each to step 0 (re-initialization) and to half-way (step 32, step 117). Measured
-    # at every checkpoint of the first half of training (0:f0.5: 0, 8, ..., 256, 312, 468) and the end. Seeds from
-    # power (csn.experiments.mechanism_stats, rules declared before the study ran, simulated at its declared spreads):
-    # 8 seeds give 0.87 on "the Fisher peak within an octave" (true lag 0) and 0.79-0.80 on "the rewind harms as much"
-    # (true d = 0); 5 seeds only 0.46 and 0.50. 7 conditions x 8 seeds = 56 runs, about 56 min of training.
-    "mechanism": WindowsPreset(
-        name="mechanism", train_preset="fmnist", overrides=["epochs=2", "reg_mode=study"], lr_schedule="constant",
-        seeds=[0, 1, 2, 3, 4, 5, 6, 7], samples=2000, reg_reduce="mean", measure_checkpoints="0:f0.5",
-        run_seconds=120.0, checkpoint_seconds=1.5, accuracy_seconds=4.0, run_sd=0.0031,
-        run_sd_source="measured on fmnist at a constant learning rate: the regime study's 2-epoch baselines, 2026-12-05",
-        grids=[WindowGrid(alphas=[-20.0], windows="step=0:end,step=234:end"),
-               WindowGrid(kind="rewind", at="step=64,step=234", to=["step=0", "at*0.5"])],
-    ),
-}
-
-
 def get_windows_preset(name: str) -> WindowsPreset:
-    """A windows preset by name."""
-    if name not in WINDOW_PRESETS:
-        raise unknown("windows preset", name, WINDOW_PRESETS)
-    return WINDOW_PRESETS[name]
+    """A windows preset by name (csn/presets/windows/NAME.toml)."""
+    return WindowsPreset.model_validate(presets.data("windows", name))
 
 
 class WindowsOptions(PresetRunnerOptions):
@@ -1035,7 +964,7 @@ def heatmap_text(table: pd.DataFrame) -> str:
     return "\n\n".join(blocks)
 
 
-__all__ = ["BASELINE", "END_BN_BATCHES", "ANNEAL_FROM", "DESIGN_NOTES", "WINDOW_PRESETS", "WindowGrid", "WindowsPreset",
+__all__ = ["BASELINE", "END_BN_BATCHES", "ANNEAL_FROM", "DESIGN_NOTES", "WindowGrid", "WindowsPreset",
            "WindowsOptions", "Condition", "Plan", "get_windows_preset", "parse_seeds", "stage_sets", "tile_steps",
            "expand_tiles", "grid_conditions", "lr_overrides", "make_plan", "plan_text", "planned_power", "power_text",
            "check_existing", "measure_selectivity", "measure_accuracy", "run_windows", "build_tables", "condition_table",

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, computed_field, model_validator
 
+from csn.core import presets
 from csn.core.checkpoint_schedule import checkpoint_steps
 from csn.core.schema import CommaList, Float, Int, Schema, Seed, set_override
 from csn.core.stats import EPS, STUDY_EPS, STUDY_GROUP
@@ -20,7 +21,7 @@ from csn.core.units import stages, stages_from_patterns
 from csn.data import DataSplits, dataset_help, load_dataset
 from csn.data.loaders import in_memory
 from csn.data.validate import require_every_class
-from csn.errors import CsnError, unknown
+from csn.errors import CsnError
 from csn.models import create_model, model_help
 from csn.models.external import require_trust, trusting_code
 
@@ -212,43 +213,16 @@ class TrainConfig(Schema):
 
 
 # ----------------------------------------------------------------------------- presets
-PRESETS: dict[str, dict] = {
-    # Seconds on a CPU: tiny synthetic data, a small ResNet; for tests, CI and a first look.
-    "smoke": dict(
-        name="smoke", dataset="synthetic", synthetic=dict(num_train=512, num_test=256, num_classes=4, channels=1, size=12),
-        model="resnet8", width=0.5, epochs=2.0, batch_size=64, lr=0.05, checkpoints="steps:0:8:2,f0.5:end:f0.25",
-        eval_batch_size=256, log_every=2, channels_last=False,
-    ),
-    # The embedded default: Fashion-MNIST with a CIFAR-style ResNet, sized for one 2-core CPU.
-    # Dense step-based early checkpoints resolve the selectivity peak within the first ~100 steps; the rest
-    # are fractions of training (on Fashion-MNIST, 468 steps per epoch: epochs 0.75, 1, 1.5, 2, 2.5, 3).
-    "fmnist": dict(
-        name="fmnist", dataset="fashion-mnist", model="resnet8", width=1.0, epochs=3.0, batch_size=128,
-        lr=0.1, momentum=0.9, weight_decay=5e-4, lr_schedule="cosine", warmup_epochs=0.0, augment="none",
-        checkpoints="step=8,step=16,step=32,step=64,step=128,step=256,f0.25,f0.3333,f0.5,f0.6667,f0.8333",
-        eval_batch_size=1000, eval_samples=2000,
-    ),
-    # The study's recipe (SPEC "Training recipes"): ResNet-50 on an ImageNet folder, for GPUs under torchrun.
-    "imagenet-resnet50": dict(
-        name="imagenet-resnet50", dataset="imagefolder", model="resnet50", epochs=90.0, batch_size=256, lr=0.1,
-        momentum=0.9, weight_decay=1e-4, lr_schedule="step", milestones=[30, 60], gamma=0.1,
-        augment="imagenet", checkpoints="0:1:0.25,1:end:1", eval_batch_size=250, amp=True, channels_last=True,
-        log_every=50,
-    ),
-}
-
-
 def is_preset_checkpoints(spec: str | None) -> bool:
     """True when a checkpoint spec is a preset's own: its points past the end of a shortened training are
     dropped with a note, while a schedule the user wrote that points past the end stays an error."""
-    return spec is not None and "".join(spec.split()) in {"".join(p["checkpoints"].split()) for p in PRESETS.values()}
+    shipped = {"".join(str(presets.data("train", n)["checkpoints"]).split()) for n in presets.names("train")}
+    return spec is not None and "".join(spec.split()) in shipped
 
 
 def preset(name: str) -> TrainConfig:
-    """A preset configuration by name."""
-    if name not in PRESETS:
-        raise unknown("preset", name, PRESETS)
-    return TrainConfig.from_dict(PRESETS[name])
+    """A training preset by name (csn/presets/train/NAME.toml)."""
+    return TrainConfig.from_dict(presets.data("train", name))
 
 
 def read_config_file(path: str | Path) -> dict:
@@ -398,5 +372,5 @@ def check_model(cfg: TrainConfig, info: dict, *, trust_code: bool, where: str) -
         build_model_for(cfg, info)
 
 
-__all__ = ["TrainConfig", "PRESETS", "preset", "is_preset_checkpoints", "read_config_file", "load_config_file", "load_data", "data_info",
+__all__ = ["TrainConfig", "preset", "is_preset_checkpoints", "read_config_file", "load_config_file", "load_data", "data_info",
            "build_model_for", "check_model"]
