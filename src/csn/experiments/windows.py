@@ -49,6 +49,7 @@ from csn import dist
 from csn._version import __version__
 from csn.analysis.accuracy import Accuracy
 from csn.analysis.base import Samples, run_analysis
+from csn.analysis.registry import analysis
 from csn.analysis.selectivity import Selectivity, summarize
 from csn.core import inference as I
 from csn.core import presets
@@ -65,6 +66,7 @@ from csn.experiments import conditions
 from csn.experiments import window_stats as ws
 from csn.experiments.claims import Spread
 from csn.experiments.conditions import BASELINE, Condition, condition_rows
+from csn.experiments.mechanism import mechanism_tables
 from csn.experiments.regularize import dose
 from csn.experiments.runner import Job, PresetRunnerOptions, finished_seconds, is_complete, run_jobs
 from csn.runs.config import TrainConfig, build_model_for, data_info, is_preset_checkpoints, load_data
@@ -158,6 +160,7 @@ class WindowsPreset(Schema):
     checkpoint_seconds: Float = Field(gt=0, description="One checkpoint's selectivity pass (BN re-estimation included).")
     accuracy_seconds: Float = Field(1.0, gt=0, description="One checkpoint's accuracy pass at a window's end (BN "
                                     "re-estimation included).")
+    analysis_seconds: Float = Field(0.0, ge=0, description="One checkpoint's further analyses (`analyses`) together.")
     run_sd: Float = Field(Spread().c4_run_sd, gt=0, description="Per-run SD of final test accuracy the dry run plans "
                           "power with (default: recorded on the fmnist study, claims.Spread().c4_run_sd).")
     run_sd_source: str = Field("recorded on the fmnist study under the cosine schedule, claims.Spread",
@@ -165,6 +168,10 @@ class WindowsPreset(Schema):
     reg_reduce: Literal["sum", "mean"] = Field("sum", description="How alpha meets the regularized stages: sum (every "
                                                "stage gets alpha in full, so stage sets of different sizes compare) or "
                                                "mean (alpha split over them, as `csn train`'s default).")
+    analyses: list[str] = Field([], description="Registered analyses (e.g. probe, fisher) measured beside selectivity "
+                                "at the same checkpoints of every run, with their default options.")
+    mechanism: bool = Field(False, description="Answer the mechanism study's three questions "
+                            "(csn.experiments.mechanism_stats): windows_mechanism*.parquet.")
     measure_checkpoints: str | None = Field(None, description="Checkpoints where selectivity is measured besides the "
                                             "window ends and the end (a selector, e.g. 0:f0.5): every run's from its "
                                             "condition's start on (before it, a run equals its baseline bitwise).")
@@ -412,6 +419,7 @@ class Plan:
         return {"runs": len(jobs), "runs_todo": len(todo), "run_seconds": per_run, "measured_runs": len(measured),
                 "training_s": len(todo) * per_run / max(1, min(self.parallel, max(1, len(todo)))),
                 "checkpoints": n_ckpt, "selectivity_s": n_ckpt * self.preset.checkpoint_seconds,
+                "analyses_s": n_ckpt * self.preset.analysis_seconds,
                 "accuracy_checkpoints": n_acc, "accuracy_s": n_acc * self.preset.accuracy_seconds}
 
 
@@ -517,7 +525,10 @@ def plan_text(plan: Plan) -> str:
     sel = (f" + selectivity at {e['checkpoints']} checkpoints x {plan.preset.checkpoint_seconds:g} s"
            if plan.selectivity else "")
     acc = f" + accuracy at {e['accuracy_checkpoints']} checkpoints x {plan.preset.accuracy_seconds:g} s"
-    lines.append(f"  estimated time: about {hms(e['training_s'] + e['selectivity_s'] + e['accuracy_s'])} ({e['runs_todo']} "
+    if plan.selectivity and plan.preset.analyses:
+        sel += f" + {', '.join(plan.preset.analyses)} there x {plan.preset.analysis_seconds:g} s"
+    total = e["training_s"] + e["selectivity_s"] + e["accuracy_s"] + (e["analyses_s"] if plan.selectivity else 0.0)
+    lines.append(f"  estimated time: about {hms(total)} ({e['runs_todo']} "
                  f"runs x {e['run_seconds']:.0f} s per run, {src}, {plan.parallel} at a time{sel}{acc})")
     return "\n".join(lines)
 
@@ -673,6 +684,18 @@ def measure_accuracy(plan: Plan, jobs: list[tuple[Condition, int, Job]], *, prog
                          bn_recalibrate=END_BN_BATCHES, progress=False, log=log)
 
 
+def measure_analyses(plan: Plan, jobs: list[tuple[Condition, int, Job]], *, progress: bool = True,
+                     data: Any = None) -> None:
+    """The preset's further analyses (probe, fisher, ...) at each run's selectivity steps, resumable."""
+    log = _once()
+    data = data if data is not None else load_data(plan.base)
+    for name in plan.preset.analyses:
+        entry = analysis(name)
+        for cond, _seed, job in bar(jobs, desc=name, unit="run", progress=progress and dist.is_main()):
+            run_analysis(Run(job.out), entry.cls(), data=data, checkpoints=steps_text(plan.selectivity_steps(cond)),
+                         progress=False, log=log)
+
+
 def _layers_of(run: Run, cond: Condition) -> list[str]:
     """The read points of a condition's regularized stages."""
     if cond.layers is not None:
@@ -696,13 +719,16 @@ def run_windows(plan: Plan, *, progress: bool = True) -> dict[str, pd.DataFrame]
     t_sel = time.perf_counter() - t0 - t_train
     measure_accuracy(plan, jobs, progress=progress, data=data)
     t_acc = time.perf_counter() - t0 - t_train - t_sel
+    if plan.selectivity:
+        measure_analyses(plan, jobs, progress=progress, data=data)
+    t_more = time.perf_counter() - t0 - t_train - t_sel - t_acc
     tables = build_tables(plan, jobs)
 
     def write() -> None:
         for name, df in tables.items():
             write_table(plan.root / f"{name}.parquet", df)
         write_json(plan.root / "windows.json", _record(plan, {"training": t_train, "selectivity": t_sel,
-                                                              "accuracy": t_acc}))
+                                                              "accuracy": t_acc, "analyses": t_more}))
 
     dist.on_main(write)
     return tables
@@ -793,8 +819,11 @@ def build_tables(plan: Plan, jobs: list[tuple[Condition, int, Job]]) -> dict[str
     runs_df = pd.DataFrame(per_seed)
     sel_df = pd.concat(sel_rows, ignore_index=True) if sel_rows else pd.DataFrame(
         columns=["step", "epoch", "stage", "csi_mean", "eta2_mean", "n_units", "n_dead", "condition", "seed"])
-    return {"windows_runs": runs_df, "windows": condition_table(runs_df), "windows_verdicts": ws.verdicts(runs_df),
-            "windows_accuracy": pd.DataFrame(acc_rows), "windows_selectivity": sel_df}
+    tables = {"windows_runs": runs_df, "windows": condition_table(runs_df), "windows_verdicts": ws.verdicts(runs_df),
+              "windows_accuracy": pd.DataFrame(acc_rows), "windows_selectivity": sel_df}
+    if plan.preset.mechanism:
+        tables.update(mechanism_tables(runs_df, runs, summaries, plan.total, plan.steps_per_epoch))
+    return tables
 
 
 def _seed_row(plan: Plan, cond: Condition, seed: int, run: Run, acc: tuple[dict, dict], base_acc: tuple[dict, dict],
@@ -842,7 +871,7 @@ def condition_table(per_seed: pd.DataFrame) -> pd.DataFrame:
         return {k: v for k, v in ws.paired(g["final_test_acc"], g["base_final_test_acc"]).items() if k != "n"}
 
     first = ("condition", "kind", "alpha", "window", "start_step", "end_step", "start_fraction", "end_fraction",
-             "start_epoch", "end_epoch", "stage_set", "stages", "end_bn_batches")
+             "start_epoch", "end_epoch", "stage_set", "stages", "end_bn_batches", "rewind_to_step")
     out = pd.DataFrame(condition_rows(per_seed, first, AGGREGATE, harm))
     if out.empty:
         return out

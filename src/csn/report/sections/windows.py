@@ -113,10 +113,12 @@ def _windows_condition_table(t: pd.DataFrame) -> dict:
     pts = lambda x: _f(100 * x, 2) if _isnum(x) else "–"  # noqa: E731
     rows = []
     for r in t.to_dict("records"):
-        reg = r["alpha"] != 0
+        reg = r.get("kind", "suppress" if r["alpha"] != 0 else "baseline") != "baseline"
         ep = (f" (ep {r['start_epoch']:.3g}-{r['end_epoch']:.3g})" if _isnum(r.get("start_epoch")) and
               _isnum(r.get("end_epoch")) else "")
-        rows.append([r["condition"], _g(r["alpha"]), f"[{r['start_step']}, {r['end_step']}){ep}" if reg else "–",
+        window = (f"rewind at {r['end_step']} to {_g(r.get('rewind_to_step'))}" if r.get("kind") == "rewind" else
+                  f"[{r['start_step']}, {r['end_step']}){ep}")
+        rows.append([r["condition"], _g(r["alpha"]), window if reg else "–",
                      r["stages"] or "–", r["seeds"], _pm(r["final_test_acc_mean"], r["final_test_acc_se"], 4),
                      _pm(100 * r["harm_mean"], 100 * r["harm_se_paired"], 2) if reg else "–",
                      pts(r["harm_se_unpaired"]) if reg else "–",
