@@ -26,6 +26,9 @@ from csn.analysis.probe import (
 from csn.cli import main as cli
 from csn.core.units import default_layers
 from csn.errors import CsnError
+from csn.report.html import build_report
+from csn.report.page import Page
+from csn.report.sections.probe import probe_section
 from csn.runs.run import Run
 from tests.conftest import analyze
 
@@ -238,3 +241,13 @@ def test_csn_probe_command_with_plot(tiny_run):
     bad = runner.invoke(cli, ["probe", str(tiny_run), "--l2", "-1"])
     assert bad.exit_code == 2 and "error: --l2 must be > 0, got '-1'." in bad.output
     assert "--train-samples" in runner.invoke(cli, ["probe", "--help"]).output
+
+
+def test_report_shows_the_probe_section_with_a_probe_table(tiny_run, tmp_path):
+    """(Without a probe table the section returns None: test_registries builds the tiny run's page without one.)"""
+    assert probe_section(Page(tmp_path, [], None, print)) is None
+    analyze(Probe, tiny_run, train_samples=128, checkpoints="first,last", progress=False)
+    html = build_report([tiny_run], out=tmp_path / "after", progress=False).read_text()
+    assert 'id="probe"' in html and "Class information per stage (linear probe)" in html
+    assert html.index('id="probe"') > html.index('id="training"')
+    assert (tmp_path / "after" / "probe.png").is_file() and "could not be drawn" not in html
