@@ -136,11 +136,16 @@ def _newton_reference(x: np.ndarray, y: np.ndarray, k: int, l2: float) -> tuple[
 
 
 @pytest.mark.parametrize("l2", [1e-3, 0.1])
-def test_probe_equals_a_naive_newton_reference(l2):
-    gen = torch.Generator().manual_seed(3)
-    n, d, k = 240, 6, 3
+@pytest.mark.parametrize("correlated", [False, True])
+def test_probe_equals_a_naive_newton_reference(l2, correlated):
+    """Independent features, and features mixed by a random matrix (correlated: an ill-conditioned objective at
+    lambda 1e-3, where weights agree only if the fit runs to float64's limit, not just to GRAD_TOL)."""
+    gen = torch.Generator().manual_seed(5 if correlated else 3)
+    n, d, k = (300, 8, 4) if correlated else (240, 6, 3)
     y = torch.arange(n) % k
     x = torch.randn(n, d, generator=gen, dtype=torch.float64) + torch.randn(k, d, generator=gen, dtype=torch.float64)[y]
+    if correlated:
+        x = x @ torch.randn(d, d, generator=gen, dtype=torch.float64)
     xs, _, _ = standardize(x)
     fit = fit_probe(xs, y, k, l2)
     w, b, loss = _newton_reference(xs.numpy(), y.numpy(), k, l2)
