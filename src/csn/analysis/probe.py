@@ -37,7 +37,8 @@ Table:
                           bn_recalibrated
 
 acc / loss: top-1 accuracy and mean cross-entropy (nats) on the evaluation split; train_acc / train_loss the
-same on the training subset (without the penalty). Under torchrun every process computes the whole (small)
+same on the training subset (without the penalty). The activations are kept on the CPU (float32) and the fits run
+there in float64, whatever the model's device. Under torchrun every process computes the whole (small)
 probe of a checkpoint on the unsharded data, and rank 0 writes; `--distribute checkpoints` spreads the
 checkpoints over the processes instead.
 """

@@ -10,10 +10,13 @@ from csn.analysis.probe import Probe, describe_probe
 from csn.cli.options import CONTEXT, analysis_options, analysis_request, echo, rel
 from csn.report.fig_probe import probe_curves
 
+DISTRIBUTE = ("Under torchrun: every process computes each checkpoint's probes on the whole data and rank 0 writes "
+              "(split), or each process takes whole checkpoints (checkpoints: faster). Same rows either way.")
+
 
 @click.command("probe", context_settings=CONTEXT)
 @click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False))
-@analysis_options(Probe, plot=("plot", "log_epochs"))
+@analysis_options(Probe, plot=("plot", "log_epochs"), run_help={"distribute": DISTRIBUTE})
 def probe(runs, **values) -> None:
     """Linear-probe accuracy of each stage's units at every checkpoint -> tables/probe.parquet.
 
