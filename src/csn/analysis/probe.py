@@ -21,14 +21,15 @@ train the evaluation images include the probe's own):
   default 1e-3; the bias is not penalized). The penalty makes the objective strictly convex in W, so the
   optimum is unique and finite even where a stage separates its 2,000 training images perfectly (with
   hundreds of units it often does, and then the unpenalized optimum lies at infinity), and the result does
-  not depend on the solver. 1e-3 on standardized features is light (about scikit-learn's default C = 1 for
-  n = 500, C = 0.5 for n = 2,000), so it costs little accuracy, and it bounds the problem's condition number
-  so that the solver converges in a few hundred iterations. The softmax is unchanged by a shift shared by
+  not depend on the solver. 1e-3 on standardized features is light (scikit-learn's C = 1 / (lambda n): its
+  default C = 1 at n = 1,000, C = 0.5 at n = 2,000), so it costs little accuracy, and it bounds the problem's
+  condition number so that the solver converges in hundreds to about a thousand iterations. The softmax is unchanged by a shift shared by
   all biases, which the penalty does not fix: the biases are identified by sum_k b_k = 0;
 - the fit is full-batch L-BFGS with a strong-Wolfe line search in float64, from zero, for at most MAX_ITER
   iterations or until float64 rounding stops the line search (near a largest absolute gradient entry of 1e-9, on
   2,000 images): deterministic on a CPU. `iterations`, `grad_norm` (the largest absolute entry of the gradient of
-  W and b at the end) and `converged` (grad_norm <= GRAD_TOL = 1e-8) are recorded per row. The training subset must hold every class (else a bias has no finite optimum).
+  W and b at the end) and `converged` (grad_norm <= GRAD_TOL = 1e-8) are recorded per row. The training subset
+  must hold every class (else a bias has no finite optimum).
 
 Table:
 
