@@ -137,8 +137,9 @@ def test_a_dataset_format_registered_in_a_test_module_loads():
 # ------------------------------------------------------------------------------------------------
 
 OLD_ANALYSES = {"selectivity": "selectivity", "ablation": "ablate", "linearity": "linearity", "cka": "cka",
-                "accuracy": "accuracy", "sparsity": "sparsity"}
-"""Every Analysis subclass before the registry, with the command that runs it (sparsity had none: it gets one)."""
+                "accuracy": "accuracy", "sparsity": "sparsity", "probe": "probe"}
+"""Every Analysis subclass before the registry, with the command that runs it (sparsity had none: it gets one), and
+those added since (probe)."""
 
 
 def test_every_analysis_is_registered_where_it_is_defined():
@@ -202,9 +203,9 @@ def test_an_analysis_registered_in_a_test_module_is_a_csn_command(tiny_run):
 # report sections
 # ------------------------------------------------------------------------------------------------
 
-OLD_SECTIONS = ["configuration", "training", "selectivity", "ablation", "linearity", "regularization",
+OLD_SECTIONS = ["configuration", "training", "selectivity", "probe", "ablation", "linearity", "regularization",
                 "how early is early", "which regularizer", "cka"]
-"""The sections html.py built by hand before the registry, in page order."""
+"""The sections html.py built by hand before the registry, and those added since (probe), in page order."""
 
 
 def test_every_report_section_is_registered_in_its_own_module_in_page_order():
