@@ -62,7 +62,8 @@ one process up to the order of summation. --distribute checkpoints: each process
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -89,8 +90,10 @@ DEFAULT_SAMPLES = 1000
 """Examples of the split (a fixed seeded subset) the traces are measured on by default."""
 GRAD_BUDGET = 256 * 2**20
 """Bytes of per-example gradients one chunk may hold when --chunk is not given."""
-MAX_CHUNK = 32
-"""Largest default chunk: on CPU, larger chunks of vmapped gradients run slower (benchmarks/bench_fisher.py)."""
+ACT_BUDGET = 128 * 2**20
+"""Bytes of activations (module outputs) of one chunk's examples when --chunk is not given."""
+MAX_CHUNK = 512
+"""Largest default chunk."""
 OTHER, ALL = "other", "all"
 Labels = Literal["sampled", "true", "exact"]
 
@@ -116,8 +119,9 @@ class FisherOptions(Schema):
                            "information; default), true (the data's labels: the empirical Fisher), or exact (the "
                            "expectation over every class: C times the cost).")
     seed: Int = Field(FISHER_SEED, ge=0, description="Seed of the sampled labels (the same draw at every checkpoint).")
-    chunk: Int | None = Field(None, ge=1, description=f"Examples per vectorized gradient [default: at most {MAX_CHUNK}, "
-                              "fewer for large models]; changes speed and memory, not the result.",
+    chunk: Int | None = Field(None, ge=1, description="Examples per vectorized gradient [default: as many as fit 128 MiB "
+                              f"of activations and 256 MiB of per-example gradients, at most {MAX_CHUNK}]; changes "
+                              "speed and memory, not the result.",
                               json_schema_extra={"metavar": "N"})
 
 
@@ -177,7 +181,7 @@ def _squared_norms(model: nn.Module, labels: str) -> Callable[..., dict[str, Ten
 
     def per_label(params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor, extra: Tensor) -> dict[str, Tensor]:
         g = grad(score)(params, buffers, x, extra)
-        return {k: v.square().sum() for k, v in g.items()}
+        return {k: torch.linalg.vector_norm(v).square() for k, v in g.items()}  # one pass, faster than square().sum()
 
     def with_probs(params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
         lp = log_probs(params, buffers, x)
@@ -185,16 +189,84 @@ def _squared_norms(model: nn.Module, labels: str) -> Callable[..., dict[str, Ten
 
     def expected(params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor, extra: Tensor) -> dict[str, Tensor]:
         jac, p = jacrev(with_probs, has_aux=True)(params, buffers, x)  # jac: {name: [C, *shape]}
-        return {k: (p * v.flatten(1).square().sum(1)).sum() for k, v in jac.items()}
+        return {k: (p * torch.linalg.vector_norm(v.flatten(1), dim=1).square()).sum() for k, v in jac.items()}
 
     return expected if labels == "exact" else per_label
 
 
-def default_chunk(model: nn.Module, labels: str, num_classes: int) -> int:
-    """Examples per chunk: per-example gradients (times the classes for 'exact') within GRAD_BUDGET, at most
-    MAX_CHUNK."""
-    per_example = sum(p.numel() * p.element_size() for p in model.parameters()) * (num_classes if labels == "exact" else 1)
-    return int(max(1, min(MAX_CHUNK, GRAD_BUDGET // max(1, per_example))))
+def activation_bytes(model: nn.Module, example: Tensor) -> int:
+    """Bytes of the outputs of every leaf module for one example (one eval-mode forward without gradients): what
+    the backward pass of one example keeps, roughly."""
+    total = 0
+
+    def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+        nonlocal total
+        outs = output if isinstance(output, (tuple, list)) else [output]
+        total += sum(t.numel() * t.element_size() for t in outs if isinstance(t, Tensor))
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(example.unsqueeze(0))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return total
+
+
+class _AffineBatchNorm(nn.Module):
+    """An eval-mode BatchNorm as the per-channel affine map it is, y = x * s + (b - mean * s) with
+    s = w / sqrt(var + eps), holding the module's own parameters and buffers under their names (so gradients and
+    functional_call are the module's): its backward is two elementwise products and two sums, a fraction of
+    native_batch_norm_backward's (benchmarks/bench_fisher.py)."""
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm) -> None:
+        super().__init__()
+        self.eps = bn.eps
+        self.weight, self.bias = bn.weight, bn.bias
+        for name, buf in bn.named_buffers(recurse=False):
+            self.register_buffer(name, buf)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)  # the channel dimension of [N, C, ...]
+        scale = torch.rsqrt(self.running_var + self.eps)
+        if self.weight is not None:
+            scale = scale * self.weight
+        shift = -self.running_mean * scale
+        if self.bias is not None:
+            shift = shift + self.bias
+        return x * scale.view(shape) + shift.view(shape)
+
+
+@contextmanager
+def affine_batchnorm(model: nn.Module) -> Iterator[nn.Module]:
+    """The model with every eval-mode BatchNorm1d/2d/3d that reads running statistics replaced by
+    _AffineBatchNorm (the same function), restored on exit."""
+    swapped = []
+    for parent in model.modules():
+        for name, child in list(parent.named_children()):
+            if (type(child) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) and not child.training
+                    and child.running_mean is not None and child.running_var is not None):
+                setattr(parent, name, _AffineBatchNorm(child))
+                swapped.append((parent, name, child))
+    try:
+        yield model
+    finally:
+        for parent, name, child in swapped:
+            setattr(parent, name, child)
+
+
+def default_chunk(model: nn.Module, example: Tensor, labels: str, num_classes: int) -> int:
+    """Examples per chunk: their activations within ACT_BUDGET and their per-example gradients (times the classes
+    for 'exact') within GRAD_BUDGET, at most MAX_CHUNK. Large chunks amortize vmap's per-call overhead (what small
+    models pay for), chunks past the caches run slower (what large activations pay for): bench_fisher.py."""
+    per_class = num_classes if labels == "exact" else 1
+    grads = sum(p.numel() * p.element_size() for p in model.parameters()) * per_class
+    acts = activation_bytes(model, example) * per_class
+    return int(max(1, min(MAX_CHUNK, GRAD_BUDGET // max(1, grads), ACT_BUDGET // max(1, acts))))
 
 
 def fisher_sums(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], setup: FisherSetup,
@@ -202,22 +274,23 @@ def fisher_sums(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], setu
     """Per group (setup.groups' order), the sum over the examples of E_y ||grad_{w_group} log p(y|x)||^2 (float64,
     on `device`), and the number of examples. `batches` yields (x, extra): extra the uniforms [B] of 'sampled',
     the labels [B] of 'true', anything of [B] for 'exact'. The model is read in eval mode, its weights untouched."""
-    fn = vmap(_squared_norms(model, setup.labels), in_dims=(None, None, 0, 0))
     params = {k: v.detach() for k, v in model.named_parameters()}
     buffers = {k: v.detach() for k, v in model.named_buffers()}
     index = {name: i for i, names in enumerate(setup.groups.values()) for name in names}
+    fn = vmap(_squared_norms(model, setup.labels), in_dims=(None, None, 0, 0))
     sums = torch.zeros(len(setup.groups), dtype=torch.float64, device=device)
     n = 0
     was_training = model.training
     model.eval()
     try:
-        for x, extra in batches:
-            x, extra = to_device(x, device), to_device(extra, device)
-            for i in range(0, len(x), setup.chunk):
-                sq = fn(params, buffers, x[i:i + setup.chunk].contiguous(), extra[i:i + setup.chunk])
-                for name, v in sq.items():
-                    sums[index[name]] += v.double().sum()
-            n += len(x)
+        with affine_batchnorm(model):
+            for x, extra in batches:
+                x, extra = to_device(x, device), to_device(extra, device)
+                for i in range(0, len(x), setup.chunk):
+                    sq = fn(params, buffers, x[i:i + setup.chunk].contiguous(), extra[i:i + setup.chunk])
+                    for name, v in sq.items():
+                        sums[index[name]] += v.double().sum()
+                n += len(x)
     finally:
         model.train(was_training)
     if not torch.isfinite(sums).all():
@@ -290,7 +363,8 @@ class Fisher(Analysis):
             raise CsnError(f"run {ctx.run.name} records no number of classes (run.json data.num_classes); use "
                            "--labels sampled, or train it with csn.")
         classes = int(ctx.num_classes or 1)
-        ctx.own["chunk"] = o.chunk or default_chunk(model, o.labels, classes)
+        example = split_batch(split_of(ctx.data, o.split)[0])[0]
+        ctx.own["chunk"] = o.chunk or default_chunk(model, torch.as_tensor(example), o.labels, classes)
 
     def settings(self, ctx: Context) -> dict[str, dict[str, Any]]:
         o = self.options
@@ -324,4 +398,4 @@ class Fisher(Analysis):
 
 
 __all__ = ["FISHER_SEED", "DEFAULT_SAMPLES", "FISHER", "FisherOptions", "FisherSetup", "parameter_groups",
-           "label_uniforms", "sample_label", "default_chunk", "fisher_sums", "fisher_batches", "fisher_frame", "Fisher"]
+           "label_uniforms", "sample_label", "affine_batchnorm", "activation_bytes", "default_chunk", "fisher_sums", "fisher_batches", "fisher_frame", "Fisher"]
