@@ -91,7 +91,9 @@ def test_vmap_traces_equal_a_float64_loop_over_examples(labels, one_thread):
     x = torch.randn(13, 1, 8, 8, generator=g, dtype=torch.float64)
     y = label_uniforms(13, 5) if labels == "sampled" else torch.randint(0, 5, (13,), generator=g)
     batches = [(x[:6], y[:6]), (x[6:], y[6:])]  # chunks of 4 straddle the batches: the sums do not care
+    modules = list(model.modules())
     sums, n = fisher_sums(model, batches, FisherSetup(labels, groups, chunk=4))
+    assert list(model.modules()) == modules  # the BatchNorm modules are the model's own again (affine_batchnorm)
     assert n == 13 and sums.dtype == torch.float64
     ref = _loop_reference(model, x, y, labels, groups)
     assert (ref > 0).all()
@@ -263,3 +265,25 @@ def test_csn_fisher_command_writes_the_table_and_the_figure(tiny_run):
     mixed = runner.invoke(cli, ["fisher", str(tiny_run), "--checkpoints", "last", "--samples", "32", "--labels", "true"])
     assert mixed.exit_code == 2 and mixed.output.startswith("error: ") and "--labels" in mixed.output
     assert mixed.output.strip().count("\n") == 0
+
+
+def test_fisher_under_torchrun_equals_one_process(tiny_run_master, tmp_path):
+    """2 gloo processes, each its share of the examples (sums all-reduced) or whole checkpoints: the rows of one
+    process (the labels drawn from the same uniforms)."""
+    import json
+
+    from tests.test_distributed import _assert_tables_equal, _torchrun
+
+    runs = {k: tmp_path / k / "tiny" for k in ("single", "split", "ckpt")}
+    for d in runs.values():
+        shutil.copytree(tiny_run_master, d)
+    args = ["--checkpoints", "first,f0.5,last", "--samples", "50", "--quiet"]  # 50: shares of 25, 2 batches of 48 + 2
+    res = CliRunner().invoke(cli, ["fisher", str(runs["single"]), *args])
+    assert res.exit_code == 0, res.output
+    jobs = [["fisher", str(runs["split"]), *args], ["fisher", str(runs["ckpt"]), *args, "--distribute", "checkpoints"]]
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    p = _torchrun(tmp_path, "cli", str(tmp_path / "jobs.json"))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    single = Run(runs["single"]).read("fisher")
+    for k in ("split", "ckpt"):
+        _assert_tables_equal(single, Run(runs[k]).read("fisher"), f"fisher ({k})")

@@ -363,8 +363,11 @@ class Fisher(Analysis):
             raise CsnError(f"run {ctx.run.name} records no number of classes (run.json data.num_classes); use "
                            "--labels sampled, or train it with csn.")
         classes = int(ctx.num_classes or 1)
-        example = split_batch(split_of(ctx.data, o.split)[0])[0]
-        ctx.own["chunk"] = o.chunk or default_chunk(model, torch.as_tensor(example), o.labels, classes)
+        if o.chunk is None:
+            first = split_loader(split_of(ctx.data, o.split), 1, "cpu", run_seed=ctx.run.config.seed, workers=0)
+            ctx.own["chunk"] = default_chunk(model, split_batch(next(iter(first)))[0][0], o.labels, classes)
+        else:
+            ctx.own["chunk"] = o.chunk
 
     def settings(self, ctx: Context) -> dict[str, dict[str, Any]]:
         o = self.options
