@@ -16,6 +16,7 @@ from csn.analysis.fisher import (
     OTHER,
     Fisher,
     FisherSetup,
+    fisher_frame,
     fisher_sums,
     label_uniforms,
     parameter_groups,
@@ -55,11 +56,13 @@ def _inverse_cdf(p: list[float], u: float) -> int:
     return len(p) - 1
 
 
-def _loop_reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor, labels: str, groups: dict) -> np.ndarray:
+def _loop_reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor, labels: str,
+                    groups: dict) -> tuple[np.ndarray, np.ndarray]:
     """Per group, (1/N) sum_i sum_y w_y ||grad_group log p(y|x_i)||^2 by a plain loop over examples (and classes),
-    one autograd.grad per (example, label): w = p(y|x_i) over every class ('exact'), else the one label."""
+    one autograd.grad per (example, label): w = p(y|x_i) over every class ('exact'), else the one label; and the
+    per-example terms [N, G]."""
     params = dict(model.named_parameters())
-    out = np.zeros(len(groups))
+    out = np.zeros((len(x), len(groups)))
     for i in range(len(x)):
         lp = model(x[i:i + 1]).log_softmax(-1)[0]
         p = lp.detach().exp().tolist()
@@ -72,8 +75,8 @@ def _loop_reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor, labels: 
         for label, w in pairs:
             grads = dict(zip(params, torch.autograd.grad(lp[label], list(params.values()), retain_graph=True)))
             for j, names in enumerate(groups.values()):
-                out[j] += w * sum(float(grads[n].pow(2).sum()) for n in names)
-    return out / len(x)
+                out[i, j] += w * sum(float(grads[n].pow(2).sum()) for n in names)
+    return out.mean(0), out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -92,12 +95,17 @@ def test_vmap_traces_equal_a_float64_loop_over_examples(labels, one_thread):
     y = label_uniforms(13, 5) if labels == "sampled" else torch.randint(0, 5, (13,), generator=g)
     batches = [(x[:6], y[:6]), (x[6:], y[6:])]  # chunks of 4 straddle the batches: the sums do not care
     modules = list(model.modules())
-    sums, n = fisher_sums(model, batches, FisherSetup(labels, groups, chunk=4))
+    got = fisher_sums(model, batches, FisherSetup(labels, groups, chunk=4))
     assert list(model.modules()) == modules  # the BatchNorm modules are the model's own again (affine_batchnorm)
-    assert n == 13 and sums.dtype == torch.float64
-    ref = _loop_reference(model, x, y, labels, groups)
+    assert got.n == 13 and got.sums.dtype == torch.float64
+    ref, per = _loop_reference(model, x, y, labels, groups)
     assert (ref > 0).all()
-    np.testing.assert_allclose(sums.numpy() / n, ref, rtol=1e-10, atol=0)
+    np.testing.assert_allclose(got.sums.numpy() / got.n, ref, rtol=1e-10, atol=0)
+    squares = np.append((per**2).sum(0), (per.sum(1) ** 2).sum())  # per group, and of the sum over the groups
+    np.testing.assert_allclose(got.squares.numpy(), squares, rtol=1e-10, atol=0)
+    frame = fisher_frame(got, groups, {g: 1 for g in groups})
+    se = np.append(per.std(0, ddof=1), per.sum(1).std(ddof=1)) / np.sqrt(13)
+    np.testing.assert_allclose(frame["trace_se"].to_numpy(), se, rtol=1e-8)
     assert all(not p.requires_grad or p.grad is None for p in model.parameters())  # no .grad left behind
 
 
@@ -109,9 +117,9 @@ def test_sampled_labels_follow_the_uniforms_and_differ_from_true_labels(one_thre
     x = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     u = label_uniforms(8, 11)
     drawn = torch.tensor([_inverse_cdf(model(x[i:i + 1]).softmax(-1)[0].tolist(), float(u[i])) for i in range(8)])
-    a, _ = fisher_sums(model, [(x, u)], FisherSetup("sampled", groups, chunk=3))
-    b, _ = fisher_sums(model, [(x, drawn)], FisherSetup("true", groups, chunk=8))
-    c, _ = fisher_sums(model, [(x, (drawn + 1) % 5)], FisherSetup("true", groups, chunk=8))
+    a = fisher_sums(model, [(x, u)], FisherSetup("sampled", groups, chunk=3)).sums
+    b = fisher_sums(model, [(x, drawn)], FisherSetup("true", groups, chunk=8)).sums
+    c = fisher_sums(model, [(x, (drawn + 1) % 5)], FisherSetup("true", groups, chunk=8)).sums
     np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-12)
     assert not np.allclose(a.numpy(), c.numpy(), rtol=1e-3)
 
@@ -139,10 +147,11 @@ def test_softmax_regression_exact_and_true_fisher_have_closed_forms():
     with torch.no_grad():
         p = model(x).softmax(-1)
     sq_x, sq_p = x.pow(2).sum(1), p.pow(2).sum(1)
-    exact, n = fisher_sums(model, [(x, y)], FisherSetup("exact", groups, chunk=16))
+    exact = fisher_sums(model, [(x, y)], FisherSetup("exact", groups, chunk=16)).sums
+    n = 50
     expect = torch.stack([((1 - sq_p) * sq_x).mean(), (1 - sq_p).mean()])
     np.testing.assert_allclose(exact.numpy() / n, expect.numpy(), rtol=1e-12)
-    true, _ = fisher_sums(model, [(x, y)], FisherSetup("true", groups, chunk=16))
+    true = fisher_sums(model, [(x, y)], FisherSetup("true", groups, chunk=16)).sums
     p_y = p.gather(1, y[:, None])[:, 0]
     expect_true = torch.stack([((1 - 2 * p_y + sq_p) * sq_x).mean(), (1 - 2 * p_y + sq_p).mean()])
     np.testing.assert_allclose(true.numpy() / n, expect_true.numpy(), rtol=1e-12)
@@ -159,7 +168,7 @@ def test_sampled_fisher_is_unbiased_for_the_closed_form():
     u = label_uniforms(len(xs), 21)
     per = []
     for i in range(0, len(xs), 10):
-        s, _ = fisher_sums(model, [(xs[i:i + 10], u[i:i + 10])], FisherSetup("sampled", groups, chunk=10))
+        s = fisher_sums(model, [(xs[i:i + 10], u[i:i + 10])], FisherSetup("sampled", groups, chunk=10)).sums
         per.append(s.numpy() / 10)
     per = np.array(per)  # [reps, 2]: one sampled estimate of tr F per repetition
     with torch.no_grad():
@@ -186,7 +195,7 @@ def test_fisher_analysis_rows_resume_and_determinism(tiny_run, tmp_path):
         assert d.loc[ALL, "n_params"] == sum(p.numel() for p in model.parameters())
         assert d.loc[ALL, "trace"] == pytest.approx(d.drop(ALL)["trace"].sum(), rel=1e-12)
         assert d.loc[ALL, "n_params"] == d.drop(ALL)["n_params"].sum()
-        assert (d["trace"] > 0).all()
+        assert (d["trace"] > 0).all() and (d["trace_se"] > 0).all() and (d["trace_se"] < d["trace"]).all()
         assert d["trace_per_param"].to_numpy() == pytest.approx((d["trace"] / d["n_params"]).to_numpy())
     assert set(df["split"]) == {"test"} and set(df["labels"]) == {"sampled"} and set(df["n_images"]) == {48}
     assert set(df["seed"]) == {6151}

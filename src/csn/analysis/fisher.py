@@ -24,35 +24,45 @@ gets stage rows of 0 parameters and its weights counted in 'other' (one note say
   generator seeded with --seed (FISHER_SEED); u_i belongs to the example's place in the seeded subset, so the
   same examples get the same u_i at every checkpoint, in every run, in any chunking and under torchrun. Each term
   ||grad log p_w(y_i|x_i)||^2 is an unbiased one-sample Monte-Carlo estimate of the inner expectation, so the
-  mean is an unbiased estimate of tr F: the definition above, which is what Achille et al. measure (an
-  independent reconstruction of their measurement, RoniLeor/critical-learning-periods src/clp/fisher.py, draws
-  y from the model the same way). This is the default because it is the Fisher information.
+  mean is an unbiased estimate of tr F, the quantity Achille et al. define (an independent reconstruction of
+  their measurement, RoniLeor/critical-learning-periods src/clp/fisher.py, draws y from the model the same way;
+  its protocol notes say the paper's own per-layer curves used a noise-based variational approximation of the
+  Fisher instead, which csn does not implement: csn computes the definition directly). The default because it is
+  the Fisher information, and costs one gradient per example.
 - **true**: the data's labels y_i: the "empirical Fisher". It is not the Fisher: it measures the gradients of
   the data's labels, which for a model that does not yet fit the data (early training, exactly where the peak
   is) are the large gradients of its mistakes, not the curvature of its own predictive distribution (Kunstner,
   Hennig and Balles, NeurIPS 2019, "Limitations of the empirical Fisher approximation"). Kept for comparison
   with works that used it (e.g. EWC implementations).
 - **exact**: the inner expectation in closed form, sum_y p_w(y|x_i) ||grad log p_w(y|x_i)||^2 (one gradient per
-  class and example: about C times the cost of 'sampled' for C classes); no Monte-Carlo noise.
+  class and example: up to C times the cost of 'sampled' for C classes, about 8x for the fmnist ResNet-8 with
+  10); no label noise (trace_se is then the spread over the examples alone).
 
 Computation: per-example gradients with torch.func (functional_call + vmap + grad; jacrev over the classes for
 'exact'), in eval mode (BatchNorm with running statistics, re-estimated on a copy per the framework's BN policy
 like every analysis), in chunks of --chunk examples to bound memory, sums of squares accumulated in float64.
 For 'sampled' the label is drawn inside the vectorized function from the same forward pass (no extra pass).
-Cost on CPU: about 3 plain eval passes over the same examples ('sampled', 'true'); see
-benchmarks/bench_fisher.py.
+Eval-mode BatchNorm enters the vectorized function as the per-channel affine map it is (affine_batchnorm: the same
+function and parameters, a cheaper backward). Cost on one CPU thread (benchmarks/bench_fisher.py), fmnist
+ResNet-8, 1,000 images: about 2.7 plain eval passes in the analyses' batches of 1,000, 4 eval passes in the
+CPU's fastest batches (100); the floor of any per-example-gradient method is a forward and a backward pass
+(about 3), and vmap's per-example conv weight gradients (grouped convolutions) cost most of the rest. A model as
+small as the smoke preset's pays vmap's per-call overhead (about 5 eval passes, 0.2 s per 1,000 examples).
 
 Defaults: --split test and --samples 1000 (a fixed seeded subset, SUBSET_SEED, like the other analyses: the
 selectivity this is compared with is read on the test split; Achille et al.'s Q(x) is the training data, which
---split train measures; with sampled labels no label of the split is read, only its images).
+--split train measures; with sampled labels no label of the split is read, only its images). 1,000 examples
+keep a checkpoint at about 1.5 s on one CPU thread for the fmnist model while trace_se says how precise the
+estimate is; --samples all for more.
 
 Table:
 
-    tables/fisher.parquet  step, epoch, stage, trace, n_params, trace_per_param, split, labels, n_images, seed,
-                           bn_recalibrated
+    tables/fisher.parquet  step, epoch, stage, trace, trace_se, n_params, trace_per_param, split, labels, n_images,
+                           seed, bn_recalibrated
 
-One row per checkpoint and stage (the model's stages in order, then 'other', then 'all'); trace_per_param =
-trace / n_params (the mean diagonal entry of F_S; NaN for a stage without parameters); seed = --seed for
+One row per checkpoint and stage (the model's stages in order, then 'other', then 'all'); trace_se = the
+standard error of the trace over the N examples (and, for sampled labels, their draws): the sample standard
+deviation of the per-example terms / sqrt(N), to tell a peak from noise; trace_per_param = trace / n_params (the mean diagonal entry of F_S; NaN for a stage without parameters); seed = --seed for
 sampled labels, -1 otherwise (no label is drawn).
 
 Under torchrun (default --distribute split) every process computes its contiguous share of the examples (its
@@ -99,7 +109,7 @@ Labels = Literal["sampled", "true", "exact"]
 
 FISHER = TableSpec(
     "fisher",
-    {"step": "int64", "epoch": "float64", "stage": "str", "trace": "float64", "n_params": "int64",
+    {"step": "int64", "epoch": "float64", "stage": "str", "trace": "float64", "trace_se": "float64", "n_params": "int64",
      "trace_per_param": "float64", "split": "str", "labels": "str", "n_images": "int64", "seed": "int64",
      "bn_recalibrated": "int64"},
     key=("step", "stage"), settings=("split", "labels", "n_images", "seed"), row_settings=("bn_recalibrated",),
@@ -269,17 +279,35 @@ def default_chunk(model: nn.Module, example: Tensor, labels: str, num_classes: i
     return int(max(1, min(MAX_CHUNK, GRAD_BUDGET // max(1, grads), ACT_BUDGET // max(1, acts))))
 
 
+@dataclass
+class FisherSums:
+    """What the examples add up to (float64): per group (setup.groups' order) the sum over examples of
+    E_y ||grad_{w_group} log p(y|x)||^2 (`sums` [G]) and of its square (`squares` [G + 1], the last one that of the
+    sum over the groups), and the number of examples `n`. Sums, so shards add up (`reduce_`)."""
+
+    sums: Tensor
+    squares: Tensor
+    n: int
+
+    def reduce_(self) -> FisherSums:
+        """Sum every rank's sums in place (under torchrun; nothing in one process)."""
+        count = torch.tensor([float(self.n)], dtype=torch.float64, device=self.sums.device)
+        dist.all_reduce_tensors([self.sums, self.squares, count])
+        self.n = int(count.item())
+        return self
+
+
 def fisher_sums(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], setup: FisherSetup,
-                device: torch.device | str = "cpu") -> tuple[Tensor, int]:
-    """Per group (setup.groups' order), the sum over the examples of E_y ||grad_{w_group} log p(y|x)||^2 (float64,
-    on `device`), and the number of examples. `batches` yields (x, extra): extra the uniforms [B] of 'sampled',
+                device: torch.device | str = "cpu") -> FisherSums:
+    """The FisherSums of the examples of `batches`, which yields (x, extra): extra the uniforms [B] of 'sampled',
     the labels [B] of 'true', anything of [B] for 'exact'. The model is read in eval mode, its weights untouched."""
     params = {k: v.detach() for k, v in model.named_parameters()}
     buffers = {k: v.detach() for k, v in model.named_buffers()}
     index = {name: i for i, names in enumerate(setup.groups.values()) for name in names}
     fn = vmap(_squared_norms(model, setup.labels), in_dims=(None, None, 0, 0))
-    sums = torch.zeros(len(setup.groups), dtype=torch.float64, device=device)
-    n = 0
+    g = len(setup.groups)
+    out = FisherSums(torch.zeros(g, dtype=torch.float64, device=device),
+                     torch.zeros(g + 1, dtype=torch.float64, device=device), 0)
     was_training = model.training
     model.eval()
     try:
@@ -288,14 +316,18 @@ def fisher_sums(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], setu
                 x, extra = to_device(x, device), to_device(extra, device)
                 for i in range(0, len(x), setup.chunk):
                     sq = fn(params, buffers, x[i:i + setup.chunk].contiguous(), extra[i:i + setup.chunk])
+                    per = torch.zeros(len(x[i:i + setup.chunk]), g, dtype=torch.float64, device=device)
                     for name, v in sq.items():
-                        sums[index[name]] += v.double().sum()
-                n += len(x)
+                        per[:, index[name]] += v.double()
+                    per = torch.cat([per, per.sum(1, keepdim=True)], 1)
+                    out.sums += per[:, :g].sum(0)
+                    out.squares += per.square().sum(0)
+                out.n += len(x)
     finally:
         model.train(was_training)
-    if not torch.isfinite(sums).all():
+    if not (torch.isfinite(out.sums).all() and torch.isfinite(out.squares).all()):
         raise nonfinite_error("the Fisher information's gradients")
-    return sums, n
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -321,15 +353,19 @@ def fisher_batches(ctx: Context, options: FisherOptions) -> Iterable[tuple[Tenso
         yield x, extra
 
 
-def fisher_frame(sums: Tensor, n: int, groups: Mapping[str, Sequence[str]], sizes: Mapping[str, int]) -> pd.DataFrame:
-    """One row per group and one for ALL: stage, trace (sum / n), n_params, trace_per_param."""
-    total = sums.double().cpu().numpy() / n
+def fisher_frame(s: FisherSums, groups: Mapping[str, Sequence[str]], sizes: Mapping[str, int]) -> pd.DataFrame:
+    """One row per group and one for ALL: stage, trace (the mean over examples), trace_se (its standard error over
+    the examples: sample standard deviation / sqrt(n); NaN for one example), n_params, trace_per_param."""
+    n = s.n
+    total = s.sums.double().cpu().numpy() / n
     names = [*groups, ALL]
     trace = np.append(total, total.sum())
+    var = (s.squares.double().cpu().numpy() - n * trace**2) / (n - 1) if n > 1 else np.full(len(trace), np.nan)
+    se = np.sqrt(np.maximum(var, 0.0) / n)
     counts = np.array([sizes[g] for g in groups] + [sum(sizes.values())], dtype=np.int64)
     with np.errstate(divide="ignore", invalid="ignore"):
         per = np.where(counts > 0, trace / np.maximum(counts, 1), np.nan)
-    return pd.DataFrame({"stage": names, "trace": trace, "n_params": counts, "trace_per_param": per})
+    return pd.DataFrame({"stage": names, "trace": trace, "trace_se": se, "n_params": counts, "trace_per_param": per})
 
 
 @register_analysis()
@@ -385,14 +421,12 @@ class Fisher(Analysis):
         o = self.options
         am = ctx.model(ckpt)
         setup = FisherSetup(o.labels, ctx.own["groups"], ctx.own["chunk"])
-        sums, n = fisher_sums(am.model, fisher_batches(ctx, o), setup, ctx.device)
+        sums = fisher_sums(am.model, fisher_batches(ctx, o), setup, ctx.device)
         if ctx.shared:
-            counts = torch.tensor([float(n)], dtype=torch.float64, device=sums.device)
-            dist.all_reduce_tensors([sums, counts])
-            n = int(counts.item())
-        if n == 0:
+            sums.reduce_()
+        if sums.n == 0:
             raise CsnError("the evaluation data yielded no examples; measure on a non-empty split.")
-        df = fisher_frame(sums, n, ctx.own["groups"], ctx.own["sizes"])
+        df = fisher_frame(sums, ctx.own["groups"], ctx.own["sizes"])
         df.insert(0, "step", np.int64(ckpt.step))
         df.insert(1, "epoch", float(ckpt.epoch))
         return {"fisher": FISHER.frame(df.assign(
@@ -401,4 +435,4 @@ class Fisher(Analysis):
 
 
 __all__ = ["FISHER_SEED", "DEFAULT_SAMPLES", "FISHER", "FisherOptions", "FisherSetup", "parameter_groups",
-           "label_uniforms", "sample_label", "affine_batchnorm", "activation_bytes", "default_chunk", "fisher_sums", "fisher_batches", "fisher_frame", "Fisher"]
+           "label_uniforms", "sample_label", "affine_batchnorm", "activation_bytes", "default_chunk", "FisherSums", "fisher_sums", "fisher_batches", "fisher_frame", "Fisher"]

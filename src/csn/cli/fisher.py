@@ -21,7 +21,8 @@ def fisher(runs, **values) -> None:
     \b
     tr F_stage = (1/N) sum_i E_{y ~ p(y|x_i)} ||grad_{w_stage} log p(y|x_i)||^2 on N examples of the split
     (default: a fixed subset of 1,000 test images), per stage (the parameters of the modules at its read
-    points), 'other' (the rest) and 'all'; per-example gradients with torch.func, in eval mode.
+    points), 'other' (the rest) and 'all', with trace_se (standard error over the examples); per-example
+    gradients with torch.func, in eval mode.
     [Achille, Rovere, Soatto, ICLR 2019, Critical learning periods in deep networks]
 
     \b

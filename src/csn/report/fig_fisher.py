@@ -18,8 +18,9 @@ PANELS = (("trace", "tr F (stage weights)"), ("trace_per_param", "tr F / number 
 
 
 def fisher_figure(table: pd.DataFrame, out_dir: str | Path, *, name: str = "fisher", title: str = "") -> style.Figure:
-    """Two panels vs training step (symlog, step 0 shown): the trace of each stage's Fisher information, and the
-    trace per parameter; log y; 'all' in black. Stages without parameters are left out."""
+    """Two panels vs training step (symlog, step 0 shown): the trace of each stage's Fisher information (band: +-1
+    standard error over the examples), and the trace per parameter; log y; 'all' in black. Stages without
+    parameters are left out."""
     d = table[table["n_params"] > 0] if table is not None else None
     if d is None or d.empty:
         raise CsnError("the fisher table has no rows to draw; run `csn fisher RUN` first.")
@@ -33,8 +34,11 @@ def fisher_figure(table: pd.DataFrame, out_dir: str | Path, *, name: str = "fish
             y = s[column].to_numpy(dtype=float)
             keep = np.isfinite(y) & (y > 0)
             color = "#000000" if stage == "all" else style.STAGE_COLORS[i % len(style.STAGE_COLORS)]
-            ax.plot(s["step"].to_numpy()[keep], y[keep], marker="o", ms=3, color=color, label=stage,
-                    ls="--" if stage == "all" else "-")
+            x = s["step"].to_numpy()[keep]
+            ax.plot(x, y[keep], marker="o", ms=3, color=color, label=stage, ls="--" if stage == "all" else "-")
+            if column == "trace":  # +-1 standard error over the examples (and the sampled labels)
+                se = s["trace_se"].to_numpy(dtype=float)[keep]
+                ax.fill_between(x, np.maximum(y[keep] - se, y[keep] * 0.5), y[keep] + se, color=color, alpha=0.2, lw=0)
         ax.set_yscale("log")
         ax.set_xscale("symlog", linthresh=min(positive) if positive else 1)
         ax.set_xlabel("step (symlog)")
