@@ -44,7 +44,7 @@ like every analysis), in chunks of --chunk examples to bound memory, sums of squ
 For 'sampled' the label is drawn inside the vectorized function from the same forward pass (no extra pass).
 Eval-mode BatchNorm enters the vectorized function as the per-channel affine map it is (affine_batchnorm: the same
 function and parameters, a cheaper backward). Cost on one CPU thread (benchmarks/bench_fisher.py), fmnist
-ResNet-8, 1,000 images: about 2.7 plain eval passes in the analyses' batches of 1,000, 4 eval passes in the
+ResNet-8, 1,000 images: 2 to 2.7 plain eval passes in the analyses' batches of 1,000, about 4 to 4.3 in the
 CPU's fastest batches (100); the floor of any per-example-gradient method is a forward and a backward pass
 (about 3), and vmap's per-example conv weight gradients (grouped convolutions) cost most of the rest. A model as
 small as the smoke preset's pays vmap's per-call overhead (about 5 eval passes, 0.2 s per 1,000 examples).
