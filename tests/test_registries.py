@@ -137,9 +137,9 @@ def test_a_dataset_format_registered_in_a_test_module_loads():
 # ------------------------------------------------------------------------------------------------
 
 OLD_ANALYSES = {"selectivity": "selectivity", "ablation": "ablate", "linearity": "linearity", "cka": "cka",
-                "accuracy": "accuracy", "sparsity": "sparsity", "probe": "probe"}
+                "accuracy": "accuracy", "sparsity": "sparsity", "probe": "probe", "fisher": "fisher"}
 """Every Analysis subclass before the registry, with the command that runs it (sparsity had none: it gets one), and
-those added since (probe)."""
+the analyses added since (probe, fisher)."""
 
 
 def test_every_analysis_is_registered_where_it_is_defined():
