@@ -251,6 +251,11 @@ def test_seeds_are_bounded_before_anything_is_planned(seeds, message):
         parse_seeds(seeds)
 
 
+def test_a_list_of_seeds_is_a_list_even_of_one():
+    """[3] is seed 3 (a preset file's `seeds = [3]`), '3' and 3 are a count: seeds 0, 1, 2."""
+    assert parse_seeds([3]) == [3] and parse_seeds([0]) == [0] and parse_seeds("3") == parse_seeds(3) == [0, 1, 2]
+
+
 def test_windows_json_and_tables_record_the_design(experiment):
     """The map of the whole smoke preset (the earlier separate map of its suppression family trained the same runs)."""
     smoke_map = experiment[0]

@@ -63,6 +63,7 @@ from csn.core.times import TimePoint, number, parse_time, parse_times, resolve, 
 from csn.core.units import resolve_layers, stage_of, stages
 from csn.errors import CsnError, unknown
 from csn.experiments import conditions
+from csn.experiments import mechanism_stats as ms
 from csn.experiments import window_stats as ws
 from csn.experiments.claims import Spread
 from csn.experiments.conditions import BASELINE, Condition, condition_rows
@@ -90,9 +91,10 @@ every analysis uses)."""
 
 def parse_seeds(value: Any) -> list[int]:
     """'3' or 3 -> [0, 1, 2]; '0,1,5' or [0, 1, 5] -> those seeds (distinct, >= 0)."""
-    text = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value).strip()
+    is_list = isinstance(value, (list, tuple))
+    text = ",".join(map(str, value)) if is_list else str(value).strip()
     try:
-        if "," not in text:
+        if "," not in text and not is_list:
             n = int(text)
             if n < 1:
                 raise ValueError
@@ -168,8 +170,9 @@ class WindowsPreset(Schema):
     reg_reduce: Literal["sum", "mean"] = Field("sum", description="How alpha meets the regularized stages: sum (every "
                                                "stage gets alpha in full, so stage sets of different sizes compare) or "
                                                "mean (alpha split over them, as `csn train`'s default).")
-    analyses: list[str] = Field([], description="Registered analyses (e.g. probe, fisher) measured beside selectivity "
-                                "at the same checkpoints of every run, with their default options.")
+    analyses: dict[str, dict[str, Any]] = Field({}, description="Registered analyses (e.g. probe, fisher) measured "
+                                                "beside selectivity at the same checkpoints of every run: name -> its "
+                                                "options (those not given: the analysis's defaults).")
     mechanism: bool = Field(False, description="Answer the mechanism study's three questions "
                             "(csn.experiments.mechanism_stats): windows_mechanism*.parquet.")
     measure_checkpoints: str | None = Field(None, description="Checkpoints where selectivity is measured besides the "
@@ -187,7 +190,7 @@ class WindowsOptions(PresetRunnerOptions):
 
     preset: str = Field("fmnist", description="Windows preset: smoke (seconds; tests and a first look), fmnist (the "
                         "map on Fashion-MNIST, about 1 h 33 min on 2 CPU cores), mechanism-smoke or mechanism (suppression "
-                        "beside stage rewinds, README \"By which mechanism\", about 1 h 10 min).")
+                        "beside stage rewinds, README \"By which mechanism\", about 2 h 20 min).")
     alphas: Annotated[list[Float], CommaList] | None = Field(
         None, min_length=1, description="Regularizer strengths, comma-separated (loss = ce - alpha*R: < 0 suppresses, "
         "> 0 promotes) [default: the preset's conditions]. Giving --alphas, --windows or --stages replaces the preset's "
@@ -451,6 +454,8 @@ def make_plan(opts: WindowsOptions, overrides: Sequence[str] = ()) -> Plan:
                        f"stages with reg_reduce={pre.reg_reduce} (the same for every condition, so they compare), so drop "
                        "that override.")
     base = base.replace(reg_reduce=pre.reg_reduce)
+    for name, options in pre.analyses.items():  # an unknown analysis or option: one error before anything trains
+        analysis(name).cls(**options)
     data = load_data(base)
     spe, total = training_length(base, data)
     model = build_model_for(base, data_info(data))
@@ -606,8 +611,24 @@ def _shape_label(shape: dict) -> str:
     return f"suppression, alpha {fams}: {key[1]} window{'s' if key[1] > 1 else ''}, {late}"
 
 
+def mechanism_power_text(seeds: int) -> str:
+    """The mechanism questions' power at `seeds` (their own rules on simulated studies at the declared spreads)."""
+    lines = [f"the mechanism questions at {seeds} seeds (csn.experiments.mechanism_stats, rule set {ms.RULES_VERSION}, "
+             f"spreads {ms.MECHANISM_SPREAD}, effects {ms.EFFECTS}):"]
+    lines += [f"  {r['question']:<84} holds {r[I.HOLDS]:.2f}, does not hold {r[I.DOES_NOT_HOLD]:.2f}"
+              for r in ms.planned_power(seeds)]
+    return "\n".join(lines)
+
+
 def power_text(plan: Plan, shapes: list[dict]) -> str:
-    """The dry run's power section: per family shape and verdict, power, MDE and seeds needed."""
+    """The dry run's power section: per family shape and verdict, power, MDE and seeds needed (and the mechanism
+    questions' power for a mechanism preset)."""
+    if plan.preset.mechanism:
+        return _map_power_text(plan, shapes) + "\n" + mechanism_power_text(len(plan.seeds))
+    return _map_power_text(plan, shapes)
+
+
+def _map_power_text(plan: Plan, shapes: list[dict]) -> str:
     if not shapes:
         return "no regularized condition: no verdict to plan."
     pts = ws.EFFECTS
@@ -689,11 +710,11 @@ def measure_analyses(plan: Plan, jobs: list[tuple[Condition, int, Job]], *, prog
     """The preset's further analyses (probe, fisher, ...) at each run's selectivity steps, resumable."""
     log = _once()
     data = data if data is not None else load_data(plan.base)
-    for name in plan.preset.analyses:
+    for name, options in plan.preset.analyses.items():
         entry = analysis(name)
         for cond, _seed, job in bar(jobs, desc=name, unit="run", progress=progress and dist.is_main()):
-            run_analysis(Run(job.out), entry.cls(), data=data, checkpoints=steps_text(plan.selectivity_steps(cond)),
-                         progress=False, log=log)
+            run_analysis(Run(job.out), entry.cls(**options), data=data,
+                         checkpoints=steps_text(plan.selectivity_steps(cond)), progress=False, log=log)
 
 
 def _layers_of(run: Run, cond: Condition) -> list[str]:
