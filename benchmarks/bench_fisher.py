@@ -27,30 +27,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
+from bench_selectivity import interleaved  # the one interleaved timer of the benchmarks
 
 from csn.analysis.fisher import FisherSetup, default_chunk, fisher_sums, label_uniforms, parameter_groups
 from csn.models import create_model
 from csn.runs.config import preset
 
 MODELS = {"fmnist": (28, 10), "smoke": (12, 4)}  # preset: (image size, classes)
-
-
-def interleaved(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, list[tuple[float, float]]]:
-    """Warm every variant up once, then run them `reps` times interleaved (rotating order): (wall s, CPU s) per run."""
-    for fn in fns.values():
-        fn()
-    names = list(fns)
-    times: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
-    for r in range(reps):
-        for n in names[r % len(names):] + names[:r % len(names)]:
-            t0, c0 = time.perf_counter(), time.process_time()
-            fns[n]()
-            times[n].append((time.perf_counter() - t0, time.process_time() - c0))
-    return times
 
 
 def bench(name: str, args: argparse.Namespace) -> dict[str, float]:

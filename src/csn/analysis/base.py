@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import sys
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
@@ -35,7 +35,7 @@ from csn.core.bn import bn_note, bn_plan, has_batchnorm, recalibrate_bn
 from csn.core.progress import bar
 from csn.core.schema import AllIsNone, Int, Schema
 from csn.core.trace import TraceDict
-from csn.core.units import stages
+from csn.core.units import eval_mode, split_batch, stages, to_device
 from csn.data import BatchLoader, DataSplits
 from csn.data.loaders import in_memory, shard_split, split_loader, subset
 from csn.data.split import split_labels
@@ -174,6 +174,21 @@ def nonfinite_error(where: str) -> CsnError:
     """The one message for NaN or infinite values out of a model (a diverged checkpoint, or bad input data)."""
     return CsnError(f"{where} produced NaN or infinite activations; check the model's weights (a diverged "
                     "checkpoint?) and the input data.")
+
+
+def traced_batches(model: torch.nn.Module, loader: Iterable[Any], layers: Sequence[str],
+                   device: str | torch.device = "cpu") -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+    """One eval-mode, no-grad pass over `loader`: per batch ({layer: its traced output}, labels), every output
+    checked finite (a non-finite one: the one CsnError naming the layer)."""
+    with eval_mode(model), torch.no_grad(), TraceDict(model, list(layers)) as cache:
+        for item in loader:
+            x, y = split_batch(item)
+            cache.clear()
+            model(to_device(x, device))
+            for name in layers:
+                if not torch.isfinite(cache[name]).all():
+                    raise nonfinite_error(f"layer {name!r}")
+            yield {name: cache[name] for name in layers}, y
 
 
 def require_finite_outputs(model: torch.nn.Module, data: DataSplits, device: str | torch.device = "cpu") -> None:

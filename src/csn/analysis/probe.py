@@ -57,11 +57,10 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from csn.analysis.base import Analysis, Context, Samples, Split, eval_loader, nonfinite_error, split_of
+from csn.analysis.base import Analysis, Context, Samples, Split, eval_loader, split_of, traced_batches
 from csn.analysis.registry import register_analysis
 from csn.core.schema import CommaList, Float, Int, Schema
-from csn.core.trace import TraceDict
-from csn.core.units import eval_mode, resolve_layers, split_batch, stage_of, to_device
+from csn.core.units import resolve_layers, stage_of
 from csn.data.loaders import split_loader, subset
 from csn.data.split import split_labels
 from csn.data.validate import require_every_class
@@ -204,17 +203,10 @@ def collect_units(model: torch.nn.Module, loader: Iterable[Any], layers: list[st
     """One eval-mode, no-grad pass: ({layer: unit activations [N, U] (float32, CPU)}, labels [N])."""
     acts: dict[str, list[Tensor]] = {name: [] for name in layers}
     labels = []
-    with eval_mode(model), torch.no_grad(), TraceDict(model, layers) as cache:
-        for item in loader:
-            x, y = split_batch(item)
-            cache.clear()
-            model(to_device(x, device))
-            for name in layers:
-                a = cache[name]
-                if not torch.isfinite(a).all():
-                    raise nonfinite_error(f"layer {name!r}")
-                acts[name].append(a.float().cpu())
-            labels.append(y.cpu().long())
+    for out, y in traced_batches(model, loader, layers, device):
+        for name in layers:
+            acts[name].append(out[name].float().cpu())
+        labels.append(y.cpu().long())
     if not labels:
         raise CsnError("the data yielded no examples; measure on a non-empty split.")
     return {name: torch.cat(v) for name, v in acts.items()}, torch.cat(labels)

@@ -51,12 +51,11 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from csn.analysis.base import SUBSET_SEED, Analysis, Context, Samples, Split, nonfinite_error, split_of
+from csn.analysis.base import SUBSET_SEED, Analysis, Context, Samples, Split, split_of, traced_batches
 from csn.analysis.registry import register_analysis
 from csn.core.schema import CommaList, Int, Schema
 from csn.core.stats import EPS, STUDY_EPS, STUDY_GROUP, group_csi_nowait
-from csn.core.trace import TraceDict
-from csn.core.units import eval_mode, resolve_layers, split_batch, stage_of, to_device
+from csn.core.units import resolve_layers, stage_of
 from csn.data.loaders import split_loader, subset
 from csn.errors import CsnError
 from csn.runs.run import Checkpoint
@@ -156,16 +155,9 @@ def collect_sparsity(model: torch.nn.Module, loader: Iterable[Any], layers: list
     """One eval-mode, no-grad pass: per layer the running sums of sparsity and group_csi (groups of `group`) and
     batch_csi (groups of `batch`); the loader's batches must hold whole groups (a multiple of both sizes)."""
     sums = {name: _Sums() for name in layers}
-    with eval_mode(model), torch.no_grad(), TraceDict(model, layers) as cache:
-        for item in loader:
-            x, y = split_batch(item)
-            cache.clear()
-            model(to_device(x, device))
-            for name in layers:
-                acts = cache[name]
-                if not torch.isfinite(acts).all():
-                    raise nonfinite_error(f"layer {name!r}")
-                sums[name].add(acts, y.to(acts.device), num_classes, group, batch)
+    for out, y in traced_batches(model, loader, layers, device):
+        for name in layers:
+            sums[name].add(out[name], y.to(out[name].device), num_classes, group, batch)
     if any(s.live is None for s in sums.values()):
         raise CsnError("the evaluation data yielded no examples; measure on a non-empty split.")
     return sums
