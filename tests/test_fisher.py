@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import numpy as np
@@ -24,6 +25,9 @@ from csn.analysis.fisher import (
 from csn.cli import main as cli
 from csn.errors import CsnError
 from csn.models import create_model
+from csn.report.html import build_report
+from csn.report.page import Page
+from csn.report.sections.fisher import fisher_section
 from csn.runs import Run
 from tests.conftest import analyze
 
@@ -296,3 +300,17 @@ def test_fisher_under_torchrun_equals_one_process(tiny_run_master, tmp_path):
     single = Run(runs["single"]).read("fisher")
     for k in ("split", "ckpt"):
         _assert_tables_equal(single, Run(runs[k]).read("fisher"), f"fisher ({k})")
+
+
+def test_report_shows_the_fisher_section_with_a_fisher_table(tiny_run, tmp_path):
+    """No fisher table, no section; with one: the figure, and per stage the peak step read from the table."""
+    assert fisher_section(Page(tmp_path, [], None, print)) is None
+    res = CliRunner().invoke(cli, ["fisher", str(tiny_run), "--checkpoints", "first,last", "--samples", "32", "--quiet"])
+    assert res.exit_code == 0, res.output
+    html = build_report([tiny_run], out=tmp_path / "after", progress=False).read_text()
+    assert 'id="fisher"' in html and "Fisher information per stage" in html and "could not be drawn" not in html
+    t = Run(tiny_run).read("fisher")
+    layer1 = t[t["stage"] == "layer1"].sort_values("step")
+    peak = int(layer1["step"].iloc[int(np.argmax(layer1["trace"].to_numpy()))])
+    table = html[html.index('id="fisher"'):]
+    assert re.search(rf"<td>layer1</td>\s*<td>{peak}</td>", table), table[:2000]
