@@ -156,11 +156,12 @@ def simulate_rewind(sd: float = MECHANISM_SPREAD["acc_sd"], suppression: float =
     return sim
 
 
-def planned_power(seeds: int, studies: int = I.SIM_STUDIES) -> list[dict]:
-    """Per question: the power at `seeds` under the declared effect (EFFECTS) and the rate of the opposite verdict."""
+def planned_power(seeds: int, studies: int = I.SIM_STUDIES, acc_sd: float = MECHANISM_SPREAD["acc_sd"]) -> list[dict]:
+    """Per question: the power at `seeds` under the declared effect (EFFECTS) and the rate of the opposite verdict;
+    acc_sd: the per-run SD of final accuracy (the study's preset's run_sd)."""
     out = []
     for q, sim, effect in ((Q_PROBE, simulate_probe(), EFFECTS["probe"]), (Q_FISHER, simulate_lag(), EFFECTS["lag"]),
-                           (Q_REWIND, simulate_rewind(), EFFECTS["rewind"])):
+                           (Q_REWIND, simulate_rewind(acc_sd), EFFECTS["rewind"])):
         r = I.rates(sim, effect, seeds, studies)
         out.append({"question": q, "effect": effect, "seeds": seeds, **r})
     return out

@@ -611,12 +611,14 @@ def _shape_label(shape: dict) -> str:
     return f"suppression, alpha {fams}: {key[1]} window{'s' if key[1] > 1 else ''}, {late}"
 
 
-def mechanism_power_text(seeds: int) -> str:
-    """The mechanism questions' power at `seeds` (their own rules on simulated studies at the declared spreads)."""
+def mechanism_power_text(seeds: int, run_sd: float) -> str:
+    """The mechanism questions' power at `seeds` (their own rules on simulated studies at the declared spreads, the
+    accuracy's per-run SD `run_sd`)."""
+    spread = {**ms.MECHANISM_SPREAD, "acc_sd": run_sd}
     lines = [f"the mechanism questions at {seeds} seeds (csn.experiments.mechanism_stats, rule set {ms.RULES_VERSION}, "
-             f"spreads {ms.MECHANISM_SPREAD}, effects {ms.EFFECTS}):"]
+             f"spreads {spread}, effects {ms.EFFECTS}):"]
     lines += [f"  {r['question']:<84} holds {r[I.HOLDS]:.2f}, does not hold {r[I.DOES_NOT_HOLD]:.2f}"
-              for r in ms.planned_power(seeds)]
+              for r in ms.planned_power(seeds, acc_sd=run_sd)]
     return "\n".join(lines)
 
 
@@ -624,7 +626,7 @@ def power_text(plan: Plan, shapes: list[dict]) -> str:
     """The dry run's power section: per family shape and verdict, power, MDE and seeds needed (and the mechanism
     questions' power for a mechanism preset)."""
     if plan.preset.mechanism:
-        return _map_power_text(plan, shapes) + "\n" + mechanism_power_text(len(plan.seeds))
+        return _map_power_text(plan, shapes) + "\n" + mechanism_power_text(len(plan.seeds), plan.run_sd)
     return _map_power_text(plan, shapes)
 
 
