@@ -188,9 +188,10 @@ def get_windows_preset(name: str) -> WindowsPreset:
 class WindowsOptions(PresetRunnerOptions):
     """What `csn experiment windows` takes (its command-line options are built from these fields)."""
 
-    preset: str = Field("fmnist", description="Windows preset: smoke (seconds; tests and a first look), fmnist (the "
-                        "map on Fashion-MNIST, about 1 h 33 min on 2 CPU cores), mechanism-smoke or mechanism (suppression "
-                        "beside stage rewinds, README \"By which mechanism\", about 2 h 20 min).")
+    preset: str = Field("fmnist", description="Windows preset (`csn presets windows` lists them, each with its "
+                        "plan): smoke (seconds), fmnist (the critical-period map, about 1 h 33 min on 2 CPU cores), "
+                        "mechanism (suppression beside stage rewinds, README \"By which mechanism\", about 2 h 20 min), "
+                        "mechanism-pairs, mechanism-smoke.")
     alphas: Annotated[list[Float], CommaList] | None = Field(
         None, min_length=1, description="Regularizer strengths, comma-separated (loss = ce - alpha*R: < 0 suppresses, "
         "> 0 promotes) [default: the preset's conditions]. Giving --alphas, --windows or --stages replaces the preset's "
