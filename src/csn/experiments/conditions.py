@@ -146,7 +146,7 @@ def check_existing(jobs: Iterable[tuple[Condition, Job]], *, steps_per_epoch: in
 
 
 def condition_rows(per_seed: pd.DataFrame, first: Sequence[str], columns: Sequence[str],
-              paired: Callable[[pd.DataFrame], dict[str, float]] | None = None) -> list[dict[str, Any]]:
+                   paired: Callable[[pd.DataFrame], dict[str, float]] | None = None) -> list[dict[str, Any]]:
     """Per condition (in order of appearance): the `first` columns' values of its first row, its number of seeds,
     `paired(rows)` (e.g. the paired harm to the baseline), the mean (NaN values left out) and standard error over
     seeds of each of `columns` present, and every seed's final_test_acc."""

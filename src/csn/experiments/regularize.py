@@ -150,7 +150,7 @@ def condition_curves(runs_by_cond: dict[str, list[Run]], stages: list[str]) -> d
 def condition_table(per_seed: pd.DataFrame) -> pd.DataFrame:
     """Per condition: mean and standard error over seeds of final accuracy and selectivity, and every seed's accuracy."""
     return pd.DataFrame(condition_rows(per_seed, ("condition", "onset", "alpha"),
-                                  ("final_test_acc", "final_test_acc_eval", "final_csi", "final_eta2")))
+                                       ("final_test_acc", "final_test_acc_eval", "final_csi", "final_eta2")))
 
 
 @dataclass(frozen=True)
