@@ -17,7 +17,7 @@ from csn.runs.run import Run
 from csn.training import loop
 
 SHORTCUTS = ("dataset", "data_root", "model", "epochs", "optimizer", "seed", "checkpoints", "reg_alpha", "reg_window", "reg_schedule",
-             "reg_layers", "reg_mode", "reg_statistic", "reg_group", "reg_reduce", "device", "threads")
+             "reg_layers", "reg_mode", "reg_statistic", "reg_group", "reg_reduce", "device", "threads", "tracker")
 """Config keys that `csn train` also takes as --options."""
 
 

@@ -54,7 +54,7 @@ from csn.experiments.runner import (
 )
 from csn.experiments.study import PEAK, StudyConfig, load_study, select_steps, uses_peak
 from csn.models.external import require_trust, trusting_code
-from csn.runs.config import check_model, data_info, is_preset_checkpoints, load_data
+from csn.runs.config import EXECUTION_KEYS, check_model, data_info, is_preset_checkpoints, load_data
 from csn.runs.io import checksum_problem, sidecar, write_json
 from csn.runs.naming import run_name
 from csn.runs.run import Run, check_run_path, delete_run_files, foreign_files
@@ -536,10 +536,11 @@ def _prepare(rep: Reproduction, *, resume: bool, force: bool) -> None:
 
 
 def _comparable(record: dict) -> dict:
-    """The parts of reproduce.json a resumed reproduction must share (not how many runs train at once, devices, nor
-    what the plan assumes: declared costs and spread)."""
+    """The parts of reproduce.json a resumed reproduction must share (not how many runs train at once, how they
+    execute and are watched: EXECUTION_KEYS, e.g. devices and the tracker, nor what the plan assumes: declared costs
+    and spread)."""
     study = {k: v for k, v in record.get("reproduce_preset", {}).items() if k not in ("parallel", "costs", "spread")}
-    train = {k: v for k, v in record.get("train_config", {}).items() if k not in ("device", "threads", "workers")}
+    train = {k: v for k, v in record.get("train_config", {}).items() if k not in EXECUTION_KEYS}
     return {"study": study, "train": train, "seeds": record.get("settings", {}).get("seeds")}
 
 

@@ -11,7 +11,7 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, computed_field, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, computed_field, model_validator
 
 from csn.core import presets
 from csn.core.checkpoint_schedule import checkpoint_steps
@@ -24,8 +24,12 @@ from csn.data.validate import require_every_class
 from csn.errors import CsnError
 from csn.models import create_model, model_help
 from csn.models.external import require_trust, trusting_code
+from csn.runs.trackers import check_tracker, tracker_names
 
 WHAT = "config key"
+EXECUTION_KEYS = ("device", "threads", "workers", "tracker")
+"""Keys that say how a run is executed and watched, not what it computes: resume and the experiments ignore them
+when they compare a run's config with a request (TrainConfig.diff)."""
 
 
 def _layer_spec(v: Any) -> Any:
@@ -141,6 +145,10 @@ class TrainConfig(Schema):
     sync_bn: bool = True  # under torchrun on GPUs: SyncBatchNorm, so BN sees the global batch as in one process
     threads: Int | None = Field(None, ge=1, description="CPU threads for torch.")
     workers: Int = Field(8, ge=0)
+    tracker: Annotated[str, AfterValidator(check_tracker)] = Field(
+        "none", description=f"Also log training and analyses to a dashboard: {', '.join(tracker_names())} (files under "
+        "RUN/tracker/; pip install 'csn[tensorboard]' or 'csn[wandb]'). Not part of the run's identity.",
+        json_schema_extra={"metavar": "NAME"})
 
     @classmethod
     def from_dict(cls, d: typing.Mapping[str, Any]) -> TrainConfig:
@@ -194,7 +202,7 @@ class TrainConfig(Schema):
                            "momentum (e.g. momentum=0.9) or nesterov=false.")
         return self
 
-    def diff(self, other: TrainConfig, ignore: tuple[str, ...] = ("device", "threads", "workers"),
+    def diff(self, other: TrainConfig, ignore: tuple[str, ...] = EXECUTION_KEYS,
              steps_per_epoch: int | None = None) -> dict:
         """Keys whose values differ: {key: (self, other)}. Given the run's steps per epoch, two checkpoint
         schedules written differently that name the same steps (``1:end:0.5`` and ``f0.3333,f0.5,...``) are the
@@ -372,5 +380,5 @@ def check_model(cfg: TrainConfig, info: dict, *, trust_code: bool, where: str) -
         build_model_for(cfg, info)
 
 
-__all__ = ["TrainConfig", "preset", "is_preset_checkpoints", "read_config_file", "load_config_file", "load_data", "data_info",
+__all__ = ["TrainConfig", "EXECUTION_KEYS", "preset", "is_preset_checkpoints", "read_config_file", "load_config_file", "load_data", "data_info",
            "build_model_for", "check_model"]

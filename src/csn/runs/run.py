@@ -307,15 +307,19 @@ class Run:
         return p
 
 
+ANY_DEPTH = "**"
+"""A layout pattern: every file at any depth below its folder (symbolic links never followed nor counted)."""
 RUN_LAYOUT: dict[str, tuple[str, ...]] = {
     "tables": ("*.parquet", "*.safetensors", "*.safetensors" + SIDECAR),
     "report": ("index.html", "*.png", "*.svg"),
     "checkpoints": (MANIFEST, WEIGHTS_GLOB, STATE_GLOB, STATE_GLOB + SIDECAR),
+    "tracker": (ANY_DEPTH,),
     ".": ("run.json",),
 }
-"""The files csn writes in a run directory, by folder (glob patterns; plus the temporary files `.NAME.XXXX.tmp`
-of interrupted writes). `csn train --force` deletes these and nothing else, in this order (results first,
-run.json last, so a deletion stopped part-way still leaves a directory --force recognizes)."""
+"""The files csn writes in a run directory, by folder (glob patterns, or ANY_DEPTH: every file below the folder, for
+the trackers' own layouts; plus the temporary files `.NAME.XXXX.tmp` of interrupted writes). `csn train --force`
+deletes these and nothing else, in this order (results first, run.json last, so a deletion stopped part-way still
+leaves a directory --force recognizes)."""
 
 
 def _ours(path: Path, layout: dict[str, tuple[str, ...]]) -> list[Path]:
@@ -323,9 +327,13 @@ def _ours(path: Path, layout: dict[str, tuple[str, ...]]) -> list[Path]:
     ours: list[Path] = []
     for folder, patterns in layout.items():
         d = path / folder
-        if d.is_dir():
+        if d.is_dir() and not d.is_symlink() and ANY_DEPTH in patterns:
+            found = {Path(root, f) for root, _, files in os.walk(d) for f in files}
+        elif d.is_dir():
             found = {p for pattern in (*patterns, ".*.tmp") for p in d.glob(pattern)}
-            ours += sorted(p for p in found if p.is_file() and not p.is_symlink())
+        else:
+            continue
+        ours += sorted(p for p in found if p.is_file() and not p.is_symlink())
     return ours
 
 
@@ -357,8 +365,13 @@ def delete_run_files(path: str | Path, layout: dict[str, tuple[str, ...]] = RUN_
         p.unlink(missing_ok=True)
     for folder in layout:
         d = path / folder
-        if folder != "." and d.is_dir() and not any(d.iterdir()):
-            d.rmdir()
+        if folder != "." and d.is_dir():
+            for root, dirs, _ in os.walk(d, topdown=False):  # the folders below it first, once empty
+                for sub in (Path(root, x) for x in dirs):
+                    if not sub.is_symlink() and not any(sub.iterdir()):
+                        sub.rmdir()
+            if not any(d.iterdir()):
+                d.rmdir()
     return sorted(Path(root, f) for root, _, files in os.walk(path) for f in files if f != ".lock")
 
 

@@ -36,6 +36,7 @@ from csn.runs.lock import lock_holder, run_lock
 from csn.runs.naming import STATE_GLOB, state_file, weights_file
 from csn.runs.run import Checkpoint, Run, check_run_path, delete_run_files, load_weights, read_manifest, write_manifest
 from csn.runs.table import TableSpec
+from csn.runs.trackers import TRAIN, Tracker, open_tracker
 from csn.training.ddp import sync_batchnorm, wrap_ddp
 from csn.training.interventions import LOG_DEFAULTS, Context, Intervention, build_interventions
 
@@ -206,10 +207,14 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, force: boo
             try:
                 t.start()
             except BaseException:
+                t.close_tracker()
                 if dist.is_main() and fresh and not read_manifest(t.ckpt_dir):
                     delete_run_files(out)
                 raise
-            t.run(progress=progress, stop_after_step=stop_after_step)
+            try:
+                t.run(progress=progress, stop_after_step=stop_after_step)
+            finally:
+                t.close_tracker()
     except BaseException:
         for folder in made:  # innermost first; a folder something else wrote into stays
             if folder.is_dir() and not any(folder.iterdir()):
@@ -244,6 +249,7 @@ class _Training:
         self.step, self.logs = 0, []
         self.ckpt_dir = out / "checkpoints"
         self.manifest: list[Checkpoint] = []
+        self.tracker: Tracker | None = None
 
     def open(self, *, resume: bool) -> None:
         """With resume, restore the last checkpoint of the run directory; then check the disk (rank 0)."""
@@ -315,6 +321,8 @@ class _Training:
                       f"examples, so training differs slightly from one process with batch {cfg.batch_size}.",
                       file=sys.stderr)
             write_json(self.out / "run.json", self._run_json())
+        # the dashboard (cfg.tracker, rank 0): a resumed run appends from its last checkpoint's step
+        self.tracker = open_tracker(cfg.tracker, self.out, cfg.to_dict(), TRAIN, self.step)
         if self.step == 0 and not self.manifest:
             self.save_checkpoint(0, {})
 
@@ -394,6 +402,9 @@ class _Training:
         for intervention in self.interventions:
             line.update(intervention.log())
         self.logs.append(line)
+        if self.tracker is not None:  # train/loss, train/acc, train/lr, train/alpha, train/reg_value, ...
+            self.tracker.log(self.step, {f"train/{k.removeprefix('train_')}": v for k, v in line.items()
+                                         if k not in ("step", "time_s")})
         w.zero_()
         self.window_n = 0
 
@@ -421,6 +432,14 @@ class _Training:
         for old_state in ckpt_dir.glob(STATE_GLOB + "*"):  # keep only the newest optimizer state (+ checksum)
             if not old_state.name.startswith(state_file(step)):
                 old_state.unlink(missing_ok=True)
+        if self.tracker is not None:
+            self.tracker.log(step, {"test/acc": metrics["test_acc"], "test/loss": metrics["test_loss"]})
+
+    def close_tracker(self) -> None:
+        """Flush and close the dashboard's files (once; rank 0)."""
+        tracker, self.tracker = self.tracker, None
+        if tracker is not None:
+            tracker.close()
 
     def _run_json(self) -> dict:
         cfg = self.cfg
