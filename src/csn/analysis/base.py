@@ -14,7 +14,9 @@ is written once here, in `run_analysis`:
   written atomically under the run's writer lock;
 - torchrun: rank 0 reads and writes; every rank streams its shard of each checkpoint's evaluation
   split (`distribute="split"`) or takes whole checkpoints (`distribute="checkpoints"`);
-- progress, and errors that name the run and the checkpoint.
+- progress, and errors that name the run and the checkpoint;
+- the run's tracker (its config's `tracker`): after each checkpoint is written, the analysis's `summary` of that
+  checkpoint's rows (e.g. each stage's mean CSI) is logged to it at the checkpoint's step.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ from csn.data.validate import require_every_class
 from csn.errors import CsnError
 from csn.runs.lock import main_lock
 from csn.runs.run import Checkpoint, Run
-from csn.runs.table import PROVENANCE, ResumableTable, TableSpec
+from csn.runs.table import PROVENANCE, ResumableTable, TableSpec, tagged
+from csn.runs.trackers import NONE, Tracker, open_tracker
 
 SUBSET_SEED = 777
 """Seed of the fixed subset of an evaluation split that `--samples N` measures on (the same in every analysis)."""
@@ -350,6 +353,12 @@ class Analysis(ABC):
     def compute(self, ctx: Context, ckpt: Checkpoint, missing: Mapping[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
         """{table: rows} of one checkpoint; `missing` says which expected keys the tables lack."""
 
+    def summary(self, rows: Mapping[str, pd.DataFrame]) -> dict[str, float]:
+        """A few numbers of one checkpoint for the run's tracker (a dashboard), e.g. {'layer1/csi': mean CSI}, from
+        every row the tables hold for it ({table: rows}, by the table's declared name); logged as '<name>/<key>' at
+        the checkpoint's step. Default: none (the analysis logs nothing)."""
+        return {}
+
 
 @dataclass
 class Result:
@@ -435,15 +444,21 @@ def _execute(analysis: Analysis, ctx: Context) -> Result:
             ctx.log(msg)
         return todo, analysis.prepare(ctx, [by_step[s] for s, _ in todo])
 
-    def write(*all_rows: dict[str, pd.DataFrame] | None) -> None:
+    def write(*done: tuple[int, dict[str, pd.DataFrame]] | None) -> None:
         # The first declared (primary) table is written last: a checkpoint found there has its rows in every table.
-        for rows in all_rows:
+        for step, rows in (d for d in done if d is not None):
             for name in reversed(tables):
-                if rows and name in rows:
+                if name in rows:
                     tables[name].add(rows[name])
+            if tracker is not None:  # the summary of every row the checkpoint now has, at its step
+                tracker.log(step, {f"{tagged(analysis.name, tag)}/{k}": v for k, v in analysis.summary(
+                    {name: table.rows([step]) for name, table in tables.items()}).items()})
 
+    tracker: Tracker | None = None
     with main_lock(run.path, analysis.name):
         todo, ctx.state = dist.on_main(prepare)
+        with dist.same_outcome():
+            tracker = _open_tracker(analysis, ctx) if todo else None
         by_checkpoint = ctx.options.distribute == "checkpoints" and dist.is_dist()
         world, rank = dist.world_size(), dist.rank()
         mine = [t for i, t in enumerate(todo) if not by_checkpoint or i % world == rank]
@@ -456,19 +471,44 @@ def _execute(analysis: Analysis, ctx: Context) -> Result:
                     rows = None
                     with dist.same_outcome():
                         if i + rank < len(todo):
-                            rows = _compute(analysis, ctx, by_step[todo[i + rank][0]], todo[i + rank][1])
+                            step = todo[i + rank][0]
+                            rows = (step, _compute(analysis, ctx, by_step[step], todo[i + rank][1]))
                     dist.on_main(write, *dist.all_gather_objects(rows))
             else:
                 for step, missing in todo:
-                    dist.on_main(write, _compute(analysis, ctx, by_step[step], missing))
+                    dist.on_main(write, (step, _compute(analysis, ctx, by_step[step], missing)))
         finally:
             ctx.progress.close()
+            if tracker is not None:
+                tracker.close()
     out = {}
     for name, table in tables.items():
         if table.df is None:  # other ranks (rank 0 holds the table it wrote)
             table.load()
         out[table.name] = _rows_of(table, wanted[name])
     return Result(run, out, [s for s, _ in todo])
+
+
+def stage_summary(rows: pd.DataFrame, columns: Sequence[str], by: str = "stage") -> dict[str, float]:
+    """{'<stage>/<column>': the mean of the column over the rows of that stage}: an Analysis.summary's usual body."""
+    if rows.empty:
+        return {}
+    means = rows.groupby(by, sort=False)[list(columns)].mean()
+    return {f"{stage}/{col}": float(means.at[stage, col]) for stage in means.index for col in columns}
+
+
+def _open_tracker(analysis: Analysis, ctx: Context) -> Tracker | None:
+    """Rank 0: the run's tracker opened for this analysis, when the run names one and the analysis has a summary.
+    A tracker whose package is missing here (the run trained elsewhere) is left out with one note: the tables are
+    the analysis's product, the dashboard a copy of a few of their numbers."""
+    name = ctx.run.config.tracker
+    if name == NONE or type(analysis).summary is Analysis.summary or not dist.is_main():
+        return None
+    try:
+        return open_tracker(name, ctx.run.path, ctx.run.config.to_dict(), tagged(analysis.name, ctx.options.tag))
+    except CsnError as e:
+        ctx.log(f"note: {analysis.name} of {ctx.run.name} is not logged to its tracker: {e}")
+        return None
 
 
 def _check_provenance(ctx: Context, table: ResumableTable) -> None:
@@ -519,4 +559,5 @@ def _rows_of(table: ResumableTable, expected: pd.DataFrame) -> pd.DataFrame:
 __all__ = [
     "RunOptions", "Split", "Samples", "SPLITS", "SUBSET_SEED", "split_of", "eval_loader", "check_subset", "bn_loader", "AnalysisModel",
     "analysis_model", "require_finite_outputs", "nonfinite_error", "FIRST_BATCH", "run_bn_plan", "Context", "Analysis", "Result", "note", "run_analysis",
+    "stage_summary",
 ]

@@ -85,7 +85,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 
 from csn import dist
-from csn.analysis.base import SUBSET_SEED, Analysis, Context, Samples, Split, nonfinite_error, split_of
+from csn.analysis.base import SUBSET_SEED, Analysis, Context, Samples, Split, nonfinite_error, split_of, stage_summary
 from csn.analysis.registry import register_analysis
 from csn.core.schema import Int, Schema
 from csn.core.units import split_batch, stages, to_device
@@ -416,6 +416,10 @@ class Fisher(Analysis):
     def expected(self, ctx: Context, ckpt: Checkpoint) -> dict[str, pd.DataFrame]:
         keys = pd.DataFrame({"step": np.int64(ckpt.step), "stage": [*ctx.own["groups"], ALL]})
         return {"fisher": keys.assign(bn_recalibrated=np.int64(ctx.bn[ckpt.step]))}
+
+    def summary(self, rows: Mapping[str, pd.DataFrame]) -> dict[str, float]:
+        """Each stage's Fisher trace (and the whole model's, stage 'all')."""
+        return stage_summary(rows["fisher"], ("trace",))
 
     def compute(self, ctx: Context, ckpt: Checkpoint, missing: Mapping[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
         o = self.options

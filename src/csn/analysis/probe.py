@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from csn.analysis.base import Analysis, Context, Samples, Split, eval_loader, split_of, traced_batches
+from csn.analysis.base import Analysis, Context, Samples, Split, eval_loader, split_of, stage_summary, traced_batches
 from csn.analysis.registry import register_analysis
 from csn.core.schema import CommaList, Float, Int, Schema
 from csn.core.units import resolve_layers, stage_of
@@ -289,6 +289,10 @@ class Probe(Analysis):
     def expected(self, ctx: Context, ckpt: Checkpoint) -> dict[str, pd.DataFrame]:
         keys = pd.DataFrame({"step": np.int64(ckpt.step), "stage": list(ctx.own["stages"])})
         return {"probe": keys.assign(bn_recalibrated=np.int64(ctx.bn[ckpt.step]))}
+
+    def summary(self, rows: Mapping[str, pd.DataFrame]) -> dict[str, float]:
+        """Each stage's probe accuracy and loss on the evaluation split."""
+        return stage_summary(rows["probe"], ("acc", "loss"))
 
     def compute(self, ctx: Context, ckpt: Checkpoint, missing: Mapping[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
         o = self.options

@@ -25,7 +25,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from csn.analysis.base import Analysis, Context, Samples, Split, nonfinite_error
+from csn.analysis.base import Analysis, Context, Samples, Split, nonfinite_error, stage_summary
 from csn.analysis.registry import register_analysis
 from csn.core.progress import bar
 from csn.core.schema import CommaList, Schema
@@ -334,6 +334,10 @@ class Selectivity(Analysis):
         sel["n_images"] = np.int64(int(next(iter(stats.values())).counts.sum()))
         cm.insert(0, "step", np.int64(ckpt.step))
         return {"selectivity": sel, "class_means": cm}
+
+    def summary(self, rows: Mapping[str, pd.DataFrame]) -> dict[str, float]:
+        """Each stage's mean CSI and eta² over its units (dead units included, as in the table)."""
+        return stage_summary(rows["selectivity"], ("csi", "eta2"))
 
 
 # ------------------------------------------------------------------------------------------------
