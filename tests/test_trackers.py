@@ -181,3 +181,31 @@ def test_wandb_offline_holds_the_run(tmp_path, monkeypatch):
     assert last[("test/acc", end.step)] == end.metrics["test_acc"]
     sel = run.read("selectivity")
     assert last[("selectivity/layer2/csi", end.step)] == pytest.approx(sel[sel.stage == "layer2"]["csi"].mean(), abs=0)
+
+
+@pytest.mark.parametrize("command", [
+    ["experiment", "regularize", "--preset", "smoke", "--alpha", "-1", "--onsets", "step=0", "--seeds", "1"],
+    ["experiment", "windows", "--preset", "smoke", "--dry-run"],
+    ["experiment", "regime", "--preset", "smoke", "--dry-run"],
+    ["reproduce", "--preset", "smoke", "--dry-run"],
+])
+def test_the_commands_that_train_pass_tracker_into_every_runs_config(command, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(cli, [*command, "--tracker", "tensorbord"])
+    assert res.exit_code == 2 and "unknown tracker 'tensorbord' (closest: 'tensorboard')" in res.output, res.output
+    assert not any(tmp_path.iterdir())  # refused before anything is written
+
+
+def test_experiments_and_reproduce_reuse_runs_trained_with_another_tracker(tb_run, tmp_path):
+    from csn.experiments.conditions import check_existing, onset_condition
+    from csn.experiments.reproduce import _comparable
+    from csn.experiments.runner import Job
+
+    baseline = onset_condition(None)
+    job = Job(tiny_config(**REG), tb_run)  # the run was trained with tracker=tensorboard; the request names none
+    check_existing([(baseline, job)])  # no refusal
+    with pytest.raises(CsnError, match="was trained with seed 0, this experiment needs 1"):
+        check_existing([(baseline, Job(tiny_config(**{**REG, "seed": 1}), tb_run))])
+    record = {"train_config": tiny_config().to_dict(), "settings": {"seeds": 2}}
+    watched = {**record, "train_config": {**record["train_config"], "tracker": "wandb"}}
+    assert _comparable(record) == _comparable(watched)

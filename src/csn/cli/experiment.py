@@ -8,7 +8,16 @@ import click
 from pydantic import Field
 
 from csn import dist
-from csn.cli.options import CONTEXT, build, echo, exec_options, from_schema, trust_code_for_command
+from csn.cli.options import (
+    CONTEXT,
+    build,
+    echo,
+    exec_options,
+    from_schema,
+    tracker_option,
+    trust_code_for_command,
+    with_tracker,
+)
 from csn.core import presets
 from csn.core.schema import Float
 from csn.errors import CsnError
@@ -70,8 +79,9 @@ class RegularizeOptions(RunnerOptions):
 @experiment.command(context_settings=CONTEXT)
 @from_schema(RegularizeOptions, include=("preset", "alpha", "onsets", "seeds", "out", "parallel", "no_selectivity"))
 @exec_options("quiet")
+@tracker_option
 @click.argument("overrides", nargs=-1)
-def regularize(overrides, quiet, **values) -> None:
+def regularize(overrides, quiet, tracker, **values) -> None:
     """Baseline vs the selectivity regularizer from each onset, same seeds for every condition.
 
     Trains the unregularized baseline and one regularized condition per onset (finished runs are
@@ -86,7 +96,7 @@ def regularize(overrides, quiet, **values) -> None:
     dist.init_from_env()  # under torchrun: DDP training, sharded selectivity, rank 0 writes and reports
     with dist.same_outcome():
         o = build(RegularizeOptions, values)
-        base = get_preset(o.preset).override(list(overrides))
+        base = get_preset(o.preset).override(list(with_tracker(overrides, tracker)))
         seed_list = _parse_seeds(o.seeds)
         alpha, onsets = _study_defaults(o)
         onset_list = parse_onsets(onsets, *training_length(base))
@@ -125,8 +135,9 @@ def _parse_seeds(text: str) -> list[int]:
 
 @experiment.command(context_settings=CONTEXT)
 @from_schema(WindowsOptions)
+@tracker_option
 @click.argument("overrides", nargs=-1)
-def windows(overrides, **values) -> None:
+def windows(overrides, tracker, **values) -> None:
     """How early is early? The critical-period map of selectivity suppression.
 
     Trains the baseline and one condition per (alpha, window, stage set), the regularizer on only inside
@@ -153,7 +164,7 @@ def windows(overrides, **values) -> None:
     dist.init_from_env()  # under torchrun: DDP training, sharded selectivity, rank 0 writes and reports
     with dist.same_outcome():
         opts = build(WindowsOptions, values)
-        plan = make_plan(opts, overrides)
+        plan = make_plan(opts, with_tracker(overrides, tracker))
     echo(plan_text(plan), err=True)
     if opts.dry_run:
         echo(power_text(plan, planned_power(plan)))
@@ -169,8 +180,9 @@ def windows(overrides, **values) -> None:
 
 @experiment.command(context_settings=CONTEXT)
 @from_schema(rg.RegimeOptions)
+@tracker_option
 @click.argument("overrides", nargs=-1)
-def regime(overrides, **values) -> None:
+def regime(overrides, tracker, **values) -> None:
     """Which regularizer, which regime: where does suppressing selectivity early harm (claim C4 per cell)?
 
     Crosses two datasets (fashion-mnist, 10 classes; fmnist-pairs, 100 classes) with two regularizer
@@ -195,7 +207,7 @@ def regime(overrides, **values) -> None:
     dist.init_from_env()  # under torchrun: DDP training, one run after the other; rank 0 writes
     with dist.same_outcome():
         opts = build(rg.RegimeOptions, values)
-        plan = rg.make_plan(opts, overrides)
+        plan = rg.make_plan(opts, with_tracker(overrides, tracker))
     if opts.pilot:
         echo(rg.pilot_text_plan(plan), err=True)
         if not opts.dry_run:

@@ -158,6 +158,21 @@ def start(exec_opts: ExecOptions) -> torch.device:
     return dist.resolve_device(exec_opts.device)
 
 
+TRACKER_HELP = ("Also log every run's training and analyses to a dashboard: tensorboard or wandb (files under "
+                "RUN/tracker/; pip install 'csn[tensorboard]' or 'csn[wandb]'). Not part of a run's identity: finished "
+                "runs are reused, interrupted ones resumed.")
+
+
+def tracker_option(f: F) -> F:
+    """--tracker NAME on a command that trains runs (the training config key `tracker` of each, checked by it)."""
+    return click.option("--tracker", metavar="NAME", help=TRACKER_HELP)(f)
+
+
+def with_tracker(overrides: Iterable[str], tracker: str | None, key: str = "tracker") -> tuple[str, ...]:
+    """The command's key=value overrides with --tracker's (`key`: 'train.tracker' for a study's --set)."""
+    return (*overrides, f"{key}={tracker}") if tracker else tuple(overrides)
+
+
 def trust_code_for_command(enabled: bool) -> None:
     """--trust-code for the running command: code named by data (a run's 'package.module:factory') may be built
     until the command ends (the previous setting is restored when its click context closes)."""

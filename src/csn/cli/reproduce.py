@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from csn import dist
-from csn.cli.options import CONTEXT, echo, exec_options
+from csn.cli.options import CONTEXT, echo, exec_options, tracker_option, with_tracker
 from csn.errors import CsnError
 from csn.experiments.claims import verdict_table
 from csn.experiments.judge import judge
@@ -38,6 +38,7 @@ class ReproduceArgs:
     dry_run: bool
     quiet: bool
     trust_code: bool
+    tracker: str | None = None
 
 
 def _print_config(name: str) -> None:
@@ -76,6 +77,7 @@ def _print_config(name: str) -> None:
     "quiet": "Only the plan and the step lines, no progress bars.",
     "trust_code": "Let a model the study FILE names as 'package.module:factory' be imported and run (code named by "
                   "data runs only with this flag; --model typed here is explicit)."})
+@tracker_option
 def reproduce(**values) -> None:
     """Reproduce the study: train, measure, ablate, regularize, compare, judge, report.
 
@@ -118,7 +120,8 @@ def reproduce(**values) -> None:
     if a.print_config:
         _print_config(a.print_config)
         return
-    study = {"config": a.config_file, "dataset": a.dataset, "data_root": a.data_root, "model": a.model, "sets": a.sets,
+    study = {"config": a.config_file, "dataset": a.dataset, "data_root": a.data_root, "model": a.model,
+             "sets": with_tracker(a.sets, a.tracker, "train.tracker"),
              "seeds": a.seeds, "trust_code": a.trust_code}
     if a.dry_run:
         echo(plan_text(reproduction(a.preset, a.out, progress=False, **study)))
