@@ -11,7 +11,7 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BeforeValidator, Field, computed_field, model_validator
+from pydantic import BeforeValidator, Field, computed_field, model_validator
 
 from csn.core import presets
 from csn.core.checkpoint_schedule import checkpoint_steps
@@ -24,7 +24,7 @@ from csn.data.validate import require_every_class
 from csn.errors import CsnError
 from csn.models import create_model, model_help
 from csn.models.external import require_trust, trusting_code
-from csn.runs.trackers import check_tracker, tracker_names
+from csn.runs.trackers import tracker_names
 
 WHAT = "config key"
 EXECUTION_KEYS = ("device", "threads", "workers", "tracker")
@@ -145,10 +145,9 @@ class TrainConfig(Schema):
     sync_bn: bool = True  # under torchrun on GPUs: SyncBatchNorm, so BN sees the global batch as in one process
     threads: Int | None = Field(None, ge=1, description="CPU threads for torch.")
     workers: Int = Field(8, ge=0)
-    tracker: Annotated[str, AfterValidator(check_tracker)] = Field(
-        "none", description=f"Also log training and analyses to a dashboard: {', '.join(tracker_names())} (files under "
-        "RUN/tracker/; pip install 'csn[tensorboard]' or 'csn[wandb]'). Not part of the run's identity.",
-        json_schema_extra={"metavar": "NAME"})
+    tracker: Literal[tuple(tracker_names())] = Field(  # type: ignore[valid-type] - 'none' and the registered trackers
+        "none", description="Also log training and analyses to a dashboard (files under RUN/tracker/; pip install "
+        "'csn[tensorboard]' or 'csn[wandb]'). Not part of the run's identity.")
 
     @classmethod
     def from_dict(cls, d: typing.Mapping[str, Any]) -> TrainConfig:

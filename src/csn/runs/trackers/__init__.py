@@ -67,15 +67,8 @@ def register_tracker(name: str, *, extra: str) -> Callable[[type[Tracker]], type
 
 
 def tracker_names() -> list[str]:
-    """Valid values of the config key `tracker`: 'none' and every registered tracker."""
+    """Valid values of the config key `tracker` (its Literal type): 'none' and every registered tracker."""
     return [NONE, *TRACKERS.names()]
-
-
-def check_tracker(name: str) -> str:
-    """`name` when it names a tracker (or 'none'); else the one CsnError naming the valid ones."""
-    if name != NONE:
-        TRACKERS.get(name)
-    return name
 
 
 def require(module: str, tracker: str, extra: str) -> ModuleType:
@@ -110,5 +103,5 @@ def flat_config(config: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in config.items()}
 
 
-__all__ = ["Tracker", "TRACKERS", "register_tracker", "tracker_names", "check_tracker", "require", "open_tracker",
+__all__ = ["Tracker", "TRACKERS", "register_tracker", "tracker_names", "require", "open_tracker",
            "finite", "flat_config", "NONE", "FOLDER", "TRAIN"]
