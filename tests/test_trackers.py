@@ -209,3 +209,14 @@ def test_experiments_and_reproduce_reuse_runs_trained_with_another_tracker(tb_ru
     record = {"train_config": tiny_config().to_dict(), "settings": {"seeds": 2}}
     watched = {**record, "train_config": {**record["train_config"], "tracker": "wandb"}}
     assert _comparable(record) == _comparable(watched)
+
+
+def test_an_analysis_without_the_runs_tracker_installed_notes_it_and_computes(tb_run, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    shutil.copytree(tb_run, run_dir)
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    monkeypatch.delitem(sys.modules, "torch.utils.tensorboard", raising=False)
+    res = CliRunner().invoke(cli, ["selectivity", str(run_dir), "--checkpoints", "end", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert "note: selectivity of run is not logged to its tracker: tracker 'tensorboard' needs the tensorboard" in res.output
+    assert Run(run_dir).read("selectivity") is not None and not (run_dir / "tracker" / "tensorboard" / "selectivity").exists()
