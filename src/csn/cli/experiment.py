@@ -8,11 +8,21 @@ import click
 from pydantic import Field
 
 from csn import dist
-from csn.cli.options import CONTEXT, build, echo, exec_options, from_schema, trust_code_for_command
+from csn.cli.options import (
+    CONTEXT,
+    build,
+    echo,
+    exec_options,
+    from_schema,
+    launcher_options,
+    launcher_request,
+    trust_code_for_command,
+)
 from csn.core import presets
 from csn.core.schema import Float
 from csn.errors import CsnError
 from csn.experiments import regime as rg
+from csn.experiments.launcher import Submitted
 from csn.experiments.regularize import (
     OnsetGrid,
     condition_curves,
@@ -70,6 +80,7 @@ class RegularizeOptions(RunnerOptions):
 @experiment.command(context_settings=CONTEXT)
 @from_schema(RegularizeOptions, include=("preset", "alpha", "onsets", "seeds", "out", "parallel", "no_selectivity"))
 @exec_options("quiet")
+@launcher_options()
 @click.argument("overrides", nargs=-1)
 def regularize(overrides, quiet, **values) -> None:
     """Baseline vs the selectivity regularizer from each onset, same seeds for every condition.
@@ -85,6 +96,7 @@ def regularize(overrides, quiet, **values) -> None:
     """
     dist.init_from_env()  # under torchrun: DDP training, sharded selectivity, rank 0 writes and reports
     with dist.same_outcome():
+        launcher = launcher_request(values)
         o = build(RegularizeOptions, values)
         base = get_preset(o.preset).override(list(overrides))
         seed_list = _parse_seeds(o.seeds)
@@ -92,8 +104,13 @@ def regularize(overrides, quiet, **values) -> None:
         onset_list = parse_onsets(onsets, *training_length(base))
     root = Path(o.out) if o.out else Path("runs") / f"regularize-{o.preset}"
     check_run_path(root, "--out")
-    grid = OnsetGrid(alpha, onset_list, seed_list, root, parallel=o.parallel, selectivity=not o.no_selectivity)
-    per_seed, table, grouped = regularize_experiment(base, grid, progress=not quiet)
+    grid = OnsetGrid(alpha, onset_list, seed_list, root, parallel=o.parallel, selectivity=not o.no_selectivity,
+                     launcher=launcher)
+    try:
+        per_seed, table, grouped = regularize_experiment(base, grid, progress=not quiet)
+    except Submitted as e:
+        echo(e.text())
+        return
     if dist.is_main():
         stages = regularized_stages(next(r for runs in grouped.values() for r in runs))
         regularize_figures(condition_curves(grouped, stages), {c.name: c.onset for c in grid.conditions},
@@ -125,6 +142,7 @@ def _parse_seeds(text: str) -> list[int]:
 
 @experiment.command(context_settings=CONTEXT)
 @from_schema(WindowsOptions)
+@launcher_options()
 @click.argument("overrides", nargs=-1)
 def windows(overrides, **values) -> None:
     """How early is early? The critical-period map of selectivity suppression.
@@ -152,13 +170,18 @@ def windows(overrides, **values) -> None:
     """
     dist.init_from_env()  # under torchrun: DDP training, sharded selectivity, rank 0 writes and reports
     with dist.same_outcome():
+        launcher = launcher_request(values)
         opts = build(WindowsOptions, values)
         plan = make_plan(opts, overrides)
     echo(plan_text(plan), err=True)
     if opts.dry_run:
         echo(power_text(plan, planned_power(plan)))
         return
-    tables = run_windows(plan, progress=not opts.quiet)
+    try:
+        tables = run_windows(plan, progress=not opts.quiet, launcher=launcher)
+    except Submitted as e:
+        echo(e.text())
+        return
     if dist.is_main():
         build_report([plan.root], out=plan.root / "report", progress=not opts.quiet)
     echo(heatmap_text(tables["windows"]))
@@ -169,6 +192,7 @@ def windows(overrides, **values) -> None:
 
 @experiment.command(context_settings=CONTEXT)
 @from_schema(rg.RegimeOptions)
+@launcher_options()
 @click.argument("overrides", nargs=-1)
 def regime(overrides, **values) -> None:
     """Which regularizer, which regime: where does suppressing selectivity early harm (claim C4 per cell)?
@@ -194,18 +218,27 @@ def regime(overrides, **values) -> None:
     """
     dist.init_from_env()  # under torchrun: DDP training, one run after the other; rank 0 writes
     with dist.same_outcome():
+        launcher = launcher_request(values)
         opts = build(rg.RegimeOptions, values)
         plan = rg.make_plan(opts, overrides)
     if opts.pilot:
         echo(rg.pilot_text_plan(plan), err=True)
         if not opts.dry_run:
-            echo(rg.pilot_text(rg.run_pilot(plan, progress=not opts.quiet)))
+            try:
+                echo(rg.pilot_text(rg.run_pilot(plan, progress=not opts.quiet, launcher=launcher)))
+            except Submitted as e:
+                echo(e.text())
+                return
             echo(f"tables: {plan.root / 'pilot' / 'pilot.parquet'}, {plan.root / 'pilot' / 'pilot_runs.parquet'}")
         return
     echo(rg.plan_text(plan), err=True)
     if opts.dry_run:
         return
-    tables = rg.run_regime(plan, progress=not opts.quiet)
+    try:
+        tables = rg.run_regime(plan, progress=not opts.quiet, launcher=launcher)
+    except Submitted as e:
+        echo(e.text())
+        return
     if dist.is_main():
         build_report([plan.root], out=plan.root / "report", progress=not opts.quiet)
     echo(rg.cell_text(tables["regime"]))

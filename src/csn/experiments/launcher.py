@@ -86,8 +86,7 @@ class LauncherOptions(Schema):
         for pair in v:
             key, eq, _ = pair.partition("=")
             if not eq or not key.strip():
-                raise ValueError(f"each value is KEY=VALUE (an sbatch option without its dashes, e.g. qos=high), "
-                                 f"got {pair!r}")
+                raise ValueError("each value is KEY=VALUE (an sbatch option without its dashes, e.g. qos=high)")
         return v
 
     @model_validator(mode="after")
@@ -127,7 +126,18 @@ class LauncherOptions(Schema):
 
 class Submitted(Exception):  # noqa: N818 (not an error: the command's outcome under --no-wait)
     """Raised by train_jobs under --no-wait when runs are left training on Slurm: what follows the training cannot
-    run yet. Its message says which jobs and how to collect them; the command prints it and exits 0."""
+    run yet. text() says which jobs and how to collect them; the command prints it and exits 0."""
+
+    def __init__(self, job_ids: list[str], new: int, folder: Path) -> None:
+        super().__init__(job_ids, new, folder)
+        self.job_ids, self.new, self.folder = job_ids, new, folder
+
+    def text(self, again: str = "run the same command again") -> str:
+        return (f"{len(self.job_ids)} training run(s) on Slurm ({self.new} submitted now: jobs "
+                f"{', '.join(self.job_ids)}; logs in {self.folder}); {again} to wait for them and go on.")
+
+    def __str__(self) -> str:
+        return self.text()
 
 
 class TrainRun(Checkpointable):
@@ -265,15 +275,10 @@ class _Slurm:
             with _cancel_on_error(submitted):
                 found = self.attach_or_submit(jobs, submitted)
                 if self.launcher.no_wait:
-                    raise Submitted(self.submitted_text(found, len(submitted)))
+                    raise Submitted([j.job_id for j in found.values()], len(submitted), self.folder)
                 self.wait(jobs, found, pbar)
         finally:
             pbar.close()
-
-    def submitted_text(self, found: dict[str, Any], new: int) -> str:
-        ids = ", ".join(j.job_id for j in found.values())
-        return (f"{len(found)} training run(s) on Slurm ({new} submitted now; jobs {ids}; logs in {self.folder}); "
-                "run the same command again to wait for them and go on.")
 
     def wait(self, jobs: list[Job], found: dict[str, Any], pbar: _SlurmBar) -> None:
         left, failed, seen = dict(found), [], {k: time.monotonic() for k in found}
