@@ -91,7 +91,7 @@ class LauncherOptions(Schema):
 
     @model_validator(mode="after")
     def _slurm_options(self) -> LauncherOptions:
-        given = [f for f in SLURM_ONLY if f in self.model_fields_set and getattr(self, f) != self.model_fields[f].default]
+        given = [f for f in SLURM_ONLY if f in self.model_fields_set and getattr(self, f) != type(self).model_fields[f].default]
         if self.launcher == "local" and given:
             raise ValueError(f"--{given[0].replace('_', '-')} is an option of --launcher slurm; add --launcher "
                              "slurm or leave it out")
