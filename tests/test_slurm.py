@@ -182,3 +182,11 @@ def test_reproduce_on_slurm_equals_local(slurm, tmp_path):
     res = CliRunner().invoke(cli, args + ["--out", str(tmp_path / "slurm"), "--launcher", "slurm"])
     assert res.exit_code == 0, res.output
     same_outputs(tmp_path / "local", tmp_path / "slurm")
+
+
+def test_slurm_under_torchrun_is_refused_before_anything_is_written(monkeypatch, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    res = CliRunner().invoke(cli, ["reproduce", "--preset", "smoke", "--launcher", "slurm", "--out", str(tmp_path / "r")])
+    assert res.exit_code != 0 and not (tmp_path / "r").exists()
+    assert res.output.strip() == ("error: --launcher slurm submits jobs that start their own processes; run the "
+                                  "command without torchrun.")

@@ -159,7 +159,7 @@ def need_submitit() -> None:
     """Refuse --launcher slurm without submitit, and under torchrun (the jobs bring their own processes)."""
     if submitit is None:
         raise CsnError(f"--launcher slurm needs submitit, which is not installed; run `{INSTALL}`.")
-    if dist.is_dist():
+    if dist.is_dist() or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:  # under torchrun, joined or not yet
         raise CsnError("--launcher slurm submits jobs that start their own processes; run the command without "
                        "torchrun.")
 
