@@ -14,6 +14,8 @@ from csn.cli.options import (
     echo,
     exec_options,
     from_schema,
+    launcher_options,
+    launcher_request,
     tracker_option,
     trust_code_for_command,
     with_tracker,
@@ -22,6 +24,7 @@ from csn.core import presets
 from csn.core.schema import Float
 from csn.errors import CsnError
 from csn.experiments import regime as rg
+from csn.experiments.launcher import Submitted
 from csn.experiments.regularize import (
     OnsetGrid,
     condition_curves,
@@ -80,6 +83,7 @@ class RegularizeOptions(RunnerOptions):
 @from_schema(RegularizeOptions, include=("preset", "alpha", "onsets", "seeds", "out", "parallel", "no_selectivity"))
 @exec_options("quiet")
 @tracker_option
+@launcher_options()
 @click.argument("overrides", nargs=-1)
 def regularize(overrides, quiet, tracker, **values) -> None:
     """Baseline vs the selectivity regularizer from each onset, same seeds for every condition.
@@ -95,6 +99,7 @@ def regularize(overrides, quiet, tracker, **values) -> None:
     """
     dist.init_from_env()  # under torchrun: DDP training, sharded selectivity, rank 0 writes and reports
     with dist.same_outcome():
+        launcher = launcher_request(values)
         o = build(RegularizeOptions, values)
         base = get_preset(o.preset).override(list(with_tracker(overrides, tracker)))
         seed_list = _parse_seeds(o.seeds)
@@ -102,8 +107,13 @@ def regularize(overrides, quiet, tracker, **values) -> None:
         onset_list = parse_onsets(onsets, *training_length(base))
     root = Path(o.out) if o.out else Path("runs") / f"regularize-{o.preset}"
     check_run_path(root, "--out")
-    grid = OnsetGrid(alpha, onset_list, seed_list, root, parallel=o.parallel, selectivity=not o.no_selectivity)
-    per_seed, table, grouped = regularize_experiment(base, grid, progress=not quiet)
+    grid = OnsetGrid(alpha, onset_list, seed_list, root, parallel=o.parallel, selectivity=not o.no_selectivity,
+                     launcher=launcher)
+    try:
+        per_seed, table, grouped = regularize_experiment(base, grid, progress=not quiet)
+    except Submitted as e:
+        echo(e.text())
+        return
     if dist.is_main():
         stages = regularized_stages(next(r for runs in grouped.values() for r in runs))
         regularize_figures(condition_curves(grouped, stages), {c.name: c.onset for c in grid.conditions},
@@ -136,6 +146,7 @@ def _parse_seeds(text: str) -> list[int]:
 @experiment.command(context_settings=CONTEXT)
 @from_schema(WindowsOptions)
 @tracker_option
+@launcher_options()
 @click.argument("overrides", nargs=-1)
 def windows(overrides, tracker, **values) -> None:
     """How early is early? The critical-period map of selectivity suppression.
@@ -163,13 +174,18 @@ def windows(overrides, tracker, **values) -> None:
     """
     dist.init_from_env()  # under torchrun: DDP training, sharded selectivity, rank 0 writes and reports
     with dist.same_outcome():
+        launcher = launcher_request(values)
         opts = build(WindowsOptions, values)
         plan = make_plan(opts, with_tracker(overrides, tracker))
     echo(plan_text(plan), err=True)
     if opts.dry_run:
         echo(power_text(plan, planned_power(plan)))
         return
-    tables = run_windows(plan, progress=not opts.quiet)
+    try:
+        tables = run_windows(plan, progress=not opts.quiet, launcher=launcher)
+    except Submitted as e:
+        echo(e.text())
+        return
     if dist.is_main():
         build_report([plan.root], out=plan.root / "report", progress=not opts.quiet)
     echo(heatmap_text(tables["windows"]))
@@ -181,6 +197,7 @@ def windows(overrides, tracker, **values) -> None:
 @experiment.command(context_settings=CONTEXT)
 @from_schema(rg.RegimeOptions)
 @tracker_option
+@launcher_options()
 @click.argument("overrides", nargs=-1)
 def regime(overrides, tracker, **values) -> None:
     """Which regularizer, which regime: where does suppressing selectivity early harm (claim C4 per cell)?
@@ -206,18 +223,27 @@ def regime(overrides, tracker, **values) -> None:
     """
     dist.init_from_env()  # under torchrun: DDP training, one run after the other; rank 0 writes
     with dist.same_outcome():
+        launcher = launcher_request(values)
         opts = build(rg.RegimeOptions, values)
         plan = rg.make_plan(opts, with_tracker(overrides, tracker))
     if opts.pilot:
         echo(rg.pilot_text_plan(plan), err=True)
         if not opts.dry_run:
-            echo(rg.pilot_text(rg.run_pilot(plan, progress=not opts.quiet)))
+            try:
+                echo(rg.pilot_text(rg.run_pilot(plan, progress=not opts.quiet, launcher=launcher)))
+            except Submitted as e:
+                echo(e.text())
+                return
             echo(f"tables: {plan.root / 'pilot' / 'pilot.parquet'}, {plan.root / 'pilot' / 'pilot_runs.parquet'}")
         return
     echo(rg.plan_text(plan), err=True)
     if opts.dry_run:
         return
-    tables = rg.run_regime(plan, progress=not opts.quiet)
+    try:
+        tables = rg.run_regime(plan, progress=not opts.quiet, launcher=launcher)
+    except Submitted as e:
+        echo(e.text())
+        return
     if dist.is_main():
         build_report([plan.root], out=plan.root / "report", progress=not opts.quiet)
     echo(rg.cell_text(tables["regime"]))

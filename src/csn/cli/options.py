@@ -19,6 +19,7 @@ from pydantic import Field
 from csn import dist
 from csn.analysis.base import Analysis, RunOptions
 from csn.core.schema import Int, Schema
+from csn.experiments.launcher import LauncherOptions, need_submitit
 from csn.models.external import set_trust_code
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -138,6 +139,21 @@ def exec_options(*names: str, help: dict[str, str] | None = None) -> Callable[[F
     return from_schema(ExecOptions, include=names or None, help=help)
 
 
+def launcher_options() -> Callable[[F], F]:
+    """The launcher group (csn.experiments.launcher.LauncherOptions: --launcher local|slurm and the --slurm-* options)
+    of every command that trains several runs, declared there once."""
+    return from_schema(LauncherOptions)
+
+
+def launcher_request(values: dict[str, Any]) -> LauncherOptions:
+    """The launcher group's values (taken out of `values`), validated; --launcher slurm without submitit (or under
+    torchrun) is refused here, before anything is planned or written."""
+    launcher = build(LauncherOptions, take(values, LauncherOptions))
+    if launcher.launcher == "slurm":
+        need_submitit()
+    return launcher
+
+
 class PlotOptions(Schema):
     """Figures drawn by analysis commands."""
 
@@ -214,4 +230,5 @@ def rel(p: str | Path) -> str:
 
 
 __all__ = ["CONTEXT", "from_schema", "build", "take", "flag", "ExecOptions", "exec_options", "PlotOptions", "start", "run_options",
-           "analysis_options", "analysis_request", "echo", "rel", "trust_code_for_command"]
+           "analysis_options", "analysis_request", "echo", "rel", "trust_code_for_command", "launcher_options",
+           "launcher_request"]

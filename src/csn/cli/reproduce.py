@@ -10,10 +10,19 @@ from pathlib import Path
 import click
 
 from csn import dist
-from csn.cli.options import CONTEXT, echo, exec_options, tracker_option, with_tracker
+from csn.cli.options import (
+    CONTEXT,
+    echo,
+    exec_options,
+    launcher_options,
+    launcher_request,
+    tracker_option,
+    with_tracker,
+)
 from csn.errors import CsnError
 from csn.experiments.claims import verdict_table
 from csn.experiments.judge import judge
+from csn.experiments.launcher import Submitted
 from csn.experiments.reproduce import plan_text, reproduction
 from csn.experiments.reproduce import reproduce as run
 from csn.experiments.study import load_study, study_names, study_text, to_toml
@@ -78,6 +87,7 @@ def _print_config(name: str) -> None:
     "trust_code": "Let a model the study FILE names as 'package.module:factory' be imported and run (code named by "
                   "data runs only with this flag; --model typed here is explicit)."})
 @tracker_option
+@launcher_options()
 def reproduce(**values) -> None:
     """Reproduce the study: train, measure, ablate, regularize, compare, judge, report.
 
@@ -91,6 +101,9 @@ def reproduce(**values) -> None:
       4. linearity of the baseline runs at the peak and the end (C3; the linear classifier fit once)
       5. CKA regularized vs baseline at the end (no verdict reads it; study key cka_checkpoints)
       6. claims C1-C4 with verdicts, 7. the report
+    With --launcher slurm the training runs (step 1) are Slurm jobs, one per run, all trained before
+    the analyses (steps 2-7), which run in this command's process; with --no-wait it submits them and
+    returns, and the same command with --resume later waits for them and goes on.
     Ends by printing the claims table and the report's path (OUT/report/index.html); the verdicts
     and the thresholds behind them are also in OUT/claims.json (`csn claims OUT` recomputes them).
 
@@ -116,6 +129,7 @@ def reproduce(**values) -> None:
       csn reproduce --preset fmnist-vit --seeds 2           # on a Vision Transformer
       csn reproduce --config study.toml --set study.alpha=-2 --set train.width=0.5
     """
+    launcher = launcher_request(values)
     a = ReproduceArgs(**values)
     if a.print_config:
         _print_config(a.print_config)
@@ -132,7 +146,12 @@ def reproduce(**values) -> None:
     def report_of(out_dir):
         return build_report([out_dir], out=out_dir / "report", progress=progress)
 
-    report, verdicts = run(a.preset, a.out, resume=a.resume, force=a.force, progress=progress, report=report_of, **study)
+    try:
+        report, verdicts = run(a.preset, a.out, resume=a.resume, force=a.force, progress=progress, report=report_of,
+                               launcher=launcher, **study)
+    except Submitted as e:
+        echo(e.text("run the same command with --resume"))
+        return
     echo(verdict_table(verdicts))
     echo(f"report: {report}")
 

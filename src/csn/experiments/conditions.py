@@ -29,7 +29,8 @@ import pandas as pd
 
 from csn.core.stats import standard_error
 from csn.errors import CsnError
-from csn.experiments.runner import Job, run_jobs
+from csn.experiments.launcher import LauncherOptions, train_jobs
+from csn.experiments.runner import Job
 from csn.runs.config import TrainConfig
 from csn.runs.naming import run_name
 from csn.runs.run import Run
@@ -121,11 +122,13 @@ def job(base: TrainConfig, cond: Condition, seed: int, root: str | Path, checkpo
 
 
 def train_conditions(base: TrainConfig, conds: list[Condition], seeds: list[int], root: str | Path, *,
-                     parallel: int = 1, progress: bool = True) -> dict[tuple[str, int], Run]:
-    """Train every (condition, seed) run under root (finished runs are skipped, partial ones resumed)."""
+                     parallel: int = 1, progress: bool = True,
+                     launcher: LauncherOptions | None = None) -> dict[tuple[str, int], Run]:
+    """Train every (condition, seed) run under root (finished runs are skipped, partial ones resumed), here or
+    where `launcher` says (csn.experiments.launcher: Slurm)."""
     keys = [(cond, seed) for cond in conds for seed in seeds]
-    runs = run_jobs([job(base, c, s, root) for c, s in keys], parallel=parallel, progress=progress,
-                    desc="regularization runs")
+    runs = train_jobs([job(base, c, s, root) for c, s in keys], launcher, parallel=parallel, progress=progress,
+                      desc="regularization runs")
     return {(c.name, s): r for (c, s), r in zip(keys, runs)}
 
 

@@ -60,6 +60,7 @@ from csn.core.stats import STUDY_GROUP
 from csn.errors import CsnError
 from csn.experiments import claims, conditions
 from csn.experiments.conditions import Condition, job, onset_condition, train_conditions
+from csn.experiments.launcher import LauncherOptions
 from csn.experiments.regularize import (
     FINAL_BN_BATCHES,
     condition_table,
@@ -449,12 +450,14 @@ def c4_rule_text(rules: dict[str, float] | None = None) -> str:
             f"{claims.RULES_VERSION}); the dose and the reductions are reported beside, not judged")
 
 
-def run_regime(plan: RegimePlan, *, progress: bool = True) -> dict[str, pd.DataFrame]:
-    """Train every (condition, seed) (finished runs skipped, partial ones resumed), measure the final checkpoints,
-    write the tables and regime.json; returns the tables by name."""
+def run_regime(plan: RegimePlan, *, progress: bool = True,
+               launcher: LauncherOptions | None = None) -> dict[str, pd.DataFrame]:
+    """Train every (condition, seed) (finished runs skipped, partial ones resumed; here, or where `launcher` says),
+    measure the final checkpoints, write the tables and regime.json; returns the tables by name."""
     dist.on_main(check_existing, plan)
     t0 = time.perf_counter()
-    runs = train_conditions(plan.base, plan.conditions, plan.seeds, plan.root, parallel=plan.parallel, progress=progress)
+    runs = train_conditions(plan.base, plan.conditions, plan.seeds, plan.root, parallel=plan.parallel, progress=progress,
+                            launcher=launcher)
     t_train = time.perf_counter() - t0
     measure(runs, progress=progress)
     t_measure = time.perf_counter() - t0 - t_train
@@ -517,12 +520,12 @@ def pilot_text_plan(plan: RegimePlan) -> str:
             + "; measured at the end of the pilot (inside the from-step-0 window)")
 
 
-def run_pilot(plan: RegimePlan, *, progress: bool = True) -> pd.DataFrame:
-    """Train the pilot, measure each run's last checkpoint, write OUT/pilot/pilot.parquet and pilot.json; returns
+def run_pilot(plan: RegimePlan, *, progress: bool = True, launcher: LauncherOptions | None = None) -> pd.DataFrame:
+    """Train the pilot (here, or where `launcher` says), measure each run's last checkpoint, write OUT/pilot/pilot.parquet and pilot.json; returns
     one row per (dataset, regularizer, alpha) with every measure and its reduction against the baseline."""
     base, conds, seeds, root = pilot_plan(plan)
     dist.on_main(check_existing, plan, base, conds, seeds, root)
-    runs = train_conditions(base, conds, seeds, root, parallel=plan.parallel, progress=progress)
+    runs = train_conditions(base, conds, seeds, root, parallel=plan.parallel, progress=progress, launcher=launcher)
     measure(runs, progress=progress)
     per_seed = per_seed_table(plan, runs, conds)
     rows = []

@@ -21,6 +21,7 @@ from csn.core.times import TimePoint, onset_epoch, parse_times
 from csn.core.units import stage_of
 from csn.errors import CsnError
 from csn.experiments.conditions import Condition, check_existing, condition_rows, job, onset_condition, train_conditions
+from csn.experiments.launcher import LauncherOptions
 from csn.runs.config import TrainConfig
 from csn.runs.io import write_table
 from csn.runs.run import Run
@@ -165,6 +166,7 @@ class OnsetGrid:
     parallel: int = 1
     selectivity: bool = True
     selectivity_samples: int | None = None
+    launcher: LauncherOptions | None = None  # where the runs train (None: here, `parallel` at a time)
 
     @property
     def conditions(self) -> list[Condition]:
@@ -182,7 +184,8 @@ def regularize_experiment(base: TrainConfig, grid: OnsetGrid, *,
     """
     root, conds = Path(grid.root), grid.conditions
     dist.on_main(check_existing, ((c, job(base, c, s, root)) for c in conds for s in grid.seeds))
-    runs = train_conditions(base, conds, grid.seeds, root, parallel=grid.parallel, progress=progress)
+    runs = train_conditions(base, conds, grid.seeds, root, parallel=grid.parallel, progress=progress,
+                            launcher=grid.launcher)
     measure_final(list(runs.values()), progress=progress)
     if grid.selectivity:
         run_analysis(list(runs.values()), Selectivity(samples=grid.selectivity_samples), progress=progress)

@@ -41,6 +41,7 @@ from csn.errors import CsnError
 from csn.experiments import claims as C
 from csn.experiments.conditions import job, onset_condition
 from csn.experiments.judge import judge
+from csn.experiments.launcher import LauncherOptions, train_jobs
 from csn.experiments.regularize import measure_final
 from csn.experiments.runner import (
     Job,
@@ -405,7 +406,8 @@ def _request(options: dict) -> StudyRequest:
 
 
 def reproduce(preset: str | None = None, out: str | Path | None = None, *, resume: bool = False, force: bool = False,
-              report: Callable[[Path], Path] | None = None, **options) -> tuple[Path, list[C.Verdict]]:
+              report: Callable[[Path], Path] | None = None, launcher: LauncherOptions | None = None,
+              **options) -> tuple[Path, list[C.Verdict]]:
     """Run (or resume) the whole study; return the report path and the verdicts.
 
     The study is a shipped preset (default fmnist) or a study file, with the options of a StudyRequest as keywords
@@ -415,7 +417,8 @@ def reproduce(preset: str | None = None, out: str | Path | None = None, *, resum
     (training with DDP, analyses sharded over the evaluation split) and rank 0 alone writes; the
     step lines and the result are rank 0's. A model named as code ('package.module:factory') by a study file
     runs only with trust_code (typed as `model` or `--set train.model=...` it is explicit); every model is built and
-    checked before any run starts.
+    checked before any run starts. launcher (csn.experiments.launcher) --launcher slurm: the training runs are Slurm
+    jobs, all trained before the analyses, which run here (under --no-wait: Submitted once the jobs are submitted).
     """
     with dist.same_outcome():  # a bad request fails on every rank together
         req = _request(options)
@@ -427,6 +430,9 @@ def reproduce(preset: str | None = None, out: str | Path | None = None, *, resum
     if dist.is_main():
         print(plan_text(rep), file=sys.stderr, flush=True)
     t0, tasks = time.perf_counter(), rep.tasks(trusted)
+    if launcher is not None and launcher.launcher == "slurm":  # every run on Slurm first; the analyses here
+        train_jobs(rep.baseline_jobs() + rep.reg_jobs(), launcher, steps=rep.total,
+                   progress=req.progress, desc="study runs")
     trained = dist.on_main(lambda: {t.key for t in tasks if t.run is not None and is_complete(t.run)})
     with trusting_code(trusted):  # the analyses rebuild the runs' models from run.json
         spent = run_tasks(tasks, parallel=rep.study.parallel, progress=req.progress, desc="study", done=trained,

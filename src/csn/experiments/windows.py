@@ -67,9 +67,10 @@ from csn.experiments import mechanism_stats as ms
 from csn.experiments import window_stats as ws
 from csn.experiments.claims import Spread
 from csn.experiments.conditions import BASELINE, Condition, condition_rows
+from csn.experiments.launcher import LauncherOptions, train_jobs
 from csn.experiments.mechanism import mechanism_tables
 from csn.experiments.regularize import dose
-from csn.experiments.runner import Job, PresetRunnerOptions, finished_seconds, is_complete, run_jobs
+from csn.experiments.runner import Job, PresetRunnerOptions, finished_seconds, is_complete
 from csn.runs.config import TrainConfig, build_model_for, data_info, is_preset_checkpoints, load_data
 from csn.runs.config import preset as train_preset
 from csn.runs.io import read_table, write_json, write_table
@@ -729,13 +730,14 @@ def _layers_of(run: Run, cond: Condition) -> list[str]:
     return resolve_layers(model, names) if names else default_reg_layers(model)
 
 
-def run_windows(plan: Plan, *, progress: bool = True) -> dict[str, pd.DataFrame]:
-    """Train every (condition, seed) (finished runs skipped, partial ones resumed), measure selectivity, write
+def run_windows(plan: Plan, *, progress: bool = True, launcher: LauncherOptions | None = None) -> dict[str, pd.DataFrame]:
+    """Train every (condition, seed) (finished runs skipped, partial ones resumed; here, or where `launcher` says:
+    Slurm), measure selectivity, write
     the tables; returns them by name. Under torchrun the runs train with DDP one after the other and rank 0 writes."""
     dist.on_main(check_existing, plan)  # an error on rank 0 is raised on every rank
     jobs = plan.jobs()
     t0 = time.perf_counter()
-    run_jobs([j for _, _, j in jobs], parallel=plan.parallel, progress=progress, desc="windows runs")
+    train_jobs([j for _, _, j in jobs], launcher, parallel=plan.parallel, progress=progress, desc="windows runs")
     t_train = time.perf_counter() - t0
     data = load_data(plan.base)  # every run of the experiment reads the same data: load it once
     if plan.selectivity:
