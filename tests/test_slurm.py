@@ -7,6 +7,7 @@ from __future__ import annotations
 import _thread
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -132,10 +133,15 @@ def test_ctrl_c_cancels_what_it_submitted(slurm, tmp_path):
             time.sleep(0.05)
         _thread.interrupt_main()
 
-    threading.Thread(target=interrupt).start()
-    with pytest.raises(KeyboardInterrupt):
-        L.train_jobs([Job(cfg, tmp_path / "exp" / "run")], L.LauncherOptions.parse({"launcher": "slurm"}),
-                     progress=False)
+    # Ctrl-C's own handler: an earlier test may leave SIGINT ignored in this process (interrupt_main is then a no-op)
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        threading.Thread(target=interrupt).start()
+        with pytest.raises(KeyboardInterrupt):
+            L.train_jobs([Job(cfg, tmp_path / "exp" / "run")], L.LauncherOptions.parse({"launcher": "slurm"}),
+                         progress=False)
+    finally:
+        signal.signal(signal.SIGINT, old)
     (job,) = fake_jobs(slurm).values()
     assert job["state"] == "CANCELLED"
     assert not is_complete(tmp_path / "exp" / "run")
