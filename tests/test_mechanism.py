@@ -149,3 +149,22 @@ def test_the_mechanism_study_end_to_end_at_toy_size(tmp_path):
     curves = read_table(out / "windows_mechanism_curves.parquet")
     assert set(curves["quantity"]) == set(M.QUANTITIES) and set(curves["condition"]) == {c.name for c in plan.conditions}
     assert "By which mechanism" in (out / "report" / "index.html").read_text()
+
+
+def test_the_fmnist_mechanism_plan_is_the_declared_one(tmp_path):
+    """The study as declared: the regime's fmnist cell (2 epochs = 936 steps, constant lr, the study's statistic at
+    -20 split over stages 1-2), suppression from step 0 and 234, rewinds at 64 and 234 to 0 and half-way, 8 seeds,
+    probe and Fisher beside selectivity at 0:f0.5 and the end; the dry run prints the questions' power."""
+    plan = make_plan(WindowsOptions(preset="mechanism", out=str(tmp_path / "m")))
+    b = plan.base
+    assert (plan.total, b.lr_schedule, b.reg_mode, b.reg_reduce, b.dataset) == (936, "constant", "study", "mean",
+                                                                                "fashion-mnist")
+    assert [c.name for c in plan.conditions] == ["baseline", "a-20_step0-end", "a-20_step234-end", "rewind_step64-to0",
+                                                 "rewind_step64-to32", "rewind_step234-to0", "rewind_step234-to117"]
+    assert plan.seeds == list(range(8)) and plan.preset.mechanism and set(plan.preset.analyses) == {"probe", "fisher"}
+    assert plan.selectivity_steps(plan.conditions[0]) == [0, 8, 16, 32, 64, 128, 234, 256, 312, 468, 936]
+    assert plan.selectivity_steps(plan.conditions[5]) == [234, 256, 312, 468, 936]
+    res = CliRunner().invoke(cli, ["experiment", "windows", "--preset", "mechanism", "--dry-run", "--out",
+                                   str(tmp_path / "m")])
+    assert res.exit_code == 0 and not (tmp_path / "m").exists()
+    assert "the mechanism questions at 8 seeds" in res.output and ms.Q_REWIND in res.output
