@@ -196,3 +196,23 @@ def test_slurm_under_torchrun_is_refused_before_anything_is_written(monkeypatch,
     assert res.exit_code != 0 and not (tmp_path / "r").exists()
     assert res.output.strip() == ("error: --launcher slurm submits jobs that start their own processes; run the "
                                   "command without torchrun.")
+
+
+def test_a_run_of_several_tasks_is_one_process_group_equal_to_torchrun(slurm, tmp_path):
+    """--nodes-per-run 2 on a CPU job: one job of two tasks (the fake srun starts both here), whose Slurm ranks
+    become the torch process group (gloo): the run records world size 2 and its checkpoints equal those of the same
+    run under `torchrun --nproc_per_node=2`, bitwise."""
+    cfg = preset("smoke").override(["epochs=1"])
+    options = L.LauncherOptions.parse({"launcher": "slurm", "nodes_per_run": 2})
+    assert options.distributed and options.parameters("x")["nodes"] == 2
+    L.train_jobs([Job(cfg, tmp_path / "exp" / "run")], options, progress=False)
+    out = tmp_path / "exp" / "run"
+    assert is_complete(out) and json.loads((out / "run.json").read_text())["world_size"] == 2
+    env = dict(os.environ, OMP_NUM_THREADS="1", CSN_NO_PROGRESS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                           "csn", "train", "--preset", "smoke", "--out", str(tmp_path / "tr"), "--quiet", "epochs=1"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sha = [[(r["step"], r["sha256"]) for r in map(json.loads, (d / "checkpoints" / "manifest.jsonl").open())]
+           for d in (out, tmp_path / "tr")]
+    assert sha[0] == sha[1]
