@@ -36,35 +36,35 @@ class RunGroup:
 
     @property
     def slug(self) -> str:
-        return _slug(self.name)
+        return file_slug(self.name)
 
 
-def _slug(name: str) -> str:
+def file_slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)).strip("_") or "run"
 
 
-def _isnum(x) -> bool:
+def is_number(x) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and math.isfinite(float(x))
 
 
-def _f(x, nd: int = 3) -> str:
-    return f"{float(x):.{nd}f}" if _isnum(x) else "–"
+def fmt(x, nd: int = 3) -> str:
+    return f"{float(x):.{nd}f}" if is_number(x) else "–"
 
 
-def _pm(mean, se, nd: int = 3) -> str:
-    return _f(mean, nd) + (f" ± {_f(se, nd)}" if _isnum(se) else "")
+def fmt_pm(mean, se, nd: int = 3) -> str:
+    return fmt(mean, nd) + (f" ± {fmt(se, nd)}" if is_number(se) else "")
 
 
-def _g(x) -> str:
-    return f"{float(x):g}" if _isnum(x) else "–"
+def fmt_g(x) -> str:
+    return f"{float(x):g}" if is_number(x) else "–"
 
 
-def _mean(v: Iterable[float]) -> float:
-    a = np.asarray([x for x in v if _isnum(x)], dtype=float)
+def mean_of(v: Iterable[float]) -> float:
+    a = np.asarray([x for x in v if is_number(x)], dtype=float)
     return float(a.mean()) if len(a) else float("nan")
 
 
-def _steps_text(steps: Sequence[int], limit: int = 14) -> str:
+def steps_label(steps: Sequence[int], limit: int = 14) -> str:
     steps = [int(s) for s in steps]
     if len(steps) <= limit:
         return ", ".join(map(str, steps))
@@ -72,7 +72,7 @@ def _steps_text(steps: Sequence[int], limit: int = 14) -> str:
         ", ".join(map(str, steps[-2:]))
 
 
-def _epochs_text(epochs: Sequence[float], limit: int = 10) -> str:
+def epochs_label(epochs: Sequence[float], limit: int = 10) -> str:
     eps = [f"{float(e):.4g}" for e in epochs]
     return ", ".join(eps) if len(eps) <= limit else ", ".join(eps[: limit - 2]) + f", … ({len(eps) - limit + 2} more)"
 
@@ -180,12 +180,12 @@ class Page:
         return out
 
 
-def _join(values: Iterable) -> str:
+def join_values(values: Iterable) -> str:
     vals = list(dict.fromkeys("–" if v is None or v == "" else str(v) for v in values))
     return ", ".join(vals)
 
 
-def _nearby(exp: Path | None, marker: str) -> list[Path]:
+def nearby(exp: Path | None, marker: str) -> list[Path]:
     """Experiment folders (holding `marker`) inside an experiment directory or beside it (e.g. runs/windows-fmnist
     next to runs/reproduce-fmnist); folders that cannot be read are passed over."""
     found: set[Path] = set()
@@ -197,7 +197,7 @@ def _nearby(exp: Path | None, marker: str) -> list[Path]:
     return sorted(found)
 
 
-def _found_section(rep: Page, key: str, title: str, lead: str, near: list[Path], noun: str,
+def found_section(rep: Page, key: str, title: str, lead: str, near: list[Path], noun: str,
                    items: Callable[[Path], list[dict]]) -> Section:
     """A section listing the experiments found with this one: per folder, a link to its report (or how to build
     it) and `items(folder)`, or a note when its tables cannot be read."""
@@ -240,4 +240,6 @@ def page_sections() -> list[SectionEntry]:
 
 
 __all__ = ["Page", "RunGroup", "Section", "SectionEntry", "SECTIONS", "section", "page_sections", "table_item",
+           "fmt", "fmt_pm", "fmt_g", "is_number", "mean_of", "steps_label", "epochs_label", "file_slug", "join_values",
+           "nearby", "found_section",
            "note_item", "para_item", "heading_item", "details_item"]

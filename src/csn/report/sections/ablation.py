@@ -11,13 +11,13 @@ from csn.report import fig_ablation as fa
 from csn.report.page import (
     Page,
     Section,
-    _f,
-    _g,
-    _mean,
-    _pm,
-    _slug,
     details_item,
+    file_slug,
+    fmt,
+    fmt_g,
+    fmt_pm,
     heading_item,
+    mean_of,
     section,
     table_item,
 )
@@ -38,7 +38,7 @@ def ablation_section(rep: Page) -> Section | None:
             sec.items.append(heading_item(cond.name + (f" ({len(runs)} seeds)" if len(runs) > 1 else "")))
         for i, run in enumerate(runs):
             df = rep.table(run, "ablation")
-            pre = rep.prefix(cond, "ablation") + (f"_{_slug(run.name)}" if len(runs) > 1 else "")
+            pre = rep.prefix(cond, "ablation") + (f"_{file_slug(run.name)}" if len(runs) > 1 else "")
             title = run.name if (rep.multi or len(runs) > 1) else None
             figs = rep.draw(f"ablation curves of {run.name}",
                             lambda: fa.ablation_curves(df, rep.out_dir, name=f"{pre}_curves", title=title))
@@ -59,9 +59,9 @@ def ablation_section(rep: Page) -> Section | None:
             g["epoch"] = np.nan
         for (stage, step), d in g.groupby(["stage", "step"], sort=False):
             n = d["_run"].nunique()
-            se = standard_error(d["gap"]) if n > 1 else _mean(d["gap_se"])
-            rows.append([cond.name, stage, int(step), _g(_mean(d["epoch"])), _f(_mean(d["selective_area"])),
-                         _f(_mean(d["random_area"])), _f(_mean(d["least_area"])), _pm(_mean(d["gap"]), se), n])
+            se = standard_error(d["gap"]) if n > 1 else mean_of(d["gap_se"])
+            rows.append([cond.name, stage, int(step), fmt_g(mean_of(d["epoch"])), fmt(mean_of(d["selective_area"])),
+                         fmt(mean_of(d["random_area"])), fmt(mean_of(d["least_area"])), fmt_pm(mean_of(d["gap"]), se), n])
     if rows:
         cond_rank = {c.name: i for i, c in enumerate(rep.conds)}
         rows.sort(key=lambda r: (cond_rank.get(r[0], 0), str(r[1]), r[2]))

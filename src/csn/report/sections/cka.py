@@ -9,10 +9,10 @@ from csn.report import fig_cka as fc
 from csn.report.page import (
     Page,
     Section,
-    _g,
-    _pm,
-    _slug,
     details_item,
+    file_slug,
+    fmt_g,
+    fmt_pm,
     heading_item,
     section,
     table_item,
@@ -47,20 +47,20 @@ def cka_section(rep: Page) -> Section | None:
             sec.items.append(heading_item(cond.name))
         for other, tables in pairs.items():
             sec.items += rep.draw(f"CKA {cond.name} vs {other}",
-                                  lambda: fc.cka_runs_vs_epoch(tables, rep.out_dir, name=f"cka_runs_{cond.slug}_vs_{_slug(other)}",
+                                  lambda: fc.cka_runs_vs_epoch(tables, rep.out_dir, name=f"cka_runs_{cond.slug}_vs_{file_slug(other)}",
                                                                label_a=cond.name, label_b=other))
             try:
                 s = summarize_cka_runs(tables)
                 last = s[s["step_a"] == s["step_a"].max()]
                 for r in last.itertuples():
-                    rows.append([f"{cond.name} vs {other}", r.layer, _g(r.epoch_a), _pm(r.mean, r.se), int(r.n_pairs)])
+                    rows.append([f"{cond.name} vs {other}", r.layer, fmt_g(r.epoch_a), fmt_pm(r.mean, r.se), int(r.n_pairs)])
             except Exception:
                 pass
         for i, run in enumerate(within):
             df = rep.table(run, "cka")
             df = df[df["comparison"] != "runs"]
             figs = rep.draw(f"CKA within {run.name}",
-                            lambda: fc.cka_figures(df, rep.out_dir, prefix=f"cka_{_slug(run.name)}",
+                            lambda: fc.cka_figures(df, rep.out_dir, prefix=f"cka_{file_slug(run.name)}",
                                                    title=run.name if (rep.multi or len(within) > 1) else None))
             sec.items += figs if i == 0 else [details_item(f"CKA figures of {run.name}", figs)]
     if rows:

@@ -11,11 +11,11 @@ from csn.report.page import (
     Page,
     RunGroup,
     Section,
-    _epochs_text,
-    _join,
-    _steps_text,
+    epochs_label,
+    join_values,
     note_item,
     section,
+    steps_label,
     table_item,
 )
 
@@ -42,13 +42,13 @@ def _config_rows(cond: RunGroup) -> list[tuple[str, str]]:
                 out.append(fn(i, c, d))
             except (KeyError, TypeError, ValueError):
                 out.append(None)
-        return _join(out)
+        return join_values(out)
 
     ck = [i.get("checkpoint_steps") or [] for i in infos]
-    ck_text = _steps_text(ck[0]) if all(c == ck[0] for c in ck) else "differs between seeds"
+    ck_text = steps_label(ck[0]) if all(c == ck[0] for c in ck) else "differs between seeds"
     return [
         ("runs", ", ".join(r.name for r in cond.runs)),
-        ("seeds", _join(cond.seeds)),
+        ("seeds", join_values(cond.seeds)),
         ("dataset", each(lambda i, c, d: f"{d['name']} ({d['num_train']} train / {d['num_test']} test, "
                                          f"{d['num_classes']} classes)")),
         ("model", each(lambda i, c, d: f"{c['model']} (width {c.get('width', 1)})")),
@@ -92,9 +92,9 @@ def _bn_lines(rep: Page) -> list[str]:
             if on.empty:
                 d = f"off at all {len(per)} checkpoints (stored running statistics)"
             else:
-                batches = _join(int(b) for b in sorted(on["bn"].unique()))
+                batches = join_values(int(b) for b in sorted(on["bn"].unique()))
                 d = (f"re-estimated from {batches} training batches at {len(on)} of {len(per)} checkpoints "
-                     f"(steps {_steps_text(on.index.tolist())}; epochs {_epochs_text(on['epoch'].tolist())})"
+                     f"(steps {steps_label(on.index.tolist())}; epochs {epochs_label(on['epoch'].tolist())})"
                      + (", stored running statistics at the others" if len(on) < len(per) else ""))
             descs.setdefault(d, []).append(run.name)
         n_with = sum(len(v) for v in descs.values())

@@ -9,7 +9,7 @@ import numpy as np
 
 from csn.core.stats import standard_error
 from csn.report import fig_fisher as ff
-from csn.report.page import Page, Section, _f, _pm, details_item, section, table_item
+from csn.report.page import Page, Section, details_item, fmt, fmt_pm, section, table_item
 
 
 @section("fisher", order=36)
@@ -39,8 +39,8 @@ def fisher_section(rep: Page) -> Section | None:
                 peaks.setdefault(stage, []).append((int(top["step"]), float(top["trace"]), float(d["trace"].iloc[-1])))
         for stage, p in peaks.items():
             steps, top, last = zip(*p)
-            rows.append([cond.name, stage, ", ".join(map(str, steps)), _pm(np.mean(top), standard_error(top)),
-                         _pm(np.mean(last), standard_error(last)), _f(np.mean(last) / np.mean(top)), len(p)])
+            rows.append([cond.name, stage, ", ".join(map(str, steps)), fmt_pm(np.mean(top), standard_error(top)),
+                         fmt_pm(np.mean(last), standard_error(last)), fmt(np.mean(last) / np.mean(top)), len(p)])
     if rows:
         sec.items.append(table_item(["condition", "stage", "peak step per run", "trace at the peak (± SE over runs)",
                                      "trace at the last checkpoint", "last / peak", "runs"], rows,

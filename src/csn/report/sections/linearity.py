@@ -9,8 +9,8 @@ from csn.report import fig_linearity as fl
 from csn.report.page import (
     Page,
     Section,
-    _f,
-    _pm,
+    fmt,
+    fmt_pm,
     section,
     table_item,
 )
@@ -48,8 +48,8 @@ def linearity_section(rep: Page) -> Section | None:
             first = d[ok].iloc[0]
             last = d.iloc[-1]
             hi = d[ok].iloc[int(np.nanargmax(v[ok]))]
-            rows.append([cond.name, m, f"{_f(first['mean'])} (epoch {first['epoch']:.3g})",
-                         f"{_f(hi['mean'])} (epoch {hi['epoch']:.3g})", _pm(last["mean"], last["se"]),
+            rows.append([cond.name, m, f"{fmt(first['mean'])} (epoch {first['epoch']:.3g})",
+                         f"{fmt(hi['mean'])} (epoch {hi['epoch']:.3g})", fmt_pm(last["mean"], last["se"]),
                          int(d["n_runs"].max())])
     if rows:
         sec.items.append(table_item(["condition", "measure", "first defined", "max", "last (± SE over seeds)", "seeds"], rows,

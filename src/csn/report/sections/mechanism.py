@@ -6,7 +6,7 @@ from csn.errors import CsnError
 from csn.experiments import mechanism_stats as ms
 from csn.experiments.windows import read_map
 from csn.report.fig_mechanism import mechanism_figure
-from csn.report.page import Page, Section, _f, _isnum, note_item, section, table_item
+from csn.report.page import Page, Section, fmt, is_number, note_item, section, table_item
 from csn.runs.io import read_table
 
 
@@ -28,7 +28,7 @@ def mechanism_section(rep: Page) -> Section | None:
     except CsnError as e:
         sec.items.append(note_item(f"the mechanism tables cannot be shown: {e}"))
         return sec
-    num = lambda x, nd=4: _f(x, nd) if _isnum(x) else "–"  # noqa: E731
+    num = lambda x, nd=4: fmt(x, nd) if is_number(x) else "–"  # noqa: E731
     rows = [[r["question"], r["verdict"], f"{num(r['estimate'])} [{num(r['lo'])}, {num(r['hi'])}]", num(r["minimal"]),
              r["n_seeds"], r["observed"], r["detail"]] for r in answers.to_dict("records")]
     sec.items.append(table_item(["question", "answer", "estimate [95 % CI]", "declared bound", "seeds", "what was seen",

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from csn.report import fig_probe as fp
-from csn.report.page import Page, Section, _f, _pm, details_item, section, table_item
+from csn.report.page import Page, Section, details_item, fmt, fmt_pm, section, table_item
 
 
 @section("probe", order=35)
@@ -38,9 +38,9 @@ def probe_section(rep: Page) -> Section | None:
             d = d.sort_values("step")
             best = d.iloc[int(np.nanargmax(d["acc_mean"].to_numpy(float)))]
             last = d.iloc[-1]
-            rows.append([cond.name, stage, int(last["n_features"]), _f(d["acc_mean"].iloc[0]),
-                         f"{_f(best['acc_mean'])} (epoch {best['epoch']:.3g})", _pm(last["acc_mean"], last["acc_se"]),
-                         _f(last["loss_mean"]), int(d["n_runs"].max())])
+            rows.append([cond.name, stage, int(last["n_features"]), fmt(d["acc_mean"].iloc[0]),
+                         f"{fmt(best['acc_mean'])} (epoch {best['epoch']:.3g})", fmt_pm(last["acc_mean"], last["acc_se"]),
+                         fmt(last["loss_mean"]), int(d["n_runs"].max())])
     if rows:
         sec.items.append(table_item(["condition", "stage", "units", "probe acc first", "max", "last (± SE over seeds)",
                                      "last cross-entropy", "seeds"], rows,

@@ -11,12 +11,12 @@ from csn.report.fig_regime import regime_figure
 from csn.report.page import (
     Page,
     Section,
-    _f,
-    _found_section,
-    _g,
-    _isnum,
-    _nearby,
-    _pm,
+    fmt,
+    fmt_g,
+    fmt_pm,
+    found_section,
+    is_number,
+    nearby,
     note_item,
     section,
     table_item,
@@ -33,15 +33,15 @@ def regime_section(rep: Page) -> Section | None:
             "batch; the study's class sums per group of 32 images): suppression from step 0 and from a late onset "
             "against the baseline of the same seed, final test accuracy after BatchNorm re-estimation, 95 % t intervals "
             "over seeds (rule set 2, claims.c4_parts); the dose and the CSI / η² / per-image sparsity reductions beside.")
-    pts = lambda r, k: (f"{100 * r[k + '_mean']:+.2f} [{100 * r[k + '_lo']:+.2f}, {100 * r[k + '_hi']:+.2f}]"  # noqa: E731
-                        if _isnum(r.get(k + "_mean")) else "–")
-    pct = lambda x: f"{-100 * x:+.0f} %" if _isnum(x) else "–"  # noqa: E731
+    pts = lambda r, k: (f"{100 * r[k + 'mean_of']:+.2f} [{100 * r[k + '_lo']:+.2f}, {100 * r[k + '_hi']:+.2f}]"  # noqa: E731
+                        if is_number(r.get(k + "mean_of")) else "–")
+    pct = lambda x: f"{-100 * x:+.0f} %" if is_number(x) else "–"  # noqa: E731
 
     def cells(t: pd.DataFrame) -> dict:
-        rows = [[r["dataset"], r["regularizer"], _g(r["alpha"]), r["n_seeds"], pts(r, "early_harm"), pts(r, "contrast"),
+        rows = [[r["dataset"], r["regularizer"], fmt_g(r["alpha"]), r["n_seeds"], pts(r, "early_harm"), pts(r, "contrast"),
                  pts(r, "late_harm"), f"{r['verdict']} ({r['early_verdict']} / {r['late_verdict']})",
-                 f"{_g(r['from0_reg_steps'])}, {_f(r['from0_reg_mean_lr'], 3)} | {_g(r['late_reg_steps'])}, "
-                 f"{_f(r['late_reg_mean_lr'], 3)}",
+                 f"{fmt_g(r['from0_reg_steps'])}, {fmt(r['from0_reg_mean_lr'], 3)} | {fmt_g(r['late_reg_steps'])}, "
+                 f"{fmt(r['late_reg_mean_lr'], 3)}",
                  " / ".join(pct(r.get(f"from0_{m}_reduction")) for m in ("csi", "eta2", "sparsity"))
                  + f" / {pct(r.get('own_reduction_from0'))}"] for r in t.to_dict("records")]
         return table_item(["dataset", "regularizer", "α", "seeds", "early harm, points [95 % CI]", "late − early [CI]",
@@ -63,7 +63,7 @@ def regime_section(rep: Page) -> Section | None:
         sec.items += rep.draw("the regime figure", lambda: regime_figure(
             table, rep.out_dir, min_harm=THRESHOLDS["c4_min_harm"], little=THRESHOLDS["c4_little"]))
         sec.items.append(table_item(["condition", "seeds", "final test acc", "per seed"],
-                                [[r["condition"], r["seeds"], _pm(r["final_test_acc_mean"], r["final_test_acc_se"], 4),
+                                [[r["condition"], r["seeds"], fmt_pm(r["final_test_acc_mean"], r["final_test_acc_se"], 4),
                                   r.get("final_test_acc_per_seed", "")] for r in conds.to_dict("records")],
                                 "Per condition, mean ± SE over seeds: test accuracy (whole split) at the end of "
                                 "training, BatchNorm statistics re-estimated.", numeric=(1, 2)))
@@ -71,9 +71,9 @@ def regime_section(rep: Page) -> Section | None:
             sec.items.append(note_item(f"Rule (rule set {info.get('rules_version', '?')}, declared "
                                    f"{info.get('rules_declared', '?')}): {info['c4_rule']}."))
         return sec
-    near = _nearby(exp, "regime.parquet")
+    near = nearby(exp, "regime.parquet")
     if not near:
         rep.omit(title, "no regime study: run `csn experiment regime` (or `--preset smoke` for a first look).")
         return None
-    return _found_section(rep, "regime", title, lead + " Regime studies found with this experiment:", near, "study",
+    return found_section(rep, "regime", title, lead + " Regime studies found with this experiment:", near, "study",
                           lambda d: [cells(read_regime(d)["regime"])])

@@ -13,12 +13,12 @@ from csn.report.page import (
     Page,
     RunGroup,
     Section,
-    _f,
-    _g,
-    _isnum,
-    _join,
-    _mean,
-    _pm,
+    fmt,
+    fmt_g,
+    fmt_pm,
+    is_number,
+    join_values,
+    mean_of,
     section,
     table_item,
 )
@@ -64,10 +64,10 @@ def regularization_section(rep: Page) -> Section | None:
     if reg_table is not None and len(reg_table):
         rows = []
         for r in reg_table.to_dict("records"):
-            rows.append([r.get("condition"), _g(r.get("onset")) if _isnum(r.get("onset")) else "–", _g(r.get("alpha")),
-                         r.get("seeds"), _pm(r.get("final_test_acc_mean"), r.get("final_test_acc_se"), 4),
-                         r.get("final_test_acc_per_seed", ""), _pm(r.get("final_csi_mean"), r.get("final_csi_se")),
-                         _pm(r.get("final_eta2_mean"), r.get("final_eta2_se"))])
+            rows.append([r.get("condition"), fmt_g(r.get("onset")) if is_number(r.get("onset")) else "–", fmt_g(r.get("alpha")),
+                         r.get("seeds"), fmt_pm(r.get("final_test_acc_mean"), r.get("final_test_acc_se"), 4),
+                         r.get("final_test_acc_per_seed", ""), fmt_pm(r.get("final_csi_mean"), r.get("final_csi_se")),
+                         fmt_pm(r.get("final_eta2_mean"), r.get("final_eta2_se"))])
         sec.items.append(table_item(["condition", "onset (epoch)", "alpha", "seeds", "final test acc", "per seed",
                                  "final CSI (regularized stages)", "final η² (regularized stages)"], rows,
                                 f"Per condition, mean ± SE over seeds, as written by the experiment "
@@ -84,10 +84,10 @@ def regularization_section(rep: Page) -> Section | None:
                     part = fin[fin["stage"].isin(stages)] if stages else fin
                     csi.append(float(part["csi"].mean()))
                     eta.append(float(part["eta2"].mean()) if "eta2" in part else float("nan"))
-            rows.append([c.name, _g(onsets[c.name]) if onsets[c.name] is not None else "–",
-                         _g(c.runs[0].config.reg_alpha) if _is_regularized(c) else "0", len(c.runs),
-                         _pm(_mean(acc), standard_error(acc), 4), _join(_f(a, 4) for a in acc), _pm(_mean(csi), standard_error(csi)),
-                         _pm(_mean(eta), standard_error(eta))])
+            rows.append([c.name, fmt_g(onsets[c.name]) if onsets[c.name] is not None else "–",
+                         fmt_g(c.runs[0].config.reg_alpha) if _is_regularized(c) else "0", len(c.runs),
+                         fmt_pm(mean_of(acc), standard_error(acc), 4), join_values(fmt(a, 4) for a in acc), fmt_pm(mean_of(csi), standard_error(csi)),
+                         fmt_pm(mean_of(eta), standard_error(eta))])
         stage_txt = ", ".join(stages) if stages else "all stages"
         sec.items.append(table_item(["condition", "onset (epoch)", "alpha", "seeds", "final test acc", "per seed",
                                  f"final CSI ({stage_txt})", f"final η² ({stage_txt})"], rows,

@@ -7,10 +7,10 @@ from csn.report import fig_selectivity as fs
 from csn.report.page import (
     Page,
     Section,
-    _f,
-    _join,
     details_item,
+    fmt,
     heading_item,
+    join_values,
     para_item,
     section,
     table_item,
@@ -36,7 +36,7 @@ def selectivity_section(rep: Page) -> Section | None:
         meta = []
         for col in ("split", "variant"):
             if col in t0.columns:
-                meta.append(f"{col} {_join(t0[col].unique())}")
+                meta.append(f"{col} {join_values(t0[col].unique())}")
         n_units = int((t0["step"] == t0["step"].iloc[0]).sum())
         n_dead_last = int(t0[t0["step"] == t0["step"].max()]["dead"].astype(bool).sum()) if "dead" in t0 else 0
         sec.items.append(para_item(f"{n_units} units in {t0['stage'].nunique()} stages, {t0['step'].nunique()} checkpoints; "
@@ -71,8 +71,8 @@ def selectivity_section(rep: Page) -> Section | None:
             continue
         for p in peaks.itertuples():
             e = eta.loc[p.stage] if p.stage in eta.index else None
-            rows.append([cond.name, p.stage, p.n_units, _f(p.init), f"{_f(p.peak)} (epoch {p.peak_epoch:.3g})",
-                         _f(p.final), _f(e["init"]) if e is not None else "–", _f(e["final"]) if e is not None else "–"])
+            rows.append([cond.name, p.stage, p.n_units, fmt(p.init), f"{fmt(p.peak)} (epoch {p.peak_epoch:.3g})",
+                         fmt(p.final), fmt(e["init"]) if e is not None else "–", fmt(e["final"]) if e is not None else "–"])
     if rows:
         sec.items.append(table_item(["condition", "stage", "units", "CSI init", "CSI peak", "CSI final", "η² init", "η² final"],
                                 rows, "Mean CSI per stage at initialization, at its peak and at the last checkpoint "

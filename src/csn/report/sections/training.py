@@ -14,11 +14,11 @@ from csn.report.page import (
     Page,
     RunGroup,
     Section,
-    _f,
-    _g,
-    _join,
-    _mean,
-    _pm,
+    fmt,
+    fmt_g,
+    fmt_pm,
+    join_values,
+    mean_of,
     section,
     table_item,
 )
@@ -90,13 +90,13 @@ def training_section(rep: Page) -> Section:
         finals = [r.checkpoints[-1] if r.checkpoints else None for r in c.runs]
         acc = [f.metrics.get("test_acc") if f else None for f in finals]
         best = [max((k.metrics.get("test_acc", float("nan")) for k in r.checkpoints), default=float("nan")) for r in c.runs]
-        ep = _join(_g(f.epoch) if f else None for f in finals)
+        ep = join_values(fmt_g(f.epoch) if f else None for f in finals)
         loss = []
         for r in c.runs:
             s = _loss_series(r, rep.table(r, "training"))
             loss.append(float(s.iloc[-1]) if len(s) else None)
-        rows.append([c.name, len(c.runs), ep, _pm(_mean(acc), standard_error(acc), 4), _join(_f(a, 4) for a in acc),
-                     _f(_mean(best), 4), _f(_mean(loss), 4), _join(len(r.checkpoints) for r in c.runs)])
+        rows.append([c.name, len(c.runs), ep, fmt_pm(mean_of(acc), standard_error(acc), 4), join_values(fmt(a, 4) for a in acc),
+                     fmt(mean_of(best), 4), fmt(mean_of(loss), 4), join_values(len(r.checkpoints) for r in c.runs)])
     sec.items.append(table_item(["condition", "seeds", "final epoch", "final test acc (mean ± SE)", "per seed",
                              "best test acc (mean)", "final train loss", "checkpoints"], rows,
                             "Final test accuracy per condition (the last checkpoint is scored on the whole test split).",

@@ -10,12 +10,12 @@ from csn.report.fig_windows import windows_figures
 from csn.report.page import (
     Page,
     Section,
-    _f,
-    _found_section,
-    _g,
-    _isnum,
-    _nearby,
-    _pm,
+    fmt,
+    fmt_g,
+    fmt_pm,
+    found_section,
+    is_number,
+    nearby,
     note_item,
     section,
     table_item,
@@ -47,16 +47,16 @@ def windows_section(rep: Page) -> Section | None:
         sec.items.append(_windows_condition_table(table))
         wall = info.get("wall_seconds", {})
         if wall:
-            sec.items.append(note_item(f"Wall time of the last `csn experiment windows` call: training {_g(wall.get('training'))} s, "
-                                   f"selectivity {_g(wall.get('selectivity'))} s ({info.get('parallel', '?')} runs at a "
+            sec.items.append(note_item(f"Wall time of the last `csn experiment windows` call: training {fmt_g(wall.get('training'))} s, "
+                                   f"selectivity {fmt_g(wall.get('selectivity'))} s ({info.get('parallel', '?')} runs at a "
                                    f"time; {len(info.get('conditions', []))} conditions x {len(info.get('seeds', []))} seeds)."))
         return sec
-    near = _nearby(exp, "windows_verdicts.parquet")
+    near = nearby(exp, "windows_verdicts.parquet")
     if not near:
         rep.omit("How early is early", "no critical-period map: run `csn experiment windows --preset fmnist` (or "
                                        "`--preset smoke` for a first look).")
         return None
-    return _found_section(rep, "windows", title, lead + " Maps found with this experiment:", near, "map",
+    return found_section(rep, "windows", title, lead + " Maps found with this experiment:", near, "map",
                           lambda d: _windows_verdict_items(read_map(d)["windows_verdicts"], {}))
 
 
@@ -81,10 +81,10 @@ def _windows_verdict_items(v: pd.DataFrame | None, info: dict) -> list[dict]:
     """The verdict table per (alpha, stage set) and the declared rules in words."""
     if v is None or v.empty:
         return [note_item("no verdicts: the map has no regularized condition, or was run with --no-selectivity.")]
-    pts = lambda x: _f(100 * x, 2) if _isnum(x) else "–"  # noqa: E731 - accuracy in points
-    rows = [[_g(r["alpha"]), r["stage_set"], r["question"], r["verdict"], f"{pts(r['estimate'])} [{pts(r['lo'])}, "
-             f"{pts(r['hi'])}]", pts(r["minimal"]), pts(r["mde"]), _f(r["rho"], 2),
-             f"{100 * r['csi_change']:+.0f} %" if _isnum(r["csi_change"]) else "–", r["n_seeds"]]
+    pts = lambda x: fmt(100 * x, 2) if is_number(x) else "–"  # noqa: E731 - accuracy in points
+    rows = [[fmt_g(r["alpha"]), r["stage_set"], r["question"], r["verdict"], f"{pts(r['estimate'])} [{pts(r['lo'])}, "
+             f"{pts(r['hi'])}]", pts(r["minimal"]), pts(r["mde"]), fmt(r["rho"], 2),
+             f"{100 * r['csi_change']:+.0f} %" if is_number(r["csi_change"]) else "–", r["n_seeds"]]
             for r in v.to_dict("records")]
     items = [table_item(["α", "stages", "question", "verdict", "estimate, points [95 % CI]", "minimal effect", "MDE",
                      "ρ(start, harm)", "CSI at the earliest window's end vs baseline", "seeds"],
@@ -102,34 +102,34 @@ def _windows_verdict_items(v: pd.DataFrame | None, info: dict) -> list[dict]:
 def _windows_dose(r: dict) -> list[str]:
     """The dose cells of a regularized condition: regularized steps, mean lr and |α| over them, CSI and η² reduction at
     the window's end (a map written before the dose was recorded shows dashes)."""
-    pct = lambda x: f"{100 * float(x):.0f} %" if _isnum(x) else "–"  # noqa: E731
-    return [_g(r.get("reg_steps_mean")), _f(r.get("reg_mean_lr_mean"), 4), _g(r.get("reg_mean_abs_alpha_mean")),
+    pct = lambda x: f"{100 * float(x):.0f} %" if is_number(x) else "–"  # noqa: E731
+    return [fmt_g(r.get("reg_steps_mean")), fmt(r.get("reg_mean_lr_mean"), 4), fmt_g(r.get("reg_mean_abs_alpha_mean")),
             f"{pct(r.get('csi_reduction_end_mean'))} / {pct(r.get('eta2_reduction_end_mean'))}"]
 
 
 def _windows_condition_table(t: pd.DataFrame) -> dict:
     """Per condition: paired harm with both SEs and its CI, the dose, the gap at the window's end (BatchNorm
     re-estimated, and the checkpoints' eval-mode one), CSI/eta² at the window end and the end."""
-    pts = lambda x: _f(100 * x, 2) if _isnum(x) else "–"  # noqa: E731
+    pts = lambda x: fmt(100 * x, 2) if is_number(x) else "–"  # noqa: E731
     rows = []
     for r in t.to_dict("records"):
         reg = r.get("kind", "suppress" if r["alpha"] != 0 else "baseline") != "baseline"
-        ep = (f" (ep {r['start_epoch']:.3g}-{r['end_epoch']:.3g})" if _isnum(r.get("start_epoch")) and
-              _isnum(r.get("end_epoch")) else "")
-        window = (f"rewind at {r['end_step']} to {_g(r.get('rewind_to_step'))}" if r.get("kind") == "rewind" else
+        ep = (f" (ep {r['start_epoch']:.3g}-{r['end_epoch']:.3g})" if is_number(r.get("start_epoch")) and
+              is_number(r.get("end_epoch")) else "")
+        window = (f"rewind at {r['end_step']} to {fmt_g(r.get('rewind_to_step'))}" if r.get("kind") == "rewind" else
                   f"[{r['start_step']}, {r['end_step']}){ep}")
-        rows.append([r["condition"], _g(r["alpha"]), window if reg else "–",
-                     r["stages"] or "–", r["seeds"], _pm(r["final_test_acc_mean"], r["final_test_acc_se"], 4),
-                     _pm(100 * r["harm_mean"], 100 * r["harm_se_paired"], 2) if reg else "–",
+        rows.append([r["condition"], fmt_g(r["alpha"]), window if reg else "–",
+                     r["stages"] or "–", r["seeds"], fmt_pm(r["final_test_acc_mean"], r["final_test_acc_se"], 4),
+                     fmt_pm(100 * r["harm_mean"], 100 * r["harm_se_paired"], 2) if reg else "–",
                      pts(r["harm_se_unpaired"]) if reg else "–",
                      f"[{pts(r.get('harm_lo'))}, {pts(r.get('harm_hi'))}]" if reg else "–",
                      pts(r.get("harm_eval_mean")) if reg else "–",
                      *(_windows_dose(r) if reg else ["–"] * 4),
-                     _pm(100 * r["early_gap_mean"], 100 * r["early_gap_se"], 2) if reg else "–",
+                     fmt_pm(100 * r["early_gap_mean"], 100 * r["early_gap_se"], 2) if reg else "–",
                      pts(r.get("early_gap_eval_mean")) if reg else "–",
-                     f"{_f(r['csi_end_mean'])} / {_f(r['base_csi_end_mean'])}" if reg else "–",
-                     f"{_f(r['eta2_end_mean'])} / {_f(r['base_eta2_end_mean'])}" if reg else "–",
-                     f"{_f(r['csi_final_mean'])} / {_f(r['base_csi_final_mean'])}" if reg else "–",
+                     f"{fmt(r['csi_end_mean'])} / {fmt(r['base_csi_end_mean'])}" if reg else "–",
+                     f"{fmt(r['eta2_end_mean'])} / {fmt(r['base_eta2_end_mean'])}" if reg else "–",
+                     f"{fmt(r['csi_final_mean'])} / {fmt(r['base_csi_final_mean'])}" if reg else "–",
                      r["final_test_acc_per_seed"]])
     return table_item(["condition", "α", "window (steps)", "stages", "seeds", "final test acc", "paired harm, points (± paired "
                    "SE)", "unpaired SE", "harm CI", "harm, eval mode", "dose: regularized steps", "dose: mean lr", "dose: mean |α| per "
