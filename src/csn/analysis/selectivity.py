@@ -385,6 +385,15 @@ def summarize(sel: pd.DataFrame, by: str = "stage") -> pd.DataFrame:
     return out.astype({"n_units": "int64", "n_dead": "int64"})
 
 
+def live_unit_means(summary: pd.DataFrame, stages: Sequence[str], by: Sequence[str] = ("step",)) -> pd.DataFrame:
+    """Per group of `by`: the mean CSI and eta² over the live units of `stages`, from summarize's per-stage rows (each
+    stage's means weighted by its live units, n_units - n_dead). Columns: `by`, csi, eta2."""
+    d = summary[summary["stage"].isin(stages)].assign(live=lambda x: (x["n_units"] - x["n_dead"]).clip(lower=0))
+    d = d[d["live"] > 0].assign(csi_w=lambda x: x["csi_mean"] * x["live"], eta2_w=lambda x: x["eta2_mean"] * x["live"])
+    g = d.groupby(list(by), as_index=False)[["csi_w", "eta2_w", "live"]].sum()
+    return g.assign(csi=g["csi_w"] / g["live"], eta2=g["eta2_w"] / g["live"])[[*by, "csi", "eta2"]]
+
+
 def summarize_across_runs(tables: Mapping[str, pd.DataFrame] | Sequence[pd.DataFrame], *, by: str = "stage",
                    matched: bool = True) -> pd.DataFrame:
     """Across runs (seeds): at each step, the mean over runs of each run's mean CSI / eta^2 and the SE over runs.
@@ -471,5 +480,5 @@ def describe_peaks(summary: pd.DataFrame) -> list[str]:
 __all__ = [
     "collect_class_stats", "reduce_class_stats", "selectivity_frame", "class_means_frame", "csi_for_classes",
     "class_selectivity", "SELECTIVITY", "CLASS_MEANS", "SelectivityOptions", "Selectivity", "SUMMARY_COLUMNS",
-    "summarize", "summarize_across_runs", "stage_peaks", "describe_peaks",
+    "summarize", "summarize_across_runs", "live_unit_means", "stage_peaks", "describe_peaks",
 ]

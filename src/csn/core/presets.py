@@ -15,6 +15,7 @@ command takes one.
 from __future__ import annotations
 
 import tomllib
+from functools import cache
 from importlib import resources
 from typing import Any
 
@@ -31,15 +32,25 @@ def _dir(kind: str):
     return resources.files("csn").joinpath("presets", kind)
 
 
+@cache
+def _names(kind: str) -> tuple[str, ...]:
+    return tuple(sorted(p.name[:-5] for p in _dir(kind).iterdir() if p.name.endswith(".toml")))
+
+
 def names(kind: str) -> list[str]:
-    """The shipped presets of a kind, sorted."""
-    return sorted(p.name[:-5] for p in _dir(kind).iterdir() if p.name.endswith(".toml"))
+    """The shipped presets of a kind, sorted (package files: read once per process)."""
+    return list(_names(kind))
 
 
 def text(kind: str, name: str) -> str:
     """The TOML text of a shipped preset (an unknown name: one CsnError listing the known ones)."""
     if name not in names(kind):
         raise unknown(KIND_TEXT[kind], name, names(kind))
+    return _read(kind, name)
+
+
+@cache
+def _read(kind: str, name: str) -> str:
     return _dir(kind).joinpath(f"{name}.toml").read_text(encoding="utf-8")
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from csn.analysis.selectivity import live_unit_means
 from csn.core.stats import standard_error
 from csn.experiments import mechanism_stats as ms
 from csn.experiments.conditions import BASELINE
@@ -30,20 +31,11 @@ ANSWER_COLUMNS = ("question", "verdict", "estimate", "lo", "hi", "minimal", "n_s
 CURVE_COLUMNS = ("condition", "kind", "quantity", "step", "epoch", "mean", "se", "n")
 
 
-def _set_mean(summary: pd.DataFrame | None, stages: Sequence[str], col: str) -> pd.Series:
-    """Per step: the live-unit mean of `col` over `stages` (a selectivity summary: csn.analysis.selectivity.summarize)."""
-    if summary is None or summary.empty:
-        return pd.Series(dtype=float)
-    d = summary[summary["stage"].isin(stages)]
-    live = (d["n_units"] - d["n_dead"]).clip(lower=0)
-    d = d.assign(w=live, v=d[f"{col}_mean"] * live)
-    g = d[d["w"] > 0].groupby("step")[["v", "w"]].sum()
-    return g["v"] / g["w"]
-
-
 def _run_series(run: Run, summary: pd.DataFrame | None, stages: Sequence[str]) -> dict[str, pd.Series]:
     """The run's four quantities per step over `stages` (empty where a table is missing)."""
-    out = {"csi": _set_mean(summary, stages, "csi"), "eta2": _set_mean(summary, stages, "eta2")}
+    means = (live_unit_means(summary, stages).set_index("step") if summary is not None and len(summary)
+             else pd.DataFrame(columns=["csi", "eta2"], dtype=float))
+    out = {"csi": means["csi"], "eta2": means["eta2"]}
     probe, fisher = run.read("probe"), run.read("fisher")
     out["probe_acc"] = (probe[probe["stage"].isin(stages)].groupby("step")["acc"].mean()
                         if probe is not None and len(probe) else pd.Series(dtype=float))

@@ -50,7 +50,7 @@ from csn._version import __version__
 from csn.analysis.accuracy import Accuracy
 from csn.analysis.base import Samples, run_analysis
 from csn.analysis.registry import analysis
-from csn.analysis.selectivity import Selectivity, summarize
+from csn.analysis.selectivity import Selectivity, live_unit_means, summarize
 from csn.core import inference as I
 from csn.core import presets
 from csn.core.alpha import AlphaWindow, AlphaWindows, parse_window_points
@@ -904,14 +904,6 @@ def condition_table(per_seed: pd.DataFrame) -> pd.DataFrame:
     return out.merge(ws.condition_intervals(per_seed), on="condition", how="left")
 
 
-def _set_means(sel: pd.DataFrame, stages_: Sequence[str]) -> pd.DataFrame:
-    """Per (seed, step, epoch): the live-unit mean CSI and eta² over `stages_` (from per-stage summary rows)."""
-    d = sel[sel["stage"].isin(stages_)].assign(live=lambda x: (x["n_units"] - x["n_dead"]).clip(lower=0))
-    d = d[d["live"] > 0].assign(csi_w=lambda x: x["csi_mean"] * x["live"], eta2_w=lambda x: x["eta2_mean"] * x["live"])
-    g = d.groupby(["seed", "step", "epoch"], as_index=False)[["csi_w", "eta2_w", "live"]].sum()
-    return g.assign(csi=g["csi_w"] / g["live"], eta2=g["eta2_w"] / g["live"])[["seed", "step", "epoch", "csi", "eta2"]]
-
-
 def trajectories(sel: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
     """Per regularized condition, its CSI/eta² curve and the baseline's on the same stages (mean, SE, n over seeds
     at each measured step). The condition's curve starts at the baseline's value at its window start (the weights
@@ -922,8 +914,9 @@ def trajectories(sel: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
     out = []
     for c in table[table["kind"] != "baseline"].itertuples():
         st = str(c.stages).split("+")
-        base = _set_means(sel[sel["condition"] == BASELINE], st)
-        own = _set_means(sel[sel["condition"] == c.condition], st)
+        by = ("seed", "step", "epoch")
+        base = live_unit_means(sel[sel["condition"] == BASELINE], st, by)
+        own = live_unit_means(sel[sel["condition"] == c.condition], st, by)
         if c.kind != "rewind":  # a rewind changes the weights at its own step: its curve starts there
             own = pd.concat([base[base["step"] == c.start_step], own], ignore_index=True)
         for curve, d in (("condition", own), ("baseline", base)):

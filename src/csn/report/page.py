@@ -100,6 +100,12 @@ def details_item(summary: str, items: list[dict]) -> dict:
     return {"kind": "details", "summary": summary, "items": items}
 
 
+def fold(items: list[dict], summary: str, show: int) -> list[dict]:
+    """The first `show` items as they are, the others folded under `summary` (a details item), if any are left."""
+    rest = items[show:]
+    return items[:show] + ([details_item(summary, rest)] if rest else [])
+
+
 @dataclass
 class Section:
     """One section of the page: an id (anchor), a title, a lead sentence and items (figures, tables, notes)."""
@@ -242,4 +248,4 @@ def page_sections() -> list[SectionEntry]:
 __all__ = ["Page", "RunGroup", "Section", "SectionEntry", "SECTIONS", "section", "page_sections", "table_item",
            "fmt", "fmt_pm", "fmt_g", "is_number", "mean_of", "steps_label", "epochs_label", "file_slug", "join_values",
            "nearby", "found_section",
-           "note_item", "para_item", "heading_item", "details_item"]
+           "note_item", "para_item", "heading_item", "details_item", "fold"]

@@ -9,7 +9,7 @@ import numpy as np
 
 from csn.core.stats import standard_error
 from csn.report import fig_fisher as ff
-from csn.report.page import Page, Section, details_item, fmt, fmt_pm, section, table_item
+from csn.report.page import Page, Section, fmt, fmt_pm, fold, section, table_item
 
 
 @section("fisher", order=36)
@@ -27,10 +27,7 @@ def fisher_section(rep: Page) -> Section | None:
         figs = [item for name, t in tables.items() for item in rep.draw(
             f"the Fisher figure of {name}", lambda t=t, name=name: [ff.fisher_figure(
                 t, rep.out_dir, name=f"{rep.prefix(cond, 'fisher')}-{name}", title=name)])]
-        shown = figs[:1] if cond is have[0][0] else []  # the first run's figure; the others folded
-        sec.items += shown
-        if figs[len(shown):]:
-            sec.items.append(details_item(f"Fisher figures of {cond.name}", figs[len(shown):]))
+        sec.items += fold(figs, f"Fisher figures of {cond.name}", 1 if cond is have[0][0] else 0)  # the first run's
         peaks: dict[str, list[tuple[int, float, float]]] = {}
         for t in tables.values():
             for stage, d in t[t["n_params"] > 0].groupby("stage", sort=False):

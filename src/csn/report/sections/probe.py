@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from csn.report import fig_probe as fp
-from csn.report.page import Page, Section, details_item, fmt, fmt_pm, section, table_item
+from csn.report.page import Page, Section, fmt, fmt_pm, fold, section, table_item
 
 
 @section("probe", order=35)
@@ -29,7 +29,7 @@ def probe_section(rep: Page) -> Section | None:
         figs = rep.draw(f"the probe figure of {cond.name}",
                         lambda: fp.probe_curves(tables, rep.out_dir, name=rep.prefix(cond, "probe"), title=title,
                                                 num_classes=int(k) if k else None))
-        sec.items += figs if cond is have[0][0] else [details_item(f"probe figures of {cond.name}", figs)]
+        sec.items += fold(figs, f"probe figures of {cond.name}", len(figs) if cond is have[0][0] else 0)
         try:
             s = fp.summarize_probe(tables)
         except Exception:
