@@ -7,7 +7,9 @@ folder/jobs/<id>.json (its state, script, task pids, starts):
   it in the background and prints 'Submitted batch job N'. The job waits for a free slot (FAKE_SLURM_SLOTS jobs at
   once, default 2; PENDING meanwhile), then runs the script with bash (RUNNING) and SLURM_JOB_ID, SLURM_NTASKS, ...
   set, and ends COMPLETED (exit 0), FAILED, or CANCELLED; a job `scontrol requeue`d meanwhile runs again (the same
-  id, REQUEUED then RUNNING: a requeue of a preempted job).
+  id, REQUEUED then RUNNING: a requeue of a preempted job). `--dependency=afterok:A:B`: the job stays PENDING until
+  jobs A and B are COMPLETED, and is CANCELLED if one of them ends otherwise (as with --kill-on-invalid-dep=yes).
+  Each job records when it started and ended (time.time(): `started`, `ended`).
 - `srun [--output F] [--error F] CMD` runs CMD once per task (SLURM_PROCID, SLURM_LOCALID, SLURM_NODEID set; %t in
   the paths replaced by the task id, output appended) and records the tasks' pids.
 - `sacct -o JobID,State,NodeList --parsable2 -j ID ...` prints the recorded states; `squeue -h -j ID -o %T` the
@@ -84,10 +86,13 @@ def _update(job_id: str, **changes) -> dict:
 def sbatch(args: list[str]) -> None:
     script = Path(args[-1])
     opts = dict(re.findall(r"^#SBATCH --([\w-]+)=?(.*)$", script.read_text(), re.M))
+    deps = opts.get("dependency", "")
+    assert not deps or deps.startswith("afterok:"), f"the fake knows afterok dependencies only, not {deps}"
     with _locked():
         ids = [int(p.stem) for p in (_root() / "jobs").glob("*.json")]
         job_id = str(max(ids, default=1000) + 1)
         _write(job_id, {"state": "PENDING", "script": str(script), "requeue": False, "pids": [], "starts": 0,
+                        "after": deps.split(":")[1:], "started": None, "ended": None,
                         "tasks": int(opts.get("nodes", "1") or 1) * int(opts.get("ntasks-per-node", "1") or 1),
                         "output": opts.get("output", "").strip("'"), "error": opts.get("error", "").strip("'")})
     subprocess.Popen([sys.executable, __file__, "_job", job_id], start_new_session=True, stdin=subprocess.DEVNULL,
@@ -103,9 +108,15 @@ def _wait_for_slot(job_id: str) -> bool:
             info = read(job_id)
             if info["state"] == "CANCELLED":
                 return False
+            after = [read(a)["state"] for a in info["after"]]
+            if any(a not in ("PENDING", "RUNNING", "REQUEUED", "COMPLETED") for a in after):
+                info.update(state="CANCELLED", reason="DependencyNeverSatisfied")
+                _write(job_id, info)
+                return False
             running = sum(json.loads(p.read_text())["state"] == "RUNNING" for p in (_root() / "jobs").glob("*.json"))
-            if running < slots:
-                info.update(state="RUNNING", starts=info["starts"] + 1, requeue=False, pgid=os.getpgrp())
+            if running < slots and all(a == "COMPLETED" for a in after):
+                info.update(state="RUNNING", starts=info["starts"] + 1, requeue=False, pgid=os.getpgrp(),
+                            started=info["started"] or time.time())
                 _write(job_id, info)
                 return True
         time.sleep(0.2)
@@ -128,7 +139,7 @@ def _job(job_id: str) -> None:
             if info["requeue"]:
                 info.update(state="REQUEUED", pids=[])
             else:
-                info.update(state="COMPLETED" if rc == 0 else "FAILED", rc=rc)
+                info.update(state="COMPLETED" if rc == 0 else "FAILED", rc=rc, ended=time.time())
             _write(job_id, info)
             if not info["requeue"]:
                 return
@@ -178,7 +189,12 @@ def scancel(args: list[str]) -> None:
             except ProcessLookupError:
                 pass
         return
-    info = _update(job_id, state="CANCELLED")
+    with _locked():  # a job that has ended stays as it ended
+        info = read(job_id)
+        if info["state"] in ("COMPLETED", "FAILED", "CANCELLED"):
+            return
+        info.update(state="CANCELLED")
+        _write(job_id, info)
     if "pgid" in info:
         try:
             os.killpg(info["pgid"], signal.SIGKILL)

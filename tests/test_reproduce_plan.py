@@ -14,7 +14,7 @@ from csn.cli import main as cli
 from csn.errors import CsnError
 from csn.experiments.claims import Spread, planned_power
 from csn.experiments.reproduce import StudyRequest, reproduction
-from csn.experiments.runner import Job, _Progress, train_task
+from csn.experiments.runner import Job, Progress, train_task
 from csn.runs.config import preset
 from csn.runs.run import Checkpoint, write_manifest
 
@@ -87,7 +87,7 @@ def test_the_runner_counts_optimizer_steps_from_the_manifests(tmp_path, monkeypa
     tasks = [train_task(j, steps=16) for j in (a, b, c)]
     for t in tasks:
         t.kind = "training runs"
-    bars = _Progress(tasks, {str(a.out)}, "", progress=True, unit="step")
+    bars = Progress(tasks, {str(a.out)}, "", progress=True, unit="step")
     assert (bars.pbar.total, bars.pbar.n) == (48, 16) and "training runs 1/3" in bars.pbar.desc
     write_manifest(b.out / "checkpoints", [Checkpoint(s, s / 10, "x", "0" * 64) for s in (0, 4, 8)])
     bars.poll()
@@ -95,7 +95,7 @@ def test_the_runner_counts_optimizer_steps_from_the_manifests(tmp_path, monkeypa
     bars.task_done(str(b.out))
     assert "training runs 2/3" in bars.pbar.desc and bars.pbar.n == 32
     bars.close()
-    runs = _Progress([train_task(j) for j in (a, b)], {str(a.out)}, "runs", progress=True, unit="run")
+    runs = Progress([train_task(j) for j in (a, b)], {str(a.out)}, "runs", progress=True, unit="run")
     assert (runs.pbar.total, runs.pbar.n) == (2, 1) and runs.pbar.desc.startswith("runs training 1/2")
     runs.task_done(str(b.out))
     assert runs.pbar.n == 2

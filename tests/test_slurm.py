@@ -18,11 +18,13 @@ import pytest
 from click.testing import CliRunner
 
 from csn.cli import main as cli
+from csn.errors import CsnError
 from csn.experiments import launcher as L
-from csn.experiments.runner import Job, is_complete, last_step
+from csn.experiments.runner import Job, Task, is_complete, last_step
 from csn.runs.config import preset
 from csn.training.loop import train
 from tests import fake_slurm
+from tests.slurm_tasks import note
 
 pytest.importorskip("submitit")
 import submitit  # noqa: E402
@@ -40,7 +42,7 @@ def slurm(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("PATH", f"{bin_}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("FAKE_SLURM", str(folder))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")]))
     monkeypatch.setattr(L, "POLL_S", 0.3)
     return folder
 
@@ -82,6 +84,18 @@ def test_windows_on_slurm_equals_local_and_finished_runs_are_not_resubmitted(slu
     assert len(fake_jobs(slurm)) == 6
 
 
+@pytest.mark.slow
+def test_the_smoke_windows_preset_on_slurm_equals_local(slurm, tmp_path):
+    """The issue's command as given: `csn experiment windows --preset smoke --launcher slurm` (12 runs)."""
+    args = ["experiment", "windows", "--preset", "smoke", "--quiet"]
+    for out, more in (("local", []), ("slurm", ["--launcher", "slurm"])):
+        res = CliRunner().invoke(cli, args + ["--out", str(tmp_path / out)] + more)
+        assert res.exit_code == 0, res.output
+    jobs = fake_jobs(slurm)
+    assert len(jobs) == 12 and all(j["state"] == "COMPLETED" for j in jobs.values())
+    same_outputs(tmp_path / "local", tmp_path / "slurm")
+
+
 def test_no_wait_submits_and_the_same_command_collects_without_resubmitting(slurm, tmp_path):
     out = tmp_path / "reg"
     args = ["experiment", "regularize", "--preset", "smoke", "--seeds", "2", "--alpha", "-1", "--onsets",
@@ -97,6 +111,44 @@ def test_no_wait_submits_and_the_same_command_collects_without_resubmitting(slur
     res = CliRunner().invoke(cli, args[:args.index("--out")] + ["--out", str(local), "--quiet"])
     assert res.exit_code == 0, res.output
     same_outputs(local, out)
+
+
+def graph_task(log: Path, key: str, after: tuple[str, ...] = (), writes: Path | None = None, fail: bool = False):
+    return Task(key, note, (str(log), key, fail), after=after, writes=str(writes), kind="analysis")
+
+
+def test_a_graph_of_tasks_is_jobs_that_wait_on_their_dependencies_and_never_share_a_run(slurm, tmp_path):
+    """`launch` submits every task at once; Slurm (the fake honours afterok) starts each after the jobs it waits
+    on, and two tasks writing in one run folder never run at the same time (a dependency is added between them)."""
+    exp, log = tmp_path / "exp", tmp_path / "log.txt"
+    tasks = [graph_task(log, "a1", writes=exp / "a"), graph_task(log, "a2", ("a1",), exp / "a"),
+             graph_task(log, "a3", ("a1",), exp / "a"), graph_task(log, "b1", writes=exp / "b"),
+             graph_task(log, "c1", ("a2", "b1"), exp / "c")]
+    assert L.launch(tasks, L.LauncherOptions.parse({"launcher": "slurm"}), progress=False) == {}
+    assert sorted(log.read_text().split()) == ["a1", "a2", "a3", "b1", "c1"]
+    ids = {k.removeprefix("task:"): v for k, v in json.loads((exp / ".slurm" / "jobs.json").read_text()).items()}
+    jobs = fake_jobs(slurm)
+    assert all(j["state"] == "COMPLETED" for j in jobs.values()) and len(jobs) == 5
+    job = {k: jobs[v] for k, v in ids.items()}
+    assert set(job["c1"]["after"]) == {ids["a2"], ids["b1"]} and job["b1"]["after"] == []
+    for j in jobs.values():
+        assert all(j["started"] >= jobs[a]["ended"] for a in j["after"])
+    first, second = sorted((job["a2"], job["a3"]), key=lambda j: j["started"])
+    assert second["started"] >= first["ended"]  # the two writers of run a, one after the other
+
+
+def test_a_failed_task_cancels_the_jobs_waiting_on_it_and_is_named_first(slurm, tmp_path):
+    exp, log = tmp_path / "exp", tmp_path / "log.txt"
+    tasks = [graph_task(log, "bad", writes=exp / "a", fail=True), graph_task(log, "next", ("bad",), exp / "b"),
+             graph_task(log, "fine", writes=exp / "c")]
+    with pytest.raises(CsnError) as e:
+        L.launch(tasks, L.LauncherOptions.parse({"launcher": "slurm"}), progress=False)
+    ids = {k.removeprefix("task:"): v for k, v in json.loads((exp / ".slurm" / "jobs.json").read_text()).items()}
+    assert str(e.value).startswith(f"2 Slurm job(s) failed, first job {ids['bad']} (failed) ended without finishing "
+                                   "bad; its log: ")
+    jobs = fake_jobs(slurm)
+    assert [jobs[ids[k]]["state"] for k in ("bad", "next", "fine")] == ["FAILED", "CANCELLED", "COMPLETED"]
+    assert sorted(log.read_text().split()) == ["bad", "fine"]
 
 
 def test_a_preempted_job_is_requeued_and_its_run_resumes_bitwise(slurm, tmp_path, one_thread):
@@ -185,9 +237,20 @@ def test_reproduce_on_slurm_equals_local(slurm, tmp_path):
     args = ["reproduce", "--preset", "smoke", "--quiet"]
     res = CliRunner().invoke(cli, args + ["--out", str(tmp_path / "local")])
     assert res.exit_code == 0, res.output
-    res = CliRunner().invoke(cli, args + ["--out", str(tmp_path / "slurm"), "--launcher", "slurm"])
+    remote = args + ["--out", str(tmp_path / "slurm"), "--launcher", "slurm"]
+    res = CliRunner().invoke(cli, remote + ["--no-wait"])  # the whole study submitted: runs and analyses
+    assert res.exit_code == 0, res.output
+    assert "6 training run(s) and 10 analysis job(s) on Slurm (16 submitted now" in res.output
+    assert "run the same command with --resume" in res.output and not (tmp_path / "slurm" / "claims.json").exists()
+    res = CliRunner().invoke(cli, remote + ["--resume"])  # waits for them, then the claims and the report
     assert res.exit_code == 0, res.output
     same_outputs(tmp_path / "local", tmp_path / "slurm")
+    record = json.loads((tmp_path / "slurm" / ".slurm" / "jobs.json").read_text())
+    jobs = fake_jobs(slurm)
+    assert sum(k.startswith("task:") for k in record) == 10 and all(j["state"] == "COMPLETED" for j in jobs.values())
+    for j in jobs.values():  # every analysis started after the jobs it waited on (its runs, the baseline's peak)
+        assert all(j["started"] >= jobs[a]["ended"] for a in j["after"])
+    assert sum(bool(j["after"]) for j in jobs.values()) >= 10
 
 
 def test_slurm_under_torchrun_is_refused_before_anything_is_written(monkeypatch, tmp_path):
@@ -216,3 +279,14 @@ def test_a_run_of_several_tasks_is_one_process_group_equal_to_torchrun(slurm, tm
     sha = [[(r["step"], r["sha256"]) for r in map(json.loads, (d / "checkpoints" / "manifest.jsonl").open())]
            for d in (out, tmp_path / "tr")]
     assert sha[0] == sha[1]
+
+
+@pytest.mark.parametrize("args", [["reproduce", "--preset", "smoke"], ["experiment", "windows", "--preset", "smoke"],
+                                  ["experiment", "regime", "--preset", "smoke"]])
+def test_plans_under_slurm_say_one_job_each_not_n_at_a_time(tmp_path, args):
+    res = CliRunner().invoke(cli, args + ["--out", str(tmp_path / "x"), "--dry-run", "--launcher", "slurm"])
+    assert res.exit_code == 0, res.output
+    first = next(line for line in res.output.splitlines() if "to train" in line)
+    assert first.endswith("to train, one Slurm job each")
+    assert "if run here 2 at a time; on Slurm the wall time is as the cluster schedules the jobs" in res.output
+    assert not (tmp_path / "x").exists()

@@ -177,7 +177,7 @@ def windows(overrides, tracker, **values) -> None:
         launcher = launcher_request(values)
         opts = build(WindowsOptions, values)
         plan = make_plan(opts, with_tracker(overrides, tracker))
-    echo(plan_text(plan), err=True)
+    echo(plan_text(plan, launcher), err=True)
     if opts.dry_run:
         echo(power_text(plan, planned_power(plan)))
         return
@@ -236,7 +236,7 @@ def regime(overrides, tracker, **values) -> None:
                 return
             echo(f"tables: {plan.root / 'pilot' / 'pilot.parquet'}, {plan.root / 'pilot' / 'pilot_runs.parquet'}")
         return
-    echo(rg.plan_text(plan), err=True)
+    echo(rg.plan_text(plan, launcher), err=True)
     if opts.dry_run:
         return
     try:

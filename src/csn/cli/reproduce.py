@@ -101,9 +101,10 @@ def reproduce(**values) -> None:
       4. linearity of the baseline runs at the peak and the end (C3; the linear classifier fit once)
       5. CKA regularized vs baseline at the end (no verdict reads it; study key cka_checkpoints)
       6. claims C1-C4 with verdicts, 7. the report
-    With --launcher slurm the training runs (step 1) are Slurm jobs, one per run, all trained before
-    the analyses (steps 2-7), which run in this command's process; with --no-wait it submits them and
-    returns, and the same command with --resume later waits for them and goes on.
+    With --launcher slurm steps 1-5 are Slurm jobs, one per training run and one per analysis task, all
+    submitted at once, each waiting on the jobs it needs (Slurm dependencies); steps 6-7 run in this
+    command once they have all completed. With --no-wait it submits them and returns, and the same
+    command with --resume later waits for them and goes on.
     Ends by printing the claims table and the report's path (OUT/report/index.html); the verdicts
     and the thresholds behind them are also in OUT/claims.json (`csn claims OUT` recomputes them).
 
@@ -138,7 +139,7 @@ def reproduce(**values) -> None:
              "sets": with_tracker(a.sets, a.tracker, "train.tracker"),
              "seeds": a.seeds, "trust_code": a.trust_code}
     if a.dry_run:
-        echo(plan_text(reproduction(a.preset, a.out, progress=False, **study)))
+        echo(plan_text(reproduction(a.preset, a.out, progress=False, **study), launcher=launcher))
         return
     dist.init_from_env()  # under torchrun: DDP training, sharded analyses, rank 0 writes and reports
     progress = not a.quiet

@@ -60,7 +60,7 @@ from csn.core.stats import STUDY_GROUP
 from csn.errors import CsnError
 from csn.experiments import claims, conditions
 from csn.experiments.conditions import Condition, job, onset_condition, train_conditions
-from csn.experiments.launcher import LauncherOptions
+from csn.experiments.launcher import LauncherOptions, at_a_time, estimate_note
 from csn.experiments.regularize import (
     FINAL_BN_BATCHES,
     condition_table,
@@ -271,12 +271,13 @@ def measured_spread(plan: RegimePlan, dataset: str) -> float:
     return float(np.std(accs, ddof=1)) if len(accs) >= 2 else math.nan
 
 
-def plan_text(plan: RegimePlan) -> str:
-    """The plan as printed before anything starts: the grid, the cells, the estimate and the power per cell."""
+def plan_text(plan: RegimePlan, launcher: LauncherOptions | None = None) -> str:
+    """The plan as printed before anything starts: the grid, the cells, the estimate and the power per cell.
+    launcher: where the runs train (--launcher slurm: one job per run)."""
     e, b = plan.estimate(), plan.base
     lines = [f"regime study '{plan.preset.name}' in {plan.root}: {len(plan.conditions)} conditions x {len(plan.seeds)} "
-             f"seeds ({', '.join(map(str, plan.seeds))}) = {e['runs']} runs, {e['runs_todo']} to train, {plan.parallel} "
-             "at a time",
+             f"seeds ({', '.join(map(str, plan.seeds))}) = {e['runs']} runs, {e['runs_todo']} to train, "
+             f"{at_a_time(launcher, plan.parallel)}",
              f"  each run: {b.model} (width {b.width:g}), {b.epochs:g} epochs, lr {b.lr:g} {b.lr_schedule}, batch "
              f"{b.batch_size}; late onset at {plan.preset.late_fraction:.0%} of training (epoch {plan.late_onset:g})",
              f"  {'condition':<22} {'alpha':>6}  {'onset (epoch)':<14} keys"]
@@ -297,8 +298,8 @@ def plan_text(plan: RegimePlan) -> str:
         lines.append(f"    {cell.dataset:<8} {cell.regularizer:<6} alpha {cell.alpha:>6g}: recorded SD: {_power_text(rec)}{mtxt}")
     src = ", ".join(f"{d} {e['run_seconds'][d]:.0f} s ({'median of ' + str(e['measured_runs'][d]) + ' finished runs' if e['measured_runs'][d] else 'declared'})"
                     for d in plan.preset.datasets)
-    lines.append(f"  estimated time: about {hms(e['training_s'] + e['analysis_s'])} (per run: {src}; {plan.parallel} at "
-                 f"a time; analyses {hms(e['analysis_s'])})")
+    lines.append(f"  estimated time: about {hms(e['training_s'] + e['analysis_s'])} (per run: {src}; "
+                 f"{estimate_note(launcher, plan.parallel)}; analyses {hms(e['analysis_s'])})")
     return "\n".join(lines)
 
 

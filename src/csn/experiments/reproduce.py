@@ -41,7 +41,7 @@ from csn.errors import CsnError
 from csn.experiments import claims as C
 from csn.experiments.conditions import job, onset_condition
 from csn.experiments.judge import judge
-from csn.experiments.launcher import LauncherOptions, train_jobs
+from csn.experiments.launcher import LauncherOptions, at_a_time, estimate_note, launch
 from csn.experiments.regularize import measure_final
 from csn.experiments.runner import (
     Job,
@@ -49,7 +49,6 @@ from csn.experiments.runner import (
     finished_seconds,
     is_complete,
     last_step,
-    run_tasks,
     schedule_seconds,
     train_task,
 )
@@ -328,14 +327,15 @@ def share_linear_model(source: Run, runs: list[Run]) -> None:
             raise CsnError(f"copying the linear classifier to {dst} failed its checksum; delete it and run again.")
 
 
-def plan_text(rep: Reproduction, power: list[dict] | None = None) -> str:
+def plan_text(rep: Reproduction, power: list[dict] | None = None, launcher: LauncherOptions | None = None) -> str:
     """The plan as printed before anything starts: runs, analyses and where, the time estimate, and per verdict the
-    power, minimal detectable effect and seeds needed at the study's seeds."""
+    power, minimal detectable effect and seeds needed at the study's seeds. launcher: where the work runs (--launcher
+    slurm: one job per task)."""
     st, b, work = rep.study, rep.base, {w.what: w for w in rep.work()}
     tr = work["train"]
     late = f"{st.late_onset} = step {round(rep.late_epoch * rep.steps_per_epoch)}, epoch {rep.late_epoch:.3g}"
     lines = [f"plan of study '{rep.name}' in {rep.out}: 3 conditions x {st.seeds} seeds = {tr.total:g} runs, "
-             f"{math.ceil(tr.todo - 1e-9)} to train, {st.parallel} at a time",
+             f"{math.ceil(tr.todo - 1e-9)} to train, {at_a_time(launcher, st.parallel)}",
              f"  conditions: baseline; alpha {st.alpha:g} from step 0; alpha {st.alpha:g} from {late}",
              f"  each run: {b.model} on {b.dataset}, {b.epochs:g} epochs x {rep.steps_per_epoch} steps = {rep.total} steps, "
              f"{len(rep.ckpt_steps)} checkpoints"]
@@ -354,7 +354,7 @@ def plan_text(rep: Reproduction, power: list[dict] | None = None) -> str:
     analyses = sum(w.todo * w.seconds for k, w in work.items() if k != "train")
     lines.append(f"  estimated time: about {hms(rep.estimate())} (work: training {hms(tr.todo * tr.seconds)} = "
                  f"{tr.todo:.3g} runs x {tr.seconds:.0f} s, {tr.source}; analyses {hms(analyses)}, declared in "
-                 f"study.costs; {st.parallel} at a time, analyses as soon as their runs are trained)")
+                 f"study.costs; {estimate_note(launcher, st.parallel)}, analyses as soon as their runs are trained)")
     lines += power_lines(power if power is not None else rep.power(), st)
     return "\n".join(lines)
 
@@ -417,8 +417,9 @@ def reproduce(preset: str | None = None, out: str | Path | None = None, *, resum
     (training with DDP, analyses sharded over the evaluation split) and rank 0 alone writes; the
     step lines and the result are rank 0's. A model named as code ('package.module:factory') by a study file
     runs only with trust_code (typed as `model` or `--set train.model=...` it is explicit); every model is built and
-    checked before any run starts. launcher (csn.experiments.launcher) --launcher slurm: the training runs are Slurm
-    jobs, all trained before the analyses, which run here (under --no-wait: Submitted once the jobs are submitted).
+    checked before any run starts. launcher (csn.experiments.launcher) --launcher slurm: every task (each training run, each
+    analysis of its runs) is a Slurm job, all submitted at once with their dependencies; the claims and the report are
+    made here once they have all completed (under --no-wait: Submitted once the jobs are submitted).
     """
     with dist.same_outcome():  # a bad request fails on every rank together
         req = _request(options)
@@ -428,16 +429,14 @@ def reproduce(preset: str | None = None, out: str | Path | None = None, *, resum
     out = rep.out
     dist.on_main(_prepare, rep, resume=resume, force=force)
     if dist.is_main():
-        print(plan_text(rep), file=sys.stderr, flush=True)
+        print(plan_text(rep, launcher=launcher), file=sys.stderr, flush=True)
     t0, tasks = time.perf_counter(), rep.tasks(trusted)
-    if launcher is not None and launcher.launcher == "slurm":  # every run on Slurm first; the analyses here
-        train_jobs(rep.baseline_jobs() + rep.reg_jobs(), launcher, steps=rep.total,
-                   progress=req.progress, desc="study runs")
     trained = dist.on_main(lambda: {t.key for t in tasks if t.run is not None and is_complete(t.run)})
     with trusting_code(trusted):  # the analyses rebuild the runs' models from run.json
-        spent = run_tasks(tasks, parallel=rep.study.parallel, progress=req.progress, desc="study", done=trained,
-                          unit=None, announce=True)
-    _say(task_times(tasks, spent), t0)
+        spent = launch(tasks, launcher, parallel=rep.study.parallel, progress=req.progress, desc="study",
+                       done=trained, unit=None, announce=True)
+    if launcher is None or launcher.launcher == "local":
+        _say(task_times(tasks, spent), t0)
     _say("claims", t0)
     dist.on_main(rep.write_claims)  # reads tables, writes files: rank 0
     index = out / "report" / "index.html"

@@ -172,13 +172,14 @@ PERCENT_BAR = "{desc}{percentage:3.0f}%|{bar}| {elapsed}<{remaining}"
 """The bar of tasks weighted by planned seconds (unit None): how much is done, not how many units."""
 
 
-class _Progress:
+class Progress:
     """The bar of run_tasks: the tasks' weights done, a running training task's share read from its run's manifest
     (checkpoint granularity) by the parent, so training is never slowed; the description counts finished tasks per
     kind ('training runs 3/15')."""
 
     def __init__(self, tasks: list[Task], done: set[str], desc: str, progress: bool, unit: str | None = "task") -> None:
         self.tasks, self.done, self.desc, self.t0 = tasks, set(done), desc, time.perf_counter()
+        self.note = ""  # appended to the description (--launcher slurm: the jobs' states)
         self.n0 = self._n()  # done before this command (a resumed study): not part of the rate
         shown = {"unit": unit} if unit else {"bar_format": PERCENT_BAR}  # weights in planned seconds: a share
         self.pbar = bar(total=sum(t.weight for t in tasks), initial=self.n0, desc=self._desc(), progress=progress,
@@ -193,7 +194,14 @@ class _Progress:
             k = kinds.setdefault(t.kind, [0, 0])
             k[0] += t.key in self.done
             k[1] += 1
-        return " ".join([self.desc] * bool(self.desc) + [", ".join(f"{k} {d}/{n}" for k, (d, n) in kinds.items())])
+        counts = ", ".join(f"{k} {d}/{n}" for k, (d, n) in kinds.items())
+        return " ".join([self.desc] * bool(self.desc) + [counts] + [f"({self.note})"] * bool(self.note))
+
+    def set_note(self, note: str) -> None:
+        """Show `note` after the counts (e.g. the Slurm jobs' states)."""
+        if note != self.note:
+            self.note = note
+            self.pbar.set_description(self._desc(), refresh=False)
 
     def poll(self) -> None:
         """Advance the bar to the running training tasks' last checkpoints."""
@@ -241,6 +249,16 @@ class _Queue:
         return best
 
 
+def in_order(tasks: list[Task], done: set[str] | frozenset = frozenset()) -> list[Task]:
+    """The tasks not in `done`, each after every task it comes `after` (in the order run_tasks would start them one
+    at a time): how a Slurm launcher submits a graph of tasks with their dependencies."""
+    queue, finished, order = _Queue(tasks, set(done)), set(done), []
+    while (t := queue.pop(finished)) is not None:
+        order.append(t)
+        finished.add(t.key)
+    return order
+
+
 def _chains(tasks: list[Task]) -> dict[str, float]:
     """Per task: its weight plus the heaviest chain of tasks that come after it (directly or not)."""
     waiting: dict[str, list[str]] = {t.key: [] for t in tasks}
@@ -279,7 +297,7 @@ def run_tasks(tasks: list[Task], *, parallel: int = 1, progress: bool = True, de
     queue = _Queue(tasks, done)
     parallel = 1 if dist.is_dist() else min(parallel, len(queue.todo) or 1)
     threads = None if dist.is_dist() else max(1, (os.cpu_count() or 1) // parallel)  # torchrun sets OMP_NUM_THREADS
-    bars = _Progress(tasks, done, desc, progress and dist.is_main(), unit)
+    bars = Progress(tasks, done, desc, progress and dist.is_main(), unit)
 
     def started(t: Task) -> None:
         if announce and dist.is_main():
@@ -338,7 +356,7 @@ def run_jobs(jobs: list[Job], *, parallel: int = 1, progress: bool = True, desc:
     return [Run(j.out) for j in jobs]
 
 
-def _run_in_workers(queue: _Queue, parallel: int, threads: int | None, bars: _Progress,
+def _run_in_workers(queue: _Queue, parallel: int, threads: int | None, bars: Progress,
                     started: Callable[[Task], None], seconds: dict[str, float]) -> None:
     """The queue's tasks in `parallel` spawned worker processes, each started when a worker is free and the queue
     gives a ready task; their wall seconds into `seconds`."""

@@ -67,7 +67,7 @@ from csn.experiments import mechanism_stats as ms
 from csn.experiments import window_stats as ws
 from csn.experiments.claims import Spread
 from csn.experiments.conditions import BASELINE, Condition, condition_rows
-from csn.experiments.launcher import LauncherOptions, train_jobs
+from csn.experiments.launcher import LauncherOptions, at_a_time, estimate_note, train_jobs
 from csn.experiments.mechanism import mechanism_tables
 from csn.experiments.regularize import dose
 from csn.experiments.runner import Job, PresetRunnerOptions, finished_seconds, is_complete
@@ -505,13 +505,14 @@ def _refuse_duplicates(conds: list[Condition]) -> None:
         seen[key] = c.name
 
 
-def plan_text(plan: Plan) -> str:
-    """The plan as printed before anything starts: conditions x seeds, what each condition does, the estimate."""
+def plan_text(plan: Plan, launcher: LauncherOptions | None = None) -> str:
+    """The plan as printed before anything starts: conditions x seeds, what each condition does, the estimate.
+    launcher: where the runs train (--launcher slurm: one job per run)."""
     e, b = plan.estimate(), plan.base
     lr = f"lr {b.lr:g} {b.lr_schedule}" + (f" (warm-up {b.warmup_epochs:g} epochs)" if b.warmup_epochs else "")
     lines = [f"critical-period map '{plan.preset.name}' in {plan.root}: {len(plan.conditions)} conditions x "
              f"{len(plan.seeds)} seeds ({', '.join(map(str, plan.seeds))}) = {e['runs']} runs, {e['runs_todo']} to train, "
-             f"{plan.parallel} at a time",
+             f"{at_a_time(launcher, plan.parallel)}",
              f"  each run: {b.model} on {b.dataset}, {b.epochs:g} epochs x {plan.steps_per_epoch} steps = {plan.total} "
              f"steps, {lr}",
              ("  alpha per stage (reg_reduce=sum): every regularized stage gets alpha in full, whatever the stage set"
@@ -536,7 +537,7 @@ def plan_text(plan: Plan) -> str:
         sel += f" + {', '.join(plan.preset.analyses)} there x {plan.preset.analysis_seconds:g} s"
     total = e["training_s"] + e["selectivity_s"] + e["accuracy_s"] + (e["analyses_s"] if plan.selectivity else 0.0)
     lines.append(f"  estimated time: about {hms(total)} ({e['runs_todo']} "
-                 f"runs x {e['run_seconds']:.0f} s per run, {src}, {plan.parallel} at a time{sel}{acc})")
+                 f"runs x {e['run_seconds']:.0f} s per run, {src}{sel}{acc}; {estimate_note(launcher, plan.parallel)})")
     return "\n".join(lines)
 
 
