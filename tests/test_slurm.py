@@ -290,3 +290,25 @@ def test_plans_under_slurm_say_one_job_each_not_n_at_a_time(tmp_path, args):
     assert first.endswith("to train, one Slurm job each")
     assert "if run here 2 at a time; on Slurm the wall time is as the cluster schedules the jobs" in res.output
     assert not (tmp_path / "x").exists()
+
+
+def test_a_study_files_launcher_table_is_the_command_lines_default(tmp_path):
+    from csn.cli.options import launcher_request
+    from csn.experiments.study import launcher_table
+
+    f = tmp_path / "study.toml"
+    f.write_text('preset = "smoke"\n\n[launcher]\nlauncher = "slurm"\nslurm_partition = "cpu"\nslurm_extra = '
+                 '["qos=low"]\n')
+    none, where = {k: None for k in L.LauncherOptions.model_fields}, f"study file {f}"
+    o = launcher_request(dict(none), launcher_table(f), where)
+    assert (o.launcher, o.slurm_partition, o.slurm_extra) == ("slurm", "cpu", ("qos=low",))
+    assert launcher_request({**none, "slurm_partition": "gpu"}, launcher_table(f), where).slurm_partition == "gpu"
+    o = launcher_request({**none, "launcher": "local"}, launcher_table(f), where)  # the file's Slurm keys wait
+    assert o.launcher == "local" and o.slurm_partition is None
+    res = CliRunner().invoke(cli, ["reproduce", "--config", str(f), "--dry-run", "--out", str(tmp_path / "x")])
+    assert res.exit_code == 0 and "6 to train, one Slurm job each" in res.output, res.output
+    f.write_text('preset = "smoke"\n\n[launcher]\nlauncher = "slurm"\npartition = "cpu"\n')
+    res = CliRunner().invoke(cli, ["reproduce", "--config", str(f), "--out", str(tmp_path / "x")])
+    assert res.exit_code != 0 and not (tmp_path / "x").exists()
+    assert res.output.strip().startswith(f"error: study file {f}: unknown [launcher] key 'partition' (closest: "
+                                         "'slurm_partition')")

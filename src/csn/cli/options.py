@@ -19,7 +19,8 @@ from pydantic import Field
 from csn import dist
 from csn.analysis.base import Analysis, RunOptions
 from csn.core.schema import Int, Schema
-from csn.experiments.launcher import LauncherOptions, need_submitit
+from csn.errors import CsnError
+from csn.experiments.launcher import SLURM_ONLY, LauncherOptions, need_submitit
 from csn.models.external import set_trust_code
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -145,10 +146,23 @@ def launcher_options() -> Callable[[F], F]:
     return from_schema(LauncherOptions)
 
 
-def launcher_request(values: dict[str, Any]) -> LauncherOptions:
+def launcher_request(values: dict[str, Any], table: dict[str, Any] | None = None, where: str = "") -> LauncherOptions:
     """The launcher group's values (taken out of `values`), validated; --launcher slurm without submitit (or under
-    torchrun) is refused here, before anything is planned or written."""
-    launcher = build(LauncherOptions, take(values, LauncherOptions))
+    torchrun) is refused here, before anything is planned or written. table: a study file's [launcher] table
+    (`where`: the file, for messages), the defaults of what the command line does not give; its Slurm keys apply
+    only when the launcher (the file's or the command line's) is slurm."""
+    given = take(values, LauncherOptions)
+    table = {k.replace("-", "_"): v for k, v in (table or {}).items()}
+    file_launcher = table.get("launcher") if table.get("launcher") in ("local", "slurm") else None  # else: below
+    launcher = build(LauncherOptions, given, launcher=given.get("launcher") or file_launcher)
+    if table:
+        merged = {**table, **{k: v for k, v in given.items() if v is not None and v != ()}}
+        if merged.get("launcher", "local") == "local":
+            merged = {k: v for k, v in merged.items() if k not in SLURM_ONLY}
+        try:
+            launcher = LauncherOptions.parse(merged, what="[launcher] key")
+        except CsnError as e:
+            raise CsnError(f"{where}: {e}") from None
     if launcher.launcher == "slurm":
         need_submitit()
     return launcher

@@ -25,7 +25,7 @@ from csn.experiments.judge import judge
 from csn.experiments.launcher import Submitted
 from csn.experiments.reproduce import plan_text, reproduction
 from csn.experiments.reproduce import reproduce as run
-from csn.experiments.study import load_study, study_names, study_text, to_toml
+from csn.experiments.study import launcher_table, load_study, study_names, study_text, to_toml
 from csn.report.html import build_report
 
 
@@ -130,7 +130,8 @@ def reproduce(**values) -> None:
       csn reproduce --preset fmnist-vit --seeds 2           # on a Vision Transformer
       csn reproduce --config study.toml --set study.alpha=-2 --set train.width=0.5
     """
-    launcher = launcher_request(values)
+    config_file = values.get("config_file")
+    launcher = launcher_request(values, launcher_table(config_file), f"study file {config_file}")
     a = ReproduceArgs(**values)
     if a.print_config:
         _print_config(a.print_config)

@@ -186,8 +186,8 @@ def study_text(name: str) -> str:
 def _tables(raw: dict, where: str, seen: tuple[str, ...] = ()) -> tuple[dict, dict]:
     """(train table, study table) of a study file's data, its `preset` (a shipped study) expanded."""
     for k in raw:
-        if k not in ("preset", "train", "study"):
-            raise CsnError(f"{where}: {unknown('top-level key', k, ['preset', 'train', 'study'])}")
+        if k not in ("preset", "train", "study", "launcher"):
+            raise CsnError(f"{where}: {unknown('top-level key', k, ['preset', 'train', 'study', 'launcher'])}")
     train, study = {}, {}
     if "preset" in raw:
         name = str(raw["preset"])
@@ -200,6 +200,18 @@ def _tables(raw: dict, where: str, seen: tuple[str, ...] = ()) -> tuple[dict, di
     mine = {str(k).replace("-", "_"): v for k, v in raw.get("train", {}).items()}
     train = mine if "preset" in mine else {**train, **mine}  # a training preset of its own starts afresh
     return train, _merge(study, raw.get("study", {}))
+
+
+def launcher_table(config: str | Path | None) -> dict:
+    """A study file's [launcher] table: where its runs and analyses run (csn.experiments.launcher.LauncherOptions'
+    keys, e.g. launcher = "slurm", slurm_partition = "gpu"; the command line's options override them); {} without
+    a file or a table. Only the file's own table: a study does not inherit where it runs from its preset."""
+    if not config:
+        return {}
+    table = read_config_file(config).get("launcher", {})
+    if not isinstance(table, dict):
+        raise CsnError(f"study file {config}: [launcher] must be a table of key = value pairs.")
+    return table
 
 
 def _merge(base: dict, over: dict) -> dict:
