@@ -159,16 +159,21 @@ class SlurmTask(Checkpointable):
         return self.fn(*self.args)
 
 
+def on_slurm(launcher: LauncherOptions | None) -> bool:
+    """Whether work goes to Slurm (None: the local runner)."""
+    return launcher is not None and launcher.launcher == "slurm"
+
+
 def at_a_time(launcher: LauncherOptions | None, parallel: int) -> str:
     """How a plan says where its work runs: 'N at a time' (here), or one Slurm job per task."""
-    if launcher is None or launcher.launcher == "local":
+    if not on_slurm(launcher):
         return f"{parallel} at a time"
     return "one Slurm job each"
 
 
 def estimate_note(launcher: LauncherOptions | None, parallel: int) -> str:
     """What a plan's time estimate assumes: `parallel` at a time here; under Slurm the wall time is the queue's."""
-    if launcher is None or launcher.launcher == "local":
+    if not on_slurm(launcher):
         return f"{parallel} at a time"
     return f"if run here {parallel} at a time; on Slurm the wall time is as the cluster schedules the jobs"
 
@@ -191,7 +196,7 @@ def launch(tasks: list[Task], launcher: LauncherOptions | None = None, *, parall
     task before it that writes in the same run folder (so two never write there at once); a job whose dependency
     failed is cancelled (kill-on-invalid-dep). The command then waits for every job, its bar advancing with the
     runs' checkpoints, unless --no-wait (Submitted). Returns {} on Slurm (no task ran here)."""
-    if launcher is None or launcher.launcher == "local":
+    if not on_slurm(launcher):
         return run_tasks(tasks, parallel=parallel, progress=progress, desc=desc, done=done, unit=unit,
                          announce=announce)
     need_submitit()
@@ -208,7 +213,7 @@ def train_jobs(jobs: list[Job], launcher: LauncherOptions | None = None, *, para
     """Train every job that is not complete, here (runner.run_jobs, `parallel` at a time) or on Slurm (one job per
     run, in the folder `.slurm` beside the runs: launch); return the runs in job order. Under --no-wait, with runs
     left on Slurm: Submitted."""
-    if launcher is None or launcher.launcher == "local":
+    if not on_slurm(launcher):
         return run_jobs(jobs, parallel=parallel, progress=progress, desc=desc, steps=steps)
     tasks = [train_task(j, steps=steps) for j in jobs]
     for t in tasks:
@@ -374,4 +379,4 @@ def _cancel_on_error(submitted: list[Any]) -> Iterator[None]:
         raise
 
 
-__all__ = ["LauncherOptions", "Submitted", "SlurmTask", "launch", "at_a_time", "estimate_note", "train_jobs", "need_submitit", "slurm_folder", "INSTALL"]
+__all__ = ["LauncherOptions", "Submitted", "SlurmTask", "launch", "on_slurm", "at_a_time", "estimate_note", "train_jobs", "need_submitit", "slurm_folder", "INSTALL"]

@@ -41,7 +41,7 @@ from csn.errors import CsnError
 from csn.experiments import claims as C
 from csn.experiments.conditions import job, onset_condition
 from csn.experiments.judge import judge
-from csn.experiments.launcher import LauncherOptions, at_a_time, estimate_note, launch
+from csn.experiments.launcher import LauncherOptions, at_a_time, estimate_note, launch, on_slurm
 from csn.experiments.regularize import measure_final
 from csn.experiments.runner import (
     Job,
@@ -435,7 +435,7 @@ def reproduce(preset: str | None = None, out: str | Path | None = None, *, resum
     with trusting_code(trusted):  # the analyses rebuild the runs' models from run.json
         spent = launch(tasks, launcher, parallel=rep.study.parallel, progress=req.progress, desc="study",
                        done=trained, unit=None, announce=True)
-    if launcher is None or launcher.launcher == "local":
+    if not on_slurm(launcher):  # on Slurm no task ran here
         _say(task_times(tasks, spent), t0)
     _say("claims", t0)
     dist.on_main(rep.write_claims)  # reads tables, writes files: rank 0
