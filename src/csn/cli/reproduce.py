@@ -64,7 +64,8 @@ def _print_config(name: str) -> None:
               "3 min (CI, a first look), fmnist <= 30 min on 2 CPU cores, fmnist-vit the same study on a ViT, imagenet "
               "the study's ResNet-50 protocol (GPUs; needs --data-root).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), metavar="FILE",
-              help="A study file (TOML or YAML): [train] and [study] tables, optionally preset = NAME to start from.")
+              help="A study file (TOML or YAML): [train] and [study] tables, optionally preset = NAME to start from and a "
+              "[launcher] table (where it runs).")
 @click.option("--print-config", metavar="NAME", help="Print a shipped study as TOML (every key) to start a study file "
               "from, and exit.")
 @click.option("--dataset", help="Shortcut for train.dataset: idx (MNIST-format folder), npz (one .npz file), "
@@ -120,6 +121,9 @@ def reproduce(**values) -> None:
       ablation_checkpoints = ["peak", "end"]   # peak: each baseline run's own selectivity peak
       [study.ablation]
       draws = 5
+      [launcher]                         # optional: where it runs (the --launcher options' keys; flags override)
+      launcher = "slurm"
+      slurm_partition = "gpu"
     Times: the shipped studies count the early phase in steps and the rest in fractions of training.
 
     \b

@@ -63,8 +63,9 @@ class LauncherOptions(Schema):
     (`csn experiment windows|regularize|regime`, `csn reproduce`), declared here once."""
 
     launcher: Literal["local", "slurm"] = Field("local", description="local: worker processes on this machine "
-                                                "(--parallel); slurm: one Slurm job per training run, submitted "
-                                                f"through submitit ({INSTALL}).")
+                                                "(--parallel); slurm: one Slurm job per training run (csn reproduce: "
+                                                "and per analysis task), submitted through submitit "
+                                                f"({INSTALL}).")
     slurm_partition: str | None = Field(None, description="Slurm partition of the jobs [default: the cluster's].",
                                         json_schema_extra={"metavar": "NAME"})
     slurm_time: Int = Field(1440, ge=1, description="Time limit of each job in minutes; a run that needs longer is "
