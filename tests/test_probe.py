@@ -21,6 +21,7 @@ from csn.analysis.probe import (
     fit_probe,
     probe_objective,
     probe_stage,
+    score,
     standardize,
 )
 from csn.cli import main as cli
@@ -136,24 +137,30 @@ def _newton_reference(x: np.ndarray, y: np.ndarray, k: int, l2: float) -> tuple[
 
 
 @pytest.mark.parametrize("l2", [1e-3, 0.1])
-@pytest.mark.parametrize("correlated", [False, True])
-def test_probe_equals_a_naive_newton_reference(l2, correlated):
-    """Independent features, and features mixed by a random matrix (correlated: an ill-conditioned objective at
-    lambda 1e-3, where weights agree only if the fit runs to float64's limit, not just to GRAD_TOL)."""
-    gen = torch.Generator().manual_seed(5 if correlated else 3)
-    n, d, k = (300, 8, 4) if correlated else (240, 6, 3)
+@pytest.mark.parametrize("case", ["independent", "correlated", "separable"])
+def test_probe_equals_a_naive_newton_reference(l2, case):
+    """Independent features; features mixed by a random matrix (correlated: an ill-conditioned objective at lambda
+    1e-3, where weights agree only if the fit runs to float64's limit, not just to GRAD_TOL); and 24 features that
+    separate 6 classes perfectly (the case of a wide late stage: the optimum is held finite by the penalty alone,
+    the hardest conditioning)."""
+    gen = torch.Generator().manual_seed({"independent": 3, "correlated": 5, "separable": 7}[case])
+    n, d, k = {"independent": (240, 6, 3), "correlated": (300, 8, 4), "separable": (300, 24, 6)}[case]
     y = torch.arange(n) % k
-    x = torch.randn(n, d, generator=gen, dtype=torch.float64) + torch.randn(k, d, generator=gen, dtype=torch.float64)[y]
-    if correlated:
+    spread = 4.0 if case == "separable" else 1.0
+    x = torch.randn(n, d, generator=gen, dtype=torch.float64) + spread * torch.randn(k, d, generator=gen,
+                                                                                     dtype=torch.float64)[y]
+    if case == "correlated":
         x = x @ torch.randn(d, d, generator=gen, dtype=torch.float64)
     xs, _, _ = standardize(x)
     fit = fit_probe(xs, y, k, l2)
     w, b, loss = _newton_reference(xs.numpy(), y.numpy(), k, l2)
-    assert fit.converged and fit.grad_norm <= GRAD_TOL
-    assert np.abs(fit.weight.numpy() - w).max() < 1e-6
-    assert np.abs(fit.bias.numpy() - b).max() < 1e-6
-    assert abs(fit.objective - loss) < 1e-6
-    assert abs(float(probe_objective(fit.weight, fit.bias, xs, y, l2)) - loss) < 1e-6
+    if case == "separable":
+        assert score(fit, xs, y)[0] == 1.0
+    assert fit.converged and fit.grad_norm <= GRAD_TOL / 100 and 0 < fit.iterations <= 30
+    assert np.abs(fit.weight.numpy() - w).max() < 1e-8
+    assert np.abs(fit.bias.numpy() - b).max() < 1e-8
+    assert abs(fit.objective - loss) < 1e-12
+    assert abs(float(probe_objective(fit.weight, fit.bias, xs, y, l2)) - loss) < 1e-12
     assert abs(float(fit.bias.sum())) < 1e-12
 
 
