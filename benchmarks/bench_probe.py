@@ -11,7 +11,7 @@ Both analyses run end to end with run_analysis on the last checkpoint, BatchNorm
 for both, not what is compared), the table deleted before every repetition:
 - selectivity: `Selectivity()` over the whole test split (one streaming pass: CSI, eta^2, class means);
 - probe: `Probe()` with its defaults (2,000 training images, lambda 1e-3): one pass over the training subset, one
-  over the whole test split, three float64 L-BFGS fits.
+  over the whole test split, three float64 Newton-CG fits.
 Beside it, the fits alone (probe_stage on activations collected once) and their iterations.
 
 Method: as bench_selectivity.py: same process, torch.set_num_threads(--threads), one warm-up of each, then --reps
