@@ -27,6 +27,14 @@ def tiny_config(**kw):
     return TrainConfig.from_dict(d)
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_kept():
+    """No test leaves its torch thread count to the next one (a command run in-process with --threads N sets it)."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture()
 def one_thread():
     """Tiny models run fastest (and without thread contention on shared cores) on one thread."""

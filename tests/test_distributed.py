@@ -464,7 +464,6 @@ def test_imagefolder_run_trains_and_is_analysed_under_torchrun(tmp_path):
     shutil.copytree(tmp_path / "ddp" / "r50", single, ignore=shutil.ignore_patterns("tables"))
     for a in analyses:  # one thread, as each torchrun worker (OMP_NUM_THREADS=1): the same float32 kernels
         _cli([a[0], str(single), *a[1:], "--quiet", "--threads", "1"])
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     for name in ("selectivity", "class_means", "ablation", "cka"):
         _assert_tables_equal(Run(single).read(name), ddp.read(name), name)
     assert ddp.read("selectivity")["bn_recalibrated"].max() > 0

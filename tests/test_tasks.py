@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from csn.experiments import runner
 from csn.experiments.runner import Task, run_tasks, schedule_seconds
 
 
@@ -123,3 +124,26 @@ def span(path: str, name: str) -> None:
     time.sleep(1.0)
     with open(path, "a") as f:
         f.write(f"{name} {t0} {time.time()}\n")
+
+
+
+SEEN_THREADS: list[int] = []
+
+
+def _threads_task() -> None:
+    import torch
+
+    SEEN_THREADS.append(torch.get_num_threads())
+
+
+def test_threads_per_task_come_from_the_cores_this_process_may_use(monkeypatch):
+    """cores / parallel torch threads per task, where cores is the affinity mask (a Slurm allocation or a cpuset),
+    not every core of the machine."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert runner.available_cores() == 3
+    SEEN_THREADS.clear()
+    run_tasks([Task("t", _threads_task)], parallel=1, progress=False)
+    assert SEEN_THREADS == [3]
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {5}, raising=False)
+    assert runner.available_cores() == 1

@@ -106,6 +106,14 @@ def _on_interrupt(signum, frame) -> None:
         raise KeyboardInterrupt
 
 
+def available_cores() -> int:
+    """The CPU cores this process may run on: its affinity mask (what a Slurm allocation, taskset or a container's
+    cpuset grants), not every core of the machine (os.cpu_count())."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
 def _worker_init(parent_pid: int) -> None:
     """Runs first in every worker process: die with the parent (even on SIGKILL), stop cleanly on SIGINT."""
     die_with_parent(parent_pid)
@@ -296,7 +304,7 @@ def run_tasks(tasks: list[Task], *, parallel: int = 1, progress: bool = True, de
     done = set(done or ()) & {t.key for t in tasks}
     queue = _Queue(tasks, done)
     parallel = 1 if dist.is_dist() else min(parallel, len(queue.todo) or 1)
-    threads = None if dist.is_dist() else max(1, (os.cpu_count() or 1) // parallel)  # torchrun sets OMP_NUM_THREADS
+    threads = None if dist.is_dist() else max(1, available_cores() // parallel)  # torchrun sets OMP_NUM_THREADS
     bars = Progress(tasks, done, desc, progress and dist.is_main(), unit)
 
     def started(t: Task) -> None:
