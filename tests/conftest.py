@@ -37,11 +37,9 @@ def _torch_threads_kept():
 
 @pytest.fixture()
 def one_thread():
-    """Tiny models run fastest (and without thread contention on shared cores) on one thread."""
-    n = torch.get_num_threads()
+    """Tiny models run fastest (and without thread contention on shared cores) on one thread (restored after the
+    test by _torch_threads_kept)."""
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

@@ -126,7 +126,6 @@ def span(path: str, name: str) -> None:
         f.write(f"{name} {t0} {time.time()}\n")
 
 
-
 SEEN_THREADS: list[int] = []
 
 
