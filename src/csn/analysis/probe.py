@@ -167,8 +167,9 @@ def fit_probe(x: Tensor, y: Tensor, num_classes: int, l2: float = L2, *, max_ite
               tol: float = GRAD_TOL) -> ProbeFit:
     """Minimize probe_objective over W [D, K] and b [K] (float64, from zero) by Newton-CG (module docstring): at most
     max_iter Newton iterations, down to every gradient entry <= tol * POLISH in size (or float64's limit, see
-    POLISH); converged: the final gradient's entries are <= tol. Every step keeps sum_k b_k = 0 (the start's: the bias part of the gradient and of every
-    Hessian-vector product sums to zero over classes), which identifies the biases; it is re-imposed at the end."""
+    POLISH); converged: the final gradient's entries are <= tol. Every step keeps sum_k b_k = 0 (the start's: the
+    bias part of the gradient and of every Hessian-vector product sums to zero over classes), which identifies the
+    biases; it is re-imposed at the end."""
     if l2 <= 0:
         raise CsnError(f"the probe's penalty must be > 0, got {l2}; pass --l2 1e-3 (the default) or another "
                        "positive value.")

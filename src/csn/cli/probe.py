@@ -24,8 +24,9 @@ def probe(runs, **values) -> None:
     mean), standardized. The probe is softmax regression with an L2 penalty (--l2, default 1e-3; bias
     unpenalized), fit in float64 by Newton-CG (to a gradient near 1e-12) on a fixed seeded subset of the training
     split (--train-samples, default 2,000) and scored on the evaluation split (--split, default test). Columns:
-    acc and loss (mean cross-entropy, nats) on the evaluation split, train_acc and train_loss on the training subset, n_features,
-    n_constant (features constant on the training subset: dead units), iterations, grad_norm and converged.
+    acc and loss (mean cross-entropy, nats) on the evaluation split, train_acc and train_loss on the training
+    subset, n_features, n_constant (features constant on the training subset: dead units), iterations, grad_norm
+    and converged.
 
     Beside CSI it separates "suppression removed class information" (probe accuracy falls) from "suppression
     spread it over units" (CSI falls, probe accuracy stays). Checkpoints already in the table are skipped.
