@@ -10,10 +10,8 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-from matplotlib import colors
 
 from csn.analysis.ablation import summarize_ablation
 from csn.report import style
@@ -37,6 +35,8 @@ def _stages(df: pd.DataFrame) -> list[str]:
 
 def _epoch_norm(times: Sequence[float]):
     """Colour scale for checkpoints: symlog in epoch (the action is in the first epoch), linear otherwise."""
+    from matplotlib import colors
+
     t = np.asarray(sorted(set(float(v) for v in times)))
     vmax = float(t.max()) if len(t) else 1.0
     positive = t[t > 0]
@@ -61,7 +61,7 @@ def ablation_curves(df: pd.DataFrame, out_dir: str | Path, *, name: str = "ablat
         axes[r][ncol].remove()
     cax = fig.add_subplot(gs[:, ncol])
     norm, _ = _epoch_norm(curves[tcol])
-    cmap = plt.get_cmap("viridis")
+    cmap = style.colormap("viridis")
     for r, stage in enumerate(stages):
         for c, order in enumerate(orders):
             ax = axes[r][c]
@@ -82,7 +82,9 @@ def ablation_curves(df: pd.DataFrame, out_dir: str | Path, *, name: str = "ablat
                 ax.set_ylabel(f"{stage}\n{metric} / unablated")
     if title:
         fig.suptitle(title)
-    sm = plt.cm.ScalarMappable(norm=norm, cmap=cmap)
+    from matplotlib.cm import ScalarMappable
+
+    sm = ScalarMappable(norm=norm, cmap=cmap)
     sm.set_array([])
     fig.colorbar(sm, cax=cax).set_label(tlabel)
     caption = (f"{metric} accuracy, normalized by the unablated network, as the top-n units of every block of a stage "

@@ -10,10 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-from matplotlib.patches import Patch
 
 from csn.analysis.cka import LOGITS, comparison_rows, summarize_cka_runs
 from csn.errors import CsnError
@@ -23,7 +21,7 @@ from csn.report import style
 def layer_colors(layers: Sequence[str]) -> dict[str, tuple]:
     """Depth-ordered colors for layers (viridis, shallow = dark); the logits are black."""
     inner = [l for l in layers if l != LOGITS]
-    cmap = plt.get_cmap("viridis")
+    cmap = style.colormap("viridis")
     cols = {l: cmap(0.05 + 0.85 * (i / max(1, len(inner) - 1))) for i, l in enumerate(inner)}
     cols[LOGITS] = (0.0, 0.0, 0.0, 1.0)
     return cols
@@ -189,7 +187,7 @@ def cka_runs_vs_epoch(tables, out_dir: str | Path, *, log_epochs: bool = True, n
     ax.set_title(f"{label_a} vs {label_b}, same layer", fontsize=10)
     handles, _ = ax.get_legend_handles_labels()
     if n > 1:
-        handles.append(Patch(facecolor="0.5", alpha=0.25, label=f"±1 SE over {n} run pairs"))
+        handles.append(style.patch(facecolor="0.5", alpha=0.25, label=f"±1 SE over {n} run pairs"))
     ax.legend(handles=handles, fontsize=7, loc="best")
     if title:
         fig.suptitle(title)

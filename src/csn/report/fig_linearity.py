@@ -11,8 +11,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
-from matplotlib.lines import Line2D
-from matplotlib.patches import Patch
 
 from csn.analysis.linearity import summarize_linearity
 from csn.errors import CsnError
@@ -126,21 +124,21 @@ def linearity_figure(tables, out_dir: str | Path, *, log_epochs: bool = True, na
                 _line(ax, d, color, ls, None, n_seeds[c] > 1)
             color = "0.3" if multi else MEASURE_COLORS[j % len(MEASURE_COLORS)]
             ls = ":" if m == "linear_model_test_acc" else (STYLES[j % len(STYLES)] if multi else "-")
-            handles.append(Line2D([], [], color=color, ls=ls, label=LABELS.get(m, m)))
+            handles.append(style.line(color=color, ls=ls, label=LABELS.get(m, m)))
         if ptitle.startswith("performance") and BOUND in present:
             for c, s in sums.items():
                 d = s[s["measure"] == BOUND]
                 if not d.empty:
                     v = float(d["mean"].mean())
                     ax.plot([epochs[0], epochs[-1]], [v, v], color=cond_colors[c] if multi else "0.25", ls="-.", lw=1.1)
-            handles.append(Line2D([], [], color="0.25", ls="-.", label=LABELS[BOUND]))
+            handles.append(style.line(color="0.25", ls="-.", label=LABELS[BOUND]))
         if multi:
-            handles += [Line2D([], [], color=cond_colors[c], lw=3, label=c) for c in sums]
+            handles += [style.line(color=cond_colors[c], lw=3, label=c) for c in sums]
         if any(n > 1 for n in n_seeds.values()):
             k = max(n_seeds.values())
-            handles.append(Patch(facecolor="0.5", alpha=0.25, label=f"±1 SE over {k} seeds"))
+            handles.append(style.patch(facecolor="0.5", alpha=0.25, label=f"±1 SE over {k} seeds"))
         if not bn.empty:
-            handles.append(Patch(facecolor="0.88", label="BN statistics re-estimated"))
+            handles.append(style.patch(facecolor="0.88", label="BN statistics re-estimated"))
         style.epoch_axis(ax, log_epochs, epochs)
         if ylim:
             ax.set_ylim(*ylim)

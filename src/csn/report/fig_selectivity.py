@@ -10,16 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import matplotlib
 import numpy as np
 import pandas as pd
-from matplotlib.lines import Line2D
-from matplotlib.patches import Patch
 
 from csn.analysis.selectivity import summarize, summarize_across_runs
 from csn.errors import CsnError
 from csn.report import style
+
+if TYPE_CHECKING:
+    from matplotlib.patches import Patch
 
 LABELS = {
     "csi": "mean CSI  (μmax − μrest) / (μmax + μrest)",
@@ -64,7 +65,7 @@ def _bn_span(ax, summary: pd.DataFrame) -> Patch | None:
         ax.axvline(lo, color="0.6", lw=6, alpha=0.25, zorder=0)
     else:
         ax.axvspan(lo, hi, color="0.85", alpha=0.5, lw=0, zorder=0)
-    return Patch(facecolor="0.85", alpha=0.8, label=f"BN statistics re-estimated ({n} training batches)")
+    return style.patch(facecolor="0.85", alpha=0.8, label=f"BN statistics re-estimated ({n} training batches)")
 
 
 def _curve(ax, d: pd.DataFrame, metric: str, color, label: str, *, ls: str = "-", marker: str = "o") -> None:
@@ -105,7 +106,7 @@ def stage_curves(summary: pd.DataFrame, out_dir: str | Path, *, log_epochs: bool
         ax.set_ylabel(LABELS[metric])
         ax.set_title(f"{SHORT[metric]} per stage")
         handles, _ = ax.get_legend_handles_labels()
-        handles.append(Patch(facecolor="0.5", alpha=0.25, label=_band_label(s)))
+        handles.append(style.patch(facecolor="0.5", alpha=0.25, label=_band_label(s)))
         if bn is not None:
             handles.append(bn)
         ax.legend(handles=handles, fontsize=8, loc="best")
@@ -126,7 +127,7 @@ def block_curves(layer_summary: pd.DataFrame, out_dir: str | Path, *, log_epochs
     s = _as_summary(layer_summary, by="layer")
     metrics = [m for m in metrics if f"{m}_mean" in s.columns]
     stages = _stage_order(s)
-    cmap = matplotlib.colormaps["viridis"]
+    cmap = style.colormap("viridis")
     fig, axes = style.new(ncols=len(stages), nrows=len(metrics), width=4.2, height=3.2)
     epochs = _epochs(s)
     for r, metric in enumerate(metrics):
@@ -242,10 +243,10 @@ def bn_comparison(summary_on: pd.DataFrame, summary_off: pd.DataFrame, out_dir: 
         ax.set_ylabel(LABELS[metric])
         ax.set_title(f"{SHORT[metric]}: BN re-estimated vs stored statistics")
         handles, _ = ax.get_legend_handles_labels()
-        handles += [Line2D([], [], color="k", ls="-", marker="o", ms=3,
+        handles += [style.line(color="k", ls="-", marker="o", ms=3,
                            label=f"BN re-estimated{f' ({n_on} batches)' if n_on else ''}"),
-                    Line2D([], [], color="k", ls="--", marker="s", ms=3, label="checkpoint's running statistics"),
-                    Patch(facecolor="0.5", alpha=0.25, label=_band_label(on))]
+                    style.line(color="k", ls="--", marker="s", ms=3, label="checkpoint's running statistics"),
+                    style.patch(facecolor="0.5", alpha=0.25, label=_band_label(on))]
         ax.legend(handles=handles, fontsize=8, loc="best")
     if title:
         fig.suptitle(title)

@@ -5,17 +5,42 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from csn.runs.io import atomic_path  # noqa: E402
+from csn.runs.io import atomic_path
 
 STAGE_COLORS = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#666666"]
 ORDER_COLORS = {"selective": "#d62728", "random": "#7f7f7f", "least": "#1f77b4"}
 COND_COLORS = ["#222222", "#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 """One colour per experiment condition (baseline first), in every figure of the report."""
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend, imported at the first figure: a process that draws nothing (a
+    spawned worker, a command without --plot) does not pay matplotlib's start-up (0.3 s)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def patch(**kw):
+    """A legend entry for a shaded area (matplotlib's Patch)."""
+    from matplotlib.patches import Patch
+
+    return Patch(**kw)
+
+
+def line(**kw):
+    """A legend entry for a line (matplotlib's Line2D with no data)."""
+    from matplotlib.lines import Line2D
+
+    return Line2D([], [], **kw)
+
+
+def colormap(name: str):
+    """matplotlib's colormap `name`."""
+    return pyplot().colormaps[name]
 
 
 @dataclass
@@ -29,6 +54,7 @@ class Figure:
 
 def new(ncols: int = 1, nrows: int = 1, *, width: float = 5.0, height: float = 3.6, **kw):
     """A figure with csn's defaults (readable fonts, light grid)."""
+    plt = pyplot()
     plt.rcParams.update({"font.size": 10, "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False,
                          "axes.spines.right": False, "legend.frameon": False})
     return plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False, **kw)
@@ -45,7 +71,7 @@ def save(fig, out_dir: str | Path, name: str, caption: str) -> Figure:
         with atomic_path(target) as tmp:
             fig.savefig(tmp, format=ext, dpi=110)
         paths.append(target)
-    plt.close(fig)
+    pyplot().close(fig)
     return Figure(paths[0], paths[1], caption)
 
 

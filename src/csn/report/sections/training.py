@@ -6,7 +6,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
-from matplotlib.patches import Patch
 
 from csn.core.stats import band, standard_error
 from csn.report import style
@@ -70,7 +69,7 @@ def training_figure(rep_conds: list[RunGroup], out_dir: str | Path, *, tables: C
         ax.set_title(title, fontsize=10)
     handles, _ = ax_acc.get_legend_handles_labels()
     if multi_seed:
-        handles.append(Patch(facecolor="0.5", alpha=0.25, label="±1 SE over seeds"))
+        handles.append(style.patch(facecolor="0.5", alpha=0.25, label="±1 SE over seeds"))
     if handles:
         ax_acc.legend(handles=handles, fontsize=8, loc="best")
     cap = ("Test accuracy at every checkpoint and the training loss as logged, versus epoch"
