@@ -150,3 +150,31 @@ def test_reproduce_smoke_end_to_end_on_cuda(tmp_path):
     assert [c["claim"] for c in claims["claims"]] == ["C1", "C2", "C3", "C4"]
     assert (out / "report" / "index.html").is_file()
     assert json.loads((out / "baseline-s0" / "run.json").read_text())["device"].startswith("cuda")
+
+
+def test_a_workers_gpu_memory_share_caps_what_it_may_allocate(monkeypatch):
+    """A runner worker sharing its GPU resolves its device with the share set (CSN_GPU_MEMORY_SHARE): an allocation
+    past the share fails with CUDA's out-of-memory error instead of starving the other workers."""
+    from csn import dist
+
+    monkeypatch.setenv(dist.GPU_SHARE_ENV, "0.01")
+    device = dist.resolve_device("cuda")
+    try:
+        total = torch.cuda.get_device_properties(device).total_memory
+        with pytest.raises(torch.cuda.OutOfMemoryError):
+            torch.empty(int(total * 0.05), dtype=torch.uint8, device=device)
+        torch.empty(int(total * 0.001), dtype=torch.uint8, device=device)  # within the share
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+
+
+def test_several_runs_share_one_gpu_in_worker_processes(tmp_path):
+    """`csn experiment windows --preset smoke device=cuda --parallel 3`: three workers on one GPU (a third of its
+    memory each) train every run of the map to its end and write the report."""
+    out = tmp_path / "map"
+    p = subprocess.run([sys.executable, "-m", "csn", "experiment", "windows", "--preset", "smoke", "--out", str(out),
+                        "--parallel", "3", "--quiet", "device=cuda"], capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    runs = [json.loads(f.read_text()) for f in out.glob("*/run.json")]
+    assert len(runs) >= 3 and all(r["device"].startswith("cuda") for r in runs)
+    assert (out / "report" / "index.html").is_file()

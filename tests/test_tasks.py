@@ -146,3 +146,46 @@ def test_threads_per_task_come_from_the_cores_this_process_may_use(monkeypatch):
     assert SEEN_THREADS == [3]
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {5}, raising=False)
     assert runner.available_cores() == 1
+
+
+def placed(path: str, name: str) -> None:
+    """A task for the tests: append `name`, the GPU the worker was given and its memory share, after 1 s."""
+    time.sleep(1.0)
+    with open(path, "a") as f:
+        f.write(f"{name} {os.environ.get('CUDA_VISIBLE_DEVICES')} {os.environ.get('CSN_GPU_MEMORY_SHARE')}\n")
+
+
+def test_gpu_placement_spreads_workers_over_the_gpus_with_a_memory_share_each():
+    assert runner.gpu_placement(4, []) == []
+    assert runner.gpu_placement(4, ["0"]) == [("0", 0.25)] * 4
+    assert runner.gpu_placement(3, ["a", "b"]) == [("a", 0.5), ("b", 1.0), ("a", 0.5)]
+    assert runner.gpu_placement(2, ["0", "1", "2"]) == [("0", 1.0), ("1", 1.0)]
+
+
+def test_workers_take_their_gpu_and_share(tmp_path, monkeypatch):
+    """Each spawned worker sees only its GPU (CUDA_VISIBLE_DEVICES) and the memory share dist.resolve_device applies;
+    without GPUs a worker's environment is left alone."""
+    log = tmp_path / "log"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7,GPU-9")
+    run_tasks([Task(k, placed, (str(log), k)) for k in "ab"], parallel=2, progress=False)
+    assert sorted(line.split()[1:] for line in log.read_text().splitlines()) == [["7", "1.0"], ["GPU-9", "1.0"]]
+    log.unlink()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    run_tasks([Task(k, placed, (str(log), k)) for k in "abc"], parallel=2, progress=False)
+    assert {tuple(line.split()[1:]) for line in log.read_text().splitlines()} == {("3", "0.5")}
+    log.unlink()
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setattr(runner, "visible_gpus", lambda: [])
+    run_tasks([Task(k, placed, (str(log), k)) for k in "ab"], parallel=2, progress=False)
+    assert {tuple(line.split()[1:]) for line in log.read_text().splitlines()} == {("None", "None")}
+
+
+@pytest.mark.parametrize("bad", ["0", "-0.5", "1.5", "half", "nan"])
+def test_a_bad_gpu_share_is_refused_in_one_sentence(monkeypatch, bad):
+    from csn import dist
+    from csn.errors import CsnError
+
+    monkeypatch.setenv(dist.GPU_SHARE_ENV, bad)
+    assert dist.resolve_device("cpu").type == "cpu"  # a CPU run does not read it
+    with pytest.raises(CsnError, match=r"is not a share of a GPU's memory in \(0, 1\]; unset it"):
+        dist._gpu_share()

@@ -288,18 +288,38 @@ def on_main(fn, *args: Any, **kwargs: Any) -> Any:
 
 
 
+GPU_SHARE_ENV = "CSN_GPU_MEMORY_SHARE"
+"""Set by csn's runner in a worker that shares its GPU with other workers: the fraction of the GPU's memory the
+worker's runs may hold (torch.cuda.set_per_process_memory_fraction), applied when a CUDA device is resolved."""
+
+
 def resolve_device(name: str) -> torch.device:
-    """'auto' -> this rank's CUDA device when available (torchrun's LOCAL_RANK), else the CPU; or the named device."""
+    """'auto' -> this rank's CUDA device when available (torchrun's LOCAL_RANK), else the CPU; or the named device.
+    A CUDA device in a runner worker that shares its GPU gets the worker's memory share (GPU_SHARE_ENV)."""
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank())
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise CsnError(f"unknown device {name!r}; use auto, cpu or cuda[:N].") from None
-    _check_available(device)
+        device = torch.device("cuda", local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+    else:
+        try:
+            device = torch.device(name)
+        except (RuntimeError, TypeError):
+            raise CsnError(f"unknown device {name!r}; use auto, cpu or cuda[:N].") from None
+        _check_available(device)
+    if device.type == "cuda" and (share := _gpu_share()) < 1.0:
+        torch.cuda.set_per_process_memory_fraction(share, device)
     return device
+
+
+def _gpu_share() -> float:
+    """GPU_SHARE_ENV as a fraction in (0, 1] (1 when unset)."""
+    text = os.environ.get(GPU_SHARE_ENV, "1")
+    try:
+        share = float(text)
+    except ValueError:
+        share = float("nan")
+    if not 0.0 < share <= 1.0:
+        raise CsnError(f"{GPU_SHARE_ENV}={text!r} is not a share of a GPU's memory in (0, 1]; unset it (csn's runner "
+                       "sets it in its workers).")
+    return share
 
 
 def _check_available(device: torch.device) -> None:
@@ -322,5 +342,5 @@ def _check_available(device: torch.device) -> None:
 __all__ = [
     "is_dist", "rank", "world_size", "local_rank", "is_main", "barrier", "init_from_env", "all_gather_objects",
     "broadcast_object", "same_outcome", "shard_range", "all_reduce_", "all_reduce_with_grad", "all_reduce_tensors",
-    "broadcast_", "broadcast_buffers_", "main_only", "on_main", "resolve_device",
+    "broadcast_", "broadcast_buffers_", "main_only", "on_main", "resolve_device", "GPU_SHARE_ENV",
 ]

@@ -114,10 +114,37 @@ def available_cores() -> int:
     return os.cpu_count() or 1
 
 
-def _worker_init(parent_pid: int) -> None:
-    """Runs first in every worker process: die with the parent (even on SIGKILL), stop cleanly on SIGINT."""
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES names them (indices or UUIDs), without starting CUDA
+    here (a spawned worker starts its own)."""
+    named = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if named is not None:
+        return [g.strip() for g in named.split(",") if g.strip()]
+    return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+
+
+def gpu_placement(parallel: int, gpus: list[str]) -> list[tuple[str, float]]:
+    """Where each of `parallel` workers runs on a machine showing `gpus`: worker k on GPU gpus[k % len(gpus)], with
+    the share of that GPU's memory it may hold (1 / the workers on that GPU, so that one run cannot starve the
+    others of memory). No GPUs: an empty list (nothing to place)."""
+    if not gpus:
+        return []
+    per_gpu = [len(range(g, parallel, len(gpus))) for g in range(len(gpus))]
+    return [(gpus[k % len(gpus)], 1.0 / per_gpu[k % len(gpus)]) for k in range(parallel)]
+
+
+def _worker_init(parent_pid: int, slots: Any = None, placement: list[tuple[str, float]] | None = None) -> None:
+    """Runs first in every worker process: die with the parent (even on SIGKILL), stop cleanly on SIGINT; on a
+    machine with GPUs, take the next place of `placement` (slots: a shared counter): that GPU alone is visible to
+    the worker (its cuda:0) and dist.resolve_device caps its memory at the place's share."""
     die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, _on_interrupt)
+    if placement:
+        with slots.get_lock():
+            k, slots.value = slots.value, slots.value + 1
+        gpu, share = placement[k % len(placement)]
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+        os.environ[dist.GPU_SHARE_ENV] = repr(share)
 
 
 def _run_task(fn: Callable[..., Any], args: tuple, threads: int | None) -> tuple[Any, float]:
@@ -368,8 +395,9 @@ def _run_in_workers(queue: _Queue, parallel: int, threads: int | None, bars: Pro
                     started: Callable[[Task], None], seconds: dict[str, float]) -> None:
     """The queue's tasks in `parallel` spawned worker processes, each started when a worker is free and the queue
     gives a ready task; their wall seconds into `seconds`."""
-    pool = ProcessPoolExecutor(parallel, mp_context=get_context("spawn"), initializer=_worker_init,
-                               initargs=(os.getpid(),))
+    ctx = get_context("spawn")
+    pool = ProcessPoolExecutor(parallel, mp_context=ctx, initializer=_worker_init,
+                               initargs=(os.getpid(), ctx.Value("i", 0), gpu_placement(parallel, visible_gpus())))
     try:
         running: dict[Any, Task] = {}
         while queue.todo or running:
