@@ -10,6 +10,8 @@ What it does, on one GPU (or the CPU with --cpu and a small model, to check the 
      the GPU synchronized, after one untimed warm-up sweep on a few images (cuDNN autotuning);
   4. compares the two frames (correct counts; on GPUs cuDNN may pick batch-size-dependent kernels, so a
      prediction on a near-tie can flip: the number of differing counts is reported, not asserted);
+  4b. with --bf16: the ranking pass and the fast sweep again under bf16 autocast, timed, and their correct
+     counts against fp32's (with random weights logits are near ties, so this bounds the flips from above);
   5. measures how fast JPEGs decode through csn's ImageFolder path (torchvision; Resize 256 + CenterCrop 224,
      --workers DataLoader processes) on --decode-images generated JPEGs of ImageNet's typical size;
   6. extrapolates to the study's protocol: --checkpoints checkpoints x (ranking pass + sweep) over
@@ -54,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--decode-images", type=int, default=1600, help="JPEGs to generate and decode (0: skip)")
     ap.add_argument("--workers", type=int, default=0, help="DataLoader workers for decoding [default: CPU count]")
     ap.add_argument("--skip-naive", action="store_true", help="time the fast path only")
+    ap.add_argument("--bf16", action="store_true", help="also time the ranking pass and the fast sweep under bf16 "
+                    "autocast and count how many correct counts move from fp32's (issue 28 item 3)")
     ap.add_argument("--json", help="also write the results to this JSON file")
     ap.add_argument("--cpu", action="store_true", help="run on the CPU (a check of the script; numbers meaningless)")
     return ap.parse_args(argv)
@@ -170,6 +174,8 @@ def main(argv=None) -> int:
                    differing_counts=int((a["correct"] != b["correct"]).sum()),
                    max_count_diff=int((a["correct"] - b["correct"]).abs().max()),
                    max_loss_rel_diff=float(((a["loss"] - b["loss"]).abs() / b["loss"].abs()).max()))
+    if args.bf16:
+        res.update(bf16_compare(dev, rank, sweep, fast, res))
     if args.decode_images:
         try:
             res.update(decode_rate(args, dev))
@@ -180,6 +186,22 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2, default=str))
     return 0
+
+
+def bf16_compare(dev: torch.device, rank, sweep, fast, r: dict) -> dict:
+    """The ranking pass and the fast sweep under bf16 autocast: seconds, ratios to fp32, and how far the correct
+    counts move (the largest difference as a fraction of the images scored)."""
+    with torch.autocast(dev.type, dtype=torch.bfloat16):
+        rank()
+        _, rank_bf16_s = timed(rank, dev)
+        sweep(False)  # autotuning for the bf16 shapes
+        low, fast_bf16_s = timed(lambda: sweep(False), dev)
+    key = ["stage", "order", "n", "draw"]
+    a, b = low.sort_values(key).reset_index(drop=True), fast.sort_values(key).reset_index(drop=True)
+    moved = (a["correct"] - b["correct"]).abs()
+    return {"rank_bf16_s": rank_bf16_s, "fast_bf16_s": fast_bf16_s, "bf16_speedup": (r["rank_s"] + r["fast_s"])
+            / (rank_bf16_s + fast_bf16_s), "bf16_differing_counts": int((moved > 0).sum()),
+            "bf16_max_count_moved": int(moved.max()), "bf16_max_moved_fraction": float((moved / b["total"]).max())}
 
 
 def extrapolate(args, r: dict) -> dict:
@@ -217,6 +239,10 @@ def report(args, r: dict) -> None:
         print(f"JPEG decoding through csn's ImageFolder path: {r['decode_img_s']:.0f} img/s with {r['decode_workers']} "
               f"workers ({r['decode_images']} JPEGs of 500x375, {r['jpeg_kib']:.0f} KiB each): "
               f"{r['decode_split_s']:.0f} s per pass over {args.val_images:,} images")
+    if "bf16_speedup" in r:
+        print(f"bf16 autocast: ranking {r['rank_bf16_s']:.2f} s, fast sweep {r['fast_bf16_s']:.2f} s: "
+              f"{r['bf16_speedup']:.2f}x fp32's; {r['bf16_differing_counts']} of {r['points']} correct counts moved, "
+              f"the largest by {r['bf16_max_count_moved']} ({r['bf16_max_moved_fraction']:.2%} of the images)")
     print(f"the protocol ({args.checkpoints} checkpoints x ranking + sweep over {args.val_images:,} images) on one GPU:")
     print(f"  fast path, validation set in GPU memory: {r['gpu_resident_h']:.2f} h")
     if "with_decoding_h" in r:

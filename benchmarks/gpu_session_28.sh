@@ -14,10 +14,15 @@
 #   2. the fmnist map (`csn experiment windows --preset fmnist`) with 8 runs at a time on the GPU for MAP_S
 #      seconds, then the rate and the whole map's training time projected from it
 #   3. the regularizer's overhead on ResNet-50 224² bf16 and the operators it adds (torch.profiler)
-#   4. tests/test_gpu.py in full
+#   4. the ablation sweep on ResNet-50 in fp32 and under bf16 autocast: time and correct counts moved
+#   5. tests/test_gpu.py in full
+# STEPS picks steps (default all, about 600 s); two calls on one warm machine fit the 15 device minutes:
+#   STEPS="stacked map reg" bash benchmarks/gpu_session_28.sh     # about 390 s
+#   STEPS="ablation tests" bash benchmarks/gpu_session_28.sh      # about 230 s
 set -u
 OUT=${OUT:-gpu-out}
 MAP_S=${MAP_S:-150}
+STEPS=${STEPS:-stacked map reg ablation tests}
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -32,9 +37,10 @@ LOG="$OUT/all.log"
 'cuDNN', torch.backends.cudnn.version(), torch.cuda.get_device_name())"
 } 2>&1 | tee -a "$LOG"
 
-step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, log everything, report rc and seconds
+step() {  # step NAME LIMIT_S COMMAND...: run with a time limit (when NAME is in STEPS), log, report rc and seconds
   local name=$1 lim=$2 s rc
   shift 2
+  case " $STEPS " in *" ${name%%_*} "*) ;; *) return 0 ;; esac
   echo "== $name (limit ${lim}s) $(date +%T): $*" | tee -a "$LOG"
   s=$(date +%s)
   set -o pipefail
@@ -51,6 +57,8 @@ rm -rf "$MAP"
 step map "$MAP_S" python3 -m csn experiment windows --preset fmnist --out "$MAP" --parallel 8 --quiet \
   device=cuda data_root="$PWD/.fmnist"
 step map_rate 30 python3 benchmarks/map_progress.py "$MAP" "$MAP_S" --runs 56
-step reg_profile 100 python3 benchmarks/bench_reg_profile.py --steps 20 --warmup 10 --reps 3 --profile-steps 5
+step reg 100 python3 benchmarks/bench_reg_profile.py --steps 20 --warmup 10 --reps 3 --profile-steps 5
+step ablation 90 python3 benchmarks/bench_gpu_ablation.py --images 1000 --skip-naive --decode-images 0 --bf16 \
+  --json "$OUT/ablation_bf16.json"
 step tests 170 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -rA
 echo "done $(date -Is)" | tee -a "$LOG"
