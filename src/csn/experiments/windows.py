@@ -191,7 +191,7 @@ class WindowsOptions(PresetRunnerOptions):
 
     preset: str = Field("fmnist", description="Windows preset (`csn presets windows` lists them, each with its "
                         "plan): smoke (seconds), fmnist (the critical-period map, about 1 h 33 min on 2 CPU cores), "
-                        "mechanism (suppression beside stage rewinds, README \"By which mechanism\", about 2 h 20 min), "
+                        "mechanism (suppression beside stage rewinds, README \"By which mechanism\", about 3 h), "
                         "mechanism-pairs, mechanism-smoke.")
     alphas: Annotated[list[Float], CommaList] | None = Field(
         None, min_length=1, description="Regularizer strengths, comma-separated (loss = ce - alpha*R: < 0 suppresses, "
