@@ -16,39 +16,12 @@
 #   3. the regularizer's overhead on ResNet-50 224² bf16 and the operators it adds (torch.profiler)
 #   4. the ablation sweep on ResNet-50 in fp32 and under bf16 autocast: time and correct counts moved
 #   5. tests/test_gpu.py in full
-# STEPS picks steps (default all, about 600 s); two calls on one warm machine fit the 15 device minutes:
+# STEPS picks steps (default all, about 600 s; see gpu_env.sh); two calls on one warm machine fit the 15 device minutes:
 #   STEPS="stacked map reg" bash benchmarks/gpu_session_28.sh     # about 390 s
 #   STEPS="ablation tests" bash benchmarks/gpu_session_28.sh      # about 230 s
 set -u
-OUT=${OUT:-gpu-out}
 MAP_S=${MAP_S:-150}
-STEPS=${STEPS:-stacked map reg ablation tests}
-mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 CSN_NO_PROGRESS=1
-LOG="$OUT/all.log"
-{
-  date -Is; git rev-parse HEAD 2>/dev/null
-  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv; nproc
-  python3 -c "import sys, torch; print(sys.version.split()[0], 'torch', torch.__version__, 'CUDA', torch.version.cuda, \
-'cuDNN', torch.backends.cudnn.version(), torch.cuda.get_device_name())"
-} 2>&1 | tee -a "$LOG"
-
-step() {  # step NAME LIMIT_S COMMAND...: run with a time limit (when NAME is in STEPS), log, report rc and seconds
-  local name=$1 lim=$2 s rc
-  shift 2
-  case " $STEPS " in *" ${name%%_*} "*) ;; *) return 0 ;; esac
-  echo "== $name (limit ${lim}s) $(date +%T): $*" | tee -a "$LOG"
-  s=$(date +%s)
-  set -o pipefail
-  timeout "$lim" "$@" 2>&1 | tee -a "$LOG"
-  rc=$?
-  set +o pipefail
-  echo "== $name rc=$rc in $(( $(date +%s) - s )) s" | tee -a "$LOG"
-}
+source "$(dirname "$0")/gpu_env.sh"
 
 step stacked 90 python3 benchmarks/bench_stacked.py --device cuda --runs 8 --steps 200 --warmup 20 --threads 2 \
   --json "$OUT/stacked.json"

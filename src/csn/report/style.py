@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,8 +14,9 @@ COND_COLORS = ["#222222", "#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#8c564b",
 """One colour per experiment condition (baseline first), in every figure of the report."""
 
 
+@functools.cache
 def pyplot():
-    """matplotlib's pyplot on the Agg backend, imported at the first figure: a process that draws nothing (a
+    """matplotlib's pyplot, switched to the Agg backend once, at the first figure: a process that draws nothing (a
     spawned worker, a command without --plot) does not pay matplotlib's start-up (0.3 s)."""
     import matplotlib
 
