@@ -163,8 +163,8 @@ def test_gpu_placement_spreads_workers_over_the_gpus_with_a_memory_share_each():
 
 
 def test_workers_take_their_gpu_and_share(tmp_path, monkeypatch):
-    """Each spawned worker sees only its GPU (CUDA_VISIBLE_DEVICES) and the memory share dist.resolve_device applies;
-    without GPUs a worker's environment is left alone."""
+    """Each spawned worker sees only its GPU (CUDA_VISIBLE_DEVICES) and the memory share dist.resolve_device applies
+    (without GPUs the placement is empty and the other tests' workers run as before)."""
     log = tmp_path / "log"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7,GPU-9")
     run_tasks([Task(k, placed, (str(log), k)) for k in "ab"], parallel=2, progress=False)
@@ -173,11 +173,19 @@ def test_workers_take_their_gpu_and_share(tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
     run_tasks([Task(k, placed, (str(log), k)) for k in "abc"], parallel=2, progress=False)
     assert {tuple(line.split()[1:]) for line in log.read_text().splitlines()} == {("3", "0.5")}
-    log.unlink()
+
+
+def test_visible_gpus_follow_cuda_visible_devices(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", " 1, GPU-ab ,")
+    assert runner.visible_gpus() == ["1", "GPU-ab"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert runner.visible_gpus() == []  # none visible: workers are not placed
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
-    monkeypatch.setattr(runner, "visible_gpus", lambda: [])
-    run_tasks([Task(k, placed, (str(log), k)) for k in "ab"], parallel=2, progress=False)
-    assert {tuple(line.split()[1:]) for line in log.read_text().splitlines()} == {("None", "None")}
+    monkeypatch.setattr(runner.torch.cuda, "is_available", lambda: False)
+    assert runner.visible_gpus() == []
+    monkeypatch.setattr(runner.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(runner.torch.cuda, "device_count", lambda: 2)
+    assert runner.visible_gpus() == ["0", "1"]
 
 
 @pytest.mark.parametrize("bad", ["0", "-0.5", "1.5", "half", "nan"])
