@@ -1,4 +1,4 @@
-"""Benchmark: K small training runs on one device, four ways (issue 28: the fmnist map's 54 runs on one GPU).
+"""Benchmark: K small training runs on one device, four ways (issue 28: the fmnist map's 56 runs on one GPU).
 
     python benchmarks/bench_stacked.py [--device cpu|cuda] [--runs 6] [--steps 40] [--threads 1] [--json FILE]
 
