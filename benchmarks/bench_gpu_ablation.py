@@ -10,8 +10,9 @@ What it does, on one GPU (or the CPU with --cpu and a small model, to check the 
      the GPU synchronized, after one untimed warm-up sweep on a few images (cuDNN autotuning);
   4. compares the two frames (correct counts; on GPUs cuDNN may pick batch-size-dependent kernels, so a
      prediction on a near-tie can flip: the number of differing counts is reported, not asserted);
-  4b. with --bf16: the ranking pass and the fast sweep again under bf16 autocast, timed, and their correct
-     counts against fp32's (with random weights logits are near ties, so this bounds the flips from above);
+  4b. with --bf16: the ranking pass and the fast sweep in fp32 and under bf16 autocast, timed, and the correct
+     counts that move (bench_bf16_analyses.compare; with random weights logits are near ties, so this bounds the
+     flips from above);
   5. measures how fast JPEGs decode through csn's ImageFolder path (torchvision; Resize 256 + CenterCrop 224,
      --workers DataLoader processes) on --decode-images generated JPEGs of ImageNet's typical size;
   6. extrapolates to the study's protocol: --checkpoints checkpoints x (ranking pass + sweep) over
@@ -37,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_bf16_analyses import HEADER, compare, row
+from bench_selectivity import sync
 
 STUDY_CHECKPOINTS = 23  # the study's ResNet-50 checkpoints with ablation sweeps (issue 17)
 IMAGENET_VAL = 50_000
@@ -63,11 +66,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
 def make_loader(args, dev: torch.device, n: int):
     from csn.data import BatchLoader
     from csn.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD
@@ -81,10 +79,10 @@ def make_loader(args, dev: torch.device, n: int):
 
 
 def timed(fn, dev: torch.device):
-    _sync(dev)
+    sync(dev)
     t0 = time.perf_counter()
     out = fn()
-    _sync(dev)
+    sync(dev)
     return out, time.perf_counter() - t0
 
 
@@ -112,7 +110,7 @@ def decode_rate(args, dev: torch.device) -> dict:
         loader = folder_loader(data.test, batch_size=args.eval_batch, train=False, device=dev, workers=workers)
         seen, t_first, t0 = 0, None, time.perf_counter()
         for x, _ in loader:
-            _sync(dev)
+            sync(dev)
             if t_first is None:  # the first batch pays for starting the workers: count from there
                 t_first = time.perf_counter()
             else:
@@ -175,7 +173,7 @@ def main(argv=None) -> int:
                    max_count_diff=int((a["correct"] - b["correct"]).abs().max()),
                    max_loss_rel_diff=float(((a["loss"] - b["loss"]).abs() / b["loss"].abs()).max()))
     if args.bf16:
-        res.update(bf16_compare(dev, rank, sweep, fast, res))
+        res["bf16"] = compare(model, loader, stage_layers, args.classes, dev)
     if args.decode_images:
         try:
             res.update(decode_rate(args, dev))
@@ -186,22 +184,6 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2, default=str))
     return 0
-
-
-def bf16_compare(dev: torch.device, rank, sweep, fast, r: dict) -> dict:
-    """The ranking pass and the fast sweep under bf16 autocast: seconds, ratios to fp32, and how far the correct
-    counts move (the largest difference as a fraction of the images scored)."""
-    with torch.autocast(dev.type, dtype=torch.bfloat16):
-        rank()
-        _, rank_bf16_s = timed(rank, dev)
-        sweep(False)  # autotuning for the bf16 shapes
-        low, fast_bf16_s = timed(lambda: sweep(False), dev)
-    key = ["stage", "order", "n", "draw"]
-    a, b = low.sort_values(key).reset_index(drop=True), fast.sort_values(key).reset_index(drop=True)
-    moved = (a["correct"] - b["correct"]).abs()
-    return {"rank_bf16_s": rank_bf16_s, "fast_bf16_s": fast_bf16_s, "bf16_speedup": (r["rank_s"] + r["fast_s"])
-            / (rank_bf16_s + fast_bf16_s), "bf16_differing_counts": int((moved > 0).sum()),
-            "bf16_max_count_moved": int(moved.max()), "bf16_max_moved_fraction": float((moved / b["total"]).max())}
 
 
 def extrapolate(args, r: dict) -> dict:
@@ -239,10 +221,9 @@ def report(args, r: dict) -> None:
         print(f"JPEG decoding through csn's ImageFolder path: {r['decode_img_s']:.0f} img/s with {r['decode_workers']} "
               f"workers ({r['decode_images']} JPEGs of 500x375, {r['jpeg_kib']:.0f} KiB each): "
               f"{r['decode_split_s']:.0f} s per pass over {args.val_images:,} images")
-    if "bf16_speedup" in r:
-        print(f"bf16 autocast: ranking {r['rank_bf16_s']:.2f} s, fast sweep {r['fast_bf16_s']:.2f} s: "
-              f"{r['bf16_speedup']:.2f}x fp32's; {r['bf16_differing_counts']} of {r['points']} correct counts moved, "
-              f"the largest by {r['bf16_max_count_moved']} ({r['bf16_max_moved_fraction']:.2%} of the images)")
+    if "bf16" in r:
+        print(f"ranking pass + fast sweep, fp32 against bf16 autocast (bench_bf16_analyses.compare):\n{HEADER}\n"
+              f"{row('random weights', r['bf16'])}")
     print(f"the protocol ({args.checkpoints} checkpoints x ranking + sweep over {args.val_images:,} images) on one GPU:")
     print(f"  fast path, validation set in GPU memory: {r['gpu_resident_h']:.2f} h")
     if "with_decoding_h" in r:

@@ -8,8 +8,9 @@ bf16 autocast (CUDA), channels_last, SGD with momentum, cross-entropy on float l
 csn's default (`reg_alpha=-1`, class means over the batch, every stage but the last: 13 blocks of ResNet-50),
 added through SelectivityRegularizer.value_nowait as the loop adds it. Synthetic data held on the device.
 
-Measured: the wall time of --steps plain steps and --steps regularized steps (after --warmup of each, interleaved
---reps times; medians) and their ratio; then torch.profiler over --profile-steps steps of each, and a table of the
+Measured: --steps plain steps against --steps regularized steps, timed by the benchmarks' interleaved timer
+(bench_selectivity.interleaved and report: one warm-up of each, then --reps repetitions, order rotating; the median
+paired ratio); then torch.profiler over --profile-steps steps of each, and a table of the
 operators by the device time (CUDA; CPU time on the CPU) the regularized step spends beyond the plain one:
 what the regularizer costs, operator by operator, forward and backward.
 """
@@ -17,21 +18,17 @@ what the regularizer costs, operator by operator, forward and backward.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
+from bench_selectivity import interleaved, report, sync  # the benchmarks' one interleaved timer
 from torch.profiler import ProfilerActivity, profile
 
 from csn.models import create_model
 from csn.training.regularizer import SelectivityRegularizer
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+ALPHA = -1.0  # csn's suppression default: loss = ce - alpha * R
 
 
 def make_step(model, opt, reg, device: torch.device, amp: bool):
@@ -40,7 +37,7 @@ def make_step(model, opt, reg, device: torch.device, amp: bool):
             loss = F.cross_entropy(model(x).float(), y)
             if reg is not None:
                 r, _ = reg.value_nowait(y)
-                loss = loss - (-1.0) * r  # loss = ce - alpha * R with alpha = -1
+                loss = loss - ALPHA * r
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -48,20 +45,17 @@ def make_step(model, opt, reg, device: torch.device, amp: bool):
     return step
 
 
-def timed(step, batches, steps: int, device: torch.device) -> float:
-    _sync(device)
-    t0 = time.perf_counter()
+def run_steps(step, batches, steps: int, device: torch.device) -> None:
     for i in range(steps):
         step(*batches[i % len(batches)])
-    _sync(device)
-    return time.perf_counter() - t0
+    sync(device)
 
 
 def op_times(step, batches, steps: int, device: torch.device) -> dict[str, float]:
     """Self device time (CUDA; CPU on the CPU) per operator name over `steps` steps, in ms per step."""
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:
-        timed(step, batches, steps, device)
+        run_steps(step, batches, steps, device)
     out: dict[str, float] = {}
     for e in prof.key_averages():
         us = e.self_device_time_total if device.type == "cuda" else e.self_cpu_time_total
@@ -77,7 +71,6 @@ def main(argv=None) -> int:
     ap.add_argument("--classes", type=int, default=1000)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--profile-steps", type=int, default=5)
     ap.add_argument("--top", type=int, default=25)
@@ -100,18 +93,16 @@ def main(argv=None) -> int:
                 torch.randint(0, args.classes, (args.batch,), generator=g).to(device)) for _ in range(4)]
     plain = make_step(model, opt, None, device, args.amp)
     regularized = make_step(model, opt, reg, device, args.amp)
-    times: dict[str, list[float]] = {"plain": [], "regularized": []}
-    for _ in range(args.reps):
-        timed(plain, batches, args.warmup, device)
-        times["plain"].append(timed(plain, batches, args.steps, device))
+    def with_reg() -> None:
         with reg:
-            timed(regularized, batches, args.warmup, device)
-            times["regularized"].append(timed(regularized, batches, args.steps, device))
-    p, r = (statistics.median(times[k]) / args.steps * 1000 for k in ("plain", "regularized"))
+            run_steps(regularized, batches, args.steps, device)
+
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"{name}, torch {torch.__version__}: {args.model} {args.image_size}², batch {args.batch}, bf16 "
           f"{args.amp and device.type == 'cuda'}, {len(reg.layers)} regularized layers, {args.classes} classes")
-    print(f"plain step {p:.2f} ms, regularized step {r:.2f} ms: ratio {r / p:.3f} (target <= 1.10)")
+    times = interleaved({"plain": lambda: run_steps(plain, batches, args.steps, device), "regularized": with_reg},
+                        args.reps)
+    report(f"regularized / plain step, {args.steps} steps (target <= 1.10)", times, "regularized", "plain")
     base = op_times(plain, batches, args.profile_steps, device)
     with reg:
         added = op_times(regularized, batches, args.profile_steps, device)

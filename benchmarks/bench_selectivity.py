@@ -56,6 +56,12 @@ def interleaved(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, li
     return times
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA), so that a timer around a pass measures the pass."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def report(label: str, times: dict[str, list[tuple[float, float]]], num: str, den: str) -> float:
     """Print the median paired wall-clock ratio (and the CPU-time ratio, robust to other processes); return it."""
     wall = [a[0] / b[0] for a, b in zip(times[num], times[den])]

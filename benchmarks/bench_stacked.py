@@ -1,17 +1,19 @@
 """Benchmark: K small training runs on one device, four ways (issue 28: the fmnist map's 56 runs on one GPU).
 
-    python benchmarks/bench_stacked.py [--device cpu|cuda] [--runs 6] [--steps 40] [--threads 1] [--json FILE]
+    python benchmarks/bench_stacked.py [--device cpu|cuda] [--runs 6] [--steps 40] [--reps 2] [--threads 1] [--json FILE]
 
 The model and batch of the fmnist preset (ResNet-8, 16/32/64 channels, 28x28x1 synthetic images, 10 classes,
 batch 128, SGD momentum 0.9, weight decay 5e-4, channels_last), K = --runs models; each way trains every model
---steps steps after --warmup untimed ones, and reports the training steps per second summed over the K models:
+--steps steps per repetition, timed by the benchmarks' interleaved timer (bench_selectivity.interleaved: one
+warm-up repetition of every way, then --reps, order rotating), and reports the training steps per second summed
+over the K models (from the median repetition):
 - sequential: one process steps the K models one after another (csn's --parallel 1 in the limit of no start-up);
 - stacked: one process holds the K models' parameters stacked (torch.func.stack_module_state) and steps all K in
   one vmapped forward and backward (functional_call; BatchNorm running statistics stacked too) and one optimizer
   step: the design for "several models of one seed batched into one step" (the conditions of a map share their
   seed's batches). Checked against sequential: the same K initial models trained on the same batches, the
   largest difference of any weight after --check-steps steps (in float64) is printed;
-- processes: K spawned processes, one model each, started together after their warm-up (csn's --parallel K; on a
+- processes: K spawned processes, one model each, started together after a warm-up of --steps steps (csn's --parallel K; on a
   GPU each process has its own CUDA context and the driver time-slices them); threads per process: --threads;
 - graphs (CUDA only): sequential, each model's whole training step captured once in a CUDA graph and replayed
   (static input and label tensors), the launch overhead of small kernels removed.
@@ -23,9 +25,11 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import functools
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 import warnings
@@ -33,6 +37,7 @@ from multiprocessing import get_context
 
 import torch
 import torch.nn.functional as F
+from bench_selectivity import interleaved, sync  # the benchmarks' one interleaved timer
 
 
 def _model(seed: int, device: torch.device) -> torch.nn.Module:
@@ -50,11 +55,6 @@ def _batches(n: int, device: torch.device, seed: int = 0) -> list[tuple[torch.Te
 
 def _sgd(params) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 class Sequential:
@@ -128,37 +128,27 @@ class Graphs:
             g.replay()
 
 
-def _rate(trainer, batches, steps: int, warmup: int, device: torch.device) -> float:
-    for i in range(warmup):
-        trainer.step(*batches[i % len(batches)])
-    _sync(device)
-    t0 = time.perf_counter()
+def _steps(trainer, batches, steps: int, device: torch.device) -> None:
     for i in range(steps):
         trainer.step(*batches[i % len(batches)])
-    _sync(device)
-    return steps / (time.perf_counter() - t0)
+    sync(device)
 
 
-def _process(rank: int, device: str, threads: int, steps: int, warmup: int, barrier, out) -> None:
+def _process(device: str, threads: int, steps: int, barrier, out) -> None:
     torch.set_num_threads(threads)
     dev = torch.device(device)
     trainer, batches = Sequential(1, dev), _batches(8, dev)
-    for i in range(warmup):
-        trainer.step(*batches[i % len(batches)])
-    _sync(dev)
+    _steps(trainer, batches, steps, dev)  # warm-up
     barrier.wait()
     t0 = time.time()
-    for i in range(steps):
-        trainer.step(*batches[i % len(batches)])
-    _sync(dev)
+    _steps(trainer, batches, steps, dev)
     out.put((t0, time.time()))
 
 
-def processes_rate(k: int, device: torch.device, threads: int, steps: int, warmup: int) -> float:
+def processes_rate(k: int, device: torch.device, threads: int, steps: int) -> float:
     ctx = get_context("spawn")
     barrier, out = ctx.Barrier(k), ctx.Queue()
-    procs = [ctx.Process(target=_process, args=(r, str(device), threads, steps, warmup, barrier, out))
-             for r in range(k)]
+    procs = [ctx.Process(target=_process, args=(str(device), threads, steps, barrier, out)) for _ in range(k)]
     for p in procs:
         p.start()
     spans = [out.get() for _ in procs]
@@ -193,7 +183,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--runs", type=int, default=6, help="K models")
     ap.add_argument("--steps", type=int, default=40, help="timed steps per model")
-    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=2, help="interleaved repetitions after the warm-up")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of each process")
     ap.add_argument("--check-steps", type=int, default=20, help="steps of the stacked-vs-sequential check")
     ap.add_argument("--json")
@@ -203,18 +193,20 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     k = args.runs
     batches = _batches(8, device)
-    rates = {"sequential": _rate(Sequential(k, device), batches, args.steps, args.warmup, device) * k,
-             "stacked": _rate(Stacked(k, device), batches, args.steps, args.warmup, device) * k}
+    trainers = {"sequential": Sequential(k, device), "stacked": Stacked(k, device)}
     if device.type == "cuda":
         try:
-            rates["graphs"] = _rate(Graphs(k, device), batches, args.steps, args.warmup, device) * k
+            trainers["graphs"] = Graphs(k, device)
         except Exception as e:  # a model or torch that cannot be captured: say so, measure the rest
             print(f"graphs: not measured ({type(e).__name__}: {e})", file=sys.stderr)
-    rates["processes"] = processes_rate(k, device, args.threads, args.steps, args.warmup)
+    times = interleaved({way: functools.partial(_steps, t, batches, args.steps, device) for way, t in trainers.items()},
+                        args.reps)
+    rates = {way: k * args.steps / statistics.median(t[0] for t in v) for way, v in times.items()}
+    rates["processes"] = processes_rate(k, device, args.threads, args.steps)
     diff = stacked_difference(k, device, args.check_steps)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"# {datetime.date.today()} {platform.node()} {name}, torch {torch.__version__}, K={k} ResNet-8 models, "
-          f"batch 128, {args.steps} timed steps each, {args.threads} thread(s) per process, "
+          f"batch 128, {args.steps} steps each per repetition, median of {args.reps}, {args.threads} thread(s) per process, "
           f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}")
     print("| way | steps/s (all K models) | vs sequential |\n|---|---|---|")
     for way, r in rates.items():

@@ -4,7 +4,8 @@
 
 Every csn command, every spawned worker of `csn reproduce`/`csn experiment` (--parallel), every Slurm job and
 every torchrun rank starts a fresh Python that imports csn before it does any work. Measured, each in a fresh
-interpreter (`python -c ...`), interleaved, --reps times:
+interpreter (`python -c ...`), by the benchmarks' interleaved timer (bench_selectivity.interleaved: one warm-up of
+each, which also fills the file cache, then --reps repetitions, order rotating):
 - floor: `import torch, pandas` (what csn cannot do without);
 - `import csn` (the Python API; what a spawned worker imports to unpickle its task);
 - `import csn.cli` (every command; `csn --help` adds click's output only).
@@ -16,20 +17,16 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import os
 import platform
 import statistics
 import subprocess
 import sys
-import time
+
+from bench_selectivity import interleaved  # the benchmarks' one interleaved timer
 
 CASES = {"floor (torch, pandas)": "import torch, pandas", "import csn": "import csn", "import csn.cli": "import csn.cli"}
-
-
-def _time(stmt: str, env: dict) -> float:
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", stmt], check=True, env=env)
-    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -42,13 +39,9 @@ def main() -> None:
         env["PYTHONPATH"] = os.path.abspath(args.src)
     where = subprocess.run([sys.executable, "-c", "import csn; print(csn.__file__)"], env=env, check=True,
                            capture_output=True, text=True).stdout.strip()
-    for stmt in CASES.values():  # warm the file cache
-        _time(stmt, env)
-    times: dict[str, list[float]] = {k: [] for k in CASES}
-    for _ in range(args.reps):
-        for name, stmt in CASES.items():
-            times[name].append(_time(stmt, env))
-    med = {k: statistics.median(v) for k, v in times.items()}
+    times = interleaved({name: functools.partial(subprocess.run, [sys.executable, "-c", stmt], check=True, env=env)
+                         for name, stmt in CASES.items()}, args.reps)
+    med = {k: statistics.median(t[0] for t in v) for k, v in times.items()}
     print(f"# {datetime.date.today()} {platform.node()} {platform.processor() or platform.machine()}, "
           f"Python {platform.python_version()}, csn from {where}, {args.reps} reps, load {os.getloadavg()[0]:.2f}")
     floor = med["floor (torch, pandas)"]

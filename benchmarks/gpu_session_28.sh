@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 28's GPU session, prepared on the CPU machine: everything to run on a lent GPU, in one call of <= 560 s.
+# Issue 28's GPU session, prepared on the CPU machine: everything to run on a lent GPU, in one call or two (STEPS).
 #
 #   bash benchmarks/gpu_session_28.sh          # from the repository root, on a machine with a CUDA GPU + PyTorch
 #
@@ -23,14 +23,14 @@ set -u
 MAP_S=${MAP_S:-150}
 source "$(dirname "$0")/gpu_env.sh"
 
-step stacked 90 python3 benchmarks/bench_stacked.py --device cuda --runs 8 --steps 200 --warmup 20 --threads 2 \
+step stacked 90 python3 benchmarks/bench_stacked.py --device cuda --runs 8 --steps 200 --reps 2 --threads 2 \
   --json "$OUT/stacked.json"
 MAP=/tmp/map28
 rm -rf "$MAP"
 step map "$MAP_S" python3 -m csn experiment windows --preset fmnist --out "$MAP" --parallel 8 --quiet \
   device=cuda data_root="$PWD/.fmnist"
 step map_rate 30 python3 benchmarks/map_progress.py "$MAP" "$MAP_S" --runs 56
-step reg 100 python3 benchmarks/bench_reg_profile.py --steps 20 --warmup 10 --reps 3 --profile-steps 5
+step reg 100 python3 benchmarks/bench_reg_profile.py --steps 20 --reps 3 --profile-steps 5
 step ablation 90 python3 benchmarks/bench_gpu_ablation.py --images 1000 --skip-naive --decode-images 0 --bf16 \
   --json "$OUT/ablation_bf16.json"
 step tests 170 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -rA
