@@ -1,6 +1,7 @@
 """Benchmark: K small training runs on one device, four ways (issue 28: the fmnist map's 56 runs on one GPU).
 
-    python benchmarks/bench_stacked.py [--device cpu|cuda] [--runs 6] [--steps 40] [--reps 2] [--threads 1] [--json FILE]
+    python benchmarks/bench_stacked.py [--device cpu|cuda] [--runs 6] [--steps 40] [--reps 2] [--threads 1]
+        [--json FILE]
 
 The model and batch of the fmnist preset (ResNet-8, 16/32/64 channels, 28x28x1 synthetic images, 10 classes,
 batch 128, SGD momentum 0.9, weight decay 5e-4, channels_last), K = --runs models; each way trains every model
@@ -13,8 +14,9 @@ over the K models (from the median repetition):
   step: the design for "several models of one seed batched into one step" (the conditions of a map share their
   seed's batches). Checked against sequential: the same K initial models trained on the same batches, the
   largest difference of any weight after --check-steps steps (in float64) is printed;
-- processes: K spawned processes, one model each, started together after a warm-up of --steps steps (csn's --parallel K; on a
-  GPU each process has its own CUDA context and the driver time-slices them); threads per process: --threads;
+- processes: K spawned processes, one model each, started together after a warm-up of --steps steps (csn's
+  --parallel K; on a GPU each process has its own CUDA context and the driver time-slices them); threads per
+  process: --threads;
 - graphs (CUDA only): sequential, each model's whole training step captured once in a CUDA graph and replayed
   (static input and label tensors), the launch overhead of small kernels removed.
 Without CUDA the graphs way is skipped. Prints a Markdown table for benchmarks/RESULTS.md.
@@ -206,7 +208,8 @@ def main(argv=None) -> int:
     diff = stacked_difference(k, device, args.check_steps)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"# {datetime.date.today()} {platform.node()} {name}, torch {torch.__version__}, K={k} ResNet-8 models, "
-          f"batch 128, {args.steps} steps each per repetition, median of {args.reps}, {args.threads} thread(s) per process, "
+          f"batch 128, {args.steps} steps each per repetition, median of {args.reps}, {args.threads} thread(s) per "
+          "process, "
           f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}")
     print("| way | steps/s (all K models) | vs sequential |\n|---|---|---|")
     for way, r in rates.items():

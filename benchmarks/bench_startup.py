@@ -26,7 +26,8 @@ import sys
 
 from bench_selectivity import interleaved  # the benchmarks' one interleaved timer
 
-CASES = {"floor (torch, pandas)": "import torch, pandas", "import csn": "import csn", "import csn.cli": "import csn.cli"}
+CASES = {"floor (torch, pandas)": "import torch, pandas", "import csn": "import csn",
+         "import csn.cli": "import csn.cli"}
 
 
 def main() -> None:
