@@ -24,6 +24,8 @@ def main(argv=None) -> int:
     ap.add_argument("seconds", type=float)
     ap.add_argument("--runs", type=int, default=56, help="runs in the map's plan (fmnist preset: 56)")
     args = ap.parse_args(argv)
+    if not args.out.is_dir():
+        ap.error(f"{args.out} is not a folder; pass the --out of `csn experiment windows`.")
     done, per_run, finished, started = 0, None, 0, 0
     for info in sorted(args.out.glob("*/run.json")):
         total = json.loads(info.read_text())["total_steps"]
